@@ -1,0 +1,453 @@
+"""Every setting of the method, as pydantic models: the one source of configuration.
+
+A run's configuration is built in three layers, each overriding the one before:
+
+1. the defaults below (the paper's settings for Market-1501, ResNet-50 at 256x128);
+2. a YAML file (``configs/*.yaml``), validated strictly: an unknown key is an error;
+3. dotted overrides from the command line or the API (``loss.gsl.threshold=0.55``), parsed as YAML
+   scalars and validated against the same models.
+
+The resolved configuration is written next to the outputs (``config.yaml`` in ``runtime.output_dir``)
+so a run can always be reproduced. Choices that the reference design marks "(choice)" are options here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "GSLConfig",
+    "IPFLConfig",
+    "InstanceLossConfig",
+    "LossConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PEDALConfig",
+    "RuntimeConfig",
+    "ScheduleConfig",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the bad key/value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are fed to the network."""
+
+    dataset: str = Field(
+        "market1501",
+        description="Registry name: market1501, dukemtmc, msmt17, market_folder, image_folder, synthetic.",
+    )
+    root: Path | None = Field(
+        None, description="Dataset root folder (layout depends on the dataset; see reid_core.data)."
+    )
+    eval_dataset: str | None = Field(
+        None, description="Dataset used for evaluation (query/gallery); defaults to `dataset`."
+    )
+    eval_root: Path | None = Field(None, description="Root of `eval_dataset`; defaults to `root`.")
+    synthetic_identities: int = Field(
+        24, ge=2, le=10_000, description="synthetic dataset only: identities per split"
+    )
+    synthetic_images_per_identity: int = Field(
+        8, ge=2, le=200, description="synthetic dataset only: images per identity"
+    )
+    synthetic_seed: int = 0
+    height: int = Field(256, ge=32, le=1024)
+    width: int = Field(128, ge=16, le=512)
+    batch_size: int = Field(32, ge=2, le=1024, description="Images per step per process.")
+    num_workers: int = Field(4, ge=0, le=64)
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Unreadable images are skipped and logged; above this share the run fails.",
+    )
+    crop_area: tuple[float, float] = Field(
+        (0.70, 0.95), description="View 1: random crop keeping this share of the area."
+    )
+    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
+    rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    flip_probability: float = Field(0.5, ge=0.0, le=1.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("crop_area")
+    @classmethod
+    def _crop_area_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError(f"crop_area must satisfy 0 < low <= high <= 1, got {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    """Shared trunk, global head, patch generation module and patch heads."""
+
+    backbone: str = Field("resnet50", description="Backbone registry name (resnet50, resnet18, ...).")
+    last_stride: Literal[1, 2] = 1
+    pretrained: Literal["imagenet", "none"] = Field(
+        "imagenet",
+        description="'imagenet' loads weights from `weights_path` or torchvision's cache, never "
+        "from the network; 'none' trains from scratch.",
+    )
+    weights_path: Path | None = Field(None, description="Local ImageNet checkpoint for the backbone.")
+    num_patches: int = Field(6, ge=1, le=16)
+    patch_dim: int = Field(256, ge=8, le=2048)
+    pgm_channels: int = Field(4096, ge=16, le=8192, description="PGM conv3x3 output channels.")
+    pgm_hidden: int = Field(512, ge=8, le=4096, description="PGM first Linear output.")
+    pgm_trainable: bool = Field(False, description="Frozen in the unsupervised stage by default.")
+    ipfl_dim: int = Field(
+        128, ge=4, le=1024, description="Per-patch projection size of the IPFL embedding."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# memory and losses
+# ----------------------------------------------------------------------------------------------
+
+
+class MemoryConfig(_Strict):
+    """Per-image memory of global features: M_i <- a M_i + (1 - a) f_i, renormalised."""
+
+    init: Literal["forward", "zeros"] = "forward"
+    momentum_schedule: Literal["constant", "linear"] = Field(
+        "linear", description="How the update momentum `a` grows over epochs."
+    )
+    momentum_start: float = Field(0.5, ge=0.0, lt=1.0)
+    momentum_end: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class InstanceLossConfig(_Strict):
+    """Memory-based non-parametric classifier, L_E = -log p_ii."""
+
+    enabled: bool = True
+    temperature: float = Field(0.05, gt=0.0, le=10.0)
+    weight: float = Field(1.0, ge=0.0)
+
+
+class GSLConfig(_Strict):
+    """Global similarity-based loss over credible neighbours."""
+
+    enabled: bool = True
+    threshold: float = Field(0.6, ge=-1.0, le=1.0)
+    topk: int = Field(10, ge=1, le=1000)
+    mutual: bool = True
+    weighting: Literal["similarity", "uniform", "mmcl_squared"] = "similarity"
+    warmup_epochs: int = Field(5, ge=0)
+    weight: float = Field(1.0, ge=0.0)
+
+
+class PEDALConfig(_Strict):
+    """Patch-level discriminative loss against the patch memory."""
+
+    enabled: bool = True
+    weight: float = Field(2.0, ge=0.0)
+    scale: float = Field(15.0, gt=0.0, description="s in exp(-s d); 5 for DukeMTMC.")
+    neighbours: int = Field(10, ge=1, le=1000)
+    memory_momentum: float = Field(0.1, ge=0.0, le=1.0, description="Weight of the new feature.")
+
+
+class IPFLConfig(_Strict):
+    """Image-level feature learning with agents and the cycle-ranking check."""
+
+    enabled: bool = True
+    weight: float = Field(1.0, ge=0.0)
+    margin: float = Field(2.0, ge=0.0)
+    agent_momentum: float = Field(0.1, ge=0.0, le=1.0, description="Weight of the new embedding.")
+    cycle_k: int = Field(3, ge=1, le=100)
+    max_candidates: int = Field(15, ge=1, le=1000)
+
+
+class LossConfig(_Strict):
+    """L = w_E L_E + w_GSL L_GSL + 2 L_PEDAL + 1 L_IPFL; each term can be switched off."""
+
+    instance: InstanceLossConfig = InstanceLossConfig()
+    gsl: GSLConfig = GSLConfig()
+    pedal: PEDALConfig = PEDALConfig()
+    ipfl: IPFLConfig = IPFLConfig()
+
+    @property
+    def global_branch(self) -> bool:
+        return self.instance.enabled or self.gsl.enabled
+
+    @property
+    def patch_branch(self) -> bool:
+        return self.pedal.enabled or self.ipfl.enabled
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation
+# ----------------------------------------------------------------------------------------------
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Learning rate of new layers.")
+    backbone_lr: float = Field(0.01, ge=0.0, le=10.0, description="Learning rate of the trunk.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(60, ge=1, le=1000)
+    milestones: list[int] = Field(default_factory=lambda: [40])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = Field(0, ge=0, description="Linear LR warm-up, in epochs.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on steps per epoch (smoke runs, time-boxed benchmarks)."
+    )
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones_sorted(cls, v: list[int]) -> list[int]:
+        if v != sorted(v) or any(m < 1 for m in v):
+            raise ValueError(f"milestones must be positive and increasing, got {v}")
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation, checkpoints, runtime
+# ----------------------------------------------------------------------------------------------
+
+
+class EvalConfig(_Strict):
+    enabled: bool = True
+    every_n_epochs: int = Field(5, ge=1)
+    at_start: bool = Field(False, description="Evaluate the initial model before training.")
+    feature: Literal["concat", "global"] = Field(
+        "concat", description="Test feature: concat(global, patches) or global only."
+    )
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    flip: bool = Field(False, description="Average features of the image and its mirror.")
+    rerank: bool = False
+    rerank_k1: int = Field(20, ge=1)
+    rerank_k2: int = Field(6, ge=1)
+    rerank_lambda: float = Field(0.3, ge=0.0, le=1.0)
+    rerank_max_memory_gb: float = Field(
+        4.0, gt=0.0, description="Re-ranking refuses above this estimate of its dense matrices."
+    )
+    batch_size: int = Field(128, ge=1, le=4096)
+
+
+class CheckpointConfig(_Strict):
+    every_n_epochs: int = Field(1, ge=1)
+    keep_last: int = Field(2, ge=1, description="Older epoch checkpoints are deleted.")
+    resume: str = Field(
+        "auto", description="'auto' (last checkpoint in output_dir if any), 'none', or a file path."
+    )
+
+
+class DistributedConfig(_Strict):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = Field(1800, ge=10)
+
+
+class RuntimeConfig(_Strict):
+    output_dir: Path = Path("outputs/run")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="Mixed precision on CUDA; ignored on the CPU.")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    seed: int = 0
+    deterministic: bool = False
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")
+    log_every_n_steps: int = Field(20, ge=1)
+    progress_bar: bool = True
+
+
+class ExperimentConfig(_Strict):
+    """The whole configuration of one training run."""
+
+    name: str = "reid"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    memory: MemoryConfig = MemoryConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _some_loss_enabled(self) -> ExperimentConfig:
+        if not (self.loss.global_branch or self.loss.patch_branch):
+            raise ValueError("every loss term is disabled: enable at least one of loss.*.enabled")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, dumping
+# ----------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into the key path and the value parsed as a YAML scalar/flow."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value {text!r} is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def _known_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return dict(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted overrides applied.
+
+    Keys are checked against the pydantic models *before* validation so that a typo names the
+    exact segment that does not exist (``loss.gls`` -> "unknown key 'gls' in loss").
+    """
+    out: dict[str, Any] = _deep_copy(raw)
+    items: list[tuple[list[str], Any]]
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v) for k, v in overrides.items()]
+    else:
+        items = [parse_override(o) for o in overrides]
+    for path, value in items:
+        model: type[BaseModel] | None = ExperimentConfig
+        node = out
+        for depth, part in enumerate(path):
+            if model is not None:
+                fields = _known_fields(model)
+                if part not in fields:
+                    where = ".".join(path[:depth]) or "the top level"
+                    known = ", ".join(sorted(fields))
+                    raise ConfigError(
+                        f"override {'.'.join(path)}: unknown key {part!r} in {where} "
+                        f"(known: {known})"
+                    )
+                annotation = fields[part].annotation
+                model = (
+                    annotation
+                    if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                    else None
+                )
+            elif depth < len(path):
+                raise ConfigError(
+                    f"override {'.'.join(path)}: {'.'.join(path[:depth])} is a value, not a section"
+                )
+            if depth == len(path) - 1:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                node = child
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    return validate_config(raw, source)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain, YAML/JSON-safe dict (paths as strings, tuples as lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved configuration as YAML; returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for experiment-tracker params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
