@@ -1,0 +1,50 @@
+# Every target is idempotent: it creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/smoke.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run train test test-fast lint typecheck format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,cpu]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## run: set up, then train the smoke config on synthetic data (outputs/smoke)
+run: $(STAMP)
+	$(VENV)/bin/reid train --config $(CONFIG)
+
+train: run
+
+## test: set up, lint, type-check, then the whole test suite
+test: $(STAMP) lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-fast: the suite without tests marked slow
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+## bench: the benchmarks that need no external data (train_real needs REID_BENCH_DATA)
+bench: $(STAMP)
+	$(PY) bench/eval_speed.py
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,312 @@
+"""The trainer's hooks: each one concern, each small. Order matters where noted in ``default_hooks``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reid_core.engine import distributed as dist_utils
+from reid_core.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from reid_core.engine.trainer import HookBase
+
+__all__ = [
+    "CheckpointHook",
+    "EvaluationHook",
+    "LRSchedulerHook",
+    "MemoryInitHook",
+    "ProgressHook",
+    "StopSignalHook",
+]
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class StopSignalHook(HookBase):
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit with ``INTERRUPTED``.
+
+    Under torch.distributed every rank must stop after the same step, so ranks agree on the flag
+    after each step (one tiny all-reduce).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = signals
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        self.trainer.request_stop()
+
+    def before_train(self) -> None:
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def after_step(self) -> None:
+        if dist_utils.is_distributed():
+            flag = torch.tensor([float(self.trainer.stop_requested)], device=self.trainer.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.trainer.stop_requested = bool(flag.item())
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def after_train(self) -> None:
+        self._restore()
+
+    def on_interrupt(self) -> None:
+        self._restore()
+
+
+class MemoryInitHook(HookBase):
+    """Fill the memories from a forward pass before the first epoch (not on resume)."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.loader = loader
+
+    def before_train(self) -> None:
+        if self.trainer.resumed:
+            return
+        model = self.trainer.model_without_ddp
+        self.trainer.objective.initialise(model, self.loader, self.trainer.device)  # type: ignore[arg-type]
+
+
+class LRSchedulerHook(HookBase):
+    """Steps the epoch-based LR schedule; records the learning rates in the epoch's history."""
+
+    def after_epoch(self) -> None:
+        self.trainer.scheduler.step()
+
+
+class EvaluationHook(HookBase):
+    """Evaluates on rank 0 every ``every_n_epochs``, at the last epoch, and optionally at start.
+
+    ``evaluator(model) -> {"mAP": .., "R1": ..}`` (percent). The result is broadcast so every
+    rank's history is the same.
+    """
+
+    def __init__(self, evaluator: Evaluator, every_n_epochs: int, at_start: bool) -> None:
+        self.evaluator = evaluator
+        self.every_n_epochs = every_n_epochs
+        self.at_start = at_start
+        self.initial_metrics: dict[str, float] | None = None
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics: Any = None
+        if dist_utils.is_main_process():
+            # Evaluation draws no random numbers on purpose, but the RNG states are restored
+            # anyway so that evaluating or not never changes the training trajectory.
+            rng = capture_rng_state()
+            metrics = self.evaluator(self.trainer.model_without_ddp)
+            restore_rng_state(rng)
+        metrics = dist_utils.broadcast_object(metrics)
+        assert isinstance(metrics, dict)
+        return metrics
+
+    def before_train(self) -> None:
+        if self.at_start and not self.trainer.resumed:
+            self.initial_metrics = self._evaluate()
+            self.trainer.state.metrics = {"epoch": 0, **self.initial_metrics}
+            log.info("initial model: %s", _fmt(self.initial_metrics))
+
+    def after_epoch(self) -> None:
+        state = self.trainer.state
+        done = state.epoch + 1
+        if done % self.every_n_epochs == 0 or done == state.max_epochs:
+            state.metrics = {"epoch": done, **self._evaluate()}
+            log.info("epoch %d: %s", done, _fmt(state.metrics))
+
+
+class CheckpointHook(HookBase):
+    """Saves every ``every_n_epochs``, at the last epoch and on interrupt; resumes before training.
+
+    Place it after the LR and evaluation hooks, so that a saved epoch includes their results.
+    """
+
+    def __init__(self, checkpointer: Checkpointer, every_n_epochs: int, resume: str) -> None:
+        self.checkpointer = checkpointer
+        self.every_n_epochs = every_n_epochs
+        self.resume = resume
+
+    def resume_path(self) -> Path | None:
+        if self.resume == "none":
+            return None
+        if self.resume == "auto":
+            return self.checkpointer.last_checkpoint()
+        return Path(self.resume)
+
+    def load(self) -> bool:
+        """Restore the trainer from the configured checkpoint; called by the run builder."""
+        path = self.resume_path()
+        if path is None:
+            return False
+        extra = self.checkpointer.load(path, self.trainer.checkpoint_objects())
+        restore_rng_state(extra["rng"])
+        self.trainer.resumed = True
+        state = self.trainer.state
+        log.info("resumed from %s at epoch %d step %d", path, state.epoch, state.step_in_epoch)
+        return True
+
+    def save(self, name: str) -> None:
+        if dist_utils.is_main_process():
+            path = self.checkpointer.save(
+                name, self.trainer.checkpoint_objects(), {"rng": capture_rng_state()}
+            )
+            log.info("checkpoint saved: %s", path)
+        dist_utils.barrier()
+
+    def after_epoch(self) -> None:
+        state = self.trainer.state
+        done = state.epoch + 1
+        if done % self.every_n_epochs == 0 or done == state.max_epochs:
+            self.save(f"epoch_{done:04d}")
+
+    def on_interrupt(self) -> None:
+        self.save(f"step_{self.trainer.state.global_step:08d}")
+
+
+class ProgressHook(HookBase):
+    """Progress for people (a tqdm bar, log lines) and machines (``progress.json``, ``metrics.jsonl``).
+
+    ``progress.json`` is rewritten atomically; a job supervisor polls it. ``metrics.jsonl`` gets one
+    line per finished epoch: mean losses, evaluation metrics, learning rates, throughput.
+    """
+
+    def __init__(self, output_dir: Path, log_every_n_steps: int, progress_bar: bool) -> None:
+        self.output_dir = Path(output_dir)
+        self.log_every_n_steps = log_every_n_steps
+        self.progress_bar = progress_bar and dist_utils.is_main_process()
+        self._bar: tqdm[Any] | None = None
+        self._epoch_start = 0.0
+        self._epoch_step_seconds = 0.0
+        self._epoch_steps = 0
+        self._train_start = 0.0
+        self._steps_this_run = 0
+
+    @property
+    def _main(self) -> bool:
+        return dist_utils.is_main_process()
+
+    def _images_per_second(self) -> float:
+        t = self.trainer
+        batch = t.cfg.data.batch_size * dist_utils.get_world_size()
+        return batch * self._epoch_steps / max(1e-9, time.perf_counter() - self._epoch_start)
+
+    def _eta_seconds(self) -> float | None:
+        if self._steps_this_run == 0:
+            return None
+        state = self.trainer.state
+        remaining = state.total_steps - (state.epoch * state.steps_per_epoch + state.step_in_epoch)
+        per_step = (time.perf_counter() - self._train_start) / self._steps_this_run
+        return remaining * per_step
+
+    def write(self, status: str) -> None:
+        if not self._main:
+            return
+        state = self.trainer.state
+        write_json_atomic(
+            self.output_dir / "progress.json",
+            {
+                "status": status,
+                "epoch": state.epoch,
+                "epochs": state.max_epochs,
+                "step_in_epoch": state.step_in_epoch,
+                "steps_per_epoch": state.steps_per_epoch,
+                "global_step": state.global_step,
+                "progress": round(state.fraction_done, 6),
+                "losses": state.losses,
+                "metrics": state.metrics,
+                "images_per_second": round(self._images_per_second(), 3) if self._epoch_steps else None,
+                "eta_seconds": self._eta_seconds(),
+                "updated_at": time.time(),
+            },
+        )
+
+    def before_train(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._train_start = time.perf_counter()
+        self.write("running")
+
+    def before_epoch(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_steps = 0
+        state = self.trainer.state
+        if self.progress_bar:
+            self._bar = tqdm(
+                total=state.steps_per_epoch,
+                initial=state.step_in_epoch,
+                desc=f"epoch {state.epoch + 1}/{state.max_epochs}",
+                dynamic_ncols=True,
+            )
+
+    def after_step(self) -> None:
+        self._epoch_steps += 1
+        self._steps_this_run += 1
+        state = self.trainer.state
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{v:.3f}" for k, v in state.losses.items()}, refresh=False)
+        if state.global_step % self.log_every_n_steps == 0:
+            if not self.progress_bar and self._main:
+                losses = " ".join(f"{k}={v:.4f}" for k, v in state.losses.items())
+                log.info(
+                    "epoch %d step %d/%d %s",
+                    state.epoch + 1,
+                    state.step_in_epoch,
+                    state.steps_per_epoch,
+                    losses,
+                )
+            self.write("running")
+
+    def after_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        t = self.trainer
+        state = t.state
+        record: dict[str, Any] = {
+            "epoch": state.epoch + 1,
+            "global_step": state.global_step,
+            **{f"loss/{k}": v for k, v in state.epoch_means().items()},
+            **{f"lr/group{i}": g["lr"] for i, g in enumerate(t.optimizer.param_groups)},
+            "images_per_second": self._images_per_second(),
+            "epoch_seconds": time.perf_counter() - self._epoch_start,
+        }
+        if state.metrics and state.metrics.get("epoch") == state.epoch + 1:
+            record.update({f"eval/{k}": v for k, v in state.metrics.items() if k != "epoch"})
+        state.history.append(record)
+        if self._main:
+            with (self.output_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.write("running")
+
+    def after_train(self) -> None:
+        self.write("finished")
+
+    def on_interrupt(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.write("interrupted")
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "epoch")

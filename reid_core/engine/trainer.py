@@ -1,0 +1,232 @@
+"""The training loop, kept small: every concern beyond forward/backward is a hook.
+
+    before_train
+    for epoch:                      before_epoch
+        for step:                   before_step, run_step, after_step
+                                    after_epoch        (LR schedule, evaluation, checkpoint, ...)
+    after_train
+
+A stop request (SIGTERM/SIGINT, or :meth:`Trainer.request_stop`) ends the loop after the current
+step; hooks then get ``on_interrupt`` (the checkpoint hook saves) and :meth:`Trainer.train` returns
+``ExitCode.INTERRUPTED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from reid_core.config import ExperimentConfig
+from reid_core.data.samplers import EpochShuffleSampler
+from reid_core.engine.exit_codes import ExitCode
+from reid_core.method import DualBranchObjective, split_views
+
+__all__ = ["HookBase", "TrainState", "Trainer", "TrainingDivergedError"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``step_in_epoch == steps_per_epoch`` means the epoch is complete."""
+
+    max_epochs: int
+    steps_per_epoch: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    losses: dict[str, float] = field(default_factory=dict)  # last step
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_epochs * self.steps_per_epoch
+
+    @property
+    def fraction_done(self) -> float:
+        done = self.epoch * self.steps_per_epoch + self.step_in_epoch
+        return min(1.0, done / max(1, self.total_steps))
+
+    def epoch_means(self) -> dict[str, float]:
+        n = max(1, self.step_in_epoch)
+        return {k: v / n for k, v in self.epoch_loss_sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_loss_sums": dict(self.epoch_loss_sums),
+            "metrics": dict(self.metrics),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.epoch_loss_sums = dict(state["epoch_loss_sums"])
+        self.metrics = dict(state["metrics"])
+        self.history = list(state["history"])
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at an epoch's end
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_loss_sums = {}
+
+
+class HookBase:
+    """Override any of these; ``self.trainer`` is set when the hook is registered."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None: ...
+    def after_train(self) -> None: ...
+    def before_epoch(self) -> None: ...
+    def after_epoch(self) -> None: ...
+    def before_step(self) -> None: ...
+    def after_step(self) -> None: ...
+    def on_interrupt(self) -> None: ...
+
+
+class Trainer:
+    """Runs the unsupervised objective over the training loader.
+
+    ``model`` may be wrapped in DistributedDataParallel; ``model_without_ddp`` is what hooks
+    evaluate and save.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        model: nn.Module,
+        objective: DualBranchObjective,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: DataLoader[Any],
+        sampler: EpochShuffleSampler,
+        device: torch.device,
+        model_without_ddp: nn.Module | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.model_without_ddp = model_without_ddp if model_without_ddp is not None else model
+        self.objective = objective
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_loader = train_loader
+        self.sampler = sampler
+        self.device = device
+        self.use_amp = cfg.runtime.amp and device.type == "cuda"
+        self.channels_last = cfg.runtime.channels_last and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        steps = sampler.batches_per_epoch
+        if cfg.schedule.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.schedule.max_steps_per_epoch)
+        self.state = TrainState(max_epochs=cfg.schedule.epochs, steps_per_epoch=steps)
+        self.hooks: list[HookBase] = []
+        self.stop_requested = False
+        self.resumed = False
+        self.step_seconds = 0.0  # wall time of the last step (data loading excluded)
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def register_hooks(self, hooks: Iterable[HookBase]) -> None:
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What a checkpoint holds (and what a resume restores)."""
+        return {
+            "model": self.model_without_ddp,
+            "objective": self.objective,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "trainer": self.state,
+        }
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def train(self) -> ExitCode:
+        self._call("before_train")
+        state = self.state
+        while state.epoch < state.max_epochs:
+            self.sampler.set_epoch(state.epoch, start_batch=state.step_in_epoch)
+            self._call("before_epoch")
+            self.model.train()
+            batches = iter(self.train_loader)
+            while state.step_in_epoch < state.steps_per_epoch:
+                batch = next(batches)
+                self._call("before_step")
+                self.run_step(batch)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                self._call("after_step")
+                if self.stop_requested:
+                    log.warning(
+                        "stop requested: saving at epoch %d step %d",
+                        state.epoch,
+                        state.step_in_epoch,
+                    )
+                    self._call("on_interrupt")
+                    return ExitCode.INTERRUPTED
+            del batches
+            self._call("after_epoch")
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.epoch_loss_sums = {}
+            if self.stop_requested:
+                self._call("on_interrupt")
+                return ExitCode.INTERRUPTED
+        self._call("after_train")
+        return ExitCode.OK
+
+    def run_step(self, batch: Sequence[torch.Tensor]) -> None:
+        view0, view1, indices = batch
+        start = time.perf_counter()
+        images = torch.cat([view0, view1]).to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        indices = indices.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            outputs = self.model(images)
+        out0, out1 = split_views(outputs)
+        losses = self.objective(out0, out1, indices, self.state.epoch)
+        total = losses["total"]
+        if not math.isfinite(total.item()):
+            raise TrainingDivergedError(
+                f"loss is {total.item()} at epoch {self.state.epoch} step "
+                f"{self.state.step_in_epoch} (terms: { {k: float(v) for k, v in losses.items()} }); "
+                "lower optim.lr or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.objective.after_step(out0, out1, indices, self.state.epoch)
+        self.step_seconds = time.perf_counter() - start
+        self.state.losses = {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in self.state.losses.items():
+            self.state.epoch_loss_sums[k] = self.state.epoch_loss_sums.get(k, 0.0) + v

@@ -1,0 +1,166 @@
+"""The method's objective: memories plus the four loss terms, combined as
+
+    L = w_E L_E + w_GSL L_GSL + w_PEDAL L_PEDAL + w_IPFL L_IPFL      (defaults 1, 1, 2, 1)
+
+Memories (one slot per training image, identical on every rank):
+  * global memory M (N, d):         after each step, M_i <- a M_i + (1 - a) f_i, renormalised,
+                                    f_i = normalised mean of the two views' global features;
+                                    a = momentum_at(epoch) grows with the epoch;
+  * patch memory m (N, P, D):       before the loss, from view 0, momentum 0.1 (new-value weight);
+  * agents A (N, E):                before the loss, mean of the two views' IPFL embeddings,
+                                    momentum 0.1 (new-value weight).
+
+Global losses apply to both views' features; PEDAL to both views' patch features; IPFL to both
+views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from reid_core.config import ExperimentConfig
+from reid_core.engine.distributed import all_gather_cat, get_world_size, is_main_process
+from reid_core.losses import IPFLLoss, MemoryClassifierLoss, PEDALLoss
+from reid_core.memory import FeatureMemory, momentum_at
+from reid_core.models.reid_model import ReIDModel, ReIDOutput
+
+__all__ = ["DualBranchObjective", "split_views"]
+
+log = logging.getLogger(__name__)
+
+
+def split_views(out: ReIDOutput) -> tuple[ReIDOutput, ReIDOutput]:
+    """Split a forward pass over ``cat([view0, view1])`` into the two views' outputs."""
+
+    def halves(t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if t is None:
+            return None, None
+        a, b = t.chunk(2, dim=0)
+        return a, b
+
+    g0, g1 = out.global_features.chunk(2, dim=0)
+    p0, p1 = halves(out.patch_features)
+    e0, e1 = halves(out.embeddings)
+    return ReIDOutput(g0, p0, e0), ReIDOutput(g1, p1, e1)
+
+
+class DualBranchObjective(nn.Module):
+    """Holds the memories and computes the weighted loss terms; see the module docstring."""
+
+    def __init__(self, cfg: ExperimentConfig, num_images: int, model: ReIDModel) -> None:
+        super().__init__()
+        self.cfg = cfg
+        loss = cfg.loss
+        self.global_memory: FeatureMemory | None = None
+        self.patch_memory: FeatureMemory | None = None
+        self.agents: FeatureMemory | None = None
+        self.classifier: MemoryClassifierLoss | None = None
+        self.pedal: PEDALLoss | None = None
+        self.ipfl: IPFLLoss | None = None
+        if loss.global_branch:
+            self.global_memory = FeatureMemory(num_images, model.global_dim)
+            self.classifier = MemoryClassifierLoss(loss.instance, loss.gsl)
+        if loss.patch_branch and not model.with_patch_branch:
+            raise ValueError("patch losses are enabled but the model was built without patches")
+        if loss.pedal.enabled:
+            self.patch_memory = FeatureMemory(
+                num_images, (model.cfg.num_patches, model.cfg.patch_dim)
+            )
+            self.pedal = PEDALLoss(loss.pedal)
+        if loss.ipfl.enabled:
+            self.agents = FeatureMemory(
+                num_images, model.cfg.num_patches * model.cfg.ipfl_dim, normalize=False
+            )
+            self.ipfl = IPFLLoss(loss.ipfl)
+
+    # -- memory initialisation -------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialise(self, model: ReIDModel, loader: DataLoader[Any], device: torch.device) -> None:
+        """Fill every memory from one forward pass over the training images (``memory.init``).
+
+        ``loader`` yields ``(images, indices)`` over this rank's share; results are gathered so
+        every rank holds the full, identical memories. With ``memory.init=zeros`` the global
+        memory stays zero (its slots take the first feature they see).
+        """
+        was_training = model.training
+        model.eval()
+        batches = tqdm(
+            loader,
+            desc="memory init",
+            disable=not (self.cfg.runtime.progress_bar and is_main_process()),
+            leave=False,
+        )
+        for images, indices in batches:
+            out = model(images.to(device))
+            idx = all_gather_cat(indices.to(device))
+            if self.global_memory is not None and self.cfg.memory.init == "forward":
+                self.global_memory.set(idx, all_gather_cat(out.global_features.float()))
+            if self.patch_memory is not None and out.patch_features is not None:
+                self.patch_memory.set(idx, all_gather_cat(out.patch_features.float()))
+            if self.agents is not None and out.embeddings is not None:
+                self.agents.set(idx, all_gather_cat(out.embeddings.float()))
+        model.train(was_training)
+        log.info("memories initialised from %d images (%d ranks)", len(loader.dataset), get_world_size())  # type: ignore[arg-type]
+
+    # -- loss ------------------------------------------------------------------------------
+
+    def forward(
+        self, out0: ReIDOutput, out1: ReIDOutput, indices: torch.Tensor, epoch: int
+    ) -> dict[str, torch.Tensor]:
+        """Weighted loss terms and their sum under ``"total"``."""
+        loss_cfg = self.cfg.loss
+        terms: dict[str, torch.Tensor] = {}
+        both = torch.cat([indices, indices])
+        if self.classifier is not None and self.global_memory is not None:
+            feats = torch.cat([out0.global_features, out1.global_features]).float()
+            use_gsl = loss_cfg.gsl.enabled and epoch >= loss_cfg.gsl.warmup_epochs
+            g = self.classifier(feats, both, self.global_memory.bank, use_gsl=use_gsl)
+            if loss_cfg.instance.enabled:
+                terms["instance"] = loss_cfg.instance.weight * g["instance"]
+            if loss_cfg.gsl.enabled:
+                terms["gsl"] = loss_cfg.gsl.weight * g["gsl"]
+        if self.pedal is not None and self.patch_memory is not None:
+            assert out0.patch_features is not None and out1.patch_features is not None
+            self.patch_memory.update(
+                all_gather_cat(indices),
+                all_gather_cat(out0.patch_features.float()),
+                keep=1.0 - loss_cfg.pedal.memory_momentum,
+            )
+            patches = torch.cat([out0.patch_features, out1.patch_features]).float()
+            terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
+                patches, both, self.patch_memory.bank
+            )
+        if self.ipfl is not None and self.agents is not None:
+            assert out0.embeddings is not None and out1.embeddings is not None
+            e0, e1 = out0.embeddings.float(), out1.embeddings.float()
+            self.agents.update(
+                all_gather_cat(indices),
+                all_gather_cat((e0 + e1) / 2),
+                keep=1.0 - loss_cfg.ipfl.agent_momentum,
+            )
+            terms["ipfl"] = loss_cfg.ipfl.weight * self.ipfl(
+                torch.stack([e0, e1]), indices, self.agents.bank
+            )
+        if not terms:
+            raise ValueError("no loss term is enabled")
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        return terms
+
+    @torch.no_grad()
+    def after_step(
+        self, out0: ReIDOutput, out1: ReIDOutput, indices: torch.Tensor, epoch: int
+    ) -> None:
+        """Global memory update with this step's features (gathered from every rank)."""
+        if self.global_memory is None:
+            return
+        mean = F.normalize(out0.global_features.float() + out1.global_features.float(), dim=1)
+        keep = momentum_at(epoch, self.cfg.schedule.epochs, self.cfg.memory)
+        self.global_memory.update(all_gather_cat(indices), all_gather_cat(mean), keep=keep)

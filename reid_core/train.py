@@ -1,0 +1,358 @@
+"""Training entry point: ``python -m reid_core.train --config configs/smoke.yaml --set a.b=1``.
+
+Works as a single process or under ``torchrun --nproc_per_node N`` (DDP). The process exits with
+one of :class:`reid_core.engine.exit_codes.ExitCode`; ``SIGTERM`` makes it checkpoint and exit 75.
+Outputs in ``runtime.output_dir``: ``config.yaml`` (resolved), ``train.log``, ``progress.json``,
+``metrics.jsonl``, ``checkpoints/`` and, on success, ``model_final.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+
+from reid_core.config import ConfigError, ExperimentConfig, dump_config, load_config
+from reid_core.data import (
+    DatasetError,
+    EvalSet,
+    ImageRecord,
+    ReIDSplits,
+    TrainSet,
+    build_dataset,
+    build_test_transform,
+    build_train_transform,
+    scan_images,
+)
+from reid_core.data.samplers import EpochShuffleSampler
+from reid_core.engine import distributed as dist_utils
+from reid_core.engine.checkpoint import CheckpointError, Checkpointer
+from reid_core.engine.exit_codes import ExitCode
+from reid_core.engine.hooks import (
+    CheckpointHook,
+    EvaluationHook,
+    LRSchedulerHook,
+    MemoryInitHook,
+    ProgressHook,
+    StopSignalHook,
+)
+from reid_core.engine.trainer import HookBase, Trainer, TrainingDivergedError
+from reid_core.evaluation import evaluate_features, extract_features
+from reid_core.method import DualBranchObjective
+from reid_core.model_io import save_model
+from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
+
+__all__ = ["build_model", "build_optimizer", "build_scheduler", "load_splits", "main", "run"]
+
+log = logging.getLogger("reid_core.train")
+
+
+# ----------------------------------------------------------------------------------------------
+# builders
+# ----------------------------------------------------------------------------------------------
+
+
+def select_device(cfg: ExperimentConfig, local_rank: int) -> torch.device:
+    wanted = cfg.runtime.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device=cuda but no CUDA device is visible")
+    if wanted in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _dataset_kwargs(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    if name != "synthetic":
+        return {}
+    d = cfg.data
+    return {
+        "num_identities": d.synthetic_identities,
+        "images_per_identity": d.synthetic_images_per_identity,
+        "seed": d.synthetic_seed,
+    }
+
+
+def load_splits(cfg: ExperimentConfig) -> tuple[list[ImageRecord], ReIDSplits | None]:
+    """Training records (scanned for unreadable files) and the evaluation splits, if any."""
+    d = cfg.data
+    splits = build_dataset(d.dataset, d.root, **_dataset_kwargs(cfg, d.dataset))
+    if not splits.train:
+        raise DatasetError(f"dataset {d.dataset!r} at {d.root} has no training images")
+    train, _ = scan_images(splits.train, d.max_bad_fraction, log)
+    eval_splits: ReIDSplits | None = None
+    if cfg.eval.enabled:
+        name = d.eval_dataset or d.dataset
+        root = d.eval_root or d.root
+        eval_splits = (
+            splits
+            if (name, root) == (d.dataset, d.root)
+            else build_dataset(name, root, **_dataset_kwargs(cfg, name))
+        )
+        if not eval_splits.has_eval:
+            log.warning("dataset %r has no query/gallery: evaluation is skipped", name)
+            eval_splits = None
+    return train, eval_splits
+
+
+def build_model(cfg: ExperimentConfig) -> ReIDModel:
+    return ReIDModel(cfg.model, with_patch_branch=cfg.loss.patch_branch)
+
+
+def build_optimizer(cfg: ExperimentConfig, model: ReIDModel) -> torch.optim.Optimizer:
+    """Two groups: the trunk at ``optim.backbone_lr``, new layers at ``optim.lr``."""
+    o = cfg.optim
+    trunk = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [
+        {"params": trunk, "lr": o.backbone_lr, "name": "backbone"},
+        {"params": model.new_layers(), "lr": o.lr, "name": "new_layers"},
+    ]
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        )
+    return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(
+    cfg: ExperimentConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """lr(e) = base * min(1, (e + 1) / warmup) * gamma ** #{milestones <= e}, stepped per epoch."""
+    s = cfg.schedule
+
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / s.warmup_epochs) if s.warmup_epochs else 1.0
+        return warm * s.gamma ** sum(1 for m in s.milestones if epoch >= m)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _eval_loader(records: list[ImageRecord], cfg: ExperimentConfig) -> DataLoader[Any]:
+    return DataLoader(
+        EvalSet(records, build_test_transform(cfg.data)),
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.device) -> Any:
+    """``evaluator(model) -> {"mAP", "R1", "R5", "R10", "mINP"}`` in percent, on the query/gallery."""
+    q_loader = _eval_loader(splits.query, cfg)
+    g_loader = _eval_loader(splits.gallery, cfg)
+    q_pids = np.array([r.pid for r in splits.query])
+    g_pids = np.array([r.pid for r in splits.gallery])
+    q_cams = np.array([r.camid for r in splits.query])
+    g_cams = np.array([r.camid for r in splits.gallery])
+    e = cfg.eval
+
+    def evaluator(model: torch.nn.Module) -> dict[str, float]:
+        qf = extract_features(model, q_loader, device, feature=e.feature, flip=e.flip)
+        gf = extract_features(model, g_loader, device, feature=e.feature, flip=e.flip)
+        result = evaluate_features(
+            qf,
+            gf,
+            q_pids,
+            g_pids,
+            q_cams,
+            g_cams,
+            metric=e.distance,
+            rerank=e.rerank,
+            k1=e.rerank_k1,
+            k2=e.rerank_k2,
+            lam=e.rerank_lambda,
+            max_rerank_memory_bytes=int(e.rerank_max_memory_gb * 2**30),
+        )
+        return {k: float(v) for k, v in result.as_dict(percent=True).items()}
+
+    return evaluator
+
+
+def build_trainer(cfg: ExperimentConfig, local_rank: int = 0) -> Trainer:
+    """Everything a run needs, wired together; the checkpoint (if any) is already restored."""
+    device = select_device(cfg, local_rank)
+    out = cfg.runtime.output_dir
+    train_records, eval_splits = load_splits(cfg)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+
+    model = build_model(cfg).to(device)
+    if cfg.runtime.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    objective = DualBranchObjective(cfg, len(train_records), model).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    sampler = EpochShuffleSampler(
+        len(train_records), cfg.data.batch_size, seed=cfg.runtime.seed, rank=rank, world_size=world
+    )
+    workers = cfg.data.num_workers
+    train_loader: DataLoader[Any] = DataLoader(
+        TrainSet(train_records, build_train_transform(cfg.data)),
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+    init_set = Subset(
+        EvalSet(train_records, build_test_transform(cfg.data)),
+        range(rank, len(train_records), world),
+    )
+    init_loader: DataLoader[Any] = DataLoader(
+        init_set, batch_size=cfg.eval.batch_size, num_workers=workers
+    )
+
+    train_model: torch.nn.Module = model
+    if world > 1:
+        every_param_used = cfg.loss.global_branch and cfg.loss.pedal.enabled and cfg.loss.ipfl.enabled
+        train_model = DistributedDataParallel(
+            model,
+            device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=not every_param_used,
+        )
+
+    trainer = Trainer(
+        cfg,
+        train_model,
+        objective,
+        optimizer,
+        scheduler,
+        train_loader,
+        sampler,
+        device,
+        model_without_ddp=model,
+    )
+    checkpoint_hook = CheckpointHook(
+        Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last),
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+        resume=cfg.checkpoint.resume,
+    )
+    hooks: list[HookBase] = [StopSignalHook(), MemoryInitHook(init_loader)]
+    if eval_splits is not None:
+        hooks.append(
+            EvaluationHook(
+                build_evaluator(cfg, eval_splits, device),
+                every_n_epochs=cfg.eval.every_n_epochs,
+                at_start=cfg.eval.at_start,
+            )
+        )
+    hooks += [
+        ProgressHook(out, cfg.runtime.log_every_n_steps, cfg.runtime.progress_bar),
+        LRSchedulerHook(),
+        checkpoint_hook,  # last: a saved epoch holds the evaluation, history and next LR
+    ]
+    trainer.register_hooks(hooks)
+    checkpoint_hook.load()
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup_logging(output_dir: Path) -> None:
+    level = logging.INFO if dist_utils.is_main_process() else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if dist_utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s [rank{dist_utils.get_rank()}] %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def run(cfg: ExperimentConfig) -> ExitCode:
+    """Train with ``cfg``; returns the exit code (see :mod:`reid_core.engine.exit_codes`)."""
+    local_rank = dist_utils.init_from_env(cfg.distributed.backend, cfg.distributed.timeout_s)
+    try:
+        _setup_logging(cfg.runtime.output_dir)
+        if cfg.runtime.num_threads:
+            torch.set_num_threads(cfg.runtime.num_threads)
+        seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
+        if dist_utils.is_main_process():
+            dump_config(cfg, cfg.runtime.output_dir / "config.yaml")
+        trainer = build_trainer(cfg, local_rank)
+        code = trainer.train()
+        if code == ExitCode.OK and dist_utils.is_main_process():
+            path = save_model(
+                trainer.model_without_ddp, cfg, cfg.runtime.output_dir / "model_final.pt",
+                metrics=trainer.state.metrics,
+            )
+            log.info("final model saved: %s", path)
+        return code
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return ExitCode.BAD_CONFIG
+    except (DatasetError, PretrainedWeightsNotFoundError) as exc:
+        log.error("%s", exc)
+        return ExitCode.BAD_DATA if isinstance(exc, DatasetError) else ExitCode.BAD_CONFIG
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        cause = exc.__cause__
+        no_space = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        return ExitCode.NO_SPACE if no_space else ExitCode.CRASHED
+    except TrainingDivergedError as exc:
+        log.error("%s", exc)
+        return ExitCode.DIVERGED
+    except Exception:
+        log.exception("training crashed")
+        return ExitCode.CRASHED
+    finally:
+        dist_utils.cleanup()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m reid_core.train", description="Unsupervised re-ID training."
+    )
+    parser.add_argument("--config", type=Path, help="YAML config (configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, repeatable: --set loss.gsl.threshold=0.55",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(ExitCode.BAD_CONFIG)
+    return int(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
