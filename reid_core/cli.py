@@ -1,8 +1,8 @@
 """The ``reid`` command.
 
-    reid train --config configs/smoke.yaml [--set KEY=VALUE ...]
-    reid eval  --checkpoint outputs/run/model_final.pt --data market_folder:/data/market [--rerank]
-    reid embed --checkpoint outputs/run/model_final.pt IMAGE [IMAGE ...] [--output feats.npy]
+reid train --config configs/smoke.yaml [--set KEY=VALUE ...]
+reid eval  --checkpoint outputs/run/model_final.pt --data market_folder:/data/market [--rerank]
+reid embed --checkpoint outputs/run/model_final.pt IMAGE [IMAGE ...] [--output feats.npy]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     model, cfg = load_model(args.checkpoint)
     model.to(device)
     records = [ImageRecord(Path(p)) for p in args.images]
-    loader = DataLoader(EvalSet(records, build_test_transform(cfg.data)), batch_size=args.batch_size)
+    loader = DataLoader(
+        EvalSet(records, build_test_transform(cfg.data)), batch_size=args.batch_size
+    )
     feats = extract_features(model, loader, device, feature=args.feature or cfg.eval.feature)
     array = feats.cpu().numpy().astype(np.float32)
     if args.output:
@@ -102,7 +104,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reid", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="reid", description=__doc__.split("\n")[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (same as python -m reid_core.train)")
@@ -115,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("embed", _cmd_embed, "L2-normalised features of images"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", type=Path, required=True, help="model_final.pt or a checkpoint")
+        p.add_argument(
+            "--checkpoint", type=Path, required=True, help="model_final.pt or a checkpoint"
+        )
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--feature", choices=["concat", "global"], default=None)

@@ -113,14 +113,18 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """Shared trunk, global head, patch generation module and patch heads."""
 
-    backbone: str = Field("resnet50", description="Backbone registry name (resnet50, resnet18, ...).")
+    backbone: str = Field(
+        "resnet50", description="Backbone registry name (resnet50, resnet18, ...)."
+    )
     last_stride: Literal[1, 2] = 1
     pretrained: Literal["imagenet", "none"] = Field(
         "imagenet",
         description="'imagenet' loads weights from `weights_path` or torchvision's cache, never "
         "from the network; 'none' trains from scratch.",
     )
-    weights_path: Path | None = Field(None, description="Local ImageNet checkpoint for the backbone.")
+    weights_path: Path | None = Field(
+        None, description="Local ImageNet checkpoint for the backbone."
+    )
     num_patches: int = Field(6, ge=1, le=16)
     patch_dim: int = Field(256, ge=8, le=2048)
     pgm_channels: int = Field(4096, ge=16, le=8192, description="PGM conv3x3 output channels.")
@@ -280,7 +284,9 @@ class RuntimeConfig(_Strict):
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
     seed: int = 0
     deterministic: bool = False
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (None: torch default)."
+    )
     log_every_n_steps: int = Field(20, ge=1)
     progress_bar: bool = True
 

@@ -10,8 +10,8 @@ Memories (one slot per training image, identical on every rank):
   * agents A (N, E):                before the loss, mean of the two views' IPFL embeddings,
                                     momentum 0.1 (new-value weight).
 
-Global losses apply to both views' features; PEDAL to both views' patch features; IPFL to both
-views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``.
+Global losses apply to both views' features; PEDAL to view 0's patch features (as PAUL does);
+IPFL to both views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``.
 """
 
 from __future__ import annotations
@@ -98,9 +98,11 @@ class DualBranchObjective(nn.Module):
             disable=not (self.cfg.runtime.progress_bar and is_main_process()),
             leave=False,
         )
+        seen = 0
         for images, indices in batches:
             out = model(images.to(device))
             idx = all_gather_cat(indices.to(device))
+            seen += len(idx)
             if self.global_memory is not None and self.cfg.memory.init == "forward":
                 self.global_memory.set(idx, all_gather_cat(out.global_features.float()))
             if self.patch_memory is not None and out.patch_features is not None:
@@ -108,7 +110,7 @@ class DualBranchObjective(nn.Module):
             if self.agents is not None and out.embeddings is not None:
                 self.agents.set(idx, all_gather_cat(out.embeddings.float()))
         model.train(was_training)
-        log.info("memories initialised from %d images (%d ranks)", len(loader.dataset), get_world_size())  # type: ignore[arg-type]
+        log.info("memories initialised from %d images (%d ranks)", seen, get_world_size())
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -134,9 +136,8 @@ class DualBranchObjective(nn.Module):
                 all_gather_cat(out0.patch_features.float()),
                 keep=1.0 - loss_cfg.pedal.memory_momentum,
             )
-            patches = torch.cat([out0.patch_features, out1.patch_features]).float()
             terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
-                patches, both, self.patch_memory.bank
+                out0.patch_features.float(), indices, self.patch_memory.bank
             )
         if self.ipfl is not None and self.agents is not None:
             assert out0.embeddings is not None and out1.embeddings is not None

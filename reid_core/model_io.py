@@ -48,7 +48,9 @@ def _build(cfg: ExperimentConfig, with_patch_branch: bool) -> ReIDModel:
     return ReIDModel(model_cfg, with_patch_branch=with_patch_branch)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[ReIDModel, ExperimentConfig]:
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ReIDModel, ExperimentConfig]:
     """Rebuild a trained model (in eval mode) and its config from ``model_final.pt`` or a checkpoint."""
     path = Path(path)
     if not path.is_file():

@@ -25,18 +25,16 @@ from torch.utils.data import DataLoader, Subset
 from reid_core.config import ConfigError, ExperimentConfig, dump_config, load_config
 from reid_core.data import (
     DatasetError,
-    EvalSet,
+    EpochShuffleSampler,
     ImageRecord,
     ReIDSplits,
-    TrainSet,
-    build_dataset,
-    build_test_transform,
-    build_train_transform,
+    build_eval_loader,
+    build_splits,
+    build_train_loader,
     scan_images,
 )
-from reid_core.data.samplers import EpochShuffleSampler
 from reid_core.engine import distributed as dist_utils
-from reid_core.engine.checkpoint import CheckpointError, Checkpointer
+from reid_core.engine.checkpoint import Checkpointer, CheckpointError
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.hooks import (
     CheckpointHook,
@@ -83,37 +81,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _dataset_kwargs(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
-    if name != "synthetic":
-        return {}
-    d = cfg.data
-    return {
-        "num_identities": d.synthetic_identities,
-        "images_per_identity": d.synthetic_images_per_identity,
-        "seed": d.synthetic_seed,
-    }
-
-
 def load_splits(cfg: ExperimentConfig) -> tuple[list[ImageRecord], ReIDSplits | None]:
     """Training records (scanned for unreadable files) and the evaluation splits, if any."""
-    d = cfg.data
-    splits = build_dataset(d.dataset, d.root, **_dataset_kwargs(cfg, d.dataset))
+    splits = build_splits(cfg.data)
     if not splits.train:
-        raise DatasetError(f"dataset {d.dataset!r} at {d.root} has no training images")
-    train, _ = scan_images(splits.train, d.max_bad_fraction, log)
-    eval_splits: ReIDSplits | None = None
-    if cfg.eval.enabled:
-        name = d.eval_dataset or d.dataset
-        root = d.eval_root or d.root
-        eval_splits = (
-            splits
-            if (name, root) == (d.dataset, d.root)
-            else build_dataset(name, root, **_dataset_kwargs(cfg, name))
+        raise DatasetError(
+            f"dataset {cfg.data.dataset!r} at {cfg.data.root} has no training images"
         )
-        if not eval_splits.has_eval:
-            log.warning("dataset %r has no query/gallery: evaluation is skipped", name)
-            eval_splits = None
-    return train, eval_splits
+    train, _ = scan_images(splits.train, cfg.data.max_bad_fraction, log, split="train")
+    if not cfg.eval.enabled:
+        return train, None
+    if not splits.has_eval:
+        log.warning("dataset %r has no query/gallery: evaluation is skipped", splits.name)
+        return train, None
+    return train, splits
 
 
 def build_model(cfg: ExperimentConfig) -> ReIDModel:
@@ -148,20 +129,10 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _eval_loader(records: list[ImageRecord], cfg: ExperimentConfig) -> DataLoader[Any]:
-    return DataLoader(
-        EvalSet(records, build_test_transform(cfg.data)),
-        batch_size=cfg.eval.batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.device) -> Any:
     """``evaluator(model) -> {"mAP", "R1", "R5", "R10", "mINP"}`` in percent, on the query/gallery."""
-    q_loader = _eval_loader(splits.query, cfg)
-    g_loader = _eval_loader(splits.gallery, cfg)
+    q_loader = build_eval_loader(splits.query, cfg.data, cfg.eval.batch_size)
+    g_loader = build_eval_loader(splits.gallery, cfg.data, cfg.eval.batch_size)
     q_pids = np.array([r.pid for r in splits.query])
     g_pids = np.array([r.pid for r in splits.gallery])
     q_cams = np.array([r.camid for r in splits.query])
@@ -204,30 +175,24 @@ def build_trainer(cfg: ExperimentConfig, local_rank: int = 0) -> Trainer:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
-    sampler = EpochShuffleSampler(
-        len(train_records), cfg.data.batch_size, seed=cfg.runtime.seed, rank=rank, world_size=world
+    train_loader = build_train_loader(
+        train_records, cfg.data, cfg.runtime.seed, rank=rank, world_size=world
     )
-    workers = cfg.data.num_workers
-    train_loader: DataLoader[Any] = DataLoader(
-        TrainSet(train_records, build_train_transform(cfg.data)),
-        batch_size=cfg.data.batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        drop_last=True,
-    )
-    init_set = Subset(
-        EvalSet(train_records, build_test_transform(cfg.data)),
-        range(rank, len(train_records), world),
-    )
-    init_loader: DataLoader[Any] = DataLoader(
-        init_set, batch_size=cfg.eval.batch_size, num_workers=workers
-    )
+    assert isinstance(train_loader.sampler, EpochShuffleSampler)
+    # memory initialisation: every rank embeds its share, the memories gather all of them
+    init_loader = build_eval_loader(train_records, cfg.data, cfg.eval.batch_size)
+    if world > 1:
+        init_loader = DataLoader(
+            Subset(init_loader.dataset, range(rank, len(train_records), world)),
+            batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers,
+        )
 
     train_model: torch.nn.Module = model
     if world > 1:
-        every_param_used = cfg.loss.global_branch and cfg.loss.pedal.enabled and cfg.loss.ipfl.enabled
+        every_param_used = (
+            cfg.loss.global_branch and cfg.loss.pedal.enabled and cfg.loss.ipfl.enabled
+        )
         train_model = DistributedDataParallel(
             model,
             device_ids=[local_rank] if device.type == "cuda" else None,
@@ -241,7 +206,7 @@ def build_trainer(cfg: ExperimentConfig, local_rank: int = 0) -> Trainer:
         optimizer,
         scheduler,
         train_loader,
-        sampler,
+        train_loader.sampler,
         device,
         model_without_ddp=model,
     )
@@ -302,7 +267,9 @@ def run(cfg: ExperimentConfig) -> ExitCode:
         code = trainer.train()
         if code == ExitCode.OK and dist_utils.is_main_process():
             path = save_model(
-                trainer.model_without_ddp, cfg, cfg.runtime.output_dir / "model_final.pt",
+                trainer.model_without_ddp,
+                cfg,
+                cfg.runtime.output_dir / "model_final.pt",
                 metrics=trainer.state.metrics,
             )
             log.info("final model saved: %s", path)

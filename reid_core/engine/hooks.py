@@ -235,7 +235,9 @@ class ProgressHook(HookBase):
                 "progress": round(state.fraction_done, 6),
                 "losses": state.losses,
                 "metrics": state.metrics,
-                "images_per_second": round(self._images_per_second(), 3) if self._epoch_steps else None,
+                "images_per_second": round(self._images_per_second(), 3)
+                if self._epoch_steps
+                else None,
                 "eta_seconds": self._eta_seconds(),
                 "updated_at": time.time(),
             },

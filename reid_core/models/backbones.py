@@ -63,7 +63,9 @@ def _resnet_body(net: torchvision.models.ResNet, last_stride: int) -> nn.Module:
     if last_stride == 1:
         block = net.layer4[0]
         # Bottleneck (v1.5) strides in conv2, BasicBlock in conv1.
-        strided = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+        strided = (
+            block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+        )
         strided.stride = (1, 1)
         if block.downsample is not None:
             block.downsample[0].stride = (1, 1)
@@ -95,7 +97,9 @@ register_backbone("resnet18")(
 def _mobilenet_v3_small(last_stride: int) -> tuple[nn.Module, int, Any]:
     net = torchvision.models.mobilenet_v3_small(weights=None)
     if last_stride == 1:
-        strided = [m for m in net.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        strided = [
+            m for m in net.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)
+        ]
         strided[-1].stride = (1, 1)
     return net.features, 576, torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
 

@@ -33,7 +33,11 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 def test_override_parses_yaml_scalars() -> None:
     cfg = load_config(
-        overrides=["loss.gsl.threshold=0.55", "data.crop_area=[0.5, 0.9]", "loss.ipfl.enabled=false"]
+        overrides=[
+            "loss.gsl.threshold=0.55",
+            "data.crop_area=[0.5, 0.9]",
+            "loss.ipfl.enabled=false",
+        ]
     )
     assert cfg.loss.gsl.threshold == 0.55
     assert cfg.data.crop_area == (0.5, 0.9)

@@ -90,7 +90,9 @@ def test_frozen_pgm_stays_frozen_and_in_eval_mode() -> None:
     assert trainable.pgm is not None and trainable.pgm.training
 
 
-def test_missing_imagenet_weights_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_imagenet_weights_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(PretrainedWeightsNotFoundError, match="model.weights_path"):
         build_backbone("resnet18", pretrained=True)

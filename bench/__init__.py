@@ -1,0 +1,1 @@
+"""Benchmarks of reid_core (run as scripts: ``python -m bench.eval_speed``)."""

@@ -1,0 +1,131 @@
+"""Feature extraction over a data loader, and evaluation of query/gallery features."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import Any, Literal, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_core.evaluation.distance import Metric, check_metric, compute_distance
+from reid_core.evaluation.metrics import RankResult, evaluate_rank
+from reid_core.evaluation.rerank import DEFAULT_RERANK_MAX_MEMORY_BYTES, re_rank_features
+
+FeatureKind = Literal["concat", "global"]
+#: One loader item: ``(images (B, C, H, W), dataset indices (B,))``; extra fields are ignored.
+Batch = Sequence[Any]
+
+
+def _examples(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def extract_features(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    device: torch.device | str,
+    feature: FeatureKind = "concat",
+    flip: bool = False,
+) -> torch.Tensor:
+    """Features of every sample of ``loader``, as a float32 CPU tensor in dataset order.
+
+    ``model.extract(images, feature)`` must return (B, D) features; ``loader`` yields
+    ``(images, indices)`` with ``indices`` the positions of the images in the dataset. Row i
+    of the result is the feature of dataset position i; every position 0..n-1 must be yielded
+    exactly once (n = ``len(loader.dataset)`` when the loader has a dataset, else the largest
+    index + 1).
+
+    The model runs in eval mode under ``torch.inference_mode()``; its previous train/eval mode
+    is restored afterwards. With ``flip``, the feature is ``normalize((f(x) + f(mirror(x))) /
+    2)``, ``mirror`` flipping the width axis and ``normalize`` L2-normalising each row.
+    """
+    if not callable(getattr(model, "extract", None)):
+        raise TypeError(f"{type(model).__name__} has no extract(images, feature) method")
+    if feature not in ("concat", "global"):
+        raise ValueError(f"feature must be 'concat' or 'global', got {feature!r}")
+    extract = cast(Callable[[torch.Tensor, str], torch.Tensor], model.extract)
+    device = torch.device(device)
+
+    chunks: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                images, indices = batch[0], batch[1]
+                images = images.to(device, non_blocking=True)
+                feats = extract(images, feature).float()
+                if flip:
+                    mirrored = extract(images.flip(dims=[-1]), feature).float()
+                    feats = F.normalize((feats + mirrored) / 2, p=2.0, dim=1)
+                idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
+                if idx.numel() != feats.shape[0]:
+                    raise ValueError(
+                        f"a batch has {feats.shape[0]} features but {idx.numel()} indices"
+                    )
+                chunks.append(feats.cpu())
+                positions.append(idx)
+    finally:
+        model.train(was_training)
+
+    if not chunks:
+        raise ValueError("the loader yielded no batch: nothing to extract")
+    feats_all = torch.cat(chunks)
+    idx_all = torch.cat(positions).numpy()
+    dataset = getattr(loader, "dataset", None)
+    num = len(dataset) if isinstance(dataset, Sized) else int(idx_all.max()) + 1
+    if idx_all.min() < 0 or idx_all.max() >= num:
+        bad = idx_all[(idx_all < 0) | (idx_all >= num)]
+        raise ValueError(f"dataset indices outside 0..{num - 1}: {_examples(bad)}")
+    counts = np.bincount(idx_all, minlength=num)
+    if (counts != 1).any():
+        dup, missing = np.flatnonzero(counts > 1), np.flatnonzero(counts == 0)
+        raise ValueError(
+            f"the loader must yield every dataset index 0..{num - 1} exactly once; "
+            f"{len(dup)} repeated {_examples(dup)}, {len(missing)} missing {_examples(missing)}"
+        )
+    out = torch.empty_like(feats_all)
+    out[torch.from_numpy(idx_all)] = feats_all
+    return out
+
+
+def evaluate_features(
+    qf: torch.Tensor | np.ndarray,
+    gf: torch.Tensor | np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    metric: Metric = "cosine",
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lam: float = 0.3,
+    max_rerank_memory_bytes: int | None = DEFAULT_RERANK_MAX_MEMORY_BYTES,
+    max_rank: int = 50,
+) -> RankResult:
+    """CMC/mAP/mINP of query features ``qf`` against gallery features ``gf``.
+
+    Distances are :func:`compute_distance` with ``metric``; with ``rerank``, they are
+    k-reciprocal re-ranked (``k1``, ``k2``, ``lam``), refused with RerankMemoryError when the
+    estimate exceeds ``max_rerank_memory_bytes`` (checked before any distance is computed).
+    """
+    metric = check_metric(metric)
+    if rerank:
+        distmat = re_rank_features(
+            qf,
+            gf,
+            metric=metric,
+            k1=k1,
+            k2=k2,
+            lambda_value=lam,
+            max_memory_bytes=max_rerank_memory_bytes,
+        )
+    else:
+        distmat = compute_distance(qf, gf, metric)
+    return evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)

@@ -1,0 +1,235 @@
+r"""Global branch: memory-based non-parametric classifier (L_E) and global similarity loss (L_GSL).
+
+Symbols: ``f_i`` (d,) the L2-normalised global feature of image ``i`` in the batch, ``M`` (N, d)
+the memory (one slot per training image, :class:`reid_core.memory.FeatureMemory`), ``tau`` the
+temperature (``InstanceLossConfig.temperature``, 0.05).
+
+Memory classifier (MMCL-like, Wang & Zhang CVPR 2020)::
+
+    p_ij = exp(M_j . f_i / tau) / sum_{n=1..N} exp(M_n . f_i / tau)
+    L_E  = (1/B) sum_i  -log p_ii
+
+Credible neighbours, from memory similarities only (``S = M M^T``, never formed as N x N)::
+
+    C_i = { j != i :  S_ij >= t,  j in topk_i(S),  [mutual]  i in topk_j(S) }
+
+with ``t = GSLConfig.threshold`` (0.6) and ``k = GSLConfig.topk`` (10); ``topk_i`` excludes ``i``.
+
+Global similarity loss, ``GSLConfig.weighting``:
+
+* ``"similarity"`` (default):  ``w_ij = S_ij / sum_{n in C_i} S_in``  (j in C_i; similarities are
+  clamped at 0 first, which only matters for ``t < 0``; a row whose clamped weights sum to 0 falls
+  back to uniform), ``L_GSL = (1/B) sum_i -sum_{j in C_i} w_ij log p_ij``.
+* ``"uniform"``: ``w_ij = 1 / |C_i|``, same formula.
+* ``"mmcl_squared"``: MMCL's memory-based multi-label classification loss, a squared error on the
+  (un-tempered) cosine scores ``s_ij = M_j . f_i`` with positives ``P_i = {i} u C_i`` (target +1)
+  and hard negatives ``H_i`` = the ``max(1, floor(r |N_i|))`` highest-scoring non-positives
+  (target -1, as in MMCL's ``y in {-1, +1}``; selection without gradient)::
+
+      L_GSL = (1/B) sum_i [ delta/|P_i| sum_{j in P_i} (1 - s_ij)^2
+                           +    1/|H_i| sum_{j in H_i} (1 + s_ij)^2 ]
+
+  with MMCL's ``delta = 5`` and ``r = 0.01`` (constructor arguments ``mmcl_delta`` and
+  ``mmcl_hard_ratio``; not in the config). Here every sample contributes (``P_i`` always holds
+  ``i``), as in MMCL.
+
+For ``"similarity"``/``"uniform"``, samples with an empty ``C_i`` contribute 0 and the average is
+over **all** B samples of the batch (so the loss scale does not jump with the number of non-empty
+rows).
+
+The memory is read without gradient: gradients reach ``f`` only. The losses are returned
+unweighted; the caller applies ``InstanceLossConfig.weight`` / ``GSLConfig.weight`` and turns GSL on
+after ``GSLConfig.warmup_epochs`` through ``use_gsl``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid_core.config import GSLConfig, InstanceLossConfig
+from reid_core.memory import validate_indices
+
+__all__ = ["MemoryClassifierLoss", "credible_neighbours"]
+
+# Rows of M[cand] @ M^T computed at once in the mutual check: at most ~16M similarities.
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar 0 connected to ``x``'s graph (backward works, gradient is 0)."""
+    return x.float().sum() * 0.0
+
+
+def _check_memory_and_features(features: torch.Tensor, memory: torch.Tensor) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"features must have shape (B, d), got {tuple(features.shape)}")
+    if memory.dim() != 2:
+        raise ValueError(f"memory must have shape (N, d), got {tuple(memory.shape)}")
+    if features.shape[1] != memory.shape[1]:
+        raise ValueError(
+            f"features has shape (B, d)={tuple(features.shape)} but memory has "
+            f"d={memory.shape[1]} (memory shape {tuple(memory.shape)})"
+        )
+
+
+def _credible_from_similarity(
+    sim: torch.Tensor,
+    memory: torch.Tensor,
+    indices: torch.Tensor,
+    threshold: float,
+    topk: int,
+    mutual: bool,
+) -> torch.Tensor:
+    """Credible-neighbour mask from the precomputed rows ``sim = M[indices] @ M^T`` (B, N)."""
+    B, N = sim.shape
+    mask = torch.zeros((B, N), dtype=torch.bool, device=sim.device)
+    if B == 0 or N < 2:
+        return mask
+    k = min(int(topk), N - 1)
+    rows = torch.arange(B, device=sim.device)
+    sim = sim.clone()
+    sim[rows, indices] = float("-inf")  # j != i
+    top = sim.topk(k, dim=1).indices
+    mask.scatter_(1, top, True)
+    mask &= sim >= threshold  # -inf (self) never passes
+    if not mutual or not bool(mask.any()):
+        return mask
+    # Mutual check: i must be among the k nearest (excluding j) of each candidate j.
+    b_idx, j_idx = mask.nonzero(as_tuple=True)
+    cand, inverse = torch.unique(j_idx, sorted=True, return_inverse=True)
+    cand_top = torch.empty((cand.numel(), k), dtype=torch.long, device=sim.device)
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // N)
+    for start in range(0, cand.numel(), chunk):
+        c = cand[start : start + chunk]
+        s = memory.index_select(0, c) @ memory.T  # (chunk, N)
+        s[torch.arange(c.numel(), device=s.device), c] = float("-inf")
+        cand_top[start : start + chunk] = s.topk(k, dim=1).indices
+    is_mutual = (cand_top[inverse] == indices[b_idx].unsqueeze(1)).any(dim=1)
+    mask[b_idx[~is_mutual], j_idx[~is_mutual]] = False
+    return mask
+
+
+@torch.no_grad()
+def credible_neighbours(
+    memory: torch.Tensor,
+    indices: torch.Tensor,
+    threshold: float,
+    topk: int,
+    mutual: bool,
+) -> torch.Tensor:
+    """Boolean mask (B, N): ``mask[b, j]`` iff ``j`` is in ``C_i`` for ``i = indices[b]``.
+
+    ``C_i = { j != i : S_ij >= threshold, j in topk_i(S), (mutual) i in topk_j(S) }`` with
+    ``S = M M^T`` (``topk_i`` over ``j != i``; ``k`` is capped at ``N - 1``). Computed from the
+    rows ``M[indices] @ M^T`` (B, N); the mutual check takes the top-k of the candidate rows
+    ``M[cand] @ M^T`` in chunks, never an N x N matrix.
+    """
+    if memory.dim() != 2:
+        raise ValueError(f"memory must have shape (N, d), got {tuple(memory.shape)}")
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    idx = validate_indices(indices, memory.shape[0]).to(memory.device)
+    mem = memory.detach().float()
+    sim = mem.index_select(0, idx) @ mem.T
+    return _credible_from_similarity(sim, mem, idx, threshold, topk, mutual)
+
+
+class MemoryClassifierLoss(nn.Module):
+    """``L_E`` and ``L_GSL`` of the global branch (see the module docstring for the formulas)."""
+
+    def __init__(
+        self,
+        instance_cfg: InstanceLossConfig,
+        gsl_cfg: GSLConfig,
+        *,
+        mmcl_delta: float = 5.0,
+        mmcl_hard_ratio: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if mmcl_delta < 0:
+            raise ValueError(f"mmcl_delta must be >= 0, got {mmcl_delta}")
+        if not 0.0 <= mmcl_hard_ratio <= 1.0:
+            raise ValueError(f"mmcl_hard_ratio must be in [0, 1], got {mmcl_hard_ratio}")
+        self.instance_cfg = instance_cfg
+        self.gsl_cfg = gsl_cfg
+        self.mmcl_delta = float(mmcl_delta)
+        self.mmcl_hard_ratio = float(mmcl_hard_ratio)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        indices: torch.Tensor,
+        memory: torch.Tensor,
+        use_gsl: bool,
+    ) -> dict[str, torch.Tensor]:
+        """``features`` (B, d), ``indices`` (B,) into ``memory`` (N, d); returns unweighted
+        ``{"instance": L_E, "gsl": L_GSL}`` (float32 scalars; a disabled term is a 0 that is
+        still connected to ``features``)."""
+        _check_memory_and_features(features, memory)
+        B = features.shape[0]
+        N = memory.shape[0]
+        idx = validate_indices(indices, N, batch=B).to(features.device)
+        zero = _zero_like_graph(features)
+        want_instance = self.instance_cfg.enabled
+        want_gsl = bool(use_gsl) and self.gsl_cfg.enabled
+        out = {"instance": zero, "gsl": zero}
+        if B == 0 or not (want_instance or want_gsl):
+            return out
+
+        f = features.float()
+        mem = memory.detach().to(device=features.device, dtype=torch.float32)
+        scores = f @ mem.T  # s_ij = M_j . f_i, (B, N)
+        rows = torch.arange(B, device=features.device)
+        log_p = F.log_softmax(scores / self.instance_cfg.temperature, dim=1)  # log p_ij
+
+        if want_instance:
+            out["instance"] = -log_p[rows, idx].mean()
+        if want_gsl:
+            with torch.no_grad():
+                sim = mem.index_select(0, idx) @ mem.T  # S_ij, (B, N)
+                mask = _credible_from_similarity(
+                    sim, mem, idx, self.gsl_cfg.threshold, self.gsl_cfg.topk, self.gsl_cfg.mutual
+                )
+            if self.gsl_cfg.weighting == "mmcl_squared":
+                out["gsl"] = self._mmcl_squared(scores, mask, idx)
+            else:
+                weights = self._weights(sim, mask)
+                out["gsl"] = -(weights * log_p).sum(dim=1).mean()
+        return out
+
+    def _weights(self, sim: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """w_ij over C_i (rows sum to 1, or to 0 where C_i is empty); no gradient."""
+        maskf = mask.to(sim.dtype)
+        count = maskf.sum(dim=1, keepdim=True)
+        uniform = maskf / count.clamp_min(1.0)
+        if self.gsl_cfg.weighting == "uniform":
+            return uniform
+        w = sim.clamp_min(0.0) * maskf
+        total = w.sum(dim=1, keepdim=True)
+        return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), uniform)
+
+    def _mmcl_squared(
+        self, scores: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        B, N = scores.shape
+        rows = torch.arange(B, device=scores.device)
+        pos = mask.clone()
+        pos[rows, idx] = True
+        posf = pos.to(scores.dtype)
+        pos_term = ((1.0 - scores).pow(2) * posf).sum(dim=1) / posf.sum(dim=1)
+        num_neg = N - pos.sum(dim=1)  # (B,)
+        num_hard = torch.floor(self.mmcl_hard_ratio * num_neg.to(scores.dtype)).long()
+        num_hard = torch.minimum(num_hard.clamp_min(1), num_neg)
+        kmax = int(num_hard.max())
+        hard_term = torch.zeros(B, dtype=scores.dtype, device=scores.device)
+        if kmax > 0:
+            neg_scores = scores.detach().masked_fill(pos, float("-inf"))
+            hard = neg_scores.topk(kmax, dim=1).indices  # hardest negatives first
+            take = (torch.arange(kmax, device=scores.device)[None, :] < num_hard[:, None]).to(
+                scores.dtype
+            )
+            hard_scores = scores.gather(1, hard)
+            hard_term = ((1.0 + hard_scores).pow(2) * take).sum(dim=1) / num_hard.clamp_min(1)
+        return (self.mmcl_delta * pos_term + hard_term).mean()
