@@ -73,7 +73,9 @@ def run_variant(
         "minutes": minutes,
         "epochs": len(history),
         "initial": initial,
-        "final": {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")},
+        "final": {
+            k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")
+        },
         "curve": [(h["epoch"], h["eval/mAP"]) for h in evals],
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
     }
@@ -145,7 +147,9 @@ def main() -> None:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        results.append(run_variant(name, args.config, args.data, args.work_dir / name, args.overrides))
+        results.append(
+            run_variant(name, args.config, args.data, args.work_dir / name, args.overrides)
+        )
         text = report(results, args)  # rewritten after every variant: partial results survive
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)

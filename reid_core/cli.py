@@ -61,7 +61,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     feature = args.feature or cfg.eval.feature
 
     def features(records: list[ImageRecord]) -> torch.Tensor:
-        loader = DataLoader(EvalSet(records, transform), batch_size=args.batch_size)
+        loader = DataLoader(
+            EvalSet(records, transform, on_corrupt="raise"), batch_size=args.batch_size
+        )
         return extract_features(model, loader, device, feature=feature, flip=args.flip)
 
     qf, gf = features(splits.query), features(splits.gallery)
@@ -88,9 +90,13 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, cfg = load_model(args.checkpoint)
     model.to(device)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image(s) not found: {', '.join(missing)}")
     records = [ImageRecord(Path(p)) for p in args.images]
     loader = DataLoader(
-        EvalSet(records, build_test_transform(cfg.data)), batch_size=args.batch_size
+        EvalSet(records, build_test_transform(cfg.data), on_corrupt="raise"),
+        batch_size=args.batch_size,
     )
     feats = extract_features(model, loader, device, feature=args.feature or cfg.eval.feature)
     array = feats.cpu().numpy().astype(np.float32)

@@ -48,6 +48,10 @@ class TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     (its memory slot then sees a duplicate of a neighbour). Past ``max_bad_fraction`` of the set
     (counted per worker process) :class:`TooManyCorruptImagesError` is raised.
     ``on_corrupt="raise"`` raises :class:`CorruptImageError` (with the path) at once.
+
+    Items may be asked for as ``(i, seed)`` (as :class:`EpochShuffleSampler` yields them): the
+    augmentation of that item then draws from a torch generator seeded with ``seed`` alone, so
+    it is the same in any process, with any number of loader workers, after any resume.
     """
 
     def __init__(
@@ -68,8 +72,17 @@ class TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        view0, view1 = self.transform(self._load(index))
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if isinstance(item, tuple):
+            index, seed = item
+            image = self._load(index)
+            # torchvision's random transforms draw from torch's global CPU generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                view0, view1 = self.transform(image)
+        else:
+            index = item
+            view0, view1 = self.transform(self._load(index))
         return view0, view1, index
 
     def _note_bad(self, index: int, exc: CorruptImageError) -> None:

@@ -10,8 +10,12 @@ from torch.utils.data import Sampler
 __all__ = ["EpochShuffleSampler"]
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
     """Shuffle ``num_samples`` indices anew each epoch and give this rank its share.
+
+    Each item is ``(index, augmentation_seed)``: the seed is a function of (seed, epoch, index),
+    so a sample's random augmentation does not depend on which process or loader worker makes it,
+    nor on what ran before (see :class:`reid_core.data.loaders.TrainSet`).
 
     The permutation of epoch ``e`` is ``randperm(N, generator=seed + e)``; rank ``r`` of ``W``
     takes every W-th whole batch, so every rank gets the same number of full batches per epoch
@@ -44,13 +48,19 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> list[int]:
+        """This rank's image indices for the current epoch, from ``start_batch`` on."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
         b, w = self.batch_size, self.world_size
         usable = order[: self.batches_per_epoch * b * w].view(self.batches_per_epoch, w, b)
-        mine = usable[self.start_batch :, self.rank].reshape(-1)
-        return iter(mine.tolist())
+        return usable[self.start_batch :, self.rank].reshape(-1).tolist()
+
+    def augmentation_seed(self, index: int) -> int:
+        return ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**62
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, self.augmentation_seed(i)) for i in self.indices()])
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

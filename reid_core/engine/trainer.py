@@ -184,7 +184,8 @@ class Trainer:
                 state.step_in_epoch += 1
                 state.global_step += 1
                 self._call("after_step")
-                if self.stop_requested:
+                # a stop on the epoch's last step waits for the epoch's hooks (below)
+                if self.stop_requested and state.step_in_epoch < state.steps_per_epoch:
                     log.warning(
                         "stop requested: saving at epoch %d step %d",
                         state.epoch,

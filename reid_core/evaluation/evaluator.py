@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_core.evaluation.distance import Metric, check_metric, compute_distance
-from reid_core.evaluation.metrics import RankResult, evaluate_rank
+from reid_core.evaluation.metrics import LabelArray, RankResult, evaluate_rank
 from reid_core.evaluation.rerank import DEFAULT_RERANK_MAX_MEMORY_BYTES, re_rank_features
 
 FeatureKind = Literal["concat", "global"]
@@ -97,10 +97,10 @@ def extract_features(
 def evaluate_features(
     qf: torch.Tensor | np.ndarray,
     gf: torch.Tensor | np.ndarray,
-    q_pids: np.ndarray,
-    g_pids: np.ndarray,
-    q_camids: np.ndarray,
-    g_camids: np.ndarray,
+    q_pids: LabelArray,
+    g_pids: LabelArray,
+    q_camids: LabelArray,
+    g_camids: LabelArray,
     metric: Metric = "cosine",
     rerank: bool = False,
     k1: int = 20,

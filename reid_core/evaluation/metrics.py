@@ -30,10 +30,14 @@ those items (:func:`_stable_ranks`), about twice as fast as a full argsort. Mark
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+#: pids / camera ids: a 1-D numpy array, torch tensor or sequence of ints.
+LabelArray = np.ndarray | torch.Tensor | Sequence[int]
 
 #: Elements (rows x gallery) of one chunk; the chunk temporaries are ~40 bytes per element.
 _CHUNK_ELEMENTS = 1 << 21
@@ -114,10 +118,10 @@ def _as_1d(x: object, name: str, length: int) -> np.ndarray:
 
 def evaluate_rank(
     distmat: np.ndarray | torch.Tensor,
-    q_pids: np.ndarray,
-    g_pids: np.ndarray,
-    q_camids: np.ndarray,
-    g_camids: np.ndarray,
+    q_pids: LabelArray,
+    g_pids: LabelArray,
+    q_camids: LabelArray,
+    g_camids: LabelArray,
     max_rank: int = 50,
 ) -> RankResult:
     """CMC, mAP and mINP of a (num_query, num_gallery) distance matrix (smaller = closer).

@@ -74,7 +74,9 @@ def tiny_overrides(
 def tiny_config(
     output_dir: Path, data_root: Path, *extra: str, epochs: int = 2, steps: int = 2
 ) -> ExperimentConfig:
-    return load_config(None, tiny_overrides(output_dir, data_root, *extra, epochs=epochs, steps=steps))
+    return load_config(
+        None, tiny_overrides(output_dir, data_root, *extra, epochs=epochs, steps=steps)
+    )
 
 
 def write_config(cfg: ExperimentConfig, path: Path) -> Path:
@@ -99,11 +101,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def preserved_logging() -> Iterator[None]:
+def preserved_process_state() -> Iterator[None]:
     """``run()`` reconfigures the root logger (``basicConfig(force=True)``, a FileHandler on
-    ``train.log``); put the root logger back and close what it opened."""
+    ``train.log``), the torch thread count and deterministic mode; put them back afterwards.
+    Within the block torch uses one thread (two on two busy cores are slower than one)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -115,6 +122,8 @@ def preserved_logging() -> Iterator[None]:
             if h not in root.handlers:
                 root.addHandler(h)
         root.setLevel(level)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @contextlib.contextmanager
@@ -134,9 +143,8 @@ def capture_trainers() -> Iterator[list[Trainer]]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging_and_threads() -> Iterator[None]:
-    """One torch thread in the test process (the CLI sets none), the logging put back after."""
-    with preserved_logging(), torch_threads(1):
+def _isolated_process_state() -> Iterator[None]:
+    with preserved_process_state():
         yield
 
 
@@ -169,17 +177,7 @@ class TrainedRun:
 def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> TrainedRun:
     """One tiny run through ``reid_core.train.run`` (2 epochs x 2 steps), with its trainer."""
     cfg = tiny_config(tmp_path_factory.mktemp("trained") / "run", synthetic_root)
-    with preserved_logging(), torch_threads(1), capture_trainers() as built:
-        code = train_module.run(cfg)  # sets the thread count itself; torch_threads restores it
+    with preserved_process_state(), capture_trainers() as built:
+        code = train_module.run(cfg)
     assert len(built) == 1
     return TrainedRun(cfg=cfg, code=code, trainer=built[0])
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

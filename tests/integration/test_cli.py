@@ -59,7 +59,10 @@ def test_eval_on_synthetic_prints_metrics(
 
 
 def test_eval_matches_the_evaluation_during_training(
-    trained_run: TrainedRun, model_final: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+    trained_run: TrainedRun,
+    model_final: Path,
+    tiny_folder: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Same model, same query/gallery: ``reid eval`` reproduces the last epoch's metrics."""
     argv = ["eval", "--checkpoint", str(model_final), "--device", "cpu"]
@@ -99,12 +102,6 @@ def test_embed_writes_one_row_per_image(
     np.testing.assert_allclose(np.array([r["feature"] for r in rows]), feats, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG reid_core/cli.py _cmd_embed: EvalSet substitutes a blank image for a missing "
-    "file (on_corrupt='substitute'), so `reid embed` exits 0 with a feature for a file that "
-    "does not exist",
-)
 def test_embed_missing_image_fails_naming_the_path(
     model_final: Path, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,9 +29,9 @@ from reid_core.train import build_trainer, main, run, seed_everything
 from tests.integration.conftest import (
     TrainedRun,
     capture_trainers,
+    preserved_process_state,
     subprocess_env,
     tiny_config,
-    torch_threads,
     write_config,
 )
 
@@ -188,7 +188,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path
     cfg = tiny_config(
         tmp_path_factory.mktemp("resume") / "a", synthetic_root, epochs=EPOCHS, steps=STEPS
     )
-    with torch_threads(1), capture_trainers() as built:
+    with preserved_process_state(), capture_trainers() as built:
         code = run(cfg)
     assert code == ExitCode.OK
     return TrainedRun(cfg=cfg, code=code, trainer=built[0])
@@ -198,29 +198,26 @@ def _stop_and_resume(
     cfg: ExperimentConfig, stop_at: int, check_resumed: Callable[[Trainer], None]
 ) -> Trainer:
     out = cfg.runtime.output_dir
-    with torch_threads(1):
-        first = build(cfg)
-        assert not first.resumed
-        first.register_hooks([StopAfterStep(stop_at)])
-        assert first.train() == ExitCode.INTERRUPTED
+    first = build(cfg)
+    assert not first.resumed
+    first.register_hooks([StopAfterStep(stop_at)])
+    assert first.train() == ExitCode.INTERRUPTED
 
-        ckpt = last_checkpoint(out)
-        assert ckpt.name == f"step_{stop_at:08d}.pt"
-        assert json.loads((out / "progress.json").read_text())["status"] == "interrupted"
-        assert not (out / "model_final.pt").exists()
+    ckpt = last_checkpoint(out)
+    assert ckpt.name == f"step_{stop_at:08d}.pt"
+    assert json.loads((out / "progress.json").read_text())["status"] == "interrupted"
+    assert not (out / "model_final.pt").exists()
 
-        second = build(cfg)
-        assert second.resumed
-        check_resumed(second)
-        assert second.train() == ExitCode.OK
+    second = build(cfg)
+    assert second.resumed
+    check_resumed(second)
+    assert second.train() == ExitCode.OK
     return second
 
 
 def _assert_same_run(a: TrainedRun, b: Trainer) -> None:
     out_a, out_b = a.output_dir, b.cfg.runtime.output_dir
-    assert_same(
-        b.model_without_ddp.state_dict(), a.trainer.model_without_ddp.state_dict(), "model"
-    )
+    assert_same(b.model_without_ddp.state_dict(), a.trainer.model_without_ddp.state_dict(), "model")
     assert_same(b.objective.state_dict(), a.trainer.objective.state_dict(), "objective")
     assert_same_checkpoints(last_checkpoint(out_a), last_checkpoint(out_b))
     assert without_timing(read_jsonl(out_b / "metrics.jsonl")) == without_timing(
@@ -244,12 +241,6 @@ def test_resume_mid_epoch_ends_bit_identical(
     _assert_same_run(uninterrupted, resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG reid_core/engine/trainer.py Trainer.train: a stop requested on the last step of "
-    "an epoch returns before the after_epoch hooks, so the LR scheduler step, the evaluation and "
-    "the metrics.jsonl/history record of that epoch are lost on resume",
-)
 def test_resume_from_epoch_end_ends_bit_identical(
     uninterrupted: TrainedRun, synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -262,6 +253,28 @@ def test_resume_from_epoch_end_ends_bit_identical(
 
     resumed = _stop_and_resume(cfg, STEPS, resumed_at_epoch_1_step_0)
     _assert_same_run(uninterrupted, resumed)
+
+
+def test_resume_with_loader_workers_ends_bit_identical(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The same mid-epoch resume with one DataLoader worker process (the default is 4)."""
+    runs = []
+    for name, stop_at in (("a", None), ("b", STEPS + 1)):
+        cfg = tiny_config(
+            tmp_path / name, synthetic_root, "data.num_workers=1", epochs=2, steps=STEPS
+        )
+        trainer = build(cfg)
+        if stop_at is not None:
+            trainer.register_hooks([StopAfterStep(stop_at)])
+            assert trainer.train() == ExitCode.INTERRUPTED
+            trainer = build(cfg)
+            assert trainer.resumed
+        assert trainer.train() == ExitCode.OK
+        runs.append(trainer)
+    a, b = runs
+    assert_same(b.model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), "model")
+    assert_same(b.objective.state_dict(), a.objective.state_dict(), "objective")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,17 +360,13 @@ def test_unknown_override_key_exits_2_naming_the_key(capsys: pytest.CaptureFixtu
     assert "'gls'" in err
 
 
-def test_missing_config_file_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.yaml"
     assert main(["--config", str(missing)]) == ExitCode.BAD_CONFIG
     assert str(missing) in capsys.readouterr().err
 
 
-def test_missing_dataset_root_exits_3_naming_the_path(
-    synthetic_root: Path, tmp_path: Path
-) -> None:
+def test_missing_dataset_root_exits_3_naming_the_path(synthetic_root: Path, tmp_path: Path) -> None:
     nope = tmp_path / "nope"
     cfg = tiny_config(
         tmp_path / "run", synthetic_root, "data.dataset=market_folder", f"data.root={nope}"
@@ -373,7 +382,10 @@ def test_missing_imagenet_weights_exit_2_naming_the_path(
 ) -> None:
     weights = tmp_path / "no-such-weights.pth"
     cfg = tiny_config(
-        tmp_path / "run", synthetic_root, "model.pretrained=imagenet", f"model.weights_path={weights}"
+        tmp_path / "run",
+        synthetic_root,
+        "model.pretrained=imagenet",
+        f"model.weights_path={weights}",
     )
     config = write_config(cfg, tmp_path / "bad.yaml")
     assert main(["--config", str(config)]) == ExitCode.BAD_CONFIG == 2
@@ -411,8 +423,7 @@ def test_full_disk_exits_4_and_keeps_the_previous_checkpoint(
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module, "torch", _TorchWithSave(save))
-    with torch_threads(1):
-        code = run(cfg)
+    code = run(cfg)
 
     assert code == ExitCode.NO_SPACE == 4
     assert len(saved) == 2
