@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from reid_core.config import ConfigError
 from reid_core.data import EvalSet, ImageRecord, build_dataset, build_test_transform
@@ -64,7 +65,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         loader = DataLoader(
             EvalSet(records, transform, on_corrupt="raise"), batch_size=args.batch_size
         )
-        return extract_features(model, loader, device, feature=feature, flip=args.flip)
+        batches = tqdm(loader, desc=f"features ({len(records)} images)", leave=False)
+        return extract_features(model, batches, device, feature=feature, flip=args.flip)
 
     qf, gf = features(splits.query), features(splits.gallery)
     result = evaluate_features(
@@ -98,7 +100,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         EvalSet(records, build_test_transform(cfg.data), on_corrupt="raise"),
         batch_size=args.batch_size,
     )
-    feats = extract_features(model, loader, device, feature=args.feature or cfg.eval.feature)
+    batches = tqdm(loader, desc=f"features ({len(records)} images)", leave=False)
+    feats = extract_features(model, batches, device, feature=args.feature or cfg.eval.feature)
     array = feats.cpu().numpy().astype(np.float32)
     if args.output:
         np.save(args.output, array)

@@ -235,13 +235,13 @@ def _stable_ranks(
     width = int(slot.max()) + 1
     table = np.full((num_rows, width), np.inf, dtype=block.dtype)
     table[rr, slot] = de
-    d_t, s_t = torch.from_numpy(block), torch.from_numpy(table)
-    bucket = torch.searchsorted(s_t, d_t)  # b(x) = #{t : s_t < x}, in 0..width
-    equal = d_t == torch.gather(s_t, 1, bucket.clamp(max=width - 1))  # x == s_{b(x)}
-    key = bucket + torch.arange(num_rows).unsqueeze(1) * (width + 1)
-    hist = torch.bincount(key.view(-1), minlength=num_rows * (width + 1)).numpy()
-    hist_eq = torch.bincount(key[equal], minlength=num_rows * (width + 1)).numpy()
-    hist, hist_eq = hist.reshape(num_rows, -1), hist_eq.reshape(num_rows, -1)
+    # b(x) = #{t : s_t < x}, in 0..width (torch: numpy has no batched searchsorted)
+    bucket = torch.searchsorted(torch.from_numpy(table), torch.from_numpy(block)).numpy()
+    equal = block == np.take_along_axis(table, np.minimum(bucket, width - 1), axis=1)
+    key = bucket + (np.arange(num_rows) * (width + 1))[:, None]  # (row, bucket) -> flat bin
+    bins = num_rows * (width + 1)
+    hist = np.bincount(key.reshape(-1), minlength=bins).reshape(num_rows, width + 1)
+    hist_eq = np.bincount(key[equal], minlength=bins).reshape(num_rows, width + 1)
     count_le = np.cumsum(hist, axis=1)[rr, slot]  # #{x <= s_t}
     # items equal to s_t are counted at the first slot t0 of its group of equal distances
     new_group = np.ones(num_e, dtype=bool)

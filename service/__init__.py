@@ -1,0 +1,8 @@
+"""The training service's HTTP API: FastAPI app, settings, database models, routers, API keys.
+
+Start it with ``python -m service serve`` (embedded defaults: SQLite under ``var/``, migrations
+applied first); ``python -m service --help`` lists the other commands. It imports ``reid_core`` for
+the configuration models and dataset scanning; ``reid_core`` knows nothing of it.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, database, routers, errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+import service
+from service import migrate
+from service.db import make_engine, make_session_factory
+from service.errors import install_error_handlers
+from service.routers import admin, datasets, health, jobs
+from service.settings import Settings, get_settings
+
+__all__ = ["create_app"]
+
+_LOG = logging.getLogger("service")
+
+_DESCRIPTION = """\
+Unsupervised person re-ID training as a service. Register a dataset (a server folder or an
+uploaded archive), submit training jobs with configuration overrides, and follow their state.
+
+Every `/v1` route needs an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`
+(`python -m service create-key --owner <name>` prints one). Errors are JSON:
+`{"error": {"code": ..., "message": ...}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for ``settings`` (default: from the environment). The schema must be migrated
+    (``python -m service migrate``) unless ``settings.migrate_on_startup`` is set."""
+    settings = settings if settings is not None else get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_startup:
+            _LOG.info("applying database migrations (REID_MIGRATE_ON_STARTUP)")
+            await run_in_threadpool(migrate.upgrade, settings.database_url)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="re-ID training service",
+        version=service.__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.schema_head = migrate.head_revision()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(jobs.config_router)
+    app.include_router(admin.router)
+    return app

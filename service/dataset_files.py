@@ -1,0 +1,163 @@
+"""Dataset folders on disk: where they may be, and what they hold (via reid_core.data).
+
+A folder with ``bounding_box_train/`` is read as a Market-1501-layout folder (``market_folder``),
+anything else as an unlabeled image folder (``image_folder``, searched recursively). Unreadable
+images are counted and a sample of their names kept; they do not make the registration fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DatasetFolderError",
+    "ScanResult",
+    "folder_size",
+    "resolve_registered_path",
+    "scan_dataset_folder",
+    "single_top_folder",
+]
+
+_LOG = logging.getLogger("service.datasets")
+
+#: How many unreadable file names are kept on the dataset row.
+UNREADABLE_SAMPLE = 20
+
+
+class DatasetFolderError(ValueError):
+    """A path or folder that cannot be registered; the message names the path and the fix."""
+
+
+@dataclass
+class ScanResult:
+    format: str
+    root: Path
+    image_count: int
+    identity_count: int
+    camera_count: int
+    splits: dict[str, dict[str, int]]
+    unreadable_count: int
+    unreadable_sample: list[str] = field(default_factory=list)
+
+
+def resolve_registered_path(raw: str, roots: Sequence[Path]) -> Path:
+    """The real folder ``raw`` names, if it lies under one of ``roots``.
+
+    Refused, in this order (so nothing is said about folders outside the roots): a relative path,
+    a ``..`` component, a path whose real location (symlinks resolved) is outside every root, a
+    missing path, a file.
+    """
+    shown = f"{raw!r}"
+    if not roots:
+        raise DatasetFolderError(
+            "no dataset roots are configured (REID_DATASET_ROOTS), so folders cannot be "
+            "registered by path; upload an archive instead"
+        )
+    path = Path(raw)
+    if not path.is_absolute():
+        raise DatasetFolderError(
+            f"dataset path {shown} is not absolute; give the full path of a folder under "
+            f"{_roots_text(roots)}"
+        )
+    if ".." in path.parts:
+        raise DatasetFolderError(f"dataset path {shown} contains '..'; give the folder's own path")
+    real = path.resolve(strict=False)
+    real_roots = [Path(r).resolve(strict=False) for r in roots]
+    if not any(real == r or real.is_relative_to(r) for r in real_roots):
+        via_link = "" if real == path else f" (it resolves to {str(real)!r})"
+        raise DatasetFolderError(
+            f"dataset path {shown} is not under an allowed dataset root{via_link}; "
+            f"allowed: {_roots_text(roots)}"
+        )
+    if not real.exists():
+        raise DatasetFolderError(f"dataset path {shown} does not exist")
+    if not real.is_dir():
+        raise DatasetFolderError(f"dataset path {shown} is not a folder")
+    return real
+
+
+def _roots_text(roots: Sequence[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def single_top_folder(folder: Path) -> Path:
+    """``folder/X`` when ``folder`` holds only the folder ``X`` (archives often wrap their
+    content in one folder), else ``folder``. Hidden entries (``__MACOSX``, ``.DS_Store``) aside."""
+    entries = [e for e in folder.iterdir() if not e.name.startswith((".", "__MACOSX"))]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return single_top_folder(entries[0])
+    return folder
+
+
+def folder_size(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _detect_format(root: Path) -> str:
+    return "market_folder" if (root / "bounding_box_train").is_dir() else "image_folder"
+
+
+def scan_dataset_folder(root: Path) -> ScanResult:
+    """Read ``root`` with reid_core's dataset registry and open every image once.
+
+    Raises :class:`DatasetFolderError` when the folder is not a usable dataset (a Market layout
+    with a split missing, no image at all, no readable image).
+    """
+    # reid_core.data imports torch: loaded on the first scan, not when the API starts.
+    from reid_core.data.image_io import scan_images
+    from reid_core.data.records import UNKNOWN
+    from reid_core.data.registry import DatasetError, build_dataset
+
+    fmt = _detect_format(root)
+    try:
+        splits = build_dataset(fmt, root)
+    except DatasetError as exc:
+        raise DatasetFolderError(str(exc)) from None
+    except OSError as exc:
+        raise DatasetFolderError(f"dataset folder {str(root)!r} cannot be read: {exc}") from None
+
+    readable: dict[str, list[Any]] = {}
+    bad: list[Path] = []
+    for split in ("train", "query", "gallery"):
+        records = getattr(splits, split)
+        # max_bad_fraction=1: count the bad files here; a training run applies its own limit.
+        good, bad_split = scan_images(records, max_bad_fraction=1.0, logger=_LOG, split=split)
+        readable[split] = good
+        bad.extend(p for p, _why in bad_split)
+    everything = [r for split in readable.values() for r in split]
+    if not everything:
+        sample = ", ".join(_relative(p, root) for p in bad[:5])
+        raise DatasetFolderError(
+            f"dataset folder {str(root)!r} holds no readable image ({len(bad)} unreadable"
+            + (f": {sample}" if sample else "")
+            + ")"
+        )
+    summary = type(splits)(
+        train=readable["train"], query=readable["query"], gallery=readable["gallery"]
+    ).summary()
+    return ScanResult(
+        format=fmt,
+        root=root,
+        image_count=len(everything),
+        identity_count=len({r.pid for r in everything if r.pid not in (UNKNOWN, 0)}),
+        camera_count=len({r.camid for r in everything if r.camid != UNKNOWN}),
+        splits=summary,
+        unreadable_count=len(bad),
+        unreadable_sample=[_relative(p, root) for p in bad[:UNREADABLE_SAMPLE]],
+    )
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return Path(path).name

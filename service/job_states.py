@@ -1,0 +1,118 @@
+"""The job state machine: :func:`change_state` is the one place a job's state changes.
+
+::
+
+    (new) -> QUEUED -> STARTING -> RUNNING -> SUCCEEDED
+               |          |           |   \\-> FAILED
+               |          |           |   \\-> RETRYING -> QUEUED | STARTING  (retry, resumes)
+               |          |           \\-> CANCELLING -> CANCELLED (the trainer stopped)
+               |          \\-> CANCELLING, FAILED, RETRYING
+               \\-> CANCELLED (nothing runs yet), FAILED (could not be dispatched)
+
+Every change writes a :class:`~service.models.JobEvent` row with the reason in the caller's
+transaction, so the state and its history are committed (or rolled back) together. A worker uses::
+
+    with session_scope(factory) as session:
+        job = lock_job(session, job_id)          # SELECT ... FOR UPDATE on PostgreSQL
+        change_state(session, job, JobState.RUNNING, "trainer started (pid 1234)")
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import Job, JobEvent, JobState, utcnow
+
+__all__ = [
+    "FINAL_STATES",
+    "TRANSITIONS",
+    "InvalidTransitionError",
+    "change_state",
+    "lock_job",
+]
+
+S = JobState
+
+#: Allowed changes: from-state (None: a job being created) -> the states it may go to.
+TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
+    None: frozenset({S.QUEUED}),
+    S.QUEUED: frozenset({S.STARTING, S.CANCELLED, S.FAILED}),
+    S.STARTING: frozenset({S.RUNNING, S.CANCELLING, S.RETRYING, S.FAILED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLING, S.RETRYING}),
+    # The trainer may finish (or crash) before it sees the cancel request.
+    S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
+    S.RETRYING: frozenset({S.QUEUED, S.STARTING, S.CANCELLED, S.FAILED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+FINAL_STATES = frozenset(s for s in JobState if s.is_final)
+
+
+class InvalidTransitionError(ValueError):
+    """A state change the machine does not allow; ``job_id``, ``from_state``, ``to_state`` say
+    which."""
+
+    def __init__(self, job_id: uuid.UUID | None, from_state: JobState | None, to_state: JobState):
+        allowed = ", ".join(sorted(TRANSITIONS[from_state])) or "none (final state)"
+        super().__init__(
+            f"job {job_id} cannot go from {from_state or '(new)'} to {to_state} "
+            f"(allowed from {from_state or '(new)'}: {allowed})"
+        )
+        self.job_id = job_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+def change_state(session: Session, job: Job, to_state: JobState, reason: str) -> JobEvent:
+    """Move ``job`` to ``to_state`` and record why; the caller commits.
+
+    Also keeps the fields that follow the state: ``reason`` (the last reason), ``cancel_requested``
+    (set on CANCELLING), ``started_at`` (first RUNNING), ``finished_at`` (final states),
+    ``retries`` (+1 on RETRYING) and ``updated_at``. Raises :class:`InvalidTransitionError` for a
+    change :data:`TRANSITIONS` does not allow, before touching anything.
+    """
+    # A job being created has no state yet (None), whatever the type annotation says.
+    from_state: JobState | None = JobState(job.state) if job.state is not None else None
+    to_state = JobState(to_state)
+    if to_state not in TRANSITIONS[from_state]:
+        raise InvalidTransitionError(job.id, from_state, to_state)
+    if not reason.strip():
+        raise ValueError("a state change needs a reason")
+    now = utcnow()
+    if job.id is None:
+        job.id = uuid.uuid4()
+    job.state = to_state
+    job.reason = reason
+    job.updated_at = now
+    if to_state is S.CANCELLING:
+        job.cancel_requested = True
+    elif to_state is S.RUNNING and job.started_at is None:
+        job.started_at = now
+    elif to_state is S.RETRYING:
+        job.retries = (job.retries or 0) + 1
+    if to_state.is_final:
+        job.finished_at = now
+    if from_state is None:
+        session.add(job)
+    event = JobEvent(job_id=job.id, from_state=from_state, to_state=to_state, reason=reason, at=now)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def lock_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
+    """Load a job for a state change, locking its row (``FOR UPDATE``) where the database can.
+
+    ``owner`` restricts the lookup to that owner's jobs (the API); a worker passes none.
+    """
+    query = select(Job).where(Job.id == job_id).with_for_update()
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    # populate_existing: a row already in the session is refreshed from the locked read.
+    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()

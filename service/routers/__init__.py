@@ -1,0 +1,1 @@
+"""One router per resource: health, datasets, jobs, config, admin (API keys)."""

@@ -1,0 +1,61 @@
+"""/v1/admin/keys: API key management over HTTP, for deployments where running
+``python -m service create-key`` is awkward. Off unless REID_ADMIN_TOKEN is set."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+
+from service.auth import AdminDep, create_api_key, revoke_api_key
+from service.deps import SessionDep
+from service.errors import APIError
+from service.models import ApiKey
+from service.schemas import (
+    COMMON_ERRORS,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyOut,
+    error_responses,
+)
+
+router = APIRouter(
+    prefix="/v1/admin/keys",
+    tags=["admin"],
+    dependencies=[AdminDep],
+    responses={**COMMON_ERRORS, **error_responses(e404="Admin routes off, or unknown key")},
+)
+
+
+@router.post("", status_code=201, summary="Create an API key (the key is shown once)")
+def create_key(body: ApiKeyCreate, session: SessionDep) -> ApiKeyCreated:
+    key, token = create_api_key(session, body.owner, body.name)
+    session.commit()
+    return ApiKeyCreated(
+        prefix=key.prefix,
+        owner=key.owner,
+        name=key.name,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+        key=token,
+    )
+
+
+@router.get("", summary="API keys (prefixes only)")
+def list_keys(
+    session: SessionDep, owner: Annotated[str | None, Query(max_length=128)] = None
+) -> list[ApiKeyOut]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    return [ApiKeyOut.model_validate(k) for k in session.execute(query).scalars()]
+
+
+@router.post("/{prefix}/revoke", summary="Revoke an API key")
+def revoke_key(prefix: str, session: SessionDep) -> ApiKeyOut:
+    key = revoke_api_key(session, prefix)
+    if key is None:
+        raise APIError(404, "api_key_not_found", f"no API key with prefix {prefix!r}")
+    session.commit()
+    return ApiKeyOut.model_validate(key)

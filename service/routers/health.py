@@ -1,0 +1,55 @@
+"""Liveness and readiness probes; no API key needed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.migrate import schema_revision
+
+router = APIRouter(tags=["health"])
+_LOG = logging.getLogger("service.health")
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="The database answers and its schema is current",
+    responses={503: {"description": "Not ready; `checks` says which dependency failed."}},
+)
+def readyz(request: Request) -> JSONResponse:
+    engine: Engine = request.app.state.engine
+    head: str | None = request.app.state.schema_head
+    checks: dict[str, Any] = {"broker": "not configured", "mlflow": "not configured"}
+    ready = True
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            revision = schema_revision(conn)
+    except SQLAlchemyError as exc:
+        _LOG.warning("readiness: database unreachable: %s", exc)
+        checks["database"] = f"error: {type(exc).__name__}"
+        ready = False
+    else:
+        if revision != head:
+            checks["database"] = (
+                f"schema at revision {revision or 'none'}, expected {head}: "
+                "run `python -m service migrate`"
+            )
+            ready = False
+        else:
+            checks["database"] = "ok"
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )

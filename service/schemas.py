@@ -1,0 +1,222 @@
+"""Request and response bodies of the API (pydantic). Job configs are reid_core's own models."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reid_core.config import ExperimentConfig
+from service.models import DatasetKind, DatasetStatus, JobState
+
+__all__ = [
+    "DATASET_NAME_PATTERN",
+    "ApiKeyCreate",
+    "ApiKeyCreated",
+    "ApiKeyOut",
+    "DatasetFromPath",
+    "DatasetOut",
+    "ErrorResponse",
+    "JobCreate",
+    "JobEventOut",
+    "JobOut",
+    "Page",
+    "error_responses",
+]
+
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+T = TypeVar("T")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(_Out, Generic[T]):
+    """One page of a list, newest first."""
+
+    items: list[T]
+    total: int = Field(description="Items matching the filters, on every page.")
+    limit: int
+    offset: int
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(examples=["body.config.loss.gls"])
+    message: str
+    value: Any = Field(None, description="The offending value, when there is one.")
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable, machine-readable.", examples=["validation_error"])
+    message: str = Field(description="What was wrong and what to do.")
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers: ``{"error": {"code", "message", "details"?}}``."""
+
+    error: ErrorInfo
+
+
+def error_responses(**descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: ``error_responses(e404="Unknown job")``."""
+    return {
+        int(status.removeprefix("e")): {"model": ErrorResponse, "description": text}
+        for status, text in descriptions.items()
+    }
+
+
+#: Errors any authenticated route may answer.
+COMMON_ERRORS = error_responses(
+    e401="Missing, invalid or revoked API key",
+    e422="Invalid request: `details` names each field and value",
+    e500="Unexpected error (logged; no stack trace is returned)",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------------
+
+
+class DatasetFromPath(_In):
+    """Register a folder on the server; it must lie under one of the configured dataset roots."""
+
+    name: str = Field(pattern=DATASET_NAME_PATTERN, examples=["cams-2024"])
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of the folder on the server.",
+        examples=["/data/reid/cams-2024"],
+    )
+
+
+class DatasetOut(_Out):
+    id: uuid.UUID
+    name: str
+    kind: DatasetKind
+    path: str
+    format: str = Field(
+        description="reid_core dataset used to read it: market_folder or image_folder."
+    )
+    status: DatasetStatus
+    image_count: int = Field(description="Readable images over all splits.")
+    identity_count: int = Field(description="Labelled identities (0 for an unlabeled folder).")
+    camera_count: int = Field(description="Cameras found (0 when unknown).")
+    splits: dict[str, dict[str, int]] = Field(
+        description="Per split (train/query/gallery): readable images, identities, cameras."
+    )
+    unreadable_count: int
+    unreadable_sample: list[str] = Field(
+        description="Some unreadable files, relative to the dataset folder."
+    )
+    size_bytes: int | None = Field(None, description="Extracted size of an upload.")
+    created_at: datetime
+
+
+# ----------------------------------------------------------------------------------------------
+# jobs
+# ----------------------------------------------------------------------------------------------
+
+
+class JobCreate(_In):
+    """A training job on one of your datasets."""
+
+    dataset_id: uuid.UUID
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the training configuration (the ExperimentConfig schema), "
+        "nested or with dotted keys; unknown keys are refused. The dataset, its folder and the "
+        "output folder are set by the service.",
+        examples=[{"schedule.epochs": 30, "loss": {"gsl": {"threshold": 0.55}}}],
+    )
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs for the job (0: CPU); default 1 where GPUs are allowed."
+    )
+    priority: int = Field(0, ge=0, description="0 (lowest) up to the service's max_priority.")
+    queue: str | None = Field(None, description="Queue to run on; default: the first queue.")
+    max_retries: int = Field(0, ge=0, description="Retries (with resume) after a failure.")
+    timeout_minutes: int | None = Field(
+        None, ge=1, description="Stop the job after this long; default from the service."
+    )
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Repeating a request with the same key returns the job it created.",
+    )
+
+
+class JobOut(_Out):
+    id: uuid.UUID
+    dataset_id: uuid.UUID | None = Field(description="None once the dataset was deleted.")
+    state: JobState
+    reason: str | None = Field(description="Why the job reached its current state.")
+    config_overrides: dict[str, Any]
+    resolved_config: ExperimentConfig | dict[str, Any] = Field(
+        description="The whole configuration the trainer runs with."
+    )
+    gpus: int
+    priority: int
+    queue: str
+    max_retries: int
+    retries: int
+    timeout_minutes: int
+    idempotency_key: str | None
+    progress: float = Field(description="0 to 1.")
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, Any] = Field(description="Latest losses and evaluation (mAP, R1, ...).")
+    mlflow_run_id: str | None
+    model_name: str | None
+    model_version: str | None
+    cancel_requested: bool
+    worker_id: str | None
+    heartbeat_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(_Out):
+    id: int
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+    at: datetime
+
+
+# ----------------------------------------------------------------------------------------------
+# API keys (admin)
+# ----------------------------------------------------------------------------------------------
+
+
+class ApiKeyCreate(_In):
+    owner: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, max_length=128, description="A label, e.g. the client.")
+
+
+class ApiKeyOut(_Out):
+    prefix: str
+    owner: str
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The API key. Shown once: only its hash is stored.")

@@ -1,0 +1,180 @@
+"""The service's settings: one pydantic-settings class, read from ``REID_*`` variables and ``.env``.
+
+Nested groups use ``__`` in variable names: ``REID_LIMITS__MAX_UPLOAD_BYTES=1000000``,
+``REID_JOB_BOUNDS__MAX_EPOCHS=100``. Lists are JSON: ``REID_DATASET_ROOTS='["/data/reid"]'``.
+
+The embedded default needs no server: a SQLite file and the uploads under ``var/``. Outside
+development, placeholder or empty secrets are refused at start-up with the variable to set.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = ["JobBounds", "Settings", "UploadLimits", "get_settings"]
+
+#: Values that mean "nobody chose a secret here".
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changethis", "changeme", "change-me", "secret", "password", "postgres", "placeholder"}
+)
+#: Shortest admin token accepted in production.
+MIN_SECRET_LENGTH = 16
+
+_GIB = 1024**3
+
+
+class UploadLimits(BaseModel):
+    """Bounds on uploaded dataset archives, checked before anything is extracted."""
+
+    max_upload_bytes: int = Field(4 * _GIB, ge=1, description="Largest request body (archive).")
+    max_archive_files: int = Field(
+        200_000, ge=1, description="Most members (files and folders) in one archive."
+    )
+    max_uncompressed_bytes: int = Field(
+        8 * _GIB, ge=1, description="Largest total size of an archive's files once extracted."
+    )
+
+
+class JobBounds(BaseModel):
+    """What one training job may ask for; larger values are refused with 422."""
+
+    max_epochs: int = Field(200, ge=1)
+    max_batch_size: int = Field(256, ge=2, description="data.batch_size (images per GPU)")
+    max_image_height: int = Field(512, ge=32, description="data.height")
+    max_image_width: int = Field(256, ge=16, description="data.width")
+    max_gpus: int = Field(8, ge=0)
+    max_retries: int = Field(5, ge=0)
+    max_timeout_minutes: int = Field(7 * 24 * 60, ge=1)
+    default_timeout_minutes: int = Field(24 * 60, ge=1)
+    max_priority: int = Field(9, ge=0, description="Priorities run from 0 (lowest) to this.")
+
+    @model_validator(mode="after")
+    def _default_timeout_within_max(self) -> Self:
+        if self.default_timeout_minutes > self.max_timeout_minutes:
+            raise ValueError(
+                f"default_timeout_minutes={self.default_timeout_minutes} is above "
+                f"max_timeout_minutes={self.max_timeout_minutes}"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting of the API process (the worker reads the same class)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REID_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Field(
+        Path("var"), description="Where the embedded defaults live (SQLite file, uploads, jobs)."
+    )
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://reid:pw@db/reid; "
+        "empty: a SQLite file in data_dir.",
+    )
+    migrate_on_startup: bool = Field(
+        False, description="Run `alembic upgrade head` when the API starts."
+    )
+    dataset_roots: list[Path] = Field(
+        default_factory=list,
+        description="Server-side folders under which datasets may be registered by path.",
+    )
+    upload_dir: Path | None = Field(
+        None, description="Where uploaded archives are extracted; default data_dir/uploads."
+    )
+    jobs_dir: Path | None = Field(
+        None, description="Parent of each job's output folder; default data_dir/jobs."
+    )
+    weights_path: Path | None = Field(
+        None, description="ImageNet backbone weights given to every job (model.weights_path)."
+    )
+    queues: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="Queues a job may be sent to; the first is the default.",
+    )
+    limits: UploadLimits = UploadLimits()
+    job_bounds: JobBounds = JobBounds()
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the /v1/admin routes (API key management); "
+        "unset: those routes are off.",
+    )
+    log_level: Annotated[str, Field(pattern=r"^(?i:debug|info|warning|error|critical)$")] = "info"
+
+    @model_validator(mode="after")
+    def _defaults_and_secrets(self) -> Self:
+        # Absolute: the paths end up in the database and in job configs, read by workers that
+        # may run from another folder.
+        self.data_dir = self.data_dir.absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'reid.db'}"
+        self.upload_dir = (self.upload_dir or self.data_dir / "uploads").absolute()
+        self.jobs_dir = (self.jobs_dir or self.data_dir / "jobs").absolute()
+        if not self.queues:
+            raise ValueError("queues must name at least one queue (REID_QUEUES)")
+        try:
+            url = make_url(self.database_url)
+        except ArgumentError:
+            raise ValueError(
+                f"database_url {self.database_url!r} is not a SQLAlchemy URL "
+                "(e.g. postgresql+psycopg://user:password@host/db or sqlite:///var/reid.db)"
+            ) from None
+        if url.password is not None:
+            self._check_secret("the password in REID_DATABASE_URL", url.password, min_length=1)
+        if self.admin_token is not None:
+            self._check_secret("REID_ADMIN_TOKEN", self.admin_token.get_secret_value())
+        return self
+
+    def _check_secret(self, name: str, value: str, min_length: int = MIN_SECRET_LENGTH) -> None:
+        """Refuse an empty, placeholder or short secret outside development (warn inside)."""
+        if value.strip().lower() not in PLACEHOLDER_SECRETS and len(value) >= min_length:
+            return
+        if not value.strip():
+            what = "empty"
+        elif value.strip().lower() in PLACEHOLDER_SECRETS:
+            what = f"the placeholder {value!r}"
+        else:
+            what = f"shorter than {min_length} characters"
+        message = (
+            f"{name} is {what}; set it to a random value "
+            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(32))")'
+        )
+        if self.environment == "development":
+            warnings.warn(message + " before deploying", stacklevel=3)
+            return
+        raise ValueError(f"{message}; refused because REID_ENVIRONMENT={self.environment}")
+
+    # Typed views of the fields the validator fills in.
+    @property
+    def upload_path(self) -> Path:
+        assert self.upload_dir is not None
+        return self.upload_dir
+
+    @property
+    def jobs_path(self) -> Path:
+        assert self.jobs_dir is not None
+        return self.jobs_dir
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings (read once)."""
+    return Settings()

@@ -1,0 +1,87 @@
+"""``python -m service``: migrate, create-key (printed once), list-keys, revoke-key, serve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from service.__main__ import main
+from service.app import create_app
+from tests.service.conftest import TestClient, make_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("REID_DATABASE_URL", url)
+    monkeypatch.setenv("REID_DATA_DIR", str(tmp_path / "var"))
+    return url
+
+
+def test_migrate_then_keys(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["migrate"]) == 0
+    assert "database at revision 0001" in capsys.readouterr().out
+
+    assert main(["create-key", "--owner", "alice", "--name", "laptop"]) == 0
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert token.startswith("reid_") and "\n" not in token
+    assert "shown again" in err and token not in err
+
+    assert main(["list-keys"]) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and "active" in listing and "laptop" in listing
+    assert token not in listing
+
+    with TestClient(create_app(make_settings(tmp_path, db_url))) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        assert client.get("/v1/jobs", headers=headers).status_code == 200
+        prefix = listing.split("...")[0].strip()
+        assert main(["revoke-key", prefix]) == 0
+        assert client.get("/v1/jobs", headers=headers).status_code == 401
+    assert main(["revoke-key", "reid_nothing"]) == 1
+    assert main(["create-key", "--owner", "  "]) == 2
+    assert "owner must be" in capsys.readouterr().err
+
+
+def test_invalid_settings_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REID_ENVIRONMENT", "production")
+    monkeypatch.setenv("REID_ADMIN_TOKEN", "changethis")
+    assert main(["migrate"]) == 2
+    assert "REID_ADMIN_TOKEN" in capsys.readouterr().err
+
+
+def test_serve_migrates_first_and_prints_the_url(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    assert main(["serve"]) == 0
+    assert "http://127.0.0.1:8000" in capsys.readouterr().out
+    (call,) = calls
+    assert (call["host"], call["port"]) == ("127.0.0.1", 8000)
+    with TestClient(call["app"]) as client:
+        assert client.get("/readyz").status_code == 200  # migrations were applied
+
+
+def test_module_entry_point(db_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0
+    for command in ("migrate", "create-key", "serve"):
+        assert command in result.stdout

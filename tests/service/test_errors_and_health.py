@@ -1,0 +1,89 @@
+"""Errors are JSON everywhere, never a stack trace; the probes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.service.conftest import Headers, make_settings
+
+
+def test_unknown_route_and_method(client: TestClient) -> None:
+    missing = client.get("/v2/nothing")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {
+        "code": "not_found",
+        "message": "no route: GET /v2/nothing (see /docs for the API)",
+    }
+    wrong = client.delete("/healthz")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_validation_errors_name_field_and_value(client: TestClient, alice: Headers) -> None:
+    response = client.post("/v1/jobs", json={"dataset_id": 42, "gpus": "two"}, headers=alice)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    fields = {d["field"]: d.get("value") for d in error["details"]}
+    assert fields == {"body.dataset_id": 42, "body.gpus": "two"}
+    assert "body.gpus" in error["message"]
+    assert "'two'" in error["message"]
+    bad_path = client.get("/v1/jobs/not-a-uuid", headers=alice)
+    assert bad_path.json()["error"]["details"][0]["field"] == "path.job_id"
+
+
+def test_unexpected_errors_are_logged_not_shown(
+    app: FastAPI, alice: Headers, caplog: pytest.LogCaptureFixture
+) -> None:
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals /srv/db password=hunter2")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/v1/boom", headers=alice)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "hunter2" not in response.text
+    assert "Traceback" not in response.text
+    assert any("hunter2" in str(r.exc_info) for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "not configured", "mlflow": "not configured"},
+    }
+
+
+def test_readyz_reports_an_unmigrated_database(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+        assert client.get("/healthz").status_code == 200
+    assert response.status_code == 503
+    assert "python -m service migrate" in response.json()["checks"]["database"]
+
+
+def test_migrate_on_startup(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'boot.db'}", migrate_on_startup=True)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_when_the_database_is_gone(tmp_path: Path) -> None:
+    unreachable = make_settings(
+        tmp_path, "postgresql+psycopg://reid@127.0.0.1:9/none?connect_timeout=1"
+    )
+    with TestClient(create_app(unreachable)) as client:
+        response = client.get("/readyz")
+        assert client.get("/healthz").status_code == 200
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"].startswith("error: ")

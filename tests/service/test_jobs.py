@@ -1,0 +1,259 @@
+"""Jobs: config overrides validated by reid_core's models and the service's bounds, idempotency,
+ETags, listing, cancellation and the event history."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.db import session_scope
+from service.job_states import change_state, lock_job
+from service.models import JobState
+from service.settings import Settings
+from tests.service.conftest import Headers
+
+
+def _submit(client: TestClient, headers: Headers, dataset_id: str, **body: Any) -> Any:
+    return client.post("/v1/jobs", json={"dataset_id": dataset_id, **body}, headers=headers)
+
+
+def _error(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+def _move(app: FastAPI, job_id: str, *states: JobState) -> None:
+    """What a worker does: lock the row, change the state, commit."""
+    with session_scope(app.state.session_factory) as session:
+        job = lock_job(session, uuid.UUID(job_id))
+        assert job is not None
+        for state in states:
+            change_state(session, job, state, f"worker: {state}")
+
+
+def test_create_resolves_the_whole_config(
+    client: TestClient, alice: Headers, dataset: dict[str, Any], settings: Settings
+) -> None:
+    response = _submit(
+        client,
+        alice,
+        dataset["id"],
+        config={"schedule.epochs": 3, "loss": {"gsl": {"threshold": 0.55}}, "data.height": 128},
+        priority=5,
+        max_retries=2,
+        idempotency_key="k1",
+    )
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert response.headers["etag"].startswith('"')
+    assert job["state"] == "QUEUED"
+    assert job["reason"] == "submitted by alice"
+    assert (job["gpus"], job["priority"], job["max_retries"], job["retries"]) == (1, 5, 2, 0)
+    assert job["queue"] == "default"
+    assert job["timeout_minutes"] == settings.job_bounds.default_timeout_minutes
+    assert job["config_overrides"]["schedule.epochs"] == 3
+    cfg = job["resolved_config"]
+    assert cfg["schedule"]["epochs"] == 3
+    assert cfg["loss"]["gsl"]["threshold"] == 0.55
+    assert cfg["data"]["height"] == 128
+    assert cfg["data"]["dataset"] == "image_folder"
+    assert cfg["data"]["root"] == dataset["path"]
+    assert cfg["runtime"]["output_dir"] == str(settings.jobs_path.absolute() / job["id"])
+    assert cfg["runtime"]["device"] == "cuda"
+    assert cfg["loss"]["pedal"]["scale"] == 15.0  # untouched defaults are filled in
+
+
+def test_cpu_job(client: TestClient, alice: Headers, dataset: dict[str, Any]) -> None:
+    job = _submit(client, alice, dataset["id"], gpus=0).json()
+    assert job["resolved_config"]["runtime"]["device"] == "cpu"
+    error = _error(
+        _submit(client, alice, dataset["id"], gpus=0, config={"runtime.device": "cuda"}), 422
+    )
+    assert "gpus" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "fragment"),
+    [
+        ({"loss.gls.threshold": 0.5}, "config.loss.gls.threshold", "unknown key 'gls'"),
+        ({"loss": {"gls": {"threshold": 0.5}}}, "config.loss.gls.threshold", "unknown key 'gls'"),
+        ({"nope": 1}, "config.nope", "unknown key 'nope'"),
+        ({"schedule.epochs": "many"}, "config.schedule.epochs", "schedule.epochs"),
+        ({"loss.gsl.threshold": 7}, "config.loss.gsl.threshold", "loss.gsl.threshold"),
+        ({"data.root": "/etc"}, "config.data.root", "set by the service"),
+        ({"data": {"dataset": "synthetic"}}, "config.data.dataset", "set by the service"),
+        ({"runtime.output_dir": "/tmp/x"}, "config.runtime.output_dir", "set by the service"),
+        ({"model.weights_path": "/x.pth"}, "config.model.weights_path", "set by the service"),
+        ({"checkpoint.resume": "/etc/x.pt"}, "config.checkpoint.resume", "auto, none"),
+        ({"schedule.epochs": 101}, "config.schedule.epochs", "limit of 100"),
+        ({"data.batch_size": 512}, "config.data.batch_size", "limit of 128"),
+        ({"data.height": 1024}, "config.data.height", "limit of 512"),
+    ],
+)
+def test_bad_config_is_422_naming_the_key(
+    client: TestClient,
+    alice: Headers,
+    dataset: dict[str, Any],
+    config: dict[str, Any],
+    key: str,
+    fragment: str,
+) -> None:
+    error = _error(_submit(client, alice, dataset["id"], config=config), 422)
+    assert error["code"] == "validation_error"
+    assert fragment in error["message"]
+    assert error["details"][0]["field"] == f"body.{key}"
+    assert client.get("/v1/jobs", headers=alice).json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        ({"gpus": 3}, "body.gpus", "limit of 2"),
+        ({"priority": 10}, "body.priority", "highest priority 9"),
+        ({"max_retries": 4}, "body.max_retries", "limit of 3"),
+        ({"timeout_minutes": 10**6}, "body.timeout_minutes", "limit of"),
+        ({"queue": "gpu-big"}, "body.queue", "unknown queue"),
+        ({"gpus": -1}, "body.gpus", "greater than or equal to 0"),
+        ({"surprise": True}, "body.surprise", "Extra inputs"),
+    ],
+)
+def test_resources_are_bounded(
+    client: TestClient,
+    alice: Headers,
+    dataset: dict[str, Any],
+    body: dict[str, Any],
+    field: str,
+    fragment: str,
+) -> None:
+    error = _error(_submit(client, alice, dataset["id"], **body), 422)
+    assert error["details"][0]["field"] == field
+    assert fragment in error["message"]
+
+
+def test_unknown_dataset(client: TestClient, alice: Headers) -> None:
+    error = _error(_submit(client, alice, str(uuid.uuid4())), 404)
+    assert error["code"] == "dataset_not_found"
+    invalid = _error(_submit(client, alice, "not-a-uuid"), 422)
+    assert invalid["details"][0] == {
+        "field": "body.dataset_id",
+        "message": invalid["details"][0]["message"],
+        "value": "not-a-uuid",
+    }
+
+
+def test_idempotency_key(client: TestClient, alice: Headers, dataset: dict[str, Any]) -> None:
+    first = _submit(client, alice, dataset["id"], idempotency_key="run-1")
+    again = _submit(client, alice, dataset["id"], idempotency_key="run-1")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    assert client.get("/v1/jobs", headers=alice).json()["total"] == 1
+    changed = _submit(client, alice, dataset["id"], idempotency_key="run-1", priority=3)
+    assert _error(changed, 409)["code"] == "idempotency_key_reused"
+    other = _submit(client, alice, dataset["id"], idempotency_key="run-2")
+    assert other.status_code == 201
+    assert other.json()["id"] != first.json()["id"]
+
+
+def test_etag_and_not_modified(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    url = f"/v1/jobs/{job['id']}"
+    first = client.get(url, headers=alice)
+    etag = first.headers["etag"]
+    assert not etag.startswith("W/")
+    assert first.json() == job
+    unchanged = client.get(url, headers={**alice, "If-None-Match": etag})
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    assert unchanged.headers["etag"] == etag
+    assert (
+        client.get(url, headers={**alice, "If-None-Match": f'"other", W/{etag}'}).status_code == 304
+    )
+    _move(app, job["id"], JobState.STARTING, JobState.RUNNING)
+    changed = client.get(url, headers={**alice, "If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.json()["state"] == "RUNNING"
+    assert changed.headers["etag"] != etag
+
+
+def test_list_filter_and_pagination(
+    client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    ids = [_submit(client, alice, dataset["id"]).json()["id"] for _ in range(4)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice)
+    everything = client.get("/v1/jobs", headers=alice).json()
+    assert everything["total"] == 4
+    assert [j["id"] for j in everything["items"]] == ids[::-1]  # newest first
+    queued = client.get("/v1/jobs", params={"state": "QUEUED"}, headers=alice).json()
+    assert queued["total"] == 3
+    assert {j["state"] for j in queued["items"]} == {"QUEUED"}
+    both = client.get(
+        "/v1/jobs", params=[("state", "QUEUED"), ("state", "CANCELLED")], headers=alice
+    )
+    assert both.json()["total"] == 4
+    page = client.get("/v1/jobs", params={"limit": 2, "offset": 1}, headers=alice).json()
+    assert (page["total"], page["limit"], page["offset"]) == (4, 2, 1)
+    assert [j["id"] for j in page["items"]] == ids[::-1][1:3]
+    by_dataset = client.get("/v1/jobs", params={"dataset_id": dataset["id"]}, headers=alice)
+    assert by_dataset.json()["total"] == 4
+    bad_state = client.get("/v1/jobs", params={"state": "DONE"}, headers=alice)
+    assert _error(bad_state, 422)["details"][0]["field"] == "query.state.0"
+    assert _error(client.get("/v1/jobs", params={"limit": 0}, headers=alice), 422)
+    assert client.get("/v1/jobs", headers=bob).json()["total"] == 0
+
+
+def test_cancel_a_queued_job(client: TestClient, alice: Headers, dataset: dict[str, Any]) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    assert response.status_code == 200
+    assert response.json()["state"] == "CANCELLED"
+    assert response.json()["finished_at"] is not None
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    assert _error(again, 409)["code"] == "job_finished"
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()
+    assert [(e["from_state"], e["to_state"]) for e in events] == [
+        (None, "QUEUED"),
+        ("QUEUED", "CANCELLED"),
+    ]
+    assert events[1]["reason"] == "cancelled by alice before it ran"
+
+
+@pytest.mark.parametrize("running", [JobState.STARTING, JobState.RUNNING])
+def test_cancel_a_running_job(
+    app: FastAPI,
+    client: TestClient,
+    alice: Headers,
+    dataset: dict[str, Any],
+    running: JobState,
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    states = [JobState.STARTING] + ([JobState.RUNNING] if running is JobState.RUNNING else [])
+    _move(app, job["id"], *states)
+    response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    assert response.status_code == 202
+    body = response.json()
+    assert (body["state"], body["cancel_requested"]) == ("CANCELLING", True)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 202
+    _move(app, job["id"], JobState.CANCELLED)  # the worker saw the flag, the trainer stopped
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()
+    assert [e["to_state"] for e in events] == ["QUEUED", *states, "CANCELLING", "CANCELLED"]
+    assert _error(client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice), 409)
+
+
+def test_config_models_are_in_the_openapi_schema(client: TestClient, alice: Headers) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name in ("ExperimentConfig", "LossConfig", "GSLConfig", "DataConfig", "JobCreate"):
+        assert name in components
+    resolved = components["JobOut"]["properties"]["resolved_config"]
+    assert {"$ref": "#/components/schemas/ExperimentConfig"} in resolved["anyOf"]
+    assert "ErrorResponse" in components
+    defaults = client.get("/v1/config/defaults", headers=alice).json()
+    assert defaults["loss"]["gsl"]["threshold"] == 0.6

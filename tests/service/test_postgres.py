@@ -1,0 +1,108 @@
+"""The API against a real PostgreSQL database (a fresh one per session, dropped afterwards)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from service import migrate
+from service.app import create_app
+from service.auth import create_api_key
+from service.db import session_scope
+from service.job_states import change_state, lock_job
+from service.models import JobState
+from tests.service.conftest import TestClient, make_settings, write_image_folder
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pg_url(pg_databases: Callable[[], str]) -> str:
+    url = pg_databases()
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def pg_app(tmp_path: Path, pg_url: str) -> Iterator[FastAPI]:
+    app = create_app(make_settings(tmp_path, pg_url))
+    yield app
+    app.state.engine.dispose()
+
+
+def _key(app: FastAPI, owner: str) -> dict[str, str]:
+    with session_scope(app.state.session_factory) as session:
+        _, token = create_api_key(session, owner)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _dataset(client: TestClient, headers: dict[str, str], folder: Path, name: str) -> Any:
+    response = client.post(
+        "/v1/datasets", json={"name": name, "path": str(folder)}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_job_life_on_postgresql(pg_app: FastAPI) -> None:
+    settings = pg_app.state.settings
+    folder = write_image_folder(settings.dataset_roots[0] / "crops")
+    with TestClient(pg_app) as client:
+        alice, bob = _key(pg_app, "alice"), _key(pg_app, "bob")
+        dataset = _dataset(client, alice, folder, "crops")
+        job = client.post(
+            "/v1/jobs",
+            json={"dataset_id": dataset["id"], "config": {"schedule.epochs": 2}},
+            headers=alice,
+        ).json()
+        assert job["state"] == "QUEUED"
+        assert job["resolved_config"]["schedule"]["epochs"] == 2
+        assert client.get(f"/v1/jobs/{job['id']}", headers=bob).status_code == 404
+
+        with session_scope(pg_app.state.session_factory) as session:
+            row = lock_job(session, job["id"])
+            assert row is not None
+            change_state(session, row, JobState.STARTING, "worker picked it up")
+            change_state(session, row, JobState.RUNNING, "trainer started")
+        cancel = client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+        assert (cancel.status_code, cancel.json()["state"]) == (202, "CANCELLING")
+        assert client.delete(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 409
+        with session_scope(pg_app.state.session_factory) as session:
+            row = lock_job(session, job["id"])
+            assert row is not None and row.cancel_requested
+            change_state(session, row, JobState.CANCELLED, "trainer stopped")
+        events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()
+        assert [e["to_state"] for e in events] == [
+            "QUEUED",
+            "STARTING",
+            "RUNNING",
+            "CANCELLING",
+            "CANCELLED",
+        ]
+        assert client.delete(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 204
+        assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["dataset_id"] is None
+        listed = client.get("/v1/jobs", params={"state": "CANCELLED"}, headers=alice).json()
+        assert [j["id"] for j in listed["items"]] == [job["id"]]
+
+
+def test_concurrent_requests_with_one_idempotency_key(pg_app: FastAPI) -> None:
+    settings = pg_app.state.settings
+    folder = write_image_folder(settings.dataset_roots[0] / "race")
+    with TestClient(pg_app) as client:
+        carol = _key(pg_app, "carol")
+        dataset = _dataset(client, carol, folder, "race")
+        body = {"dataset_id": dataset["id"], "idempotency_key": "same"}
+
+        def submit(_: int) -> Any:
+            return client.post("/v1/jobs", json=body, headers=carol)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            responses = list(pool.map(submit, range(4)))
+        assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+        assert len({r.json()["id"] for r in responses}) == 1
+        assert client.get("/v1/jobs", headers=carol).json()["total"] == 1
