@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/smoke.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run train test test-fast lint typecheck format bench clean
+.PHONY: setup serve run train test test-fast lint typecheck format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## run: set up, then train the smoke config on synthetic data (outputs/smoke)
-run: $(STAMP)
+## serve: set up, migrate the embedded SQLite database, start the API on http://127.0.0.1:8000
+serve: $(STAMP)
+	$(PY) -m service serve
+
+## train: set up, then train the smoke config on synthetic data (outputs/smoke)
+train: $(STAMP)
 	$(VENV)/bin/reid train --config $(CONFIG)
 
-train: run
+run: serve
 
 ## test: set up, lint, type-check, then the whole test suite
 test: $(STAMP) lint typecheck

@@ -300,17 +300,23 @@ _CAM_DIR = re.compile(r"^(?:cam.*|c\d+)$", re.IGNORECASE)
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
-    seen: set[tuple[int, int]] = set()  # (device, inode) of visited folders: symlink loops
+    """Images below ``root``; links are followed only while they stay inside ``root``."""
+    top = root.resolve()
+    seen: set[Path] = set()  # real folders visited: symlink loops
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
+        real = Path(dirpath).resolve()
+        if real in seen or not real.is_relative_to(top):
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath) / name
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(top):
+                continue  # a link out of the dataset folder is not part of the dataset
+            yield path
 
 
 def _camera_key(root: Path, path: Path) -> tuple[int, int, str] | None:

@@ -575,3 +575,17 @@ def test_build_splits_from_config(tmp_path: Path) -> None:
     )
     assert mixed.train == splits.train
     assert {r.pid for r in mixed.query} == {10, 11}
+
+
+def test_image_folder_does_not_follow_links_out_of_its_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "cam1").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (8, 16)).save(root / "cam1" / "a.jpg")
+    Image.new("RGB", (8, 16)).save(outside / "secret.jpg")
+    (root / "escape_dir").symlink_to(outside, target_is_directory=True)
+    (root / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (root / "inside.jpg").symlink_to(root / "cam1" / "a.jpg")
+    (root / "cam1" / "loop").symlink_to(root, target_is_directory=True)
+    names = sorted(r.path.name for r in build_dataset("image_folder", root).train)
+    assert names == ["a.jpg", "inside.jpg"]
