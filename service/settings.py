@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = ["JobBounds", "Settings", "UploadLimits", "get_settings"]
+__all__ = ["JobBounds", "Settings", "UploadLimits", "WorkerSettings", "get_settings"]
 
 #: Values that mean "nobody chose a secret here".
 PLACEHOLDER_SECRETS = frozenset(
@@ -66,6 +66,45 @@ class JobBounds(BaseModel):
         return self
 
 
+class WorkerSettings(BaseModel):
+    """The job workers and their dispatcher (``worker/``); ``REID_WORKER__*`` variables."""
+
+    broker_url: str = Field(
+        "",
+        description="Celery broker, e.g. redis://redis:6379/0; empty: kombu's SQLAlchemy "
+        "transport on a SQLite file in data_dir (sqla+sqlite:///<data_dir>/broker.sqlite).",
+    )
+    gpus: str | None = Field(
+        None,
+        description="CUDA_VISIBLE_DEVICES given to the trainer (e.g. '0,1'; '' for none); "
+        "unset: inherited from the worker.",
+    )
+    poll_interval_s: float = Field(1.0, gt=0, description="How often a supervisor polls.")
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="How often it heartbeats.")
+    heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="A running job whose heartbeat is older is reaped."
+    )
+    kill_grace_s: float = Field(
+        60.0, ge=0, description="SIGTERM (checkpoint) to SIGKILL, on cancel or timeout."
+    )
+    dispatch_grace_s: float = Field(
+        10.0, ge=0, description="A job never sent to the broker is sent after this long."
+    )
+    requeue_after_s: float = Field(
+        900.0, gt=0, description="A waiting job sent this long ago is sent again."
+    )
+    dispatcher_interval_s: float = Field(15.0, gt=0, description="The dispatcher's loop period.")
+    visibility_timeout_s: int | None = Field(
+        None,
+        ge=60,
+        description="Broker visibility timeout (unacked messages are redelivered after it); "
+        "default: the longest job (job_bounds.max_timeout_minutes) plus an hour.",
+    )
+    enqueue_on_submit: bool = Field(
+        True, description="POST /v1/jobs sends the job to the broker after its commit."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the API process (the worker reads the same class)."""
 
@@ -108,6 +147,7 @@ class Settings(BaseSettings):
     )
     limits: UploadLimits = UploadLimits()
     job_bounds: JobBounds = JobBounds()
+    worker: WorkerSettings = WorkerSettings()
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token of the /v1/admin routes (API key management); "
@@ -172,6 +212,18 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker: ``worker.broker_url``, or a SQLite file in ``data_dir``."""
+        return self.worker.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        """Longer than the longest job, so a running job's message is never redelivered."""
+        if self.worker.visibility_timeout_s is not None:
+            return self.worker.visibility_timeout_s
+        return self.job_bounds.max_timeout_minutes * 60 + 3600
 
 
 @functools.cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +33,8 @@ from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
 config_router = APIRouter(prefix="/v1/config", tags=["jobs"], responses=COMMON_ERRORS)
+
+_LOG = logging.getLogger("service.jobs")
 
 
 def _invalid(field: str, message: str, value: Any = None) -> APIError:
@@ -179,7 +182,20 @@ def create_job(
         if existing is None:
             raise
         return _job_response(existing, status_code=200)
+    if settings.worker.enqueue_on_submit:
+        _send_to_workers(settings, session, job)
     return _job_response(job, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _send_to_workers(settings: Settings, session: Session, job: Job) -> None:
+    """Publish the committed job to the broker. Never fails the request: a job the broker did
+    not take stays QUEUED and the dispatcher (``python -m worker dispatcher``) sends it later."""
+    try:
+        from worker.dispatcher import send_and_mark
+    except ImportError as exc:  # the `worker` extra is not installed here
+        _LOG.warning("job %s stays QUEUED: cannot load the worker package (%s)", job.id, exc)
+        return
+    send_and_mark(settings, session, job)
 
 
 def _job_body(job: Job) -> bytes:

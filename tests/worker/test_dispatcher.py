@@ -1,0 +1,106 @@
+"""The dispatcher (re-sends waiting jobs the broker lost) and the reaper, on SQLite with a fake
+clock and a fake broker."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.models import Job, JobState
+from service.settings import Settings
+from tests.worker.conftest import FakeClock, MakeJob, event_states, load_job
+from worker.dispatcher import Dispatcher
+
+S = JobState
+
+
+class FakeBroker:
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.sent: list[uuid.UUID] = []
+
+    def __call__(self, job: Job) -> bool:
+        if self.up:
+            self.sent.append(job.id)
+        return self.up
+
+
+def _dispatcher(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock, broker: FakeBroker
+) -> Dispatcher:
+    return Dispatcher(settings, factory, clock=clock, send=broker)
+
+
+def test_reaper_retries_then_fails(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
+) -> None:
+    broker = FakeBroker()
+    dispatcher = _dispatcher(settings, factory, clock, broker)
+    job_id = make_job(
+        states=(S.STARTING, S.RUNNING), max_retries=1, worker_id="w1:1", heartbeat_at=clock()
+    )
+    clock.advance(30)  # fresh (timeout 60 s): left alone
+    assert dispatcher.run_once().reaped == {}
+    assert load_job(factory, job_id).state is S.RUNNING
+
+    clock.advance(61)
+    report = dispatcher.run_once()
+    assert report.reaped == {job_id: S.RETRYING}
+    assert broker.sent == [job_id]  # sent again at once, and marked as sent
+    job = load_job(factory, job_id)
+    assert job.state is S.RETRYING
+    assert job.retries == 1
+    assert job.worker_id is None
+    assert job.heartbeat_at == clock()
+    assert "w1:1 stopped heartbeating" in (job.reason or "")
+    assert "retry 1 of 1" in (job.reason or "")
+
+    # Its second run dies too: no retries left.
+    other = make_job(
+        states=(S.STARTING, S.RUNNING),
+        max_retries=1,
+        retries=1,
+        worker_id="w2:1",
+        heartbeat_at=clock(),
+    )
+    clock.advance(120)
+    report = dispatcher.run_once()
+    assert report.reaped[other] is S.FAILED
+    assert "no retries left" in (load_job(factory, other).reason or "")
+    assert event_states(factory, other)[-1] == "FAILED"
+
+
+def test_reaper_cancels_a_cancelling_job_and_skips_finished_ones(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
+) -> None:
+    broker = FakeBroker()
+    cancelling = make_job(states=(S.STARTING, S.RUNNING, S.CANCELLING), heartbeat_at=clock())
+    done = make_job(states=(S.STARTING, S.RUNNING, S.SUCCEEDED), heartbeat_at=clock())
+    clock.advance(600)
+    report = _dispatcher(settings, factory, clock, broker).run_once()
+    assert report.reaped == {cancelling: S.CANCELLED}
+    assert load_job(factory, done).state is S.SUCCEEDED
+    assert broker.sent == []
+
+
+def test_requeue_lost_waiting_jobs(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
+) -> None:
+    broker = FakeBroker(up=False)
+    dispatcher = _dispatcher(settings, factory, clock, broker)
+    never_sent = make_job()  # the broker was down when it was submitted
+    assert dispatcher.run_once().requeued == []  # within the grace period
+    clock.advance(11)
+    assert dispatcher.run_once().requeued == []  # broker still down: it stays QUEUED
+    assert load_job(factory, never_sent).heartbeat_at is None
+
+    broker.up = True
+    assert dispatcher.run_once().requeued == [never_sent]
+    assert load_job(factory, never_sent).heartbeat_at == clock()
+    clock.advance(200)  # sent recently (requeue_after_s=300): not again
+    assert dispatcher.run_once().requeued == []
+    clock.advance(101)  # still waiting 300 s later: the message may be lost, send again
+    assert dispatcher.run_once().requeued == [never_sent]
+    assert broker.sent == [never_sent, never_sent]
+    assert load_job(factory, never_sent).state is S.QUEUED

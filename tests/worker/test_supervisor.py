@@ -1,0 +1,186 @@
+"""The supervisor on SQLite with a fake trainer (no torch, no broker): claims, progress,
+exit-code handling, cancel (SIGTERM, then SIGKILL after the grace period), timeout, retries."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import session_scope
+from service.job_states import change_state, lock_job
+from service.models import Job, JobState
+from service.settings import Settings
+from tests.worker.conftest import FakeClock, MakeJob, event_states, fake_command, load_job
+from worker.supervisor import CONFIG_FILE, LOG_FILE, PID_FILE, Supervisor
+
+S = JobState
+
+
+def _supervisor(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    sent: list[uuid.UUID] | None = None,
+    **kwargs: object,
+) -> Supervisor:
+    def send(job: Job) -> bool:
+        if sent is not None:
+            sent.append(job.id)
+        return True
+
+    return Supervisor(settings, factory, "test:1", command=fake_command, send=send, **kwargs)  # type: ignore[arg-type]
+
+
+def _output_dir(settings: Settings, job_id: uuid.UUID) -> Path:
+    return settings.jobs_path / str(job_id)
+
+
+def test_success_copies_progress_and_writes_every_state(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"steps": 4})
+    assert _supervisor(settings, factory).run(job_id) == "SUCCEEDED"
+    job = load_job(factory, job_id)
+    assert job.state is S.SUCCEEDED
+    assert event_states(factory, job_id) == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert job.progress == 1.0
+    assert job.step == 4
+    assert job.metrics["eval"] == {"mAP": 40.0}
+    assert job.metrics["eta_seconds"] == 0.0
+    assert job.worker_id == "test:1"
+    assert job.started_at is not None and job.finished_at is not None
+    out = _output_dir(settings, job_id)
+    assert yaml.safe_load((out / CONFIG_FILE).read_text())["fake"] == {"steps": 4}
+    assert (out / PID_FILE).read_text().strip().isdigit()
+    assert "attempt 1 on test:1" in (out / LOG_FILE).read_text()
+
+
+def test_bad_data_fails_with_the_last_error_line(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"exit_codes": [3], "error": "no training images"}, max_retries=3)
+    assert _supervisor(settings, factory).run(job_id) == "FAILED"
+    job = load_job(factory, job_id)
+    assert job.reason == ("the dataset is unusable (exit code 3 BAD_DATA): no training images")
+    assert job.retries == 0
+
+
+def test_crash_retries_with_resume_then_succeeds(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"exit_codes": [1, 0], "error": "CUDA error"}, max_retries=2)
+    job_id_path = _output_dir(settings, job_id) / CONFIG_FILE
+    sent: list[uuid.UUID] = []
+    supervisor = _supervisor(settings, factory, sent)
+    assert supervisor.run(job_id) == "RETRYING"
+    job = load_job(factory, job_id)
+    assert "crashed (exit code 1 CRASHED): CUDA error; retry 1 of 2" in (job.reason or "")
+    assert job.retries == 1
+    assert sent == [job_id]
+    assert job.heartbeat_at is not None  # marked as sent
+    # The redelivered message: resumed from the checkpoint.
+    assert supervisor.run(job_id) == "SUCCEEDED"
+    assert yaml.safe_load(job_id_path.read_text())["checkpoint"]["resume"] == "auto"
+    assert event_states(factory, job_id) == [
+        "QUEUED",
+        "STARTING",
+        "RUNNING",
+        "RETRYING",
+        "STARTING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+    # A third copy of the message finds the job finished and does nothing.
+    assert supervisor.run(job_id) == "already SUCCEEDED"
+
+
+def _cancel_when_running(factory: sessionmaker[Session], job_id: uuid.UUID) -> threading.Thread:
+    def cancel() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with session_scope(factory) as session:
+                job = lock_job(session, job_id)
+                assert job is not None
+                if job.state is S.RUNNING and (job.step or 0) >= 1:
+                    change_state(session, job, S.CANCELLING, "cancel requested by alice")
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=cancel, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_cancel_sends_sigterm_and_the_trainer_checkpoints(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"steps": 500, "step_s": 0.02})
+    thread = _cancel_when_running(factory, job_id)
+    assert _supervisor(settings, factory).run(job_id) == "CANCELLED"
+    thread.join()
+    job = load_job(factory, job_id)
+    assert job.reason == "cancelled: the trainer saved a checkpoint and stopped"
+    assert list((_output_dir(settings, job_id) / "checkpoints").glob("step_*.pt"))
+
+
+def test_cancel_kills_a_trainer_that_ignores_sigterm(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    settings.worker.kill_grace_s = 0.3
+    job_id = make_job(fake={"steps": 500, "step_s": 0.02, "ignore_sigterm": True})
+    thread = _cancel_when_running(factory, job_id)
+    assert _supervisor(settings, factory).run(job_id) == "CANCELLED"
+    thread.join()
+    assert load_job(factory, job_id).reason == "cancelled: the trainer was killed by SIGKILL"
+
+
+def test_timeout_stops_and_fails_the_job(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"steps": 500, "step_s": 0.02}, timeout_minutes=1, max_retries=3)
+    supervisor = _supervisor(settings, factory, seconds_per_minute=0.3)
+    assert supervisor.run(job_id) == "FAILED"
+    job = load_job(factory, job_id)
+    assert (job.reason or "").startswith("timed out after 1 minutes")
+    assert list((_output_dir(settings, job_id) / "checkpoints").glob("step_*.pt"))
+
+
+def test_a_job_running_elsewhere_is_left_alone_unless_its_worker_is_dead(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob, clock: FakeClock
+) -> None:
+    job_id = make_job(
+        states=(S.STARTING, S.RUNNING),
+        fake={"steps": 2},
+        max_retries=1,
+        worker_id="other:7",
+        heartbeat_at=clock(),
+    )
+    supervisor = _supervisor(settings, factory, clock=clock)
+    assert "left alone" in supervisor.run(job_id)
+    assert load_job(factory, job_id).state is S.RUNNING
+    assert not _output_dir(settings, job_id).exists()  # nothing was started
+    clock.advance(61)  # other:7 stopped heartbeating: reaped, then run here
+    assert supervisor.run(job_id) == "SUCCEEDED"
+    assert event_states(factory, job_id) == [
+        "QUEUED",
+        "STARTING",
+        "RUNNING",
+        "RETRYING",
+        "STARTING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+
+
+def test_not_enough_gpus_fails_clearly(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    settings.worker.gpus = "0"
+    job_id = make_job(gpus=2)
+    assert _supervisor(settings, factory).run(job_id) == "failed: not enough GPUs"
+    reason = load_job(factory, job_id).reason or ""
+    assert "needs 2 GPU(s) but worker test:1 has 1" in reason

@@ -1,0 +1,509 @@
+"""The job supervisor: the Celery task :func:`run_job` and the :class:`Supervisor` behind it.
+
+One job, start to end, in a solo-pool worker (no torch in this process):
+
+1. **Claim** (row locked): a QUEUED/RETRYING job goes to STARTING with this worker's id and a
+   heartbeat. A job STARTING/RUNNING/CANCELLING with a fresh heartbeat from another worker is left
+   alone (a redelivered message); one whose heartbeat is stale is reaped first (retry or fail). A
+   finished job is left alone.
+2. **Spawn**: the resolved config goes to ``<output_dir>/job_config.yaml`` (``checkpoint.resume``
+   forced to ``auto`` on a retry), then ``python -m reid_core.train --config <it>`` (torchrun for
+   ``gpus > 1``) starts in its own process group (``start_new_session``), with
+   ``CUDA_VISIBLE_DEVICES`` pinned from ``REID_WORKER__GPUS``, stdout and stderr appended to
+   ``<output_dir>/process.log`` and its pid in ``<output_dir>/trainer.pid``. On Linux it gets
+   SIGTERM if this process dies (``PR_SET_PDEATHSIG``), so no orphan trains on unseen.
+   STARTING -> RUNNING.
+3. **Watch**, every ``poll_interval_s``: heartbeat every ``heartbeat_interval_s``; copy
+   ``progress.json`` into the job's progress, epoch, step and metrics when it changed; on
+   ``cancel_requested``, the job's timeout, a worker shutdown or a lost claim (another worker or
+   the reaper took the job): SIGTERM to the process group (the trainer checkpoints and exits 75),
+   SIGKILL after ``kill_grace_s``.
+4. **Finish**: :func:`worker.outcome.decide_outcome` maps the exit to SUCCEEDED, CANCELLED,
+   FAILED (reason + the log's last error line) or RETRYING, which is sent to the broker again.
+
+Every state change goes through :func:`service.job_states.change_state` with a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from celery.signals import worker_shutting_down
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import make_engine, make_session_factory, session_scope
+from service.job_states import change_state, lock_job
+from service.models import Job, JobState, utcnow
+from service.settings import Settings, get_settings
+from worker.celery_app import RUN_JOB_TASK, app
+from worker.dispatcher import mark_dispatched, send_job
+from worker.outcome import (
+    ACTIVE_STATES,
+    WAITING_STATES,
+    decide_outcome,
+    last_error_line,
+    reap_stale_job,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "LOG_FILE",
+    "PID_FILE",
+    "Supervisor",
+    "run_job",
+    "trainer_command",
+]
+
+log = logging.getLogger("worker.supervisor")
+
+#: Files the supervisor writes in the job's output folder.
+CONFIG_FILE = "job_config.yaml"
+LOG_FILE = "process.log"
+PID_FILE = "trainer.pid"
+
+_PR_SET_PDEATHSIG = 1
+
+#: ``(gpus, config_path) -> argv`` of the trainer.
+CommandFn = Callable[[int, Path], list[str]]
+
+
+def trainer_command(gpus: int, config_path: Path) -> list[str]:
+    """``python -m reid_core.train --config <path>``; torchrun with one process per GPU."""
+    train = ["-m", "reid_core.train", "--config", str(config_path)]
+    if gpus > 1:
+        run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+        return [sys.executable, *run, *train]
+    return [sys.executable, *train]
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn giving the child SIGTERM when this thread's process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return preexec
+
+
+@dataclass
+class _Claim:
+    """What the supervisor needs of a job it claimed (read once, in the claiming transaction)."""
+
+    job_id: uuid.UUID
+    config: dict[str, Any]
+    gpus: int
+    retries: int
+    timeout_minutes: int
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config["runtime"]["output_dir"])
+
+
+class _Stop:
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "worker shutdown"
+    LOST = "lost claim"
+
+
+class Supervisor:
+    """Runs one job's trainer to its end (see the module). ``command``, ``clock`` and
+    ``seconds_per_minute`` are for tests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        worker_id: str,
+        *,
+        command: CommandFn = trainer_command,
+        clock: Callable[[], datetime] = utcnow,
+        stop_event: threading.Event | None = None,
+        send: Callable[[Job], bool] | None = None,
+        seconds_per_minute: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.factory = session_factory
+        self.worker_id = worker_id
+        self.command = command
+        self.clock = clock
+        self.stop_event = stop_event or threading.Event()
+        self.send: Callable[[Job], bool] = send or (lambda job: send_job(settings, job))
+        self.seconds_per_minute = seconds_per_minute
+        self._applied: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # claim
+    # ------------------------------------------------------------------------------------------
+
+    def _claim(self, job_id: uuid.UUID) -> _Claim | str:
+        """STARTING and ours, or a word on why not (the job is left as it is)."""
+        with session_scope(self.factory) as session:
+            job = lock_job(session, job_id)
+            if job is None:
+                return "no such job"
+            if job.state.is_final:
+                return f"already {job.state}"
+            now = self.clock()
+            if job.state in ACTIVE_STATES:
+                timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+                fresh = job.heartbeat_at is not None and now - job.heartbeat_at < timeout
+                if fresh and job.worker_id != self.worker_id:
+                    return f"{job.state} on {job.worker_id} (fresh heartbeat): left alone"
+                # Its worker is gone (this message is a redelivery): reap, then run it here.
+                if reap_stale_job(session, job, now) is not JobState.RETRYING:
+                    return f"reaped: {job.state}"
+            if job.state not in WAITING_STATES:
+                return f"{job.state}: nothing to run"
+            attempt = (job.retries or 0) + 1
+            change_state(
+                session,
+                job,
+                JobState.STARTING,
+                f"picked up by {self.worker_id} (attempt {attempt})",
+            )
+            job.worker_id = self.worker_id
+            job.heartbeat_at = now
+            gpus_available = self._gpus_available()
+            if gpus_available is not None and job.gpus > gpus_available:
+                change_state(
+                    session,
+                    job,
+                    JobState.FAILED,
+                    f"the job needs {job.gpus} GPU(s) but worker {self.worker_id} has "
+                    f"{gpus_available} (REID_WORKER__GPUS={self.settings.worker.gpus!r}): "
+                    "check the queue routing",
+                )
+                return "failed: not enough GPUs"
+            claim = _Claim(
+                job_id=job.id,
+                config=json.loads(json.dumps(job.resolved_config)),
+                gpus=job.gpus,
+                retries=job.retries or 0,
+                timeout_minutes=job.timeout_minutes,
+            )
+        return claim
+
+    def _gpus_available(self) -> int | None:
+        pinned = self.settings.worker.gpus
+        if pinned is None:
+            return None
+        return len([d for d in pinned.split(",") if d.strip()])
+
+    # ------------------------------------------------------------------------------------------
+    # spawn
+    # ------------------------------------------------------------------------------------------
+
+    def _write_config(self, claim: _Claim) -> Path:
+        config = claim.config
+        if claim.retries > 0:
+            # A retry continues from the job's own last checkpoint.
+            config.setdefault("checkpoint", {})["resume"] = "auto"
+        claim.output_dir.mkdir(parents=True, exist_ok=True)
+        path = claim.output_dir / CONFIG_FILE
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.settings.worker.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.settings.worker.gpus
+        return env
+
+    def _spawn(
+        self, claim: _Claim, config_path: Path, log_file: IO[bytes]
+    ) -> subprocess.Popen[bytes]:
+        argv = self.command(claim.gpus, config_path)
+        header = (
+            f"\n--- {self.clock():%Y-%m-%dT%H:%M:%S}Z attempt {claim.retries + 1} on "
+            f"{self.worker_id}: {' '.join(argv)}\n"
+        )
+        log_file.write(header.encode())
+        log_file.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self._environment(),
+            start_new_session=True,  # its own process group: signals reach every rank
+            preexec_fn=_parent_death_signal(),
+        )
+        (claim.output_dir / PID_FILE).write_text(f"{proc.pid}\n")
+        return proc
+
+    # ------------------------------------------------------------------------------------------
+    # watch
+    # ------------------------------------------------------------------------------------------
+
+    def _progress_values(self, output_dir: Path) -> dict[str, Any] | None:
+        try:
+            p = json.loads((output_dir / "progress.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(p, dict):
+            return None
+        metrics: dict[str, Any] = {
+            "status": p.get("status"),
+            "losses": p.get("losses") or {},
+            "eval": p.get("metrics") or {},
+            "epochs": p.get("epochs"),
+            "steps_per_epoch": p.get("steps_per_epoch"),
+            "step_in_epoch": p.get("step_in_epoch"),
+            "images_per_second": p.get("images_per_second"),
+            "eta_seconds": p.get("eta_seconds"),
+        }
+        return {
+            "progress": float(p.get("progress") or 0.0),
+            "epoch": p.get("epoch"),
+            "step": p.get("global_step"),
+            "metrics": metrics,
+        }
+
+    def _apply_progress(self, job: Job, output_dir: Path) -> None:
+        values = self._progress_values(output_dir)
+        if values is None or values == self._applied:
+            return
+        for name, value in values.items():
+            if getattr(job, name) != value:
+                setattr(job, name, value)
+        self._applied = values
+
+    def _tick(self, claim: _Claim, heartbeat: bool) -> tuple[bool, bool]:
+        """Heartbeat (if due) and progress; returns (still ours, cancel requested)."""
+        with session_scope(self.factory) as session:
+            job = lock_job(session, claim.job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return False, False
+            if heartbeat:
+                job.heartbeat_at = self.clock()
+            self._apply_progress(job, claim.output_dir)
+            return True, bool(job.cancel_requested or job.state is JobState.CANCELLING)
+
+    def _mark_running(self, claim: _Claim, pid: int) -> bool:
+        """STARTING -> RUNNING; False when the claim was lost meanwhile."""
+        with session_scope(self.factory) as session:
+            job = lock_job(session, claim.job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return False
+            if job.state is JobState.STARTING:
+                change_state(
+                    session,
+                    job,
+                    JobState.RUNNING,
+                    f"trainer started on {self.worker_id} (pid {pid})",
+                )
+            job.heartbeat_at = self.clock()
+            return True
+
+    def _signal_group(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def _watch(self, claim: _Claim, proc: subprocess.Popen[bytes]) -> str | None:
+        """Wait for the trainer; returns why it was stopped (a ``_Stop`` value) or None."""
+        w = self.settings.worker
+        started = time.monotonic()
+        deadline = started + claim.timeout_minutes * self.seconds_per_minute
+        last_heartbeat = started
+        stopped: str | None = None
+        term_at: float | None = None
+        killed = False
+        while proc.poll() is None:
+            now = time.monotonic()
+            heartbeat = now - last_heartbeat >= w.heartbeat_interval_s
+            try:
+                ours, cancel = self._tick(claim, heartbeat)
+                if heartbeat:
+                    last_heartbeat = now
+            except Exception:  # the database is away: keep training, try again next poll
+                log.warning("job %s: could not update the database", claim.job_id, exc_info=True)
+                ours, cancel = True, False
+            if stopped is None:
+                if not ours:
+                    stopped = _Stop.LOST
+                elif cancel:
+                    stopped = _Stop.CANCEL
+                elif now >= deadline:
+                    stopped = _Stop.TIMEOUT
+                elif self.stop_event.is_set():
+                    stopped = _Stop.SHUTDOWN
+                if stopped is not None:
+                    log.info("job %s: stopping the trainer (%s): SIGTERM", claim.job_id, stopped)
+                    self._signal_group(proc, signal.SIGTERM)
+                    term_at = now
+            if term_at is not None and not killed and now - term_at >= w.kill_grace_s:
+                log.warning(
+                    "job %s: trainer still running %.0f s after SIGTERM: SIGKILL",
+                    claim.job_id,
+                    w.kill_grace_s,
+                )
+                self._signal_group(proc, signal.SIGKILL)
+                killed = True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=w.poll_interval_s)
+        # Ranks left behind by a dead torchrun.
+        self._signal_group(proc, signal.SIGKILL)
+        return stopped
+
+    # ------------------------------------------------------------------------------------------
+    # finish
+    # ------------------------------------------------------------------------------------------
+
+    def _finish(self, claim: _Claim, returncode: int, stopped: str | None) -> str:
+        resend: Job | None = None
+        with session_scope(self.factory) as session:
+            job = lock_job(session, claim.job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return "claim lost: the job's state is someone else's now"
+            self._apply_progress(job, claim.output_dir)
+            cancel = bool(job.cancel_requested or job.state is JobState.CANCELLING)
+            outcome = decide_outcome(
+                returncode,
+                cancel_requested=cancel,
+                timed_out=stopped == _Stop.TIMEOUT,
+                timeout_minutes=claim.timeout_minutes,
+                retries=job.retries or 0,
+                max_retries=job.max_retries or 0,
+                last_error=last_error_line(claim.output_dir / LOG_FILE),
+            )
+            target = outcome.state
+            if job.state is JobState.STARTING and target is JobState.SUCCEEDED:
+                change_state(session, job, JobState.RUNNING, "trainer started")
+            change_state(session, job, target, outcome.reason)
+            job.heartbeat_at = self.clock()
+            if outcome.retry:
+                job.worker_id = None
+                job.heartbeat_at = None  # not sent yet (see worker.dispatcher)
+                resend = job
+        if resend is not None and self.send(resend):
+            with session_scope(self.factory) as session:
+                mark_dispatched(session, resend.id, self.clock())
+        log.info("job %s: %s (%s)", claim.job_id, outcome.state, outcome.reason)
+        return str(outcome.state)
+
+    def _finish_early(self, job_id: uuid.UUID, state: JobState, reason: str) -> str:
+        with session_scope(self.factory) as session:
+            job = lock_job(session, job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return "claim lost"
+            if job.state is JobState.CANCELLING:
+                state, reason = JobState.CANCELLED, "cancelled before the trainer started"
+            change_state(session, job, state, reason)
+            return str(state)
+
+    # ------------------------------------------------------------------------------------------
+
+    def run(self, job_id: uuid.UUID) -> str:
+        """Run the job to its end; returns its final word (the state, or why nothing ran)."""
+        self._applied = {}
+        claim = self._claim(job_id)
+        if isinstance(claim, str):
+            log.info("job %s: %s", job_id, claim)
+            return claim
+        try:
+            config_path = self._write_config(claim)
+        except OSError as exc:
+            return self._finish_early(
+                job_id, JobState.FAILED, f"cannot write the job's config in its folder: {exc}"
+            )
+        with self._open_log(claim) as log_file:
+            try:
+                proc = self._spawn(claim, config_path, log_file)
+            except OSError as exc:
+                return self._finish_early(
+                    job_id, JobState.FAILED, f"cannot start the trainer: {exc}"
+                )
+            try:
+                if not self._mark_running(claim, proc.pid):
+                    log.warning("job %s: claim lost before it ran: stopping it", job_id)
+                    self._signal_group(proc, signal.SIGTERM)
+                stopped = self._watch(claim, proc)
+            except BaseException:
+                # The supervisor itself fails (or the worker is killed): never leave an orphan.
+                self._stop_now(proc)
+                raise
+        if stopped == _Stop.LOST:
+            log.warning("job %s: another worker or the reaper took it; trainer stopped", job_id)
+            return "claim lost"
+        return self._finish(claim, proc.returncode, stopped)
+
+    @contextlib.contextmanager
+    def _open_log(self, claim: _Claim) -> Iterator[IO[bytes]]:
+        with (claim.output_dir / LOG_FILE).open("ab") as f:
+            yield f
+
+    def _stop_now(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is not None:
+            return
+        self._signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.settings.worker.kill_grace_s)
+        except subprocess.TimeoutExpired:
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# the Celery task
+# ----------------------------------------------------------------------------------------------
+
+#: Set when the worker starts a warm shutdown: running trainers are checkpointed and retried.
+SHUTTING_DOWN = threading.Event()
+
+_FACTORIES: dict[str, sessionmaker[Session]] = {}
+
+
+@worker_shutting_down.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    SHUTTING_DOWN.set()
+
+
+def session_factory_for(settings: Settings) -> sessionmaker[Session]:
+    """One engine per database URL in this process."""
+    factory = _FACTORIES.get(settings.database_url)
+    if factory is None:
+        factory = _FACTORIES[settings.database_url] = make_session_factory(
+            make_engine(settings.database_url)
+        )
+    return factory
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_job(self: Any, job_id: str) -> str:
+    """Supervise job ``job_id`` from claim to final state (see :class:`Supervisor`)."""
+    settings = get_settings()
+    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
+    worker_id = f"{hostname}:{os.getpid()}"
+    supervisor = Supervisor(
+        settings, session_factory_for(settings), worker_id, stop_event=SHUTTING_DOWN
+    )
+    return supervisor.run(uuid.UUID(job_id))
