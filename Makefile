@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 ## serve: set up, migrate the embedded SQLite database, start the API on http://127.0.0.1:8000
+## with a training worker and the dispatcher (embedded broker: SQLite; no servers needed)
 serve: $(STAMP)
-	$(PY) -m service serve
+	$(PY) -m service serve --with-worker
 
 ## train: set up, then train the smoke config on synthetic data (outputs/smoke)
 train: $(STAMP)

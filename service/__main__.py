@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -44,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
+    s.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also run a training worker and the dispatcher as child processes (the embedded "
+        "one-command setup; production runs them as their own services)",
+    )
+    s.add_argument(
+        "--worker-gpus",
+        default="none",
+        help="with --with-worker: CUDA_VISIBLE_DEVICES of the worker (0 | 0,1 | none)",
+    )
     return parser
 
 
@@ -85,7 +100,37 @@ def _list_keys(settings: Settings, owner: str | None) -> int:
     return 0
 
 
-def _serve(settings: Settings, host: str, port: int, run_migrations: bool) -> int:
+def _start_children(gpus: str) -> list[subprocess.Popen[bytes]]:
+    """A solo-pool worker and the dispatcher, each in its own process group."""
+    commands = [
+        [sys.executable, "-m", "worker", "run", "--gpus", gpus],
+        [sys.executable, "-m", "worker", "dispatcher"],
+    ]
+    return [subprocess.Popen(cmd, start_new_session=True) for cmd in commands]
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:
+    """SIGTERM (the worker lets a running trainer checkpoint), then SIGKILL after ``grace_s``."""
+    for child in children:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def _serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    run_migrations: bool,
+    with_worker: bool = False,
+    worker_gpus: str = "none",
+) -> int:
     import uvicorn
 
     from service.app import create_app
@@ -93,8 +138,24 @@ def _serve(settings: Settings, host: str, port: int, run_migrations: bool) -> in
     if run_migrations:
         migrate.upgrade(settings.database_url)
     app = create_app(settings)
-    print(f"re-ID training service on http://{host}:{port} (API docs: http://{host}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+    children = _start_children(worker_gpus) if with_worker else []
+    extra = " with a worker and the dispatcher" if children else ""
+    print(
+        f"re-ID training service on http://{host}:{port}{extra} "
+        f"(API docs: http://{host}:{port}/docs)",
+        flush=True,
+    )
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn handles SIGTERM/SIGINT itself, then re-raises the signal to the handler that was
+    # installed before it: this one, so that the children are stopped below, never orphaned.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+    finally:
+        _stop_children(children)
     return 0
 
 
@@ -128,7 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list-keys":
         return _list_keys(settings, args.owner)
     if args.command == "serve":
-        return _serve(settings, args.host, args.port, not args.no_migrate)
+        return _serve(
+            settings,
+            args.host,
+            args.port,
+            not args.no_migrate,
+            with_worker=args.with_worker,
+            worker_gpus=args.worker_gpus,
+        )
     raise AssertionError(args.command)
 
 
