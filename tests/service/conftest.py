@@ -26,15 +26,13 @@ from service.app import create_app
 from service.auth import create_api_key
 from service.db import session_scope
 from service.settings import JobBounds, Settings, UploadLimits
+from tests.helpers import require_postgres
 
 with warnings.catch_warnings():
     # Starlette asks for its fork "httpx2"; the httpx API the tests use is the same.
     warnings.filterwarnings("ignore", message=".*httpx2.*")
     from fastapi.testclient import TestClient
 
-PG_URL = os.environ.get(
-    "REID_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 Headers = dict[str, str]
 
@@ -174,19 +172,7 @@ def dataset(client: TestClient, alice: Headers, image_folder: Path) -> dict[str,
 @pytest.fixture(scope="session")
 def pg_admin_url() -> str:
     """The server URL; skips the test when PostgreSQL does not answer."""
-    url = make_url(PG_URL)
-    engine = create_engine(url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(
-            f"PostgreSQL at {url.render_as_string(hide_password=True)} does not answer "
-            f"({type(exc).__name__}); start it or set REID_TEST_DATABASE_URL"
-        )
-    finally:
-        engine.dispose()
-    return url.render_as_string(hide_password=False)
+    return require_postgres()
 
 
 @pytest.fixture(scope="session")

@@ -19,28 +19,13 @@ from typing import Any
 import pytest
 
 from reid_core.data import generate_synthetic_market
+from tests.helpers import TINY_JOB_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "schedule.epochs": 1,
-    "schedule.max_steps_per_epoch": 2,
-    "data.height": 96,
-    "data.width": 48,
-    "data.batch_size": 8,
-    "data.num_workers": 0,
-    "model.backbone": "mobilenet_v3_small",
-    "model.pretrained": "none",
-    "model.pgm_channels": 32,
-    "model.pgm_hidden": 16,
-    "model.patch_dim": 16,
-    "model.ipfl_dim": 8,
-    "loss.pedal.neighbours": 3,
-    "eval.batch_size": 32,
-    "runtime.num_threads": 1,
-}
+TINY = {**TINY_JOB_CONFIG, "schedule.epochs": 1, "schedule.max_steps_per_epoch": 2}
 
 
 def _free_port() -> int:

@@ -29,6 +29,7 @@ from service.app import create_app
 from service.auth import create_api_key
 from service.db import session_scope
 from service.settings import JobBounds, Settings
+from tests.helpers import TINY_JOB_CONFIG, require_postgres
 from tests.worker.conftest import fast_worker_settings
 
 with warnings.catch_warnings():
@@ -38,47 +39,11 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PG_URL = os.environ.get(
-    "REID_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 REDIS_URL = os.environ.get("REID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-#: A run of seconds: MobileNetV3-small on 96x48 crops, a few steps per epoch, one thread.
-TINY = {
-    "data.height": 96,
-    "data.width": 48,
-    "data.batch_size": 8,
-    "data.num_workers": 0,
-    "model.backbone": "mobilenet_v3_small",
-    "model.pretrained": "none",
-    "model.pgm_channels": 32,
-    "model.pgm_hidden": 16,
-    "model.patch_dim": 16,
-    "model.ipfl_dim": 8,
-    "loss.pedal.neighbours": 3,
-    "loss.gsl.warmup_epochs": 1,
-    "eval.batch_size": 32,
-    "runtime.num_threads": 1,
-    "runtime.log_every_n_steps": 1,
-}
+TINY = TINY_JOB_CONFIG
 
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-
-
-def _pg_admin_url() -> str:
-    url = make_url(PG_URL)
-    engine = create_engine(url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        pytest.skip(
-            f"PostgreSQL at {url.render_as_string(hide_password=True)} does not answer "
-            f"({type(exc).__name__}); start it or set REID_TEST_DATABASE_URL"
-        )
-    finally:
-        engine.dispose()
-    return url.render_as_string(hide_password=False)
 
 
 def _check_redis() -> None:
@@ -98,7 +63,7 @@ def _check_redis() -> None:
 
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
-    admin_url = _pg_admin_url()
+    admin_url = require_postgres()
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     name = f"reid_worker_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
