@@ -145,6 +145,7 @@ def _serve(
         f"(API docs: http://{host}:{port}/docs)",
         flush=True,
     )
+
     def _exit(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 

@@ -1,7 +1,8 @@
-"""/v1/jobs: submit a training job, list, show (with ETag), its events, cancel."""
+"""/v1/jobs: submit a training job, list, show (with ETag), its events, metrics, logs, cancel."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -296,6 +298,56 @@ def list_job_events(
         select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
     ).scalars()
     return [JobEventOut.model_validate(e) for e in events]
+
+
+def _output_file(settings: Settings, job: Job, name: str) -> Path:
+    return settings.jobs_path / str(job.id) / name
+
+
+@router.get(
+    "/{job_id}/metrics",
+    summary="Per-epoch history: mean loss per term, learning rates, images/s, evaluation",
+    responses=error_responses(e404="Unknown job"),
+)
+def job_metrics(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> list[dict[str, Any]]:
+    """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
+    ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); empty before the first
+    epoch ends."""
+    job = _owned_job(session, owner, job_id)
+    path = _output_file(settings, job, "metrics.jsonl")
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return records
+
+
+@router.get(
+    "/{job_id}/logs",
+    summary="The last lines of the job's log (trainer output and supervisor notes)",
+    response_class=PlainTextResponse,
+    responses=error_responses(e404="Unknown job"),
+)
+def job_logs(
+    job_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    tail: Annotated[int, Query(ge=1, le=10_000, description="How many lines")] = 200,
+) -> PlainTextResponse:
+    job = _owned_job(session, owner, job_id)
+    path = _output_file(settings, job, "process.log")
+    if not path.is_file():
+        return PlainTextResponse("")
+    with path.open("rb") as f:
+        lines = collections.deque(f, maxlen=tail)
+    return PlainTextResponse(b"".join(lines).decode("utf-8", errors="replace"))
 
 
 @router.post(

@@ -257,3 +257,31 @@ def test_config_models_are_in_the_openapi_schema(client: TestClient, alice: Head
     assert "ErrorResponse" in components
     defaults = client.get("/v1/config/defaults", headers=alice).json()
     assert defaults["loss"]["gsl"]["threshold"] == 0.6
+
+
+def test_metrics_and_logs_read_the_job_folder(
+    client: TestClient,
+    alice: Headers,
+    bob: Headers,
+    dataset: dict[str, Any],
+    settings: Settings,
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    url = f"/v1/jobs/{job['id']}"
+    assert client.get(f"{url}/metrics", headers=alice).json() == []  # before the first epoch
+    assert client.get(f"{url}/logs", headers=alice).text == ""
+    folder = settings.jobs_path / job["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text(
+        '{"epoch": 1, "loss/total": 3.5}\n{"epoch": 2, "loss/total": 2.5, "eval/mAP": 10.0}\n{"epo'
+    )
+    (folder / "process.log").write_text("".join(f"line {i}\n" for i in range(500)))
+    history = client.get(f"{url}/metrics", headers=alice).json()
+    assert [h["epoch"] for h in history] == [1, 2]  # the half-written line is skipped
+    assert history[1]["eval/mAP"] == 10.0
+    logs = client.get(f"{url}/logs?tail=3", headers=alice)
+    assert logs.headers["content-type"].startswith("text/plain")
+    assert logs.text == "line 497\nline 498\nline 499\n"
+    assert client.get(f"{url}/logs?tail=0", headers=alice).status_code == 422
+    assert client.get(f"{url}/metrics", headers=bob).status_code == 404
+    assert client.get(f"{url}/logs", headers=bob).status_code == 404
