@@ -15,7 +15,6 @@ import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.hooks import (
     CheckpointHook,
     EvaluationHook,
+    Evaluator,
     LRSchedulerHook,
     MemoryInitHook,
     ProgressHook,
@@ -129,8 +129,9 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.device) -> Any:
-    """``evaluator(model) -> {"mAP", "R1", "R5", "R10", "mINP"}`` in percent, on the query/gallery."""
+def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.device) -> Evaluator:
+    """``evaluator(model) -> {"mAP", "mINP", "r1", "r5", "r10", ...}`` in percent, on the
+    query/gallery split."""
     q_loader = build_eval_loader(splits.query, cfg.data, cfg.eval.batch_size)
     g_loader = build_eval_loader(splits.gallery, cfg.data, cfg.eval.batch_size)
     q_pids = np.array([r.pid for r in splits.query])
