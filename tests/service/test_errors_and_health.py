@@ -59,8 +59,23 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "broker": "not configured", "mlflow": "not configured"},
+        "checks": {"database": "ok", "broker": "ok", "mlflow": "not configured"},
     }
+
+
+def test_readyz_reports_an_unreachable_broker_but_stays_ready(tmp_path: Path) -> None:
+    from service.settings import WorkerSettings
+
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'boot.db'}",
+        migrate_on_startup=True,
+        worker=WorkerSettings(broker_url="redis://127.0.0.1:9/0"),
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"]["broker"].startswith("error: ")
 
 
 def test_readyz_reports_an_unmigrated_database(tmp_path: Path) -> None:
