@@ -6,6 +6,7 @@ the train split without labels, then is evaluated on the query/gallery split (Ma
     both         every loss term (the method)
     global       memory classifier + GSL only (the patch branch is not built; global feature)
     patch        PEDAL + IPFL only (no global losses; the global head stays at its initial state)
+    instance     the memory classifier alone (L_E): plain instance discrimination, no neighbours
 
 The reference in the same run is each variant's own initial model (evaluated before its first step).
 The data folder comes from ``--data`` or ``REID_BENCH_DATA``; nothing is copied.
@@ -32,6 +33,12 @@ VARIANTS: dict[str, list[str]] = {
     "both": [],
     "global": ["loss.pedal.enabled=false", "loss.ipfl.enabled=false", "eval.feature=global"],
     "patch": ["loss.instance.enabled=false", "loss.gsl.enabled=false"],
+    "instance": [
+        "loss.gsl.enabled=false",
+        "loss.pedal.enabled=false",
+        "loss.ipfl.enabled=false",
+        "eval.feature=global",
+    ],
 }
 
 
