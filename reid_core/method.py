@@ -80,6 +80,10 @@ class DualBranchObjective(nn.Module):
             )
             self.ipfl = IPFLLoss(loss.ipfl)
 
+    @property
+    def patch_branch_losses(self) -> bool:
+        return self.pedal is not None or self.ipfl is not None
+
     # -- memory initialisation -------------------------------------------------------------
 
     @torch.no_grad()
@@ -121,6 +125,8 @@ class DualBranchObjective(nn.Module):
         loss_cfg = self.cfg.loss
         terms: dict[str, torch.Tensor] = {}
         both = torch.cat([indices, indices])
+        # every rank's indices, gathered once for the memory updates below
+        all_indices = all_gather_cat(indices) if self.patch_branch_losses else None
         if self.classifier is not None and self.global_memory is not None:
             feats = torch.cat([out0.global_features, out1.global_features]).float()
             use_gsl = loss_cfg.gsl.enabled and epoch >= loss_cfg.gsl.warmup_epochs
@@ -131,8 +137,9 @@ class DualBranchObjective(nn.Module):
                 terms["gsl"] = loss_cfg.gsl.weight * g["gsl"]
         if self.pedal is not None and self.patch_memory is not None:
             assert out0.patch_features is not None and out1.patch_features is not None
+            assert all_indices is not None
             self.patch_memory.update(
-                all_gather_cat(indices),
+                all_indices,
                 all_gather_cat(out0.patch_features.float()),
                 keep=1.0 - loss_cfg.pedal.memory_momentum,
             )
@@ -142,8 +149,9 @@ class DualBranchObjective(nn.Module):
         if self.ipfl is not None and self.agents is not None:
             assert out0.embeddings is not None and out1.embeddings is not None
             e0, e1 = out0.embeddings.float(), out1.embeddings.float()
+            assert all_indices is not None
             self.agents.update(
-                all_gather_cat(indices),
+                all_indices,
                 all_gather_cat((e0 + e1) / 2),
                 keep=1.0 - loss_cfg.ipfl.agent_momentum,
             )

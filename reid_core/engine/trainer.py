@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,7 +139,6 @@ class Trainer:
         self.hooks: list[HookBase] = []
         self.stop_requested = False
         self.resumed = False
-        self.step_seconds = 0.0  # wall time of the last step (data loading excluded)
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -206,7 +204,6 @@ class Trainer:
 
     def run_step(self, batch: Sequence[torch.Tensor]) -> None:
         view0, view1, indices = batch
-        start = time.perf_counter()
         images = torch.cat([view0, view1]).to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -216,18 +213,20 @@ class Trainer:
         out0, out1 = split_views(outputs)
         losses = self.objective(out0, out1, indices, self.state.epoch)
         total = losses["total"]
-        if not math.isfinite(total.item()):
+        # one device sync for every term's value
+        values = dict(
+            zip(losses, torch.stack(list(losses.values())).detach().tolist(), strict=True)
+        )
+        if not math.isfinite(values["total"]):
             raise TrainingDivergedError(
-                f"loss is {total.item()} at epoch {self.state.epoch} step "
-                f"{self.state.step_in_epoch} (terms: { {k: float(v) for k, v in losses.items()} }); "
-                "lower optim.lr or check the data"
+                f"loss is {values['total']} at epoch {self.state.epoch} step "
+                f"{self.state.step_in_epoch} (terms: {values}); lower optim.lr or check the data"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.objective.after_step(out0, out1, indices, self.state.epoch)
-        self.step_seconds = time.perf_counter() - start
-        self.state.losses = {k: float(v.detach()) for k, v in losses.items()}
+        self.state.losses = values
         for k, v in self.state.losses.items():
             self.state.epoch_loss_sums[k] = self.state.epoch_loss_sums.get(k, 0.0) + v
