@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,cpu,service,worker]'
+	$(PY) -m pip install --quiet -e '.[dev,cpu,service,worker,onnx]'
 	touch $(STAMP)
 
 setup: $(STAMP)

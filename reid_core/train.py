@@ -39,6 +39,7 @@ from reid_core.engine.hooks import (
     CheckpointHook,
     EvaluationHook,
     Evaluator,
+    FinalModelHook,
     LRSchedulerHook,
     MemoryInitHook,
     ProgressHook,
@@ -47,7 +48,6 @@ from reid_core.engine.hooks import (
 from reid_core.engine.trainer import HookBase, Trainer, TrainingDivergedError
 from reid_core.evaluation import evaluate_features, extract_features
 from reid_core.method import DualBranchObjective
-from reid_core.model_io import save_model
 from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
 
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "load_splits", "main", "run"]
@@ -162,8 +162,14 @@ def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.dev
     return evaluator
 
 
-def build_trainer(cfg: ExperimentConfig, local_rank: int = 0) -> Trainer:
-    """Everything a run needs, wired together; the checkpoint (if any) is already restored."""
+def build_trainer(
+    cfg: ExperimentConfig, local_rank: int = 0, extra_hooks: Sequence[HookBase] = ()
+) -> Trainer:
+    """Everything a run needs, wired together; the checkpoint (if any) is already restored.
+
+    ``extra_hooks`` (experiment tracking, say) run after the built-in ones: at the end of an
+    epoch the checkpoint is written, at the end of training ``model_final.pt`` is.
+    """
     device = select_device(cfg, local_rank)
     out = cfg.runtime.output_dir
     train_records, eval_splits = load_splits(cfg)
@@ -228,7 +234,9 @@ def build_trainer(cfg: ExperimentConfig, local_rank: int = 0) -> Trainer:
     hooks += [
         ProgressHook(out, cfg.runtime.log_every_n_steps, cfg.runtime.progress_bar),
         LRSchedulerHook(),
-        checkpoint_hook,  # last: a saved epoch holds the evaluation, history and next LR
+        checkpoint_hook,  # a saved epoch holds the evaluation, history and next LR
+        FinalModelHook(out),
+        *extra_hooks,
     ]
     trainer.register_hooks(hooks)
     checkpoint_hook.load()
@@ -254,8 +262,11 @@ def _setup_logging(output_dir: Path) -> None:
     )
 
 
-def run(cfg: ExperimentConfig) -> ExitCode:
-    """Train with ``cfg``; returns the exit code (see :mod:`reid_core.engine.exit_codes`)."""
+def run(cfg: ExperimentConfig, extra_hooks: Sequence[HookBase] = ()) -> ExitCode:
+    """Train with ``cfg``; returns the exit code (see :mod:`reid_core.engine.exit_codes`).
+
+    ``extra_hooks``: see :func:`build_trainer`.
+    """
     local_rank = dist_utils.init_from_env(cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
         _setup_logging(cfg.runtime.output_dir)
@@ -264,17 +275,8 @@ def run(cfg: ExperimentConfig) -> ExitCode:
         seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
         if dist_utils.is_main_process():
             dump_config(cfg, cfg.runtime.output_dir / "config.yaml")
-        trainer = build_trainer(cfg, local_rank)
-        code = trainer.train()
-        if code == ExitCode.OK and dist_utils.is_main_process():
-            path = save_model(
-                trainer.model_without_ddp,
-                cfg,
-                cfg.runtime.output_dir / "model_final.pt",
-                metrics=trainer.state.metrics,
-            )
-            log.info("final model saved: %s", path)
-        return code
+        trainer = build_trainer(cfg, local_rank, extra_hooks)
+        return trainer.train()
     except ConfigError as exc:
         log.error("%s", exc)
         return ExitCode.BAD_CONFIG

@@ -123,6 +123,22 @@ def _stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.
             child.wait()
 
 
+def _prepare_mlflow(settings: Settings) -> str:
+    """Create the jobs' MLflow experiment (and, embedded, its SQLite store) before any worker
+    uses it; returns a line for the start-up banner. MLflow being down does not stop the API."""
+    from service.registry import ensure_experiment
+
+    uri = settings.mlflow_tracking_uri
+    try:
+        ensure_experiment(settings)
+    except Exception as exc:
+        _LOG.warning("MLflow at %s: %s (jobs still run; they log when it is back)", uri, exc)
+        return f"MLflow at {uri}: NOT REACHABLE ({type(exc).__name__})"
+    if settings.mlflow.tracking_uri:
+        return f"MLflow: {uri}"
+    return f"MLflow: {uri} (UI: mlflow ui --backend-store-uri {uri})"
+
+
 def _serve(
     settings: Settings,
     host: str,
@@ -137,12 +153,13 @@ def _serve(
 
     if run_migrations:
         migrate.upgrade(settings.database_url)
+    mlflow_note = _prepare_mlflow(settings)
     app = create_app(settings)
     children = _start_children(worker_gpus) if with_worker else []
     extra = " with a worker and the dispatcher" if children else ""
     print(
         f"re-ID training service on http://{host}:{port}{extra} "
-        f"(API docs: http://{host}:{port}/docs)",
+        f"(API docs: http://{host}:{port}/docs)\n{mlflow_note}",
         flush=True,
     )
 

@@ -11,7 +11,11 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_session_factory", "session_scope"]
+__all__ = ["PG_CONNECT_TIMEOUT_S", "make_engine", "make_session_factory", "session_scope"]
+
+#: Seconds to wait for a new PostgreSQL connection (libpq waits forever by default, so an
+#: unreachable host would hang requests); ``connect_timeout`` in the URL wins.
+PG_CONNECT_TIMEOUT_S = 10
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -26,10 +30,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url``; for a SQLite file, its folder is created and WAL mode set."""
+    """An engine for ``url``; for a SQLite file, its folder is created and WAL mode set; for
+    PostgreSQL, connections are pinged before use and connecting times out."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
+    backend = parsed.get_backend_name()
+    if backend != "sqlite":
+        # A connection that died with its server is replaced on checkout, not handed out.
         kwargs.setdefault("pool_pre_ping", True)
+        if backend == "postgresql" and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S} | dict(
+                kwargs.get("connect_args", {})
+            )
         return create_engine(url, **kwargs)
     database = parsed.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file::memory:")

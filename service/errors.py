@@ -1,7 +1,9 @@
 """Errors as JSON, everywhere: ``{"error": {"code": ..., "message": ..., "details": [...]}}``.
 
-Routers raise :class:`APIError`; validation errors name the field and the value; anything
-unexpected is logged with its traceback and answered with a plain 500, never the traceback.
+Routers raise :class:`APIError`; validation errors name the field and the value; a database that
+cannot be reached is a 503 (``database_unavailable``) the client may retry, a value it refuses (out
+of range, a NUL character) a 422; anything unexpected is logged with its traceback and answered
+with a plain 500, never the traceback.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["APIError", "error_body", "install_error_handlers", "not_found", "validation_details"]
 
 _LOG = logging.getLogger("service.errors")
 _MAX_VALUE_CHARS = 200
+#: What FastAPI answers (400) for a body it cannot decode before validation, e.g. non-UTF-8 JSON.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+#: Seconds a client should wait before retrying while the database is away.
+DATABASE_RETRY_AFTER_S = 5
 
 
 class APIError(Exception):
@@ -103,8 +111,25 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _unparsable_body(exc: StarletteHTTPException) -> JSONResponse:
+    """422 like any other invalid body (FastAPI answers a bare 400 when the bytes do not decode)."""
+    cause = exc.__cause__
+    why = f": {cause}" if isinstance(cause, UnicodeDecodeError) else ""
+    details = [{"field": "body", "message": f"the request body cannot be decoded{why}"}]
+    return JSONResponse(
+        error_body(
+            "validation_error",
+            f"body: the request body cannot be decoded{why}; send JSON encoded as UTF-8",
+            details,
+        ),
+        status_code=422,
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        return _unparsable_body(exc)
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:
@@ -115,6 +140,43 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         what = "no route" if exc.status_code == 404 else "method not allowed"
         message = f"{what}: {request.method} {request.url.path} (see /docs for the API)"
     return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The connection failed, broke mid-request or none was free in time (or the database gave
+    # up on a transaction: a deadlock, a serialization failure). The request's transaction is
+    # rolled back; the pool pings connections before use, so once the database is back the next
+    # request gets a fresh one.
+    _LOG.warning(
+        "database unavailable on %s %s: %s: %s",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        getattr(exc, "orig", None) or exc,
+    )
+    return JSONResponse(
+        error_body(
+            "database_unavailable",
+            "the database is unavailable right now; retry in a few seconds "
+            "(GET /readyz says when it is back)",
+        ),
+        status_code=503,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
+async def _value_refused_by_database(_request: Request, exc: Exception) -> JSONResponse:
+    # A value that passed validation but not the database (a number past BIGINT, a NUL
+    # character in text): the request's fault, not the server's.
+    problem = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return JSONResponse(
+        error_body(
+            "validation_error",
+            f"a value in the request cannot be stored or compared by the database ({problem}); "
+            "send smaller numbers and text without NUL characters",
+        ),
+        status_code=422,
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -132,4 +194,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for database_error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(database_error, _database_unavailable)
+    app.add_exception_handler(DataError, _value_refused_by_database)
     app.add_exception_handler(Exception, _unexpected)

@@ -9,6 +9,8 @@
                |          \\-> CANCELLING, FAILED, RETRYING
                \\-> CANCELLED (nothing runs yet), FAILED (could not be dispatched)
 
+    FAILED | CANCELLED -> RETRYING   (retried by its owner: POST /v1/jobs/{id}/retry, resumes)
+
 Every change writes a :class:`~service.models.JobEvent` row with the reason in the caller's
 transaction, so the state and its history are committed (or rolled back) together. A worker uses::
 
@@ -47,8 +49,9 @@ TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
     S.CANCELLING: frozenset({S.CANCELLED, S.SUCCEEDED, S.FAILED}),
     S.RETRYING: frozenset({S.QUEUED, S.STARTING, S.CANCELLED, S.FAILED}),
     S.SUCCEEDED: frozenset(),
-    S.FAILED: frozenset(),
-    S.CANCELLED: frozenset(),
+    # Final for the workers; the job's owner may ask for another attempt.
+    S.FAILED: frozenset({S.RETRYING}),
+    S.CANCELLED: frozenset({S.RETRYING}),
 }
 
 FINAL_STATES = frozenset(s for s in JobState if s.is_final)
@@ -74,7 +77,8 @@ def change_state(session: Session, job: Job, to_state: JobState, reason: str) ->
 
     Also keeps the fields that follow the state: ``reason`` (the last reason), ``cancel_requested``
     (set on CANCELLING), ``started_at`` (first RUNNING), ``finished_at`` (final states),
-    ``retries`` (+1 on RETRYING) and ``updated_at``. Raises :class:`InvalidTransitionError` for a
+    ``retries`` (+1 on RETRYING; a retried final job also loses ``finished_at``, its cancel
+    request and its worker) and ``updated_at``. Raises :class:`InvalidTransitionError` for a
     change :data:`TRANSITIONS` does not allow, before touching anything.
     """
     # A job being created has no state yet (None), whatever the type annotation says.
@@ -96,6 +100,11 @@ def change_state(session: Session, job: Job, to_state: JobState, reason: str) ->
         job.started_at = now
     elif to_state is S.RETRYING:
         job.retries = (job.retries or 0) + 1
+        if from_state is not None and from_state.is_final:
+            job.finished_at = None
+            job.cancel_requested = False
+            job.worker_id = None
+            job.heartbeat_at = None
     if to_state.is_final:
         job.finished_at = now
     if from_state is None:

@@ -203,6 +203,8 @@ class Job(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     model_name: Mapped[str | None] = mapped_column(String(256))
     model_version: Mapped[str | None] = mapped_column(String(32))
+    #: Problems that did not stop the job (e.g. MLflow unreachable for a while), oldest first.
+    warnings: Mapped[list[str]] = mapped_column(JSONType, default=list)
 
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_id: Mapped[str | None] = mapped_column(String(256))

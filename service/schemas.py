@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reid_core.config import ExperimentConfig
 from service.models import DatasetKind, DatasetStatus, JobState
+from service.settings import MODEL_NAME_PATTERN
 
 __all__ = [
     "DATASET_NAME_PATTERN",
@@ -158,6 +159,13 @@ class JobCreate(_In):
         max_length=128,
         description="Repeating a request with the same key returns the job it created.",
     )
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Registered model (MLflow) the final model becomes a new version of; "
+        "default: the service's (REID_MLFLOW__MODEL_NAME, e.g. reid-<owner>). A model name "
+        "belongs to the owner whose job registered it first.",
+    )
 
 
 class JobOut(_Out):
@@ -181,8 +189,13 @@ class JobOut(_Out):
     step: int | None
     metrics: dict[str, Any] = Field(description="Latest losses and evaluation (mAP, R1, ...).")
     mlflow_run_id: str | None
-    model_name: str | None
-    model_version: str | None
+    mlflow_run_url: str | None = Field(None, description="The run in the MLflow UI, if known.")
+    model_name: str | None = Field(description="Registered model the job's model goes to.")
+    model_version: str | None = Field(description="Its version, once registered.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Problems that did not stop the job (e.g. MLflow unreachable for a while).",
+    )
     cancel_requested: bool
     worker_id: str | None
     heartbeat_at: datetime | None
@@ -190,6 +203,38 @@ class JobOut(_Out):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class ModelOut(BaseModel):
+    """A registered model (MLflow) of yours."""
+
+    name: str
+    description: str | None
+    latest_version: str | None
+    aliases: dict[str, str] = Field(description="alias -> version, e.g. {'best': '3'}")
+    created_at: datetime | None
+    updated_at: datetime | None
+    mlflow_url: str | None = Field(description="The model in the MLflow UI, if configured.")
+
+
+class ModelVersionOut(BaseModel):
+    """One version of a registered model: what made it and how good it is."""
+
+    name: str
+    version: str
+    status: str
+    run_id: str | None = Field(description="The MLflow run of the job that trained it.")
+    job_id: str | None = Field(description="The job that trained it.")
+    metrics: dict[str, float] = Field(description="Its last evaluation: mAP, r1, r5, ... (%).")
+    aliases: list[str]
+    created_at: datetime | None
+    load_uri: str = Field(description="For mlflow.pytorch.load_model(): an embedder.")
+    download_url: str = Field(description="The weights (model_final.pt) from this API.")
+    mlflow_url: str | None
+
+
+class AliasUpdate(_In):
+    version: str = Field(pattern=r"^[0-9]+$", description="The version the alias points to.")
 
 
 class JobEventOut(_Out):

@@ -10,6 +10,7 @@ development, placeholder or empty secrets are refused at start-up with the varia
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -19,7 +20,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = ["JobBounds", "Settings", "UploadLimits", "WorkerSettings", "get_settings"]
+__all__ = [
+    "JobBounds",
+    "Settings",
+    "TrackingSettings",
+    "UploadLimits",
+    "WorkerSettings",
+    "get_settings",
+]
 
 #: Values that mean "nobody chose a secret here".
 PLACEHOLDER_SECRETS = frozenset(
@@ -29,6 +37,9 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_SECRET_LENGTH = 16
 
 _GIB = 1024**3
+
+#: Registered model names: what MLflow and URLs take without escaping.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class UploadLimits(BaseModel):
@@ -105,6 +116,61 @@ class WorkerSettings(BaseModel):
     )
 
 
+class TrackingSettings(BaseModel):
+    """MLflow: one run per job, the final models in its registry (``REID_MLFLOW__*``)."""
+
+    tracking_uri: str = Field(
+        "",
+        description="MLflow tracking URI, e.g. http://mlflow:5000; empty: a SQLite store in "
+        "data_dir (sqlite:///<data_dir>/mlflow.db) with artifacts in data_dir/mlartifacts.",
+    )
+    artifact_location: str = Field(
+        "",
+        description="Artifact root of the experiment when the service creates it; empty: "
+        "data_dir/mlartifacts for the embedded store, the server's default otherwise.",
+    )
+    experiment: str = Field("reid-training", min_length=1, description="Experiment of the runs.")
+    model_name: str = Field(
+        "reid-{owner}",
+        description="Registered model a job's final model becomes a version of, unless the "
+        "job names another; '{owner}' stands for the job owner's name. A registered model "
+        "belongs to the owner whose job created it.",
+    )
+    ui_url: str | None = Field(
+        None, description="Base URL of the MLflow UI, for links from the API and dashboard."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of one MLflow request from a worker or the API."
+    )
+    retry_after_s: float = Field(
+        30.0,
+        ge=0,
+        description="After a failed MLflow request a trainer waits this long before trying "
+        "again (training never waits for MLflow).",
+    )
+    final_sync_s: float = Field(
+        120.0,
+        ge=0,
+        description="How long a finished trainer keeps trying to log what is left (metrics, "
+        "the model) when MLflow is unreachable.",
+    )
+    log_checkpoints: bool = Field(True, description="Upload each checkpoint as an artifact.")
+
+    @model_validator(mode="after")
+    def _model_name_template(self) -> Self:
+        if not re.match(MODEL_NAME_PATTERN, self.model_name.replace("{owner}", "owner")):
+            raise ValueError(
+                f"mlflow.model_name {self.model_name!r}: letters, digits, '_', '.', '-' and "
+                "'{owner}' only, starting with a letter or digit"
+            )
+        return self
+
+    def model_name_for(self, owner: str) -> str:
+        """The default registered model of ``owner``'s jobs."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", owner)
+        return self.model_name.replace("{owner}", safe)[:128]
+
+
 class Settings(BaseSettings):
     """Every setting of the API process (the worker reads the same class)."""
 
@@ -148,6 +214,7 @@ class Settings(BaseSettings):
     limits: UploadLimits = UploadLimits()
     job_bounds: JobBounds = JobBounds()
     worker: WorkerSettings = WorkerSettings()
+    mlflow: TrackingSettings = TrackingSettings()
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token of the /v1/admin routes (API key management); "
@@ -208,6 +275,20 @@ class Settings(BaseSettings):
     def jobs_path(self) -> Path:
         assert self.jobs_dir is not None
         return self.jobs_dir
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """``mlflow.tracking_uri``, or a SQLite store in ``data_dir``."""
+        return self.mlflow.tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts (None: the tracking server decides)."""
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if self.mlflow.tracking_uri:
+            return None
+        return (self.data_dir / "mlartifacts").as_uri()
 
     @property
     def is_sqlite(self) -> bool:

@@ -7,19 +7,22 @@ One job, start to end, in a solo-pool worker (no torch in this process):
    alone (a redelivered message); one whose heartbeat is stale is reaped first (retry or fail). A
    finished job is left alone.
 2. **Spawn**: the resolved config goes to ``<output_dir>/job_config.yaml`` (``checkpoint.resume``
-   forced to ``auto`` on a retry), then ``python -m reid_core.train --config <it>`` (torchrun for
+   forced to ``auto`` on a retry) and the MLflow tracking spec to ``tracking.json`` (see
+   :mod:`worker.tracking`), then ``python -m worker.train_job --config <it>`` (torchrun for
    ``gpus > 1``) starts in its own process group (``start_new_session``), with
    ``CUDA_VISIBLE_DEVICES`` pinned from ``REID_WORKER__GPUS``, stdout and stderr appended to
    ``<output_dir>/process.log`` and its pid in ``<output_dir>/trainer.pid``. On Linux it gets
    SIGTERM if this process dies (``PR_SET_PDEATHSIG``), so no orphan trains on unseen.
    STARTING -> RUNNING.
 3. **Watch**, every ``poll_interval_s``: heartbeat every ``heartbeat_interval_s``; copy
-   ``progress.json`` into the job's progress, epoch, step and metrics when it changed; on
+   ``progress.json`` into the job's progress, epoch, step and metrics, and ``mlflow.json`` into
+   its MLflow run, model version and warnings, when they changed; on
    ``cancel_requested``, the job's timeout, a worker shutdown or a lost claim (another worker or
    the reaper took the job): SIGTERM to the process group (the trainer checkpoints and exits 75),
    SIGKILL after ``kill_grace_s``.
 4. **Finish**: :func:`worker.outcome.decide_outcome` maps the exit to SUCCEEDED, CANCELLED,
    FAILED (reason + the log's last error line) or RETRYING, which is sent to the broker again.
+   On a final state the MLflow run is marked FINISHED, FAILED or KILLED.
 
 Every state change goes through :func:`service.job_states.change_state` with a reason.
 """
@@ -61,6 +64,7 @@ from worker.outcome import (
     last_error_line,
     reap_stale_job,
 )
+from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
 __all__ = [
     "CONFIG_FILE",
@@ -85,8 +89,8 @@ CommandFn = Callable[[int, Path], list[str]]
 
 
 def trainer_command(gpus: int, config_path: Path) -> list[str]:
-    """``python -m reid_core.train --config <path>``; torchrun with one process per GPU."""
-    train = ["-m", "reid_core.train", "--config", str(config_path)]
+    """``python -m worker.train_job --config <path>``; torchrun with one process per GPU."""
+    train = ["-m", "worker.train_job", "--config", str(config_path)]
     if gpus > 1:
         run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
         return [sys.executable, *run, *train]
@@ -118,6 +122,10 @@ class _Claim:
     gpus: int
     retries: int
     timeout_minutes: int
+    owner: str
+    dataset_id: uuid.UUID | None
+    model_name: str
+    mlflow_run_id: str | None
 
     @property
     def output_dir(self) -> Path:
@@ -206,6 +214,10 @@ class Supervisor:
                 gpus=job.gpus,
                 retries=job.retries or 0,
                 timeout_minutes=job.timeout_minutes,
+                owner=job.owner,
+                dataset_id=job.dataset_id,
+                model_name=job.model_name or self.settings.mlflow.model_name_for(job.owner),
+                mlflow_run_id=job.mlflow_run_id,
             )
         return claim
 
@@ -230,6 +242,27 @@ class Supervisor:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         tmp.replace(path)
         return path
+
+    def _write_tracking(self, claim: _Claim) -> Path:
+        m = self.settings.mlflow
+        tags = {"reid.owner": claim.owner}
+        if claim.dataset_id is not None:
+            tags["reid.dataset_id"] = str(claim.dataset_id)
+        spec = TrackingSpec(
+            tracking_uri=self.settings.mlflow_tracking_uri,
+            experiment=m.experiment,
+            model_name=claim.model_name,
+            job_id=str(claim.job_id),
+            run_name=f"job-{claim.job_id}",
+            artifact_location=self.settings.mlflow_artifact_location,
+            tags=tags,
+            run_id=claim.mlflow_run_id,
+            request_timeout_s=m.request_timeout_s,
+            retry_after_s=m.retry_after_s,
+            final_sync_s=m.final_sync_s,
+            log_checkpoints=m.log_checkpoints,
+        )
+        return spec.write(claim.output_dir)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -288,9 +321,26 @@ class Supervisor:
             "metrics": metrics,
         }
 
+    def _tracking_values(self, output_dir: Path) -> dict[str, Any]:
+        state = TrackingState.load(output_dir)
+        values: dict[str, Any] = {}
+        if state.run_id:
+            values["mlflow_run_id"] = state.run_id
+        if state.model_version:
+            values["model_name"] = state.model_name
+            values["model_version"] = state.model_version
+        if state.warnings:
+            values["warnings"] = list(state.warnings)
+        return values
+
     def _apply_progress(self, job: Job, output_dir: Path) -> None:
         values = self._progress_values(output_dir)
-        if values is None or values == self._applied:
+        tracking = self._tracking_values(output_dir)
+        if values is None:
+            values = tracking
+        else:
+            values.update(tracking)
+        if not values or values == self._applied:
             return
         for name, value in values.items():
             if getattr(job, name) != value:
@@ -396,6 +446,11 @@ class Supervisor:
                 last_error=last_error_line(claim.output_dir / LOG_FILE),
             )
             target = outcome.state
+            if target.is_final:
+                # the run is closed before the job is (whoever sees the job final sees both)
+                warning = self._close_run(claim, target)
+                if warning is not None:
+                    job.warnings = [*(job.warnings or []), warning]
             if job.state is JobState.STARTING and target is JobState.SUCCEEDED:
                 change_state(session, job, JobState.RUNNING, "trainer started")
             change_state(session, job, target, outcome.reason)
@@ -409,6 +464,20 @@ class Supervisor:
                 mark_dispatched(session, resend.id, self.clock())
         log.info("job %s: %s (%s)", claim.job_id, outcome.state, outcome.reason)
         return str(outcome.state)
+
+    def _close_run(self, claim: _Claim, state: JobState) -> str | None:
+        """Mark the job's MLflow run FINISHED, FAILED or KILLED; a warning when MLflow refuses
+        (bounded by ``mlflow.request_timeout_s``: the job's final state never waits long)."""
+        run_id = TrackingState.load(claim.output_dir).run_id or claim.mlflow_run_id
+        if run_id is None:
+            return None
+        status = {JobState.SUCCEEDED: "FINISHED", JobState.CANCELLED: "KILLED"}.get(state, "FAILED")
+        return terminate_run(
+            self.settings.mlflow_tracking_uri,
+            run_id,
+            status,
+            self.settings.mlflow.request_timeout_s,
+        )
 
     def _finish_early(self, job_id: uuid.UUID, state: JobState, reason: str) -> str:
         with session_scope(self.factory) as session:
@@ -431,6 +500,7 @@ class Supervisor:
             return claim
         try:
             config_path = self._write_config(claim)
+            self._write_tracking(claim)
         except OSError as exc:
             return self._finish_early(
                 job_id, JobState.FAILED, f"cannot write the job's config in its folder: {exc}"

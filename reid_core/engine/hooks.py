@@ -19,10 +19,12 @@ from tqdm import tqdm
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from reid_core.engine.trainer import HookBase
+from reid_core.model_io import save_model
 
 __all__ = [
     "CheckpointHook",
     "EvaluationHook",
+    "FinalModelHook",
     "LRSchedulerHook",
     "MemoryInitHook",
     "ProgressHook",
@@ -312,3 +314,20 @@ class ProgressHook(HookBase):
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "epoch")
+
+
+class FinalModelHook(HookBase):
+    """Saves ``model_final.pt`` (weights, config, last evaluation; see :mod:`reid_core.model_io`)
+    when training completes, on the main process. Hooks registered after it find the file."""
+
+    FILE_NAME = "model_final.pt"
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / self.FILE_NAME
+
+    def after_train(self) -> None:
+        if not dist_utils.is_main_process():
+            return
+        t = self.trainer
+        save_model(t.model_without_ddp, t.cfg, self.path, metrics=t.state.metrics)
+        log.info("final model saved: %s", self.path)

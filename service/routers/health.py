@@ -36,6 +36,20 @@ def broker_status(url: str, timeout_s: float = 2.0) -> str:
     return "ok"
 
 
+def mlflow_status(request: Request) -> str:
+    """``ok``, or why MLflow (runs and the model registry) does not answer."""
+    from service.errors import APIError
+    from service.registry import ModelRegistry
+
+    try:
+        ModelRegistry(request.app.state.settings).ping()
+    except ImportError:
+        return "not configured (mlflow is not installed)"
+    except APIError as exc:
+        return f"error: {exc.message}"
+    return "ok"
+
+
 @router.get(
     "/readyz",
     summary="The database answers and its schema is current (the broker is reported too)",
@@ -44,11 +58,12 @@ def broker_status(url: str, timeout_s: float = 2.0) -> str:
 def readyz(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
     head: str | None = request.app.state.schema_head
-    # A broker outage is reported but does not make the API unready: jobs are still accepted
-    # (they stay QUEUED in the database and the dispatcher sends them when the broker is back).
+    # Broker and MLflow outages are reported but do not make the API unready: jobs are still
+    # accepted (they stay QUEUED in the database and the dispatcher sends them when the broker is
+    # back) and trainers catch MLflow up when it returns.
     checks: dict[str, Any] = {
         "broker": broker_status(request.app.state.settings.broker_url),
-        "mlflow": "not configured",
+        "mlflow": mlflow_status(request),
     }
     ready = True
     try:

@@ -1,4 +1,5 @@
-"""/v1/jobs: submit a training job, list, show (with ETag), its events, metrics, logs, cancel."""
+"""/v1/jobs: submit a training job, list, show (with ETag), its events, metrics, logs (tail or
+followed as server-sent events), cancel, retry."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ from service.deps import SessionDep, SettingsDep
 from service.errors import APIError, not_found
 from service.job_config import JobConfigError, resolve_job_config
 from service.job_states import FINAL_STATES, change_state, lock_job
+from service.log_stream import follow_log, tail_offset
 from service.models import Dataset, DatasetStatus, Job, JobEvent, JobState
 from service.schemas import (
     COMMON_ERRORS,
@@ -51,8 +53,11 @@ def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _job_out(job: Job) -> JobOut:
-    return JobOut.model_validate(job)
+def _job_out(job: Job, settings: Settings) -> JobOut:
+    out = JobOut.model_validate(job)
+    if out.mlflow_run_id and settings.mlflow.ui_url:
+        out.mlflow_run_url = f"{settings.mlflow.ui_url.rstrip('/')}/#/runs/{out.mlflow_run_id}"
+    return out
 
 
 def _existing_for_key(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
@@ -128,7 +133,7 @@ def create_job(
     if body.idempotency_key is not None:
         existing = _existing_for_key(session, owner, body.idempotency_key, request_hash)
         if existing is not None:
-            return _job_response(existing, status_code=200)
+            return _job_response(existing, settings, status_code=200)
     # FOR SHARE: a concurrent DELETE of the dataset waits for this job to be committed.
     dataset = session.execute(
         select(Dataset)
@@ -170,6 +175,8 @@ def create_job(
         request_hash=request_hash,
         progress=0.0,
         metrics={},
+        warnings=[],
+        model_name=body.model_name or settings.mlflow.model_name_for(owner),
         cancel_requested=False,
     )
     try:
@@ -183,10 +190,10 @@ def create_job(
         existing = _existing_for_key(session, owner, body.idempotency_key, request_hash)
         if existing is None:
             raise
-        return _job_response(existing, status_code=200)
+        return _job_response(existing, settings, status_code=200)
     if settings.worker.enqueue_on_submit:
         _send_to_workers(settings, session, job)
-    return _job_response(job, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+    return _job_response(job, settings, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 def _send_to_workers(settings: Settings, session: Session, job: Job) -> None:
@@ -200,9 +207,9 @@ def _send_to_workers(settings: Settings, session: Session, job: Job) -> None:
     send_and_mark(settings, session, job)
 
 
-def _job_body(job: Job) -> bytes:
+def _job_body(job: Job, settings: Settings) -> bytes:
     return json.dumps(
-        _job_out(job).model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
+        _job_out(job, settings).model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
 
 
@@ -211,9 +218,9 @@ def _etag(body: bytes) -> str:
 
 
 def _job_response(
-    job: Job, status_code: int = 200, headers: dict[str, str] | None = None
+    job: Job, settings: Settings, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    body = _job_body(job)
+    body = _job_body(job, settings)
     return Response(
         content=body,
         status_code=status_code,
@@ -241,6 +248,7 @@ def _etag_matches(header: str, etag: str) -> bool:
 def list_jobs(
     owner: CurrentOwner,
     session: SessionDep,
+    settings: SettingsDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states")] = None,
     dataset_id: Annotated[uuid.UUID | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -259,7 +267,9 @@ def list_jobs(
         .limit(limit)
         .offset(offset)
     ).scalars()
-    return Page[JobOut](items=[_job_out(j) for j in rows], total=total, limit=limit, offset=offset)
+    return Page[JobOut](
+        items=[_job_out(j, settings) for j in rows], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get(
@@ -275,9 +285,10 @@ def get_job(
     job_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
+    settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    body = _job_body(_owned_job(session, owner, job_id))
+    body = _job_body(_owned_job(session, owner, job_id), settings)
     etag = _etag(body)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match is not None and _etag_matches(if_none_match, etag):
@@ -330,24 +341,59 @@ def job_metrics(
 
 @router.get(
     "/{job_id}/logs",
-    summary="The last lines of the job's log (trainer output and supervisor notes)",
+    summary="The job's log (trainer output and supervisor notes): the last lines, or followed",
     response_class=PlainTextResponse,
-    responses=error_responses(e404="Unknown job"),
+    responses={
+        200: {
+            "content": {"text/plain": {}, "text/event-stream": {}},
+            "description": "The last `tail` lines; with `follow=true`, server-sent events: one "
+            "`data:` event per line (its `id` is a byte offset: `Last-Event-ID` resumes there), "
+            "and an `end` event with the final state once the job finished.",
+        },
+        **error_responses(e404="Unknown job"),
+    },
 )
 def job_logs(
+    request: Request,
     job_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
     tail: Annotated[int, Query(ge=1, le=10_000, description="How many lines")] = 200,
-) -> PlainTextResponse:
+    follow: Annotated[
+        bool, Query(description="Stream new lines as server-sent events until the job ends")
+    ] = False,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
     job = _owned_job(session, owner, job_id)
     path = _output_file(settings, job, "process.log")
+    if follow:
+        return _follow_logs(request, job.id, path, tail, last_event_id)
     if not path.is_file():
         return PlainTextResponse("")
     with path.open("rb") as f:
         lines = collections.deque(f, maxlen=tail)
     return PlainTextResponse(b"".join(lines).decode("utf-8", errors="replace"))
+
+
+def _follow_logs(
+    request: Request, job_id: uuid.UUID, path: Path, tail: int, last_event_id: str | None
+) -> StreamingResponse:
+    start = tail_offset(path, tail)
+    if last_event_id is not None and last_event_id.strip().isdigit():
+        start = int(last_event_id)
+    factory = request.app.state.session_factory
+
+    def final_state() -> str | None:
+        with factory() as session:
+            state = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
+        return str(state) if state in FINAL_STATES else None
+
+    return StreamingResponse(
+        follow_log(path, start, final_state),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post(
@@ -360,7 +406,9 @@ def job_logs(
         **error_responses(e404="Unknown job", e409="The job already finished"),
     },
 )
-def cancel_job(job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) -> Response:
+def cancel_job(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
     job = lock_job(session, job_id, owner=owner)
     if job is None:
         raise not_found("job", job_id)
@@ -373,7 +421,58 @@ def cancel_job(job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) -> R
     elif job.state in (JobState.STARTING, JobState.RUNNING):
         change_state(session, job, JobState.CANCELLING, f"cancel requested by {owner}")
     session.commit()
-    return _job_response(job, status_code=202 if job.state is JobState.CANCELLING else 200)
+    return _job_response(
+        job, settings, status_code=202 if job.state is JobState.CANCELLING else 200
+    )
+
+
+@router.post(
+    "/{job_id}/retry",
+    summary="Run a FAILED or CANCELLED job again; it resumes from its last checkpoint",
+    response_model=JobOut,
+    status_code=202,
+    responses=error_responses(
+        e404="Unknown job",
+        e409="The job is not FAILED or CANCELLED, or its dataset is gone",
+    ),
+)
+def retry_job(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The job goes to RETRYING with the same id, output folder and MLflow run; the trainer
+    continues from the newest checkpoint in that folder (from scratch when there is none)."""
+    job = lock_job(session, job_id, owner=owner)
+    if job is None:
+        raise not_found("job", job_id)
+    if job.state not in (JobState.FAILED, JobState.CANCELLED):
+        hint = "cancel it first" if job.state not in FINAL_STATES else "submit a new job"
+        raise APIError(
+            409,
+            "job_not_retryable",
+            f"job {job_id} is {job.state}; only FAILED or CANCELLED jobs can be retried ({hint})",
+        )
+    dataset = None
+    if job.dataset_id is not None:
+        dataset = session.execute(
+            select(Dataset).where(Dataset.id == job.dataset_id).with_for_update(read=True)
+        ).scalar_one_or_none()
+    if dataset is None or dataset.status is not DatasetStatus.READY:
+        raise APIError(
+            409,
+            "dataset_gone",
+            f"job {job_id} cannot be retried: its dataset {job.dataset_id} was deleted or is "
+            "not ready",
+        )
+    change_state(
+        session,
+        job,
+        JobState.RETRYING,
+        f"retry requested by {owner} (was {job.state}): resumes from its last checkpoint",
+    )
+    session.commit()
+    if settings.worker.enqueue_on_submit:
+        _send_to_workers(settings, session, job)
+    return _job_response(job, settings, status_code=202)
 
 
 @config_router.get("/defaults", summary="The default training configuration")

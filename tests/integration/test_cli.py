@@ -1,4 +1,4 @@
-"""The ``reid`` command (eval, embed) on one tiny model trained once per session."""
+"""The ``reid`` command (eval, embed, export) on one tiny model trained once per session."""
 
 from __future__ import annotations
 
@@ -87,13 +87,13 @@ def test_embed_writes_one_row_per_image(
     model, cfg = load_model(model_final)
     assert feats.dtype == np.float32
     assert feats.shape == (2, model.feature_dim("concat"))
-    # concat(global, P patches), every block L2-normalised: each row has norm sqrt(1 + P)
-    norms = np.linalg.norm(feats, axis=1)
-    np.testing.assert_allclose(norms, math.sqrt(1 + cfg.model.num_patches), rtol=1e-5)
-
+    # the Embedder's features: rows of norm 1, i.e. concat(global, P patches) (every block
+    # L2-normalised, a row of norm sqrt(1 + P)) divided by sqrt(1 + P)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     transform = build_test_transform(cfg.data)
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
-    np.testing.assert_allclose(feats, model.extract(batch).numpy(), rtol=1e-5, atol=1e-6)
+    concat = model.extract(batch).numpy() / math.sqrt(1 + cfg.model.num_patches)
+    np.testing.assert_allclose(feats, concat, rtol=1e-5, atol=1e-6)
 
     # without --output: one JSON line per image, the same features
     assert main([*argv, *map(str, images)]) == ExitCode.OK
@@ -135,3 +135,52 @@ def test_eval_bad_data_exits_2_naming_the_value(
     code = main(["eval", "--checkpoint", str(model_final), "--device", "cpu", "--data", spec])
     assert code == ExitCode.BAD_CONFIG == 2
     assert named in capsys.readouterr().err
+
+
+def test_export_writes_onnx_and_prints_the_difference(
+    model_final: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
+    pytest.importorskip("onnxscript", reason="the `onnx` extra is not installed")
+    output = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(model_final), "--output", str(output)]) == 0
+    summary = _json_line(capsys.readouterr().out)
+    model, cfg = load_model(model_final)
+    assert summary["onnx"] == str(output) and output.is_file()
+    assert summary["input"] == ["N", 3, cfg.data.height, cfg.data.width]
+    assert summary["feature_dim"] == model.feature_dim("concat")
+    assert 0.0 <= summary["max_abs_diff"] <= 1e-4
+
+
+def test_export_missing_checkpoint_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.pt"
+    argv = ["export", "--checkpoint", str(missing), "--output", str(tmp_path / "m.onnx")]
+    assert main(argv) == ExitCode.BAD_CONFIG
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_that_does_not_match_exits_1_and_keeps_the_file(
+    model_final: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import reid_core.export
+
+    def fake_export(embedder: object, path: Path, opset: int) -> Path:
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    def mismatch(*args: object, **kwargs: object) -> float:
+        raise reid_core.export.OnnxMismatchError("features differ by up to 0.3")
+
+    monkeypatch.setattr(reid_core.export, "export_onnx", fake_export)
+    monkeypatch.setattr(reid_core.export, "check_onnx", mismatch)
+    output = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(model_final), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "differ by up to 0.3" in err and f"kept at {output}" in err
+    assert output.is_file()

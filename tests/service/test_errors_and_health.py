@@ -59,8 +59,24 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "broker": "ok", "mlflow": "not configured"},
+        "checks": {"database": "ok", "broker": "ok", "mlflow": "ok"},
     }
+
+
+def test_readyz_reports_an_unreachable_mlflow_but_stays_ready(tmp_path: Path) -> None:
+    from service.settings import TrackingSettings
+
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'boot.db'}",
+        migrate_on_startup=True,
+        mlflow=TrackingSettings(tracking_uri="http://127.0.0.1:9", request_timeout_s=1),
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 200
+    mlflow = response.json()["checks"]["mlflow"]
+    assert mlflow.startswith("error: ") and "http://127.0.0.1:9" in mlflow
 
 
 def test_readyz_reports_an_unreachable_broker_but_stays_ready(tmp_path: Path) -> None:

@@ -97,8 +97,10 @@ def test_every_refused_change_writes_nothing(session: Session) -> None:
 
 def test_final_states_are_final() -> None:
     assert {S.SUCCEEDED, S.FAILED, S.CANCELLED} == FINAL_STATES
-    for state in FINAL_STATES:
-        assert TRANSITIONS[state] == frozenset()
+    # Only the job's owner reopens a finished job (a retry); SUCCEEDED stays.
+    assert TRANSITIONS[S.SUCCEEDED] == frozenset()
+    for state in FINAL_STATES - {S.SUCCEEDED}:
+        assert TRANSITIONS[state] == frozenset({S.RETRYING})
     for state in set(S) - FINAL_STATES:
         assert TRANSITIONS[state], f"{state} has no way out"
 

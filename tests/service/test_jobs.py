@@ -285,3 +285,82 @@ def test_metrics_and_logs_read_the_job_folder(
     assert client.get(f"{url}/logs?tail=0", headers=alice).status_code == 422
     assert client.get(f"{url}/metrics", headers=bob).status_code == 404
     assert client.get(f"{url}/logs", headers=bob).status_code == 404
+
+
+def _sse_events(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":"):
+                continue
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        if fields:
+            events.append(fields)
+    return events
+
+
+def test_logs_follow_as_server_sent_events(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any], settings: Settings
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    folder = settings.jobs_path / job["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "process.log").write_text("epoch 1\nepoch 2\rbar 50%\rbar 100%\nepoch 3\n")
+    _move(app, job["id"], JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED)
+    url = f"/v1/jobs/{job['id']}/logs?follow=true&tail=2"
+    response = client.get(url, headers=alice)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(response.text)
+    # the last two lines (a line redrawn with \r shows its last state), then the end
+    assert [e.get("data") for e in events] == ["bar 100%", "epoch 3", "SUCCEEDED"]
+    assert events[-1]["event"] == "end"
+    # Last-Event-ID (a byte offset) resumes after the line it names
+    resumed = client.get(url, headers={**alice, "Last-Event-ID": events[0]["id"]})
+    assert [e.get("data") for e in _sse_events(resumed.text)] == ["epoch 3", "SUCCEEDED"]
+
+
+def test_retry_a_failed_or_cancelled_job(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    url = f"/v1/jobs/{job['id']}/retry"
+    error = _error(client.post(url, headers=alice), 409)  # QUEUED: nothing to retry
+    assert "only FAILED or CANCELLED jobs can be retried" in error["message"]
+    _move(app, job["id"], JobState.STARTING, JobState.RUNNING, JobState.FAILED)
+    assert client.post(url, headers=bob).status_code == 404  # not bob's
+    response = client.post(url, headers=alice)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert (body["state"], body["retries"], body["finished_at"]) == ("RETRYING", 1, None)
+    assert "resumes from its last checkpoint" in body["reason"]
+    # cancelled while waiting, then retried again
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
+    assert client.post(url, headers=alice).status_code == 202
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=alice).json()
+    assert [e["to_state"] for e in events][-4:] == ["FAILED", "RETRYING", "CANCELLED", "RETRYING"]
+    # a job that succeeded is not run again
+    _move(app, job["id"], JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED)
+    assert "submit a new job" in _error(client.post(url, headers=alice), 409)["message"]
+
+
+def test_retry_refused_when_the_dataset_is_gone(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"]).json()
+    _move(app, job["id"], JobState.CANCELLED)
+    assert client.delete(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 204
+    error = _error(client.post(f"/v1/jobs/{job['id']}/retry", headers=alice), 409)
+    assert error["code"] == "dataset_gone"
+
+
+def test_model_name_defaults_per_owner_and_is_validated(
+    client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    assert _submit(client, alice, dataset["id"]).json()["model_name"] == "reid-alice"
+    named = _submit(client, alice, dataset["id"], model_name="street-cams").json()
+    assert named["model_name"] == "street-cams"
+    error = _error(_submit(client, alice, dataset["id"], model_name="../evil"), 422)
+    assert error["details"][0]["field"] == "body.model_name"

@@ -1,5 +1,6 @@
 """End to end: the API submits, a real Celery worker (solo pool, a subprocess) supervises the real
-trainer, on Redis and a fresh PostgreSQL database migrated by Alembic.
+trainer, on Redis and a fresh PostgreSQL database migrated by Alembic; the trainer logs to a real
+MLflow server (PostgreSQL backend, proxied artifacts), whose registry the API reads.
 
 One worker serves every test of the module, on a queue of its own. The data set is tiny and
 synthetic, registered through the API; each run takes seconds on one CPU thread.
@@ -28,8 +29,8 @@ from service import migrate
 from service.app import create_app
 from service.auth import create_api_key
 from service.db import session_scope
-from service.settings import JobBounds, Settings
-from tests.helpers import TINY_JOB_CONFIG, require_postgres
+from service.settings import JobBounds, Settings, TrackingSettings
+from tests.helpers import TINY_JOB_CONFIG, mlflow_server, postgres_database, require_postgres
 from tests.worker.conftest import fast_worker_settings
 
 with warnings.catch_warnings():
@@ -78,6 +79,15 @@ def database_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with (
+        postgres_database("reid_mlflow_test") as backend,
+        mlflow_server(tmp_path_factory.mktemp("mlflow"), backend) as url,
+    ):
+        yield url
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -85,6 +95,7 @@ class Stack:
     headers: dict[str, str]
     dataset_id: str
     worker_log: Path
+    dataset_root: Path
 
     def submit(self, config: dict[str, Any], **fields: Any) -> str:
         body = {
@@ -141,7 +152,9 @@ def _wait_for_file(path: Path, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    database_url: str, mlflow_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     _check_redis()
     tmp = tmp_path_factory.mktemp("worker_e2e")
     queue = f"wtest{uuid.uuid4().hex[:8]}"
@@ -161,6 +174,7 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             heartbeat_interval_s=1,
             kill_grace_s=30,
         ),
+        mlflow=TrackingSettings(tracking_uri=mlflow_url, request_timeout_s=5),
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
     env.update(
@@ -173,6 +187,8 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "REID_WORKER__POLL_INTERVAL_S": "0.2",
             "REID_WORKER__HEARTBEAT_INTERVAL_S": "1",
             "REID_WORKER__KILL_GRACE_S": "30",
+            "REID_MLFLOW__TRACKING_URI": mlflow_url,
+            "REID_MLFLOW__REQUEST_TIMEOUT_S": "5",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
@@ -213,7 +229,7 @@ def stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 "/v1/datasets", json={"name": "synthetic", "path": str(data)}, headers=headers
             )
             assert response.status_code == 201, response.text
-            yield Stack(settings, client, headers, response.json()["id"], worker_log)
+            yield Stack(settings, client, headers, response.json()["id"], worker_log, data)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -240,6 +256,14 @@ def _states(stack: Stack, job_id: str) -> list[str]:
     return [e["to_state"] for e in stack.events(job_id)]
 
 
+def _runs_of(stack: Stack, job_id: str) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(stack.settings.mlflow.experiment)
+    return list(client.search_runs([experiment.experiment_id], f"tags.`reid.job_id` = '{job_id}'"))
+
+
 def test_submitted_job_runs_to_success(stack: Stack) -> None:
     job_id = stack.submit({"schedule.epochs": 2, "schedule.max_steps_per_epoch": 2})
     job = stack.wait_final(job_id)
@@ -258,6 +282,26 @@ def test_submitted_job_runs_to_success(stack: Stack) -> None:
     assert (out / "job_config.yaml").is_file()
     assert "final model saved" in (out / "process.log").read_text()
 
+    # MLflow: one finished run with the job's metrics, the model registered as a version
+    (run,) = _runs_of(stack, job_id)
+    assert job["mlflow_run_id"] == run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval/mAP"] == pytest.approx(job["metrics"]["eval"]["mAP"])
+    assert job["warnings"] == []
+    assert (job["model_name"], job["model_version"]) == ("reid-alice", "1")
+    version = stack.client.get("/v1/models/reid-alice/versions/1", headers=stack.headers).json()
+    assert version["job_id"] == job_id and version["run_id"] == run.info.run_id
+
+    # ... and what a user does with it: load the embedder from the registry, embed an image
+    import mlflow
+
+    mlflow.set_tracking_uri(stack.settings.mlflow_tracking_uri)
+    embedder = mlflow.pytorch.load_model("models:/reid-alice@best")
+    image = next(stack.dataset_root.rglob("*.jpg"))
+    feature = embedder.embed_files([image])
+    assert feature.shape == (1, embedder.feature_dim)
+    assert abs(float((feature**2).sum()) - 1.0) < 1e-5
+
 
 def test_cancel_a_running_job(stack: Stack) -> None:
     job_id = stack.submit({"schedule.epochs": 60, "schedule.max_steps_per_epoch": 4})
@@ -269,6 +313,8 @@ def test_cancel_a_running_job(stack: Stack) -> None:
     assert job["reason"] == "cancelled: the trainer saved a checkpoint and stopped"
     assert _states(stack, job_id)[-2:] == ["CANCELLING", "CANCELLED"]
     assert list((stack.output_dir(job_id) / "checkpoints").glob("step_*.pt"))
+    (run,) = _runs_of(stack, job_id)
+    assert run.info.status == "KILLED"
 
 
 def test_killed_trainer_is_retried_and_resumes(stack: Stack) -> None:
@@ -287,6 +333,15 @@ def test_killed_trainer_is_retried_and_resumes(stack: Stack) -> None:
     assert job["retries"] == 1
     assert "resumed from" in (out / "train.log").read_text()
     assert (out / "model_final.pt").is_file()
+    # two attempts, one MLflow run, every epoch in it
+    (run,) = _runs_of(stack, job_id)
+    assert run.info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(stack.settings.mlflow_tracking_uri).get_metric_history(
+        run.info.run_id, "loss/total"
+    )
+    assert {m.step for m in history} == {1, 2, 3, 4}
 
 
 def test_config_rejected_at_run_time_fails_the_job(stack: Stack) -> None:

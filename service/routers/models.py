@@ -1,0 +1,109 @@
+"""/v1/models: your registered models (MLflow), their versions, aliases and weights."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from service.auth import CurrentOwner
+from service.deps import SettingsDep
+from service.registry import ModelRegistry
+from service.schemas import COMMON_ERRORS, AliasUpdate, ModelOut, ModelVersionOut, error_responses
+from service.settings import MODEL_NAME_PATTERN
+
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    responses={**COMMON_ERRORS, **error_responses(e503="MLflow (the model registry) is down")},
+)
+
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Registered model")]
+VersionRef = Annotated[
+    str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="A version number, or an alias")
+]
+AliasName = Annotated[str, Path(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+class VersionList(BaseModel):
+    items: list[ModelVersionOut]
+
+
+@router.get("", summary="Your registered models")
+def list_models(owner: CurrentOwner, settings: SettingsDep) -> ModelList:
+    return ModelList(items=ModelRegistry(settings).list_models(owner))
+
+
+@router.get(
+    "/{name}", summary="One registered model", responses=error_responses(e404="Unknown model")
+)
+def get_model(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -> ModelOut:
+    return ModelRegistry(settings).get_model(owner, name)
+
+
+@router.get(
+    "/{name}/versions",
+    summary="The model's versions, newest first, with their metrics and aliases",
+    responses=error_responses(e404="Unknown model"),
+)
+def list_versions(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -> VersionList:
+    return VersionList(items=ModelRegistry(settings).list_versions(owner, name))
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    summary="One version (by number or alias): metrics, the job and run that made it",
+    responses=error_responses(e404="Unknown model or version"),
+)
+def get_version(
+    name: ModelName, version: VersionRef, owner: CurrentOwner, settings: SettingsDep
+) -> ModelVersionOut:
+    return ModelRegistry(settings).get_version(owner, name, version)
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    summary="Point an alias (e.g. best, production) at a version",
+    responses=error_responses(e404="Unknown model or version"),
+)
+def set_alias(
+    name: ModelName,
+    alias: AliasName,
+    body: AliasUpdate,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+) -> ModelVersionOut:
+    return ModelRegistry(settings).set_alias(owner, name, alias, body.version)
+
+
+@router.get(
+    "/{name}/versions/{version}/weights",
+    summary="Download the version's weights (model_final.pt: tensors and config, no pickle)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **error_responses(e404="Unknown model or version"),
+    },
+)
+def download_weights(
+    name: ModelName, version: VersionRef, owner: CurrentOwner, settings: SettingsDep
+) -> FileResponse:
+    """``torch.load(path, weights_only=True)`` reads it; ``reid_core.model_io.load_model`` (or
+    ``reid embed --checkpoint``) rebuilds the network from it."""
+    registry = ModelRegistry(settings)
+    number = registry.get_version(owner, name, version).version
+    path, folder = registry.download_weights(owner, name, number)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{name}-v{number}.pt",
+        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+    )

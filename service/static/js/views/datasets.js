@@ -1,0 +1,311 @@
+// #/datasets: register a server folder (JSON {name, path}) or upload an archive (multipart name +
+// file), see what the scan found, delete.
+
+import { getJSON, request, sendJSON, upload } from "../api.js";
+import { describeError, h, setChildren, setMessage } from "../dom.js";
+import * as fmt from "../format.js";
+import { definitionList } from "../widgets.js";
+
+const MAX_PAGE = 200;
+const NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._\\-]{0,127}"; // service.schemas.DATASET_NAME_PATTERN
+
+export function renderDatasets(root) {
+  const tbody = h("tbody");
+  const status = h("p", { class: "form-error", role: "alert", hidden: true });
+  const empty = h(
+    "p",
+    { class: "muted", hidden: true },
+    "No dataset yet: register a folder or upload an archive.",
+  );
+  const scan = h("section", { class: "card", id: "dataset-scan", hidden: true });
+  let closed = false;
+
+  setChildren(
+    root,
+    h("div", { class: "view-head" }, h("h1", {}, "Datasets")),
+    h("div", { class: "grid-2" }, pathForm(showRegistered), uploadForm(showRegistered)),
+    scan,
+    status,
+    h(
+      "div",
+      { class: "table-wrap" },
+      h(
+        "table",
+        { class: "data", id: "datasets-table" },
+        h(
+          "thead",
+          {},
+          h(
+            "tr",
+            {},
+            h("th", {}, "Name"),
+            h("th", {}, "Format"),
+            h("th", { class: "num" }, "Images"),
+            h("th", { class: "num optional" }, "Identities"),
+            h("th", { class: "num optional" }, "Cameras"),
+            h("th", { class: "num optional" }, "Unreadable"),
+            h("th", { class: "optional" }, "Registered"),
+            h("th", {}, ""),
+          ),
+        ),
+        tbody,
+      ),
+    ),
+    empty,
+  );
+
+  function showRegistered(dataset) {
+    showScan(dataset);
+    load();
+  }
+
+  function showScan(dataset) {
+    const splits = Object.entries(dataset.splits || {});
+    setChildren(
+      scan,
+      h("h2", {}, `Scan of ${dataset.name}`),
+      definitionList([
+        ["Format", dataset.format],
+        [
+          "Source",
+          dataset.kind === "upload"
+            ? `upload (${fmt.bytes(dataset.size_bytes)} extracted)`
+            : "server folder",
+        ],
+        ["Folder", h("span", { class: "mono" }, dataset.path)],
+        ["Images", dataset.image_count],
+        ["Identities", dataset.identity_count],
+        ["Cameras", dataset.camera_count],
+        ["Unreadable files", dataset.unreadable_count],
+      ]),
+      splits.length > 0
+        ? h(
+            "table",
+            { class: "data compact" },
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["Split", "Images", "Identities", "Cameras"].map((t) => h("th", {}, t)),
+              ),
+            ),
+            h(
+              "tbody",
+              {},
+              splits.map(([name, s]) =>
+                h(
+                  "tr",
+                  {},
+                  h("td", {}, name),
+                  h("td", { class: "num" }, s.images),
+                  h("td", { class: "num" }, s.identities),
+                  h("td", { class: "num" }, s.cameras),
+                ),
+              ),
+            ),
+          )
+        : null,
+      dataset.unreadable_sample.length > 0
+        ? h(
+            "details",
+            {},
+            h("summary", {}, `Some unreadable files (${dataset.unreadable_count})`),
+            h(
+              "ul",
+              { class: "mono" },
+              dataset.unreadable_sample.map((f) => h("li", {}, f)),
+            ),
+          )
+        : null,
+    );
+    scan.dataset.id = dataset.id;
+    scan.hidden = false;
+  }
+
+  async function remove(dataset, button) {
+    if (
+      !window.confirm(
+        `Delete dataset ${dataset.name}? An uploaded archive's files are deleted too.`,
+      )
+    )
+      return;
+    button.disabled = true;
+    try {
+      await request(`v1/datasets/${dataset.id}`, { method: "DELETE" });
+      if (scan.dataset.id === dataset.id) scan.hidden = true;
+      await load();
+    } catch (error) {
+      setMessage(status, `Could not delete ${dataset.name}: ${describeError(error)}`);
+      button.disabled = false;
+    }
+  }
+
+  async function load() {
+    try {
+      const page = await getJSON(`v1/datasets?limit=${MAX_PAGE}`);
+      if (closed) return;
+      setChildren(
+        tbody,
+        ...page.items.map((d) => {
+          const del = h("button", { type: "button", class: "link-button danger" }, "delete");
+          del.addEventListener("click", () => remove(d, del));
+          return h(
+            "tr",
+            { dataset: { datasetId: d.id } },
+            h(
+              "td",
+              {},
+              h(
+                "button",
+                { type: "button", class: "link-button", onclick: () => showScan(d) },
+                d.name,
+              ),
+            ),
+            h("td", {}, d.format),
+            h("td", { class: "num" }, d.image_count),
+            h("td", { class: "num optional" }, d.identity_count),
+            h("td", { class: "num optional" }, d.camera_count),
+            h("td", { class: "num optional" }, d.unreadable_count),
+            h("td", { class: "optional" }, fmt.dateTime(d.created_at)),
+            h("td", {}, del),
+          );
+        }),
+      );
+      empty.hidden = page.items.length > 0;
+      setMessage(status, "");
+    } catch (error) {
+      setMessage(status, `Could not load the datasets: ${describeError(error)}`);
+    }
+  }
+
+  load();
+  return () => {
+    closed = true;
+  };
+}
+
+function nameInput() {
+  return h("input", {
+    name: "name",
+    required: true,
+    pattern: NAME_PATTERN,
+    title: "letters, digits, '.', '_' or '-'; starts with a letter or digit; at most 128",
+    autocomplete: "off",
+  });
+}
+
+/** Checks the inputs the browser can check; says which one is wrong in `message`. */
+function valid(form, message) {
+  const bad = [...form.elements].find((el) => el.willValidate && !el.checkValidity());
+  if (bad === undefined) return true;
+  setMessage(message, `${bad.name}: ${bad.validationMessage}${bad.title ? ` (${bad.title})` : ""}`);
+  return false;
+}
+
+function pathForm(onRegistered) {
+  const name = nameInput();
+  const path = h("input", {
+    name: "path",
+    required: true,
+    placeholder: "/data/reid/cams-2024",
+    autocomplete: "off",
+  });
+  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const submit = h("button", { type: "submit", class: "primary" }, "Register folder");
+  const form = h(
+    "form",
+    { class: "card stack", id: "dataset-path-form", novalidate: true },
+    h("h2", {}, "Register a server folder"),
+    h(
+      "p",
+      { class: "muted" },
+      "A folder under one of the service's dataset roots (REID_DATASET_ROOTS).",
+    ),
+    h("label", {}, "Name", name),
+    h("label", {}, "Path on the server", path),
+    h("div", { class: "actions" }, submit),
+    message,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    setMessage(message, "");
+    if (!valid(form, message)) return;
+    submit.disabled = true;
+    setMessage(message, "Scanning the folder…", "ok");
+    try {
+      const dataset = await sendJSON("POST", "v1/datasets", {
+        name: name.value.trim(),
+        path: path.value.trim(),
+      });
+      setMessage(message, `Registered ${dataset.name}: ${dataset.image_count} images.`, "ok");
+      form.reset();
+      onRegistered(dataset);
+    } catch (error) {
+      setMessage(message, describeError(error));
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
+}
+
+function uploadForm(onRegistered) {
+  const name = nameInput();
+  const file = h("input", {
+    name: "file",
+    type: "file",
+    required: true,
+    accept:
+      ".zip,.tar,.tgz,.tar.gz,.tar.bz2,.tar.xz,application/zip,application/gzip,application/x-tar",
+  });
+  const bar = h("progress", {
+    max: "1",
+    value: "0",
+    hidden: true,
+    "aria-label": "upload progress",
+  });
+  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const submit = h("button", { type: "submit", class: "primary" }, "Upload");
+  const form = h(
+    "form",
+    { class: "card stack", id: "dataset-upload-form", novalidate: true },
+    h("h2", {}, "Upload an archive"),
+    h(
+      "p",
+      { class: "muted" },
+      "A .zip or .tar.gz of a Market-1501 folder or of plain crops; it is checked before extraction.",
+    ),
+    h("label", {}, "Name", name),
+    h("label", {}, "Archive", file),
+    h("div", { class: "actions" }, submit, bar),
+    message,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    setMessage(message, "");
+    if (!valid(form, message)) return;
+    const body = new FormData();
+    body.append("name", name.value.trim());
+    body.append("file", file.files[0]);
+    submit.disabled = true;
+    bar.hidden = false;
+    bar.value = 0;
+    try {
+      const dataset = await upload("v1/datasets", body, (fraction) => {
+        bar.value = fraction;
+        if (fraction >= 1) setMessage(message, "Uploaded; extracting and scanning…", "ok");
+      });
+      setMessage(message, `Registered ${dataset.name}: ${dataset.image_count} images.`, "ok");
+      form.reset();
+      onRegistered(dataset);
+    } catch (error) {
+      setMessage(message, describeError(error));
+    } finally {
+      submit.disabled = false;
+      bar.hidden = true;
+    }
+  });
+  return form;
+}

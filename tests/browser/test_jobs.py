@@ -1,0 +1,314 @@
+"""The jobs table and the job page, in Chromium, against the real service and its worker: a job
+submitted from the page trains to SUCCEEDED while the table follows it, its page draws the charts;
+a running job is cancelled and retried from its page; keys and bad input read as messages."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, Route, expect
+
+from tests.browser.conftest import (
+    LONG_JOB,
+    PARKED_QUEUE,
+    SHORT_JOB,
+    OpenPage,
+    Service,
+    screenshot,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TRAINING_TIMEOUT_MS = 180_000
+
+
+def chart_points(page: Page, canvas_id: str) -> dict[str, list[list[float]]]:
+    """{series label: [[epoch, value], ...]} of the Chart.js chart drawn on ``canvas_id``."""
+    page.wait_for_function(
+        "id => window.Chart.getChart(document.getElementById(id))?.data.datasets.length > 0",
+        arg=canvas_id,
+    )
+    points: dict[str, list[list[float]]] = page.evaluate(
+        """id => Object.fromEntries(
+            window.Chart.getChart(document.getElementById(id)).data.datasets.map(
+                d => [d.label, d.data.map(p => [p.x, p.y])]))""",
+        canvas_id,
+    )
+    return points
+
+
+def sign_in(page: Page, key: str) -> None:
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Key", exact=True).fill(key)
+    dialog.get_by_role("button", name="Use this key").click()
+
+
+def test_a_wrong_key_is_refused_with_the_api_message(open_page: OpenPage) -> None:
+    page = open_page(owner=None)
+    page.goto("/")
+    sign_in(page, "reid_not-a-key")
+    expect(page.locator("#key-error")).to_have_text("This key was not accepted: invalid API key")
+    expect(page.locator("#key-dialog")).to_be_visible()
+    expect(page.locator("#view")).to_contain_text("Enter an API key")
+    assert page.evaluate("sessionStorage.getItem('reid.apiKey')") is None
+
+
+def test_a_job_submitted_from_the_page_is_followed_to_the_end(
+    open_page: OpenPage, service: Service
+) -> None:
+    page = open_page(owner=None)
+    polls: list[dict[str, Any]] = []  # GET /v1/jobs/{id} as the page sent them
+    page.on(
+        "request",
+        lambda r: (
+            polls.append({"url": r.url, "headers": r.headers})
+            if r.method == "GET" and re.search(r"/v1/jobs/[0-9a-f-]{36}$", r.url)
+            else None
+        ),
+    )
+    page.goto("/")
+    sign_in(page, service.keys["alice"])
+    expect(page.locator("#key-dialog")).to_be_hidden()
+    expect(page.locator("#key-label")).to_have_text(f"key {service.keys['alice'][:13]}…")
+    page.evaluate("window.sameDocument = true")  # gone if anything reloads the page
+
+    page.locator("#new-job > summary").click()
+    form = page.locator("#new-job-form")
+    form.get_by_label("Dataset").select_option(label="synthetic (64 images)")
+    form.get_by_label("Overrides").fill(json.dumps(SHORT_JOB))
+    form.get_by_label("GPUs").fill("0")
+    form.get_by_label("Max retries").fill("1")
+    form.get_by_role("button", name="Submit job").click()
+    expect(form.locator(".form-message")).to_contain_text("Submitted job")
+
+    row = page.locator("#jobs-table tbody tr").first
+    job_id = row.get_attribute("data-job-id")
+    assert job_id is not None
+    submitted = service.job(job_id)
+    assert submitted["config_overrides"] == SHORT_JOB
+    assert (submitted["gpus"], submitted["max_retries"]) == (0, 1)
+    assert submitted["dataset_id"] == service.dataset["id"]
+
+    expect(row.locator(".cell-state")).to_have_text("SUCCEEDED", timeout=TRAINING_TIMEOUT_MS)
+    job = service.job(job_id)
+    expect(row.locator(".progress-text")).to_have_text("100%")
+    expect(row.locator(".cell-epoch")).to_have_text("2 / 2")
+    expect(row.locator(".cell-loss")).to_have_text(f"{job['metrics']['losses']['total']:.3f}")
+    expect(row.locator(".cell-map")).to_have_text(f"{job['metrics']['eval']['mAP']:.1f}")
+    expect(row.locator(".cell-r1")).to_have_text(f"{job['metrics']['eval']['r1']:.1f}")
+    expect(row.locator(".cell-dataset")).to_have_text("synthetic")
+    assert page.evaluate("window.sameDocument") is True
+    # The table asked for this job alone, every time but the first with its ETag.
+    mine = [p for p in polls if p["url"].endswith(job_id)]
+    assert len(mine) >= 2
+    assert all("if-none-match" in p["headers"] for p in mine[1:])
+    assert all(p["headers"].get("x-api-key") == service.keys["alice"] for p in polls)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    screenshot(page, "jobs-table")
+
+    row.locator(".cell-job a").click()
+    expect(page).to_have_url(re.compile(f"#/jobs/{job_id}$"))
+    expect(page.locator("#job-state")).to_have_text("SUCCEEDED")
+    with service.client() as api:
+        history = api.get(f"/v1/jobs/{job_id}/metrics").json()
+        events = api.get(f"/v1/jobs/{job_id}/events").json()
+
+    losses = chart_points(page, "loss-chart")
+    terms = {k.removeprefix("loss/") for k in history[0] if k.startswith("loss/")}
+    assert set(losses) == terms
+    assert losses["total"] == [[r["epoch"], r["loss/total"]] for r in history]
+    evaluation = chart_points(page, "eval-chart")
+    assert set(evaluation) == {"mAP", "R1", "R5", "mINP"}
+    assert evaluation["mAP"] == [[r["epoch"], r["eval/mAP"]] for r in history]
+    expect(page.locator("#loss-chart")).to_be_visible()
+    expect(page.locator("#eval-chart")).to_be_visible()
+
+    timeline = page.locator("#job-timeline li")
+    expect(timeline).to_have_count(len(events))
+    assert [e["to_state"] for e in events] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    for item, event in zip(timeline.all(), events, strict=True):
+        expect(item).to_contain_text(event["to_state"])
+        expect(item).to_contain_text(event["reason"])
+    expect(page.locator("#job-log")).to_contain_text("final model saved")
+    assert json.loads(page.locator("#job-overrides").inner_text()) == SHORT_JOB
+    expect(page.locator("#job-resolved-config")).to_contain_text('"mobilenet_v3_small"')
+    expect(page.locator("#job-facts")).to_contain_text("synthetic")
+
+    job = service.job(job_id)
+    expect(page.locator("#mlflow-run")).to_have_text(job["mlflow_run_id"])
+    expect(page.locator("#mlflow-run")).to_have_attribute("href", job["mlflow_run_url"])
+    expect(page.locator("#job-model")).to_have_text(f"{job['model_name']} v{job['model_version']}")
+    expect(page.locator("#cancel-job")).to_be_hidden()
+    expect(page.locator("#retry-job")).to_be_hidden()  # only FAILED or CANCELLED jobs
+    screenshot(page, "job-page")
+
+
+def test_a_running_job_is_cancelled_and_retried_from_its_page(
+    open_page: OpenPage, service: Service
+) -> None:
+    job = service.submit(LONG_JOB)
+    try:
+        page = open_page()
+        page.goto(f"/#/jobs/{job['id']}")
+        expect(page.locator("#job-state")).to_have_text("RUNNING", timeout=TRAINING_TIMEOUT_MS)
+        expect(page.locator("#job-reason")).to_contain_text("trainer started")
+        # While it runs, the log follows the server's event stream.
+        expect(page.locator("#log-mode")).to_have_text("(live)")
+        expect(page.locator("#job-log")).to_contain_text("epoch 1 step", timeout=60_000)
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.locator("#cancel-job").click()
+        expect(page.locator("#job-state")).to_have_text("CANCELLED", timeout=60_000)
+        states = page.locator("#job-timeline li").evaluate_all(
+            "lis => lis.map(l => l.dataset.state)"
+        )
+        assert states[-2:] == ["CANCELLING", "CANCELLED"]
+        expect(page.locator("#job-timeline")).to_contain_text("cancel requested by alice")
+        expect(page.locator("#cancel-job")).to_be_hidden()
+
+        page.locator("#retry-job").click()
+        expect(page.locator("#job-state")).not_to_have_text("CANCELLED")
+        expect(page.locator("#retry-job")).to_be_hidden()
+        expect(page.locator("#cancel-job")).to_be_visible()
+        assert service.job(job["id"])["state"] not in ("CANCELLED", "FAILED", "SUCCEEDED")
+    finally:
+        service.cancel(job["id"])
+
+
+def test_an_unchanged_job_costs_a_304_and_a_change_shows_without_reload(
+    open_page: OpenPage, service: Service
+) -> None:
+    job = service.submit(SHORT_JOB, queue=PARKED_QUEUE)  # no worker: it stays QUEUED
+    try:
+        page = open_page()
+        page.goto("/")
+        row = page.locator(f'#jobs-table tr[data-job-id="{job["id"]}"]')
+        expect(row.locator(".cell-state")).to_have_text("QUEUED")
+        expect(row.locator(".cell-time")).to_have_text("waiting")
+        page.evaluate("window.sameDocument = true")
+        with page.expect_response(
+            lambda r: r.url.endswith(f"/v1/jobs/{job['id']}") and r.status == 304
+        ):
+            pass
+        service.cancel(job["id"])
+        expect(row.locator(".cell-state")).to_have_text("CANCELLED")
+        assert page.evaluate("window.sameDocument") is True
+    finally:
+        service.cancel(job["id"])
+
+
+def test_a_key_sees_only_its_owners_jobs(open_page: OpenPage, service: Service) -> None:
+    job = service.submit(SHORT_JOB, queue=PARKED_QUEUE)
+    try:
+        page = open_page(owner="bob")
+        page.goto("/")
+        expect(page.locator("#jobs-count")).to_have_text("0 of 0")
+        expect(page.get_by_text("No jobs yet")).to_be_visible()
+        page.goto(f"/#/jobs/{job['id']}")
+        expect(page.locator(".error-box")).to_have_text(f"job {job['id']} not found")
+    finally:
+        service.cancel(job["id"])
+
+
+def test_the_new_job_form_and_the_table_explain_what_went_wrong(
+    open_page: OpenPage, service: Service
+) -> None:
+    page = open_page()
+    page.goto("/")
+    page.locator("#new-job > summary").click()
+    form = page.locator("#new-job-form")
+    expect(form.get_by_label("Dataset")).to_have_value(service.dataset["id"])
+    overrides = form.get_by_label("Overrides")
+    message = form.locator(".form-message")
+    submit = form.get_by_role("button", name="Submit job")
+
+    overrides.fill('{"schedule.epochs": 3,}')
+    submit.click()
+    expect(message).to_contain_text("Overrides are not valid JSON")
+    overrides.fill('["schedule.epochs", 3]')
+    submit.click()
+    expect(message).to_have_text('Overrides must be a JSON object, e.g. {"schedule.epochs": 30}')
+    overrides.fill('{"schedule.epochs": 100000}')
+    submit.click()
+    expect(message).to_have_text(
+        "config.schedule.epochs: Input should be less than or equal to 1000 (got 100000)"
+    )
+    overrides.fill('{"optim.nonsense": 1}')
+    submit.click()
+    expect(message).to_contain_text("unknown key 'nonsense'")
+
+    # The API out of reach: the table says so and keeps its rows.
+    page.route("**/v1/jobs?limit=*", lambda route: route.abort())
+    page.locator("#jobs-table").wait_for()
+    page.evaluate("window.dispatchEvent(new HashChangeEvent('hashchange'))")
+    expect(page.locator("#jobs-status")).to_contain_text(
+        "Could not refresh the jobs: cannot reach the API"
+    )
+
+
+def test_ticked_jobs_are_compared_side_by_side(
+    open_page: OpenPage, service: Service, trained_job: dict[str, Any]
+) -> None:
+    other = service.submit({**SHORT_JOB, "loss.gsl.threshold": 0.61}, queue=PARKED_QUEUE)
+    try:
+        page = open_page()
+        page.goto("/")
+        compare = page.locator("#compare-link")
+        page.get_by_label(f"compare job {trained_job['id'][:8]}").check()
+        expect(compare).to_be_hidden()  # one job is not a comparison
+        page.get_by_label(f"compare job {other['id'][:8]}").check()
+        expect(compare).to_have_text("Compare 2 jobs")
+        compare.click()
+        expect(page).to_have_url(re.compile(f"#/compare/{trained_job['id']},{other['id']}$"))
+
+        with service.client() as api:
+            history = api.get(f"/v1/jobs/{trained_job['id']}/metrics").json()
+        best_map = max(r["eval/mAP"] for r in history)
+        trained_row = page.locator(f'#compare-table tr[data-job-id="{trained_job["id"]}"]')
+        expect(trained_row.locator(".cell-best-map")).to_have_text(f"{best_map:.1f}")
+        expect(page.locator("#compare-table tbody tr")).to_have_count(2)
+        assert chart_points(page, "compare-map-chart") == {
+            trained_job["id"][:8]: [[r["epoch"], r["eval/mAP"]] for r in history],
+            other["id"][:8]: [],  # still QUEUED: no epoch yet
+        }
+
+        threshold = trained_job["resolved_config"]["loss"]["gsl"]["threshold"]
+        diff = page.locator("#config-diff tbody tr")
+        assert diff.evaluate_all("rows => rows.map(r => r.dataset.key)") == ["loss.gsl.threshold"]
+        key, trained_value, other_value = diff.locator("td").all_inner_texts()
+        assert (key, float(trained_value), float(other_value)) == (
+            "loss.gsl.threshold",
+            threshold,
+            0.61,
+        )
+        screenshot(page, "compare")
+    finally:
+        service.cancel(other["id"])
+
+
+def test_the_log_is_polled_when_the_server_does_not_stream_it(
+    open_page: OpenPage, service: Service
+) -> None:
+    job = service.submit(SHORT_JOB, queue=PARKED_QUEUE)  # stays QUEUED: its log is followed
+    try:
+        page = open_page()
+        asked: list[str] = []
+
+        def plain_text_log(route: Route) -> None:
+            asked.append(route.request.url)
+            body = "the tail\n" if "follow=true" in route.request.url else "polled again\n"
+            route.fulfill(status=200, content_type="text/plain; charset=utf-8", body=body)
+
+        # An API whose logs route ignores follow=true and answers the tail as plain text.
+        page.route(re.compile(r"/v1/jobs/[0-9a-f-]+/logs\?"), plain_text_log)
+        page.goto(f"/#/jobs/{job['id']}")
+        expect(page.locator("#log-mode")).to_have_text("(refreshed every few seconds)")
+        expect(page.locator("#job-log")).to_have_text("polled again\n", timeout=10_000)
+        assert "follow=true" in asked[0]
+        assert all("follow" not in url for url in asked[1:])
+    finally:
+        service.cancel(job["id"])

@@ -1,0 +1,379 @@
+"""The trainer's MLflow hook: one run per job, its config, metrics, checkpoints and final model.
+
+Runs inside the training process (``python -m worker.train_job``), on the main rank only. Every
+exchange with MLflow is a *sync*: bring MLflow up to date with what the trainer has done (create
+or find the run, log the params once, the metrics of every finished epoch not logged yet, the
+newest checkpoint; at the end the final model, registered and perhaps given the alias ``best``).
+Syncs are idempotent and their progress is kept in ``mlflow.json``, so:
+
+- MLflow down: the sync fails quickly (bounded HTTP timeouts), training goes on, a warning is
+  recorded, the next sync is tried ``retry_after_s`` later and logs everything missed;
+- the trainer killed and the job retried: the run is continued, not duplicated, and epochs
+  already logged are not logged again;
+- MLflow still down when training ends: the hook keeps trying for ``final_sync_s``, then says in
+  ``pending`` what MLflow never received (the job shows it).
+
+The final model is logged twice over, in one MLflow model: ``mlflow.pytorch``'s flavor of a
+:class:`reid_core.embedder.Embedder` (``mlflow.pytorch.load_model("models:/NAME@best")`` gives a
+module that embeds images) with ``model_final.pt`` and ``config.yaml`` among its extra files
+(plain tensors and a dict, loadable with ``torch.load(weights_only=True)``). The alias ``best``
+moves to the new version when its mAP beats the holder's (or nobody holds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from reid_core.config import config_to_dict, flatten
+from reid_core.embedder import Embedder
+from reid_core.engine import distributed as dist_utils
+from reid_core.engine.trainer import HookBase
+from worker.tracking import JOB_TAG, TrackingSpec, TrackingState, _short, configure_http
+
+__all__ = ["BEST_ALIAS", "MLflowHook", "model_requirements"]
+
+log = logging.getLogger("worker.mlflow")
+
+BEST_ALIAS = "best"
+#: Tag of a registered model and its versions naming the owner (only they see and change it).
+OWNER_TAG = "reid.owner"
+#: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
+METRIC_TAG_PREFIX = "metric."
+#: Params that change between attempts of one job (MLflow refuses to change a logged param).
+_VOLATILE_PARAMS = frozenset({"checkpoint.resume"})
+_MAX_PARAM_LENGTH = 6000
+
+
+def model_requirements() -> list[str]:
+    """What the logged model needs to load: this project and the torch it was trained with."""
+    from importlib import metadata
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+    try:
+        reqs.append(f"reid-service=={metadata.version('reid-service')}")
+    except metadata.PackageNotFoundError:
+        reqs.append("reid-service")
+    return reqs
+
+
+class MLflowHook(HookBase):
+    """Tracks the run in MLflow as described in the module; ``clock`` and ``sleep`` for tests."""
+
+    def __init__(
+        self,
+        spec: TrackingSpec,
+        output_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.spec = spec
+        self.output_dir = Path(output_dir)
+        self.clock = clock
+        self.sleep = sleep
+        self.state = TrackingState()
+        self._next_try = 0.0
+        self._failing_since: str | None = None  # what the first failed sync was doing
+        self._client: Any = None
+
+    # -- hook points -----------------------------------------------------------------------
+
+    def before_train(self) -> None:
+        if not dist_utils.is_main_process():
+            return
+        configure_http(self.spec.request_timeout_s)
+        self.state = TrackingState.load(self.output_dir)
+        if self.state.run_id is None and self.spec.run_id:
+            self.state.run_id = self.spec.run_id
+        self._sync(final=False)
+
+    def after_epoch(self) -> None:
+        if dist_utils.is_main_process():
+            self._sync(final=False)
+
+    def on_interrupt(self) -> None:
+        if dist_utils.is_main_process():
+            self._sync(final=False)
+
+    def after_train(self) -> None:
+        if not dist_utils.is_main_process():
+            return
+        deadline = self.clock() + self.spec.final_sync_s
+        self._next_try = 0.0
+        while not self._sync(final=True):
+            wait = min(self.spec.retry_after_s, deadline - self.clock())
+            if wait <= 0:
+                break
+            self.sleep(wait)
+            self._next_try = 0.0
+        if self.state.pending:
+            message = (
+                f"MLflow at {self.spec.tracking_uri}: gave up {self.spec.final_sync_s:g} s "
+                f"after training ended; never logged: {'; '.join(self.state.pending)}"
+            )
+            log.error("%s", message)
+            self.state.warn(message)
+            self._save_state()
+
+    # -- sync ------------------------------------------------------------------------------
+
+    def _sync(self, final: bool) -> bool:
+        """Bring MLflow up to date; True when nothing is left to log."""
+        if self.clock() < self._next_try:
+            return False
+        step = "connecting"
+        try:
+            step = "creating the run"
+            self._ensure_run()
+            step = "logging params"
+            self._log_params()
+            step = "logging metrics"
+            self._log_metrics()
+            step = "logging a checkpoint"
+            self._log_checkpoint()
+            if final:
+                step = "logging the final model"
+                self._log_model()
+        except Exception as exc:
+            self._next_try = self.clock() + self.spec.retry_after_s
+            self.state.pending = self._pending(final)
+            if self._failing_since is None:
+                self._failing_since = step
+                message = (
+                    f"MLflow at {self.spec.tracking_uri} failed while {step} (epoch "
+                    f"{self._epochs_done()}): {_short(exc)}; training goes on, retrying every "
+                    f"{self.spec.retry_after_s:g} s"
+                )
+                log.warning("%s", message)
+                self.state.warn(message)
+            self._save_state()
+            return False
+        if self._failing_since is not None:
+            message = f"MLflow reachable again: caught up to epoch {self._epochs_done()}"
+            log.info("%s", message)
+            self.state.warn(message)
+            self._failing_since = None
+        self.state.pending = []
+        self._save_state()
+        return True
+
+    def _pending(self, final: bool) -> list[str]:
+        pending: list[str] = []
+        if self.state.run_id is None:
+            pending.append("the run")
+        first, last = self.state.logged_through_epoch + 1, self._epochs_done()
+        if last >= first:
+            pending.append(f"metrics of epoch{'s' if last > first else ''} " + _span(first, last))
+        if final and self.state.model_version is None and not self.state.registration_refused:
+            pending.append("the final model")
+        return pending
+
+    def _save_state(self) -> None:
+        try:
+            self.state.save(self.output_dir)
+        except OSError as exc:  # a full disk must not end the training
+            log.warning("cannot write %s: %s", self.output_dir / "mlflow.json", exc)
+
+    def _epochs_done(self) -> int:
+        return len(self.trainer.state.history)
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.spec.tracking_uri)
+        return self._client
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.spec.experiment)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(
+                self.client.create_experiment(
+                    self.spec.experiment, artifact_location=self.spec.artifact_location
+                )
+            )
+        except MlflowException:  # created meanwhile by another process
+            experiment = self.client.get_experiment_by_name(self.spec.experiment)
+            if experiment is None:
+                raise
+            return str(experiment.experiment_id)
+
+    def _ensure_run(self) -> None:
+        if self.state.run_id is not None:
+            run = self.client.get_run(self.state.run_id)
+            if run.info.status != "RUNNING":
+                self.client.update_run(self.state.run_id, status="RUNNING")
+            return
+        experiment_id = self._experiment_id()
+        # A run of this job whose id was lost (state file gone): continue it, never a second.
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{self.spec.job_id}'"
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {JOB_TAG: self.spec.job_id, **self.spec.tags}
+            run = self.client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
+            run_id = run.info.run_id
+        self.state.run_id, self.state.experiment_id = run_id, experiment_id
+        self._save_state()
+        log.info("MLflow run %s (experiment %s)", run_id, self.spec.experiment)
+
+    def _log_params(self) -> None:
+        if self.state.params_logged:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(config_to_dict(self.trainer.cfg))
+        params = [
+            Param(key, _param_value(value))
+            for key, value in sorted(flat.items())
+            if key not in _VOLATILE_PARAMS
+        ]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.state.run_id, params=params[start : start + 100])
+        self.state.params_logged = True
+        self._save_state()
+
+    def _log_metrics(self) -> None:
+        from mlflow.entities import Metric
+
+        history = self.trainer.state.history
+        new = [r for r in history if int(r.get("epoch", 0)) > self.state.logged_through_epoch]
+        if not new:
+            return
+        now_ms = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now_ms, int(record["epoch"]))
+            for record in new
+            for key, value in record.items()
+            if key not in ("epoch", "global_step")
+            and isinstance(value, int | float)
+            and math.isfinite(float(value))
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.state.run_id, metrics=metrics[start : start + 1000])
+        self.state.logged_through_epoch = int(new[-1]["epoch"])
+        self._save_state()
+
+    def _log_checkpoint(self) -> None:
+        if not self.spec.log_checkpoints:
+            return
+        directory = self.output_dir / "checkpoints"
+        candidates = sorted(directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates or candidates[-1].name in self.state.checkpoints_logged:
+            return
+        newest = candidates[-1]
+        self.client.log_artifact(self.state.run_id, str(newest), "checkpoints")
+        self.state.checkpoints_logged = [*self.state.checkpoints_logged, newest.name]
+        self._save_state()
+
+    def _log_model(self) -> None:
+        if self.state.model_version is not None or self.state.registration_refused:
+            return
+        import mlflow
+
+        model_file = self.output_dir / "model_final.pt"
+        if self.state.model_uri is None:
+            embedder = Embedder.from_file(model_file)
+            extra = [str(model_file), str(self.output_dir / "config.yaml")]
+            mlflow.set_tracking_uri(self.spec.tracking_uri)
+            with mlflow.start_run(run_id=self.state.run_id, log_system_metrics=False):
+                info = mlflow.pytorch.log_model(
+                    embedder,
+                    name="model",
+                    serialization_format="pickle",
+                    pip_requirements=model_requirements(),
+                    extra_files=[p for p in extra if Path(p).is_file()],
+                )
+            self.client.update_run(self.state.run_id, status="RUNNING")  # the job decides
+            self.state.model_uri, self.state.model_id = info.model_uri, info.model_id
+            self._save_state()
+        self._register(self.state.model_uri, self.state.model_id)
+
+    def _register(self, model_uri: str, model_id: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = self.spec.model_name
+        owner = self.spec.tags.get(OWNER_TAG)
+        try:
+            self.client.create_registered_model(name, tags={OWNER_TAG: owner} if owner else None)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            holder = self.client.get_registered_model(name).tags.get(OWNER_TAG)
+            if owner and holder and holder != owner:
+                self.state.registration_refused = (
+                    f"registered model {name!r} belongs to {holder!r}: the model stays in run "
+                    f"{self.state.run_id} unregistered; submit with another model_name"
+                )
+                self.state.warn(self.state.registration_refused)
+                self._save_state()
+                return
+        existing = self.client.search_model_versions(
+            f"name = '{name}' and run_id = '{self.state.run_id}'"
+        )
+        if existing:
+            version = existing[0]
+        else:
+            metrics = {
+                f"{METRIC_TAG_PREFIX}{k}": str(v)
+                for k, v in self.trainer.state.metrics.items()
+                if k != "epoch"
+            }
+            tags = {JOB_TAG: self.spec.job_id, **self.spec.tags, **metrics}
+            version = self.client.create_model_version(
+                name, model_uri, run_id=self.state.run_id, tags=tags, model_id=model_id
+            )
+        self.state.model_name, self.state.model_version = name, str(version.version)
+        self._save_state()
+        self.state.best_alias = self._move_best_alias(name, str(version.version))
+        self._save_state()
+        log.info(
+            "model registered: %s version %s%s",
+            name,
+            version.version,
+            " (alias best)" if self.state.best_alias else "",
+        )
+
+    def _move_best_alias(self, name: str, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        new_map = self.trainer.state.metrics.get("mAP")
+        try:
+            holder = self.client.get_model_version_by_alias(name, BEST_ALIAS)
+        except MlflowException:
+            holder = None
+        if holder is not None:
+            if str(holder.version) == version:
+                return True
+            held = holder.tags.get(f"{METRIC_TAG_PREFIX}mAP")
+            if new_map is None or (held is not None and float(held) >= float(new_map)):
+                return False
+        self.client.set_registered_model_alias(name, BEST_ALIAS, version)
+        return True
+
+
+def _param_value(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
