@@ -70,12 +70,12 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /app
 
 # Dependencies first, in their own layer (torch is most of the image): read from pyproject.toml
-# (the core dependencies plus the service, worker and chosen faiss extras), so that a code change
+# (the core dependencies plus the service, worker, onnx and chosen faiss extras), so that a code change
 # does not reinstall them.
 COPY pyproject.toml README.md ./
 RUN python -c "import sys, tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = ['service', 'worker', sys.argv[1]]; \
+extras = ['service', 'worker', 'onnx', sys.argv[1]]; \
 print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-dependencies'][e]]))" \
         "${FAISS_EXTRA}" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \

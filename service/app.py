@@ -13,7 +13,7 @@ import service
 from service import migrate
 from service.db import make_engine, make_session_factory
 from service.errors import install_error_handlers
-from service.routers import admin, dashboard, datasets, health, jobs, models
+from service.routers import admin, dashboard, datasets, galleries, health, jobs, models
 from service.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(jobs.config_router)
     app.include_router(models.router)
+    app.include_router(galleries.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
     return app

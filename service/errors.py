@@ -53,7 +53,7 @@ class APIError(Exception):
 
 def not_found(kind: str, ident: object) -> APIError:
     """404 for a resource that does not exist *or belongs to another owner* (no difference)."""
-    return APIError(404, f"{kind}_not_found", f"{kind} {ident} not found")
+    return APIError(404, f"{kind.replace(' ', '_')}_not_found", f"{kind} {ident} not found")
 
 
 def error_body(

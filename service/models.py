@@ -239,3 +239,60 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class GalleryState(enum.StrEnum):
+    """QUEUED -> BUILDING -> READY | FAILED; changed by
+    :func:`service.galleries.change_gallery_state`."""
+
+    QUEUED = "QUEUED"
+    BUILDING = "BUILDING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (GalleryState.READY, GalleryState.FAILED)
+
+
+class Gallery(Base):
+    """A searchable index of a dataset's gallery images, embedded by one registered model version.
+
+    The index itself lives in ``<data_dir>/galleries/<id>/`` (:mod:`service.galleries`); the row
+    keeps what it was built from, its state and progress. ``dataset_path`` is the dataset's folder
+    when the gallery was created: search hits are given relative to it, and the gallery stays
+    searchable after its dataset is deleted (``dataset_id`` then becomes NULL).
+    """
+
+    __tablename__ = "galleries"
+    __table_args__ = (Index("ix_galleries_owner_created_at", "owner", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str | None] = mapped_column(String(128))
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid(), ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
+    dataset_path: Mapped[str] = mapped_column(Text)
+    dataset_format: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str] = mapped_column(String(256))
+    model_version: Mapped[str] = mapped_column(String(32))  # a number, never an alias
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+
+    state: Mapped[GalleryState] = mapped_column(_enum(GalleryState, "gallery_state"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    image_count: Mapped[int | None] = mapped_column(Integer)
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    skipped_count: Mapped[int] = mapped_column(Integer, default=0)
+    feature_dim: Mapped[int | None] = mapped_column(Integer)
+
+    worker_id: Mapped[str | None] = mapped_column(String(256))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+__all__ += ["Gallery", "GalleryState"]

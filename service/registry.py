@@ -202,15 +202,20 @@ class ModelRegistry:
         folder = Path(tempfile.mkdtemp(prefix="reid-weights-"))
         import mlflow.artifacts
 
-        uri = f"models:/{name}/{out.version}/{WEIGHTS_PATH}"
-        try:
-            path = self._call(
-                lambda: mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri,
+        def download() -> str:
+            # the registry resolves the version to its model's artifacts (``models:/`` URIs
+            # would go through the process-wide registry URI, not this service's)
+            model_uri = self.client.get_model_version_download_uri(name, out.version)
+            return str(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{model_uri.rstrip('/')}/{WEIGHTS_PATH}",
                     dst_path=str(folder),
                     tracking_uri=self.settings.mlflow_tracking_uri,
                 )
             )
+
+        try:
+            path = self._call(download)
         except _MissingError:
             shutil.rmtree(folder, ignore_errors=True)
             raise not_found("model weights", f"{name}/{out.version}") from None

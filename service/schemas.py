@@ -6,10 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reid_core.config import ExperimentConfig
-from service.models import DatasetKind, DatasetStatus, JobState
+from service.models import DatasetKind, DatasetStatus, GalleryState, JobState
 from service.settings import MODEL_NAME_PATTERN
 
 __all__ = [
@@ -265,3 +265,116 @@ class ApiKeyOut(_Out):
 
 class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="The API key. Shown once: only its hash is stored.")
+
+
+# ----------------------------------------------------------------------------------------------
+# model use: embeddings and galleries
+# ----------------------------------------------------------------------------------------------
+
+#: A model version as the routes take it: a number, or an alias (``best``, ``production``).
+VERSION_REF_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ImageFeatureOut(BaseModel):
+    name: str = Field(description="The uploaded file's name.")
+    feature: list[float] = Field(description="L2-normalised feature (norm 1), feature_dim long.")
+
+
+class EmbedOut(BaseModel):
+    """Features of uploaded images, in the order they were sent."""
+
+    model_name: str
+    model_version: str = Field(description="The version number (an alias is resolved).")
+    feature_dim: int
+    items: list[ImageFeatureOut]
+
+
+class GalleryCreate(_In):
+    """Index a dataset's gallery images with one of your registered model versions."""
+
+    dataset_id: uuid.UUID
+    model_name: str = Field(pattern=MODEL_NAME_PATTERN, examples=["reid-alice"])
+    model_version: str = Field(
+        pattern=VERSION_REF_PATTERN,
+        description='A version number (3 or "3") or an alias (best); resolved to a number '
+        "when the gallery is created.",
+        examples=["best", "3"],
+    )
+    name: str | None = Field(None, min_length=1, max_length=128, examples=["cams-2024 v3"])
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="1: built by a GPU worker (queue gpu1), 0: by a CPU worker (queue cpu); "
+        "default 1 where the service allows GPUs.",
+    )
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+
+class GalleryOut(_Out):
+    """A gallery: its build state and what it indexes."""
+
+    id: uuid.UUID
+    name: str | None
+    dataset_id: uuid.UUID | None = Field(description="None once the dataset was deleted.")
+    model_name: str
+    model_version: str = Field(description="The version number the features come from.")
+    gpus: int
+    state: GalleryState
+    reason: str | None = Field(description="Why the gallery is in its current state.")
+    error: str | None = Field(None, description="What went wrong, when FAILED.")
+    progress: float = Field(description="0 to 1: share of the images embedded.")
+    image_count: int | None = Field(
+        description="Images to index: the dataset's gallery split (bounding_box_test) for a "
+        "Market-layout dataset, every image of an image folder. Exact once BUILDING."
+    )
+    images_done: int = Field(description="Images embedded so far.")
+    skipped_count: int = Field(description="Unreadable images left out of the index.")
+    feature_dim: int | None
+    worker_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @model_validator(mode="after")
+    def _error_when_failed(self) -> GalleryOut:
+        self.error = self.reason if self.state is GalleryState.FAILED else None
+        return self
+
+
+class SearchHitOut(BaseModel):
+    rank: int = Field(description="1 for the closest image.")
+    path: str = Field(description="The gallery image, relative to the dataset's folder.")
+    score: float = Field(description="Cosine similarity to the query (larger = closer).")
+    camera_id: int | None = Field(
+        description="0-based camera index (c1 in a Market file name is 0); None when unknown."
+    )
+    person_id: int | None = Field(
+        description="Identity label of a labelled dataset (0: a distractor); None when unknown."
+    )
+
+
+class GallerySearchOut(BaseModel):
+    gallery_id: uuid.UUID
+    model_name: str
+    model_version: str
+    query: str = Field(description="The uploaded query file's name.")
+    k: int = Field(description="Hits asked for (fewer when the gallery is smaller).")
+    hits: list[SearchHitOut]
+
+
+__all__ += [
+    "EmbedOut",
+    "GalleryCreate",
+    "GalleryOut",
+    "GallerySearchOut",
+    "ImageFeatureOut",
+    "SearchHitOut",
+]

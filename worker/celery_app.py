@@ -90,7 +90,11 @@ def create_celery_app(settings: Settings) -> Celery:
         Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(
             parents=True, exist_ok=True
         )
-    app = Celery("reid_worker", broker=settings.broker_url, include=["worker.supervisor"])
+    app = Celery(
+        "reid_worker",
+        broker=settings.broker_url,
+        include=["worker.supervisor", "worker.gallery_task"],
+    )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -275,11 +275,9 @@ class MLflowHook(HookBase):
     def _log_checkpoint(self) -> None:
         if not self.spec.log_checkpoints:
             return
-        directory = self.output_dir / "checkpoints"
-        candidates = sorted(directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-        if not candidates or candidates[-1].name in self.state.checkpoints_logged:
+        newest = _newest(self.output_dir / "checkpoints")
+        if newest is None or newest.name in self.state.checkpoints_logged:
             return
-        newest = candidates[-1]
         self.client.log_artifact(self.state.run_id, str(newest), "checkpoints")
         self.state.checkpoints_logged = [*self.state.checkpoints_logged, newest.name]
         self._save_state()
@@ -294,14 +292,22 @@ class MLflowHook(HookBase):
             embedder = Embedder.from_file(model_file)
             extra = [str(model_file), str(self.output_dir / "config.yaml")]
             mlflow.set_tracking_uri(self.spec.tracking_uri)
-            with mlflow.start_run(run_id=self.state.run_id, log_system_metrics=False):
-                info = mlflow.pytorch.log_model(
-                    embedder,
-                    name="model",
-                    serialization_format="pickle",
-                    pip_requirements=model_requirements(),
-                    extra_files=[p for p in extra if Path(p).is_file()],
-                )
+            # MLflow warns that pickled models run code on load: known and documented here
+            # (the weights also travel as model_final.pt, which loads with weights_only=True).
+            pytorch_log = logging.getLogger("mlflow.pytorch")
+            level = pytorch_log.level
+            pytorch_log.setLevel(logging.ERROR)
+            try:
+                with mlflow.start_run(run_id=self.state.run_id, log_system_metrics=False):
+                    info = mlflow.pytorch.log_model(
+                        embedder,
+                        name="model",
+                        serialization_format="pickle",
+                        pip_requirements=model_requirements(),
+                        extra_files=[p for p in extra if Path(p).is_file()],
+                    )
+            finally:
+                pytorch_log.setLevel(level)
             self.client.update_run(self.state.run_id, status="RUNNING")  # the job decides
             self.state.model_uri, self.state.model_id = info.model_uri, info.model_id
             self._save_state()
@@ -368,6 +374,17 @@ class MLflowHook(HookBase):
                 return False
         self.client.set_registered_model_alias(name, BEST_ALIAS, version)
         return True
+
+
+def _newest(directory: Path) -> Path | None:
+    """The most recent ``*.pt`` in ``directory`` (files rotated away meanwhile are skipped)."""
+    stamped = []
+    for path in directory.glob("*.pt"):
+        try:
+            stamped.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    return max(stamped)[1] if stamped else None
 
 
 def _param_value(value: Any) -> str:

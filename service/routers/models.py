@@ -1,20 +1,38 @@
-"""/v1/models: your registered models (MLflow), their versions, aliases and weights."""
+"""/v1/models: your registered models (MLflow), their versions, aliases and weights, and the
+features a version computes for uploaded images."""
 
 from __future__ import annotations
 
 import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from service.auth import CurrentOwner
 from service.deps import SettingsDep
+from service.galleries import (
+    MAX_EMBED_IMAGES,
+    MAX_IMAGE_BYTES,
+    UploadedImage,
+    cached_embedder,
+    decode_images,
+    receive_images,
+)
 from service.registry import ModelRegistry
-from service.schemas import COMMON_ERRORS, AliasUpdate, ModelOut, ModelVersionOut, error_responses
-from service.settings import MODEL_NAME_PATTERN
+from service.schemas import (
+    COMMON_ERRORS,
+    AliasUpdate,
+    EmbedOut,
+    ImageFeatureOut,
+    ModelOut,
+    ModelVersionOut,
+    error_responses,
+)
+from service.settings import MODEL_NAME_PATTERN, Settings
 
 router = APIRouter(
     prefix="/v1/models",
@@ -107,3 +125,70 @@ def download_weights(
         filename=f"{name}-v{number}.pt",
         background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
     )
+
+
+_EMBED_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "maxItems": MAX_EMBED_IMAGES,
+                            "description": "Person crops (JPEG, PNG, BMP, WebP), at most "
+                            f"{MAX_IMAGE_BYTES} bytes each.",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _embed(
+    settings: Settings, owner: str, name: str, version: str, images: list[UploadedImage]
+) -> EmbedOut:
+    registry = ModelRegistry(settings)
+    number = registry.get_version(owner, name, version).version  # the owner's, alias resolved
+    embedder = cached_embedder(registry, owner, name, number)
+    features = embedder.embed_images(decode_images(images))
+    return EmbedOut(
+        model_name=name,
+        model_version=number,
+        feature_dim=embedder.feature_dim,
+        items=[
+            ImageFeatureOut(name=image.name, feature=row.tolist())
+            for image, row in zip(images, features, strict=True)
+        ],
+    )
+
+
+@router.post(
+    "/{name}/versions/{version}/embed",
+    summary="Features of images with this version (L2-normalised, one row per image)",
+    openapi_extra=_EMBED_BODY,
+    responses=error_responses(
+        e404="Unknown model or version",
+        e413="Too many images, or one too large",
+        e415="Not multipart/form-data",
+    ),
+)
+async def embed_images(
+    request: Request,
+    name: ModelName,
+    version: VersionRef,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+) -> EmbedOut:
+    """Multipart file parts named ``files`` (up to ``MAX_EMBED_IMAGES``), answered in the order
+    sent; a file that is not an image is a 422 naming it. The features are the ones
+    ``Embedder.embed_files`` (and the trained model's evaluation) computes; the model is loaded
+    once per API process and kept."""
+    images = await receive_images(request, "files")
+    return await run_in_threadpool(_embed, settings, owner, name, version, images)

@@ -211,13 +211,6 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
-@dataclass
-class PageProblems:
-    """What must never happen on a page: uncaught exceptions, Content-Security-Policy refusals."""
-
-    errors: list[str]
-
-
 OpenPage = Callable[..., Page]
 
 
@@ -225,35 +218,38 @@ OpenPage = Callable[..., Page]
 def open_page(browser: Browser, service: Service) -> Iterator[OpenPage]:
     """``open_page(owner="alice", width=1280, height=800)``: a fresh browser tab on the
     dashboard; signed in as ``owner`` (its key already in sessionStorage) unless owner is None.
-    At the end, the test fails if any page had an uncaught error or a CSP refusal."""
-    contexts = []
-    problems = PageProblems(errors=[])
+    At the end, the test fails if a page had an error no view handled (uncaught, or shown in the
+    page's banner) or a Content-Security-Policy refusal."""
+    pages: list[Page] = []
+    problems: list[str] = []
 
     def open_(owner: str | None = "alice", width: int = 1280, height: int = 800) -> Page:
         context = browser.new_context(
             base_url=service.base_url, viewport={"width": width, "height": height}
         )
-        contexts.append(context)
         if owner is not None:
             key = json.dumps(service.keys[owner])
             context.add_init_script(f"sessionStorage.setItem('reid.apiKey', {key})")
         page = context.new_page()
         page.set_default_timeout(15_000)
-        page.on("pageerror", lambda error: problems.errors.append(f"uncaught: {error}"))
+        page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
         page.on(
             "console",
             lambda message: (
-                problems.errors.append(f"console: {message.text}")
+                problems.append(f"console: {message.text}")
                 if "Content Security Policy" in message.text
                 else None
             ),
         )
+        pages.append(page)
         return page
 
     yield open_
-    for context in contexts:
-        context.close()
-    assert problems.errors == []
+    for page in pages:
+        if page.locator("#banner").is_visible():
+            problems.append(f"banner: {page.locator('#banner-text').inner_text()}")
+        page.context.close()
+    assert problems == []
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -15,7 +15,7 @@ from service import migrate
 from service.db import make_engine
 from service.models import Base
 
-TABLES = {"api_keys", "datasets", "jobs", "job_events"}
+TABLES = {"api_keys", "datasets", "jobs", "job_events", "galleries"}
 
 
 def _tables(url: str) -> set[str]:
@@ -57,7 +57,7 @@ def test_sqlite_up_down_up(tmp_path: Path) -> None:
 
 
 def test_one_head() -> None:
-    assert migrate.head_revision() == "0002"
+    assert migrate.head_revision() == "0003"
 
 
 @pytest.mark.integration

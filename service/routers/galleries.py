@@ -1,0 +1,339 @@
+"""/v1/galleries: index a dataset's images with a registered model, then search it with images.
+
+``POST /v1/galleries`` checks the dataset and the model version (an alias is resolved to its
+number), commits the gallery QUEUED and sends its id to the workers (:mod:`worker.gallery_task`),
+which build the index; ``GET`` shows the state and progress; ``POST /{id}/search`` embeds a query
+image with the gallery's model and answers its nearest gallery images. Another owner's gallery is
+a 404, as everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.auth import CurrentOwner
+from service.deps import SessionDep, SettingsDep
+from service.errors import APIError, not_found
+from service.galleries import (
+    UploadedImage,
+    cached_embedder,
+    cached_index,
+    change_gallery_state,
+    decode_images,
+    fail_if_stale,
+    forget_index,
+    gallery_dir,
+    lock_gallery,
+    receive_images,
+)
+from service.models import Dataset, DatasetStatus, Gallery, GalleryState, utcnow
+from service.registry import ModelRegistry
+from service.schemas import (
+    COMMON_ERRORS,
+    GalleryCreate,
+    GalleryOut,
+    GallerySearchOut,
+    Page,
+    SearchHitOut,
+    error_responses,
+)
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=COMMON_ERRORS)
+
+_LOG = logging.getLogger("service.galleries")
+
+#: Most hits one search returns.
+MAX_K = 1000
+
+_QUERY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The query: a person crop (JPEG, PNG, BMP, WebP).",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _gallery_split_images(dataset: Dataset) -> int:
+    """Images the gallery will index, from the dataset's scan: the gallery split of a labelled
+    dataset (bounding_box_test), else every image."""
+    splits = dataset.splits or {}
+    gallery = int((splits.get("gallery") or {}).get("images", 0))
+    return gallery if gallery else int((splits.get("train") or {}).get("images", 0))
+
+
+def _out(gallery: Gallery) -> GalleryOut:
+    return GalleryOut.model_validate(gallery)
+
+
+def _send_to_workers(settings: Settings, session: Session, gallery: Gallery) -> None:
+    """Publish the committed gallery to the broker; FAILED (with the broker's error) when it does
+    not take it, so that nobody waits on a build that will never start."""
+    try:
+        from worker.gallery_task import send_gallery
+    except ImportError as exc:  # the `worker` extra is not installed here
+        reason = f"cannot reach the workers: the worker package does not load here ({exc})"
+    else:
+        error = send_gallery(settings, gallery)
+        if error is None:
+            return
+        reason = (
+            f"the workers' broker did not take the build ({error}); delete the gallery and "
+            "create it again once the broker is back"
+        )
+    locked = lock_gallery(session, gallery.id)
+    if locked is not None and locked.state is GalleryState.QUEUED:
+        change_gallery_state(session, locked, GalleryState.FAILED, reason)
+        session.commit()
+        _LOG.warning("gallery %s: %s", gallery.id, reason)
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Build a gallery: a searchable index of a dataset's images, with a model version",
+    responses=error_responses(
+        e404="Unknown dataset, model or version",
+        e409="The dataset is not ready or has no image to index",
+        e503="MLflow (the model registry) is down",
+    ),
+)
+def create_gallery(
+    body: GalleryCreate,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+) -> GalleryOut:
+    """A Market-layout dataset contributes its gallery split (``bounding_box_test``), an image
+    folder every image. The build runs on a worker (queue ``cpu`` with ``gpus=0``, ``gpu1``
+    otherwise); follow it with ``GET /v1/galleries/{id}`` until READY."""
+    dataset = session.execute(
+        select(Dataset).where(Dataset.id == body.dataset_id, Dataset.owner == owner)
+    ).scalar_one_or_none()
+    if dataset is None:
+        raise not_found("dataset", body.dataset_id)
+    if dataset.status is not DatasetStatus.READY:
+        raise APIError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}")
+    images = _gallery_split_images(dataset)
+    if images == 0:
+        raise APIError(409, "dataset_empty", f"dataset {dataset.id} has no readable image to index")
+    gpus = body.gpus if body.gpus is not None else min(1, settings.job_bounds.max_gpus)
+    if gpus > settings.job_bounds.max_gpus:
+        message = f"gpus={gpus} is above this service's limit of {settings.job_bounds.max_gpus}"
+        raise APIError(
+            422,
+            "validation_error",
+            message,
+            details=[{"field": "body.gpus", "message": message, "value": gpus}],
+        )
+    version = ModelRegistry(settings).get_version(owner, body.model_name, body.model_version)
+    gallery = Gallery(
+        id=uuid.uuid4(),
+        owner=owner,
+        name=body.name,
+        dataset_id=dataset.id,
+        dataset_path=dataset.path,
+        dataset_format=dataset.format,
+        model_name=version.name,
+        model_version=version.version,
+        gpus=gpus,
+        progress=0.0,
+        image_count=images,
+        images_done=0,
+        skipped_count=0,
+    )
+    alias = "" if body.model_version == version.version else f" ({body.model_version})"
+    change_gallery_state(
+        session,
+        gallery,
+        GalleryState.QUEUED,
+        f"requested by {owner}: {images} images of dataset {dataset.name} with "
+        f"{version.name} version {version.version}{alias}",
+    )
+    session.commit()
+    if settings.worker.enqueue_on_submit:
+        _send_to_workers(settings, session, gallery)
+    response.headers["Location"] = f"/v1/galleries/{gallery.id}"
+    return _out(gallery)
+
+
+def _owned(session: Session, owner: str, gallery_id: uuid.UUID) -> Gallery:
+    gallery = session.execute(
+        select(Gallery).where(Gallery.id == gallery_id, Gallery.owner == owner)
+    ).scalar_one_or_none()
+    if gallery is None:
+        raise not_found("gallery", gallery_id)
+    return gallery
+
+
+def _fail_stale(session: Session, settings: Settings, galleries: list[Gallery]) -> None:
+    """Builds whose worker stopped heartbeating are FAILED when someone looks (no reaper runs
+    for galleries)."""
+    timeout = settings.worker.heartbeat_timeout_s
+    now = utcnow()
+    changed = False
+    for gallery in galleries:
+        if gallery.state is not GalleryState.BUILDING:
+            continue
+        locked = lock_gallery(session, gallery.id)
+        changed |= locked is not None and fail_if_stale(session, locked, timeout, now)
+    if changed:
+        session.commit()
+
+
+@router.get("", summary="Your galleries, newest first")
+def list_galleries(
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[GalleryOut]:
+    where = Gallery.owner == owner
+    total = session.execute(select(func.count()).select_from(Gallery).where(where)).scalar_one()
+    rows = list(
+        session.execute(
+            select(Gallery)
+            .where(where)
+            .order_by(Gallery.created_at.desc(), Gallery.id)
+            .limit(limit)
+            .offset(offset)
+        ).scalars()
+    )
+    _fail_stale(session, settings, rows)
+    return Page[GalleryOut](items=[_out(g) for g in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/{gallery_id}",
+    summary="One gallery: state, progress, counts",
+    responses=error_responses(e404="Unknown gallery"),
+)
+def get_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> GalleryOut:
+    gallery = _owned(session, owner, gallery_id)
+    _fail_stale(session, settings, [gallery])
+    return _out(gallery)
+
+
+@router.delete(
+    "/{gallery_id}",
+    status_code=204,
+    summary="Delete a gallery and its index (a build in progress is stopped)",
+    responses=error_responses(e404="Unknown gallery"),
+)
+def delete_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    gallery = lock_gallery(session, gallery_id, owner=owner)
+    if gallery is None:
+        raise not_found("gallery", gallery_id)
+    session.delete(gallery)
+    session.commit()
+    # A running build notices the row is gone, stops and removes what it wrote.
+    folder = gallery_dir(settings, gallery_id)
+    forget_index(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return Response(status_code=204)
+
+
+def _relative(path: str, root: str) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) -> GallerySearchOut:
+    folder = gallery_dir(settings, gallery.id)
+    try:
+        index = cached_index(folder)
+    except FileNotFoundError:
+        raise APIError(
+            409,
+            "gallery_index_missing",
+            f"gallery {gallery.id} is READY but its index is missing from {folder}; delete the "
+            "gallery and create it again",
+        ) from None
+    embedder = cached_embedder(
+        ModelRegistry(settings), gallery.owner, gallery.model_name, gallery.model_version
+    )
+    features = embedder.embed_images(decode_images([query]))
+    hits = index.search(features, k=k)[0]
+    return GallerySearchOut(
+        gallery_id=gallery.id,
+        model_name=gallery.model_name,
+        model_version=gallery.model_version,
+        query=query.name,
+        k=k,
+        hits=[
+            SearchHitOut(
+                rank=rank,
+                path=_relative(hit.path, gallery.dataset_path),
+                score=hit.score,
+                camera_id=hit.camid if hit.camid >= 0 else None,
+                person_id=hit.pid if hit.pid >= 0 else None,
+            )
+            for rank, hit in enumerate(hits, start=1)
+        ],
+    )
+
+
+@router.post(
+    "/{gallery_id}/search",
+    summary="The gallery images closest to a query image, best first",
+    openapi_extra=_QUERY_BODY,
+    responses=error_responses(
+        e404="Unknown gallery",
+        e409="The gallery is not READY",
+        e413="The image is too large",
+        e415="Not multipart/form-data",
+        e503="MLflow (the model registry) is down",
+    ),
+)
+async def search_gallery(
+    request: Request,
+    gallery_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="How many hits")] = 10,
+) -> GallerySearchOut:
+    """The query (multipart file part ``image``) is embedded by the gallery's model; scores are
+    cosine similarities, hits carry the image's path relative to the dataset's folder, its
+    camera and, for a labelled dataset, its identity."""
+    gallery = await run_in_threadpool(_owned, session, owner, gallery_id)
+    if gallery.state is not GalleryState.READY:
+        raise APIError(
+            409,
+            "gallery_not_ready",
+            f"gallery {gallery_id} is {gallery.state} ({gallery.reason}); search it once it is "
+            "READY",
+        )
+    (query,) = await receive_images(request, "image", max_files=1)
+    return await run_in_threadpool(_search, settings, gallery, query, k)
