@@ -93,6 +93,20 @@ class DataConfig(_Strict):
     color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
     rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
     flip_probability: float = Field(0.5, ge=0.0, le=1.0)
+    augment_both_views: bool = Field(
+        False,
+        description="Give view 0 the same random augmentation as view 1 (two augmented views, "
+        "as in contrastive learning) instead of the plain view.",
+    )
+    grayscale_probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="Augmented views: turned grey with this probability."
+    )
+    erasing_probability: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Augmented views: random erasing (2-40% of the area) with this probability.",
+    )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -179,6 +193,12 @@ class PEDALConfig(_Strict):
     scale: float = Field(15.0, gt=0.0, description="s in exp(-s d); 5 for DukeMTMC.")
     neighbours: int = Field(10, ge=1, le=1000)
     memory_momentum: float = Field(0.1, ge=0.0, le=1.0, description="Weight of the new feature.")
+    warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="PEDAL is 0 before this epoch (the patch memory is still updated), like GSL's "
+        "warm-up: its neighbours K_i^p mean little while the features are random.",
+    )
 
 
 class IPFLConfig(_Strict):
@@ -190,6 +210,9 @@ class IPFLConfig(_Strict):
     agent_momentum: float = Field(0.1, ge=0.0, le=1.0, description="Weight of the new embedding.")
     cycle_k: int = Field(3, ge=1, le=100)
     max_candidates: int = Field(15, ge=1, le=1000)
+    warmup_epochs: int = Field(
+        0, ge=0, description="IPFL is 0 before this epoch (the agents are still updated)."
+    )
 
 
 class LossConfig(_Strict):

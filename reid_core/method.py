@@ -11,7 +11,9 @@ Memories (one slot per training image, identical on every rank):
                                     momentum 0.1 (new-value weight).
 
 Global losses apply to both views' features; PEDAL to view 0's patch features (as PAUL does);
-IPFL to both views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``.
+IPFL to both views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``, PEDAL after
+``loss.pedal.warmup_epochs`` and IPFL after ``loss.ipfl.warmup_epochs`` (before that a term is a 0
+still connected to the graph, and its memory is updated all the same).
 """
 
 from __future__ import annotations
@@ -143,9 +145,12 @@ class DualBranchObjective(nn.Module):
                 all_gather_cat(out0.patch_features.float()),
                 keep=1.0 - loss_cfg.pedal.memory_momentum,
             )
-            terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
-                out0.patch_features.float(), indices, self.patch_memory.bank
-            )
+            if epoch >= loss_cfg.pedal.warmup_epochs:
+                terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
+                    out0.patch_features.float(), indices, self.patch_memory.bank
+                )
+            else:
+                terms["pedal"] = out0.patch_features.float().sum() * 0.0
         if self.ipfl is not None and self.agents is not None:
             assert out0.embeddings is not None and out1.embeddings is not None
             e0, e1 = out0.embeddings.float(), out1.embeddings.float()
@@ -155,9 +160,12 @@ class DualBranchObjective(nn.Module):
                 all_gather_cat((e0 + e1) / 2),
                 keep=1.0 - loss_cfg.ipfl.agent_momentum,
             )
-            terms["ipfl"] = loss_cfg.ipfl.weight * self.ipfl(
-                torch.stack([e0, e1]), indices, self.agents.bank
-            )
+            if epoch >= loss_cfg.ipfl.warmup_epochs:
+                terms["ipfl"] = loss_cfg.ipfl.weight * self.ipfl(
+                    torch.stack([e0, e1]), indices, self.agents.bank
+                )
+            else:
+                terms["ipfl"] = (e0.sum() + e1.sum()) * 0.0
         if not terms:
             raise ValueError("no loss term is enabled")
         terms["total"] = torch.stack(list(terms.values())).sum()

@@ -66,7 +66,15 @@ def resolve_registered_path(raw: str, roots: Sequence[Path]) -> Path:
         )
     if ".." in path.parts:
         raise DatasetFolderError(f"dataset path {shown} contains '..'; give the folder's own path")
-    real = path.resolve(strict=False)
+    try:
+        real = path.resolve(strict=False)
+        exists, is_dir = real.exists(), real.is_dir()
+    except ValueError:  # "embedded null byte"
+        raise DatasetFolderError(f"dataset path {shown} contains a NUL character") from None
+    except RuntimeError:  # pathlib's "Symlink loop from ..."
+        raise DatasetFolderError(f"dataset path {shown} is a loop of symbolic links") from None
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise DatasetFolderError(f"dataset path {shown} cannot be used: {exc.strerror}") from None
     real_roots = [Path(r).resolve(strict=False) for r in roots]
     if not any(real == r or real.is_relative_to(r) for r in real_roots):
         via_link = "" if real == path else f" (it resolves to {str(real)!r})"
@@ -74,9 +82,9 @@ def resolve_registered_path(raw: str, roots: Sequence[Path]) -> Path:
             f"dataset path {shown} is not under an allowed dataset root{via_link}; "
             f"allowed: {_roots_text(roots)}"
         )
-    if not real.exists():
+    if not exists:
         raise DatasetFolderError(f"dataset path {shown} does not exist")
-    if not real.is_dir():
+    if not is_dir:
         raise DatasetFolderError(f"dataset path {shown} is not a folder")
     return real
 

@@ -112,15 +112,21 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unparsable_body(exc: StarletteHTTPException) -> JSONResponse:
-    """422 like any other invalid body (FastAPI answers a bare 400 when the bytes do not decode)."""
+    """422 like any other invalid body (FastAPI answers a bare 400 for a body it cannot parse at
+    all: bytes that are not UTF-8, JSON nested deeper than the parser goes)."""
     cause = exc.__cause__
-    why = f": {cause}" if isinstance(cause, UnicodeDecodeError) else ""
-    details = [{"field": "body", "message": f"the request body cannot be decoded{why}"}]
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        why = "it is nested too deeply"
+    else:
+        why = "it is not valid JSON"
+    message = f"the request body cannot be parsed: {why}"
     return JSONResponse(
         error_body(
             "validation_error",
-            f"body: the request body cannot be decoded{why}; send JSON encoded as UTF-8",
-            details,
+            f"body: {message}; send JSON encoded as UTF-8",
+            [{"field": "body", "message": message}],
         ),
         status_code=422,
     )

@@ -38,8 +38,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from service.errors import APIError
+from service.errors import APIError, not_found
 from service.models import Gallery, GalleryState, utcnow
+from service.schemas import ModelVersionOut
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ __all__ = [
     "lock_gallery",
     "model_ref",
     "receive_images",
+    "resolve_version",
 ]
 
 #: Images one embed request may carry, and the size of each (bytes, pixels).
@@ -88,6 +90,19 @@ def gallery_dir(settings: Settings, gallery_id: uuid.UUID) -> Path:
     """``<data_dir>/galleries/<id>/``: the index (``index.faiss``, ``gallery.json``) and the
     build log. The API and the workers share ``data_dir``, as they share ``jobs_dir``."""
     return settings.data_dir / "galleries" / str(gallery_id)
+
+
+def resolve_version(
+    registry: ModelRegistry, owner: str, name: str, version: str
+) -> ModelVersionOut:
+    """``owner``'s version ``version`` (a number or an alias) of model ``name``; 404 for a model,
+    version or alias that does not exist (or is not the owner's)."""
+    if not version.isdigit():
+        aliases = registry.get_model(owner, name).aliases
+        if version not in aliases:
+            raise not_found("model version", f"{name}/{version}")
+        version = aliases[version]
+    return registry.get_version(owner, name, version)
 
 
 def model_ref(model_name: str, model_version: str) -> str:

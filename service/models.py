@@ -278,6 +278,7 @@ class Gallery(Base):
     model_name: Mapped[str] = mapped_column(String(256))
     model_version: Mapped[str] = mapped_column(String(32))  # a number, never an alias
     gpus: Mapped[int] = mapped_column(Integer, default=0)
+    queue: Mapped[str] = mapped_column(String(64), default="default")
 
     state: Mapped[GalleryState] = mapped_column(_enum(GalleryState, "gallery_state"))
     reason: Mapped[str | None] = mapped_column(Text)

@@ -85,6 +85,7 @@ COMMON_ERRORS = error_responses(
     e401="Missing, invalid or revoked API key",
     e422="Invalid request: `details` names each field and value",
     e500="Unexpected error (logged; no stack trace is returned)",
+    e503="A dependency (the database; for /v1/models, MLflow) is unreachable: retry later",
 )
 
 
@@ -133,6 +134,18 @@ class DatasetOut(_Out):
 # ----------------------------------------------------------------------------------------------
 
 
+#: Deepest nesting of a job's ``config`` (ExperimentConfig keys are at most 3 levels deep).
+MAX_CONFIG_DEPTH = 8
+
+
+def _depth(config: dict[str, Any]) -> int:
+    """Levels of dicts below ``config`` (iterative: the input may be deeper than the stack)."""
+    depth, level = 0, [config]
+    while level := [v for d in level for v in d.values() if isinstance(v, dict)]:
+        depth += 1
+    return depth
+
+
 class JobCreate(_In):
     """A training job on one of your datasets."""
 
@@ -166,6 +179,17 @@ class JobCreate(_In):
         "default: the service's (REID_MLFLOW__MODEL_NAME, e.g. reid-<owner>). A model name "
         "belongs to the owner whose job registered it first.",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _not_too_deep(cls, config: dict[str, Any]) -> dict[str, Any]:
+        depth = _depth(config)
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(
+                f"config is nested {depth} levels deep, at most {MAX_CONFIG_DEPTH} are "
+                "accepted; use dotted keys such as loss.gsl.threshold"
+            )
+        return config
 
 
 class JobOut(_Out):
@@ -254,6 +278,13 @@ class ApiKeyCreate(_In):
     owner: str = Field(min_length=1, max_length=128)
     name: str | None = Field(None, max_length=128, description="A label, e.g. the client.")
 
+    @field_validator("owner")
+    @classmethod
+    def _owner_not_blank(cls, owner: str) -> str:
+        if not owner.strip():  # create_api_key strips it: "   " would be no owner at all
+            raise ValueError("owner must have a character that is not whitespace")
+        return owner
+
 
 class ApiKeyOut(_Out):
     prefix: str
@@ -308,6 +339,9 @@ class GalleryCreate(_In):
         description="1: built by a GPU worker (queue gpu1), 0: by a CPU worker (queue cpu); "
         "default 1 where the service allows GPUs.",
     )
+    queue: str | None = Field(
+        None, description="Queue to build on, as for jobs; default: the first queue."
+    )
 
     @field_validator("model_version", mode="before")
     @classmethod
@@ -326,6 +360,7 @@ class GalleryOut(_Out):
     model_name: str
     model_version: str = Field(description="The version number the features come from.")
     gpus: int
+    queue: str
     state: GalleryState
     reason: str | None = Field(description="Why the gallery is in its current state.")
     error: str | None = Field(None, description="What went wrong, when FAILED.")

@@ -20,7 +20,8 @@ process group, and watches it:
    is removed.
 
 The API sends the message (:func:`send_gallery`): a gallery id, on queue ``cpu`` (``gpus=0``) or
-``gpu1``, at the highest priority: a build takes minutes and should not wait behind queued
+``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the default one, as for jobs),
+at the highest priority: a build takes minutes and should not wait behind queued
 training jobs (a worker runs one task at a time, so it still waits for a running one).
 """
 
@@ -65,6 +66,9 @@ log = logging.getLogger("worker.gallery_task")
 #: Name of the task (what the API sends).
 BUILD_GALLERY_TASK = "worker.build_gallery"
 
+#: Start of the line the supervisor writes in the build log before each attempt.
+_HEADER = "--- "
+
 #: ``gallery_id -> argv`` of the builder.
 CommandFn = Callable[[uuid.UUID], list[str]]
 
@@ -76,7 +80,7 @@ def builder_command(gallery_id: uuid.UUID) -> list[str]:
 
 def send_gallery(settings: Settings, gallery: Gallery) -> str | None:
     """Publish ``gallery``'s id to its queue; None when the broker took it, else the error."""
-    queue = resource_queue(gallery.gpus)
+    queue = resource_queue(gallery.gpus, gallery.queue, settings.queues[0])
     max_priority = settings.job_bounds.max_priority
     try:
         celery_app_for(settings).send_task(
@@ -214,6 +218,8 @@ class GallerySupervisor:
         else:
             how = f"exited with code {returncode}"
         error = last_error_line(claim.folder / BUILD_LOG)
+        if error is not None and error.startswith(_HEADER):  # the builder printed nothing
+            error = None
         return f"the gallery builder {how} before finishing" + (f": {error}" if error else "")
 
     def run(self, gallery_id: uuid.UUID) -> str:
@@ -228,10 +234,9 @@ class GallerySupervisor:
             return claim
         claim.folder.mkdir(parents=True, exist_ok=True)
         argv = self.command(gallery_id)
+        header = f"{_HEADER}{self.clock():%Y-%m-%dT%H:%M:%S}Z on {self.worker_id}: "
         with (claim.folder / BUILD_LOG).open("ab") as log_file:
-            log_file.write(
-                f"--- {self.clock():%Y-%m-%dT%H:%M:%S}Z on {self.worker_id}: {' '.join(argv)}\n".encode()
-            )
+            log_file.write(f"{header}{' '.join(argv)}\n".encode())
             log_file.flush()
             try:
                 proc = subprocess.Popen(
@@ -259,7 +264,7 @@ class GallerySupervisor:
 
 @shared_task(name=BUILD_GALLERY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def build_gallery_task(self: Any, gallery_id: str) -> str:
-    """Build gallery ``gallery_id`` from claim to READY or FAILED (see :class:`GallerySupervisor`)."""
+    """Build gallery ``gallery_id``, from claim to READY or FAILED (:class:`GallerySupervisor`)."""
     from worker.supervisor import session_factory_for
 
     settings = get_settings()

@@ -49,6 +49,8 @@ from typing import IO, Any
 
 import yaml
 from celery.signals import worker_shutting_down
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_session_factory, session_scope
@@ -76,6 +78,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker.supervisor")
+
+#: What a database that cannot be reached (or is restarting) raises.
+DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
 
 #: Files the supervisor writes in the job's output folder.
 CONFIG_FILE = "job_config.yaml"
@@ -524,7 +529,27 @@ class Supervisor:
         if stopped == _Stop.LOST:
             log.warning("job %s: another worker or the reaper took it; trainer stopped", job_id)
             return "claim lost"
-        return self._finish(claim, proc.returncode, stopped)
+        return self._finish_when_reachable(claim, proc.returncode, stopped)
+
+    def _finish_when_reachable(self, claim: _Claim, returncode: int, stopped: str | None) -> str:
+        """:meth:`_finish`, tried again while the database is unreachable: the trainer's outcome
+        is known only here, and a task that failed now would leave the job RUNNING for the
+        reaper to run again."""
+        delay = self.settings.worker.poll_interval_s
+        while True:
+            try:
+                return self._finish(claim, returncode, stopped)
+            except DB_UNAVAILABLE as exc:
+                log.warning(
+                    "job %s: the trainer ended (exit %s) but the database is unreachable (%s); "
+                    "trying again in %.0f s",
+                    claim.job_id,
+                    returncode,
+                    type(exc).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, self.settings.worker.heartbeat_interval_s)
 
     @contextlib.contextmanager
     def _open_log(self, claim: _Claim) -> Iterator[IO[bytes]]:

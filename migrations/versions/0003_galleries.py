@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("model_name", sa.String(length=256), nullable=False),
         sa.Column("model_version", sa.String(length=32), nullable=False),
         sa.Column("gpus", sa.Integer(), nullable=False),
+        sa.Column("queue", sa.String(length=64), nullable=False),
         sa.Column(
             "state",
             sa.Enum(

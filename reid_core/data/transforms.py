@@ -4,8 +4,13 @@ View 0 (plain): horizontal flip, resize to (height, width), to tensor, normalise
 View 1 (augmented): horizontal flip, a random crop keeping ``data.crop_area`` of the area with the
 image's own aspect ratio (+-10%) resized to (height, width), a random rotation of up to
 ``data.rotation_degrees`` (corners filled with the mean colour), a colour jitter
-(``data.color_jitter``), to tensor, normalise. Both views flip independently. The crop and the
-rotation work on the resized image, so the cost does not grow with the source resolution.
+(``data.color_jitter``), a grey-scale conversion with probability ``data.grayscale_probability``,
+to tensor, normalise, a random erasing with probability ``data.erasing_probability`` (2-40% of the
+area, filled with 0 = the mean colour). Both views flip independently. The crop and the rotation
+work on the resized image, so the cost does not grow with the source resolution.
+
+``data.augment_both_views``: view 0 is drawn from the same random augmentation as view 1 (two
+independently augmented views, as contrastive learning uses) instead of the plain view.
 """
 
 from __future__ import annotations
@@ -104,8 +109,13 @@ def build_train_transform(cfg: DataConfig) -> TwoViewTransform:
         augment.append(T.RandomRotation(cfg.rotation_degrees, fill=_fill(cfg)))
     if any(v > 0 for v in cfg.color_jitter):
         augment.append(T.ColorJitter(brightness, contrast, saturation, hue))
-    view1 = T.Compose([*augment, *_to_normalised_tensor(cfg)])
-    return TwoViewTransform(view0, view1)
+    if cfg.grayscale_probability > 0:
+        augment.append(T.RandomGrayscale(cfg.grayscale_probability))
+    augment += _to_normalised_tensor(cfg)
+    if cfg.erasing_probability > 0:
+        augment.append(T.RandomErasing(cfg.erasing_probability, scale=(0.02, 0.4), value=0))
+    view1 = T.Compose(augment)
+    return TwoViewTransform(view1 if cfg.augment_both_views else view0, view1)
 
 
 def build_test_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:

@@ -65,18 +65,24 @@ class Checkpointer:
         path = self.directory / f"{name}.pt"
         tmp = path.with_suffix(".pt.tmp")
         try:
-            torch.save(payload, tmp)
+            with tmp.open("wb") as f:
+                # Through a Python file, so a full disk shows as OSError(ENOSPC) (torch may wrap
+                # it in a RuntimeError); given a path, torch's writer says nothing of the disk.
+                torch.save(payload, f)
             _fsync(tmp)
             os.replace(tmp, path)
             tag_tmp = self.directory / f".{LAST_TAG}.tmp"
             tag_tmp.write_text(path.name)
             os.replace(tag_tmp, self.directory / LAST_TAG)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
+            os_error = _os_error(exc)
+            if os_error is None:
+                raise
             raise CheckpointError(
-                f"could not write checkpoint {path}: {exc}. The previous checkpoint "
+                f"could not write checkpoint {path}: {os_error}. The previous checkpoint "
                 f"({self.last_checkpoint()}) is intact."
-            ) from exc
+            ) from os_error
         self._prune(keep=path)
         return path
 
@@ -114,6 +120,13 @@ class Checkpointer:
         older = [p for p in rolling if p != keep]
         for old in older[: max(0, len(older) + 1 - self.keep_last)]:
             old.unlink(missing_ok=True)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` if it is an OSError, else the first OSError it was raised from or during."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _fsync(path: Path) -> None:

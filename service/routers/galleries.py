@@ -34,6 +34,7 @@ from service.galleries import (
     gallery_dir,
     lock_gallery,
     receive_images,
+    resolve_version,
 )
 from service.models import Dataset, DatasetStatus, Gallery, GalleryState, utcnow
 from service.registry import ModelRegistry
@@ -75,6 +76,15 @@ _QUERY_BODY = {
         },
     }
 }
+
+
+def _invalid(field: str, message: str, value: object) -> APIError:
+    return APIError(
+        422,
+        "validation_error",
+        message,
+        details=[{"field": field, "message": message, "value": value}],
+    )
 
 
 def _gallery_split_images(dataset: Dataset) -> int:
@@ -143,14 +153,19 @@ def create_gallery(
         raise APIError(409, "dataset_empty", f"dataset {dataset.id} has no readable image to index")
     gpus = body.gpus if body.gpus is not None else min(1, settings.job_bounds.max_gpus)
     if gpus > settings.job_bounds.max_gpus:
-        message = f"gpus={gpus} is above this service's limit of {settings.job_bounds.max_gpus}"
-        raise APIError(
-            422,
-            "validation_error",
-            message,
-            details=[{"field": "body.gpus", "message": message, "value": gpus}],
+        raise _invalid(
+            "body.gpus",
+            f"gpus={gpus} is above this service's limit of {settings.job_bounds.max_gpus}",
+            gpus,
         )
-    version = ModelRegistry(settings).get_version(owner, body.model_name, body.model_version)
+    queue = body.queue or settings.queues[0]
+    if queue not in settings.queues:
+        raise _invalid(
+            "body.queue",
+            f"unknown queue {queue!r}; this service has: {', '.join(settings.queues)}",
+            queue,
+        )
+    version = resolve_version(ModelRegistry(settings), owner, body.model_name, body.model_version)
     gallery = Gallery(
         id=uuid.uuid4(),
         owner=owner,
@@ -161,6 +176,7 @@ def create_gallery(
         model_name=version.name,
         model_version=version.version,
         gpus=gpus,
+        queue=queue,
         progress=0.0,
         image_count=images,
         images_done=0,
@@ -309,6 +325,7 @@ def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) 
     summary="The gallery images closest to a query image, best first",
     openapi_extra=_QUERY_BODY,
     responses=error_responses(
+        e400="Malformed multipart body",
         e404="Unknown gallery",
         e409="The gallery is not READY",
         e413="The image is too large",

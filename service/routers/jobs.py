@@ -342,7 +342,8 @@ def job_metrics(
 @router.get(
     "/{job_id}/logs",
     summary="The job's log (trainer output and supervisor notes): the last lines, or followed",
-    response_class=PlainTextResponse,
+    # No default media type: the 200 is text (below), the errors JSON as everywhere else.
+    response_class=Response,
     responses={
         200: {
             "content": {"text/plain": {}, "text/event-stream": {}},
@@ -380,8 +381,10 @@ def _follow_logs(
     request: Request, job_id: uuid.UUID, path: Path, tail: int, last_event_id: str | None
 ) -> StreamingResponse:
     start = tail_offset(path, tail)
-    if last_event_id is not None and last_event_id.strip().isdigit():
-        start = int(last_event_id)
+    resume = (last_event_id or "").strip()
+    if resume.isascii() and resume.isdigit():
+        # Never past the end: an offset from another file (or made up) resumes at its end.
+        start = min(int(resume), path.stat().st_size if path.is_file() else 0)
     factory = request.app.state.session_factory
 
     def final_state() -> str | None:

@@ -21,6 +21,7 @@ from service.galleries import (
     cached_embedder,
     decode_images,
     receive_images,
+    resolve_version,
 )
 from service.registry import ModelRegistry
 from service.schemas import (
@@ -37,7 +38,7 @@ from service.settings import MODEL_NAME_PATTERN, Settings
 router = APIRouter(
     prefix="/v1/models",
     tags=["models"],
-    responses={**COMMON_ERRORS, **error_responses(e503="MLflow (the model registry) is down")},
+    responses=COMMON_ERRORS,
 )
 
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Registered model")]
@@ -155,7 +156,7 @@ def _embed(
     settings: Settings, owner: str, name: str, version: str, images: list[UploadedImage]
 ) -> EmbedOut:
     registry = ModelRegistry(settings)
-    number = registry.get_version(owner, name, version).version  # the owner's, alias resolved
+    number = resolve_version(registry, owner, name, version).version  # the owner's
     embedder = cached_embedder(registry, owner, name, number)
     features = embedder.embed_images(decode_images(images))
     return EmbedOut(
@@ -174,6 +175,7 @@ def _embed(
     summary="Features of images with this version (L2-normalised, one row per image)",
     openapi_extra=_EMBED_BODY,
     responses=error_responses(
+        e400="Malformed multipart body",
         e404="Unknown model or version",
         e413="Too many images, or one too large",
         e415="Not multipart/form-data",

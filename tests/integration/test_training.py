@@ -416,10 +416,10 @@ def test_full_disk_exits_4_and_keeps_the_previous_checkpoint(
     real_save = torch.save
 
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        saved.append(Path(f))
+        saved.append(Path(f.name))
         if len(saved) == 2:  # the disk fills up while the second checkpoint is written
-            Path(f).write_bytes(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module, "torch", _TorchWithSave(save))

@@ -7,12 +7,13 @@ whatever is still running.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,18 @@ from service.auth import create_api_key
 from service.db import make_engine, make_session_factory, session_scope
 from service.settings import JobBounds, Settings
 from tests.helpers import TINY_JOB_CONFIG
-from tests.reliability.servers import free_port, wait_until
+from tests.reliability.servers import wait_until
 from tests.worker.conftest import fast_worker_settings
+
+__all__ = [
+    "FINAL_STATES",
+    "REPO_ROOT",
+    "Child",
+    "ServiceStack",
+    "job_body",
+    "service_stack",
+    "wait_for_job",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINAL_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -71,7 +82,9 @@ class ServiceStack:
     children: list[Child] = field(default_factory=list)
 
     @classmethod
-    def create(cls, folder: Path, database_url: str, broker_url: str, **worker: Any) -> ServiceStack:
+    def create(
+        cls, folder: Path, database_url: str, broker_url: str, **worker: Any
+    ) -> ServiceStack:
         settings = Settings(
             _env_file=None,
             data_dir=folder / "var",
@@ -97,7 +110,7 @@ class ServiceStack:
         env |= {
             "REID_DATA_DIR": str(s.data_dir),
             "REID_DATABASE_URL": s.database_url,
-            "REID_DATASET_ROOTS": f'["{s.dataset_roots[0]}"]',
+            "REID_DATASET_ROOTS": json.dumps([str(root) for root in s.dataset_roots]),
             "REID_JOBS_DIR": str(s.jobs_path),
             "REID_JOB_BOUNDS__MAX_EPOCHS": str(s.job_bounds.max_epochs),
             "REID_WORKER__BROKER_URL": w.broker_url,
@@ -209,7 +222,12 @@ def job_body(dataset_id: str, epochs: int, steps: int = 2) -> dict[str, Any]:
 
 
 def wait_for_job(
-    get_job: Any, job_id: str, done: Any, what: str, stack: ServiceStack, timeout: float = 120
+    get_job: Callable[[str], dict[str, Any]],
+    job_id: str,
+    done: Callable[[dict[str, Any]], bool],
+    what: str,
+    stack: ServiceStack,
+    timeout: float = 120,
 ) -> dict[str, Any]:
     """Poll ``get_job(job_id)`` until ``done(job)``; on a timeout, fail with the children's logs."""
     deadline = time.monotonic() + timeout
@@ -223,6 +241,3 @@ def wait_for_job(
                 + stack.logs()
             )
         time.sleep(0.2)
-
-
-__all__ = ["FINAL_STATES", "Child", "ServiceStack", "free_port", "job_body", "service_stack"]

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from fastapi import FastAPI
 
 from reid_core.data import generate_synthetic_market
 from reid_core.engine.checkpoint import LAST_TAG
@@ -58,20 +59,12 @@ def _train(config: dict[str, Any], folder: Path) -> None:
     )
 
 
-def _mount_tmpfs(folder: Path, size: int) -> None:
-    folder.mkdir(parents=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (it needs root): {result.stderr.strip()}")
+def _mount(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", *argv], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture
-def app_and_key(tmp_path: Path) -> tuple[Any, dict[str, str]]:
+def app_and_key(tmp_path: Path) -> tuple[FastAPI, dict[str, str]]:
     database = tmp_path / "reid.db"
     migrate.upgrade(f"sqlite:///{database}")
     settings = make_settings(
@@ -93,13 +86,18 @@ def _tmpfs_disk(mounts: list[Path], tmp_path: Path) -> FillDisk:
     one-epoch run): the first fits, the second runs out of space."""
 
     def prepare(config: dict[str, Any], output_dir: Path) -> Callable[[int, Path], list[str]]:
-        calibration = tmp_path / "calibration"
-        one_epoch = {**config, "schedule": {**config["schedule"], "epochs": 1}}
-        _train(one_epoch, calibration)
-        size = (calibration / "checkpoints" / "epoch_0001.pt").stat().st_size
         folder = output_dir / "checkpoints"
-        _mount_tmpfs(folder, math.ceil(size * 1.5 / 4096) * 4096)
+        folder.mkdir(parents=True)
+        mounted = _mount("-t", "tmpfs", "tmpfs", str(folder))
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (it needs root): {mounted.stderr.strip()}")
         mounts.append(folder)
+        one_epoch = {**config, "schedule": {**config["schedule"], "epochs": 1}}
+        _train(one_epoch, tmp_path / "calibration")
+        size = (tmp_path / "calibration" / "checkpoints" / "epoch_0001.pt").stat().st_size
+        room = math.ceil(size * 1.5 / 4096) * 4096
+        resized = _mount("-o", f"remount,size={room}", str(folder))
+        assert resized.returncode == 0, resized.stderr
         return trainer_command
 
     return prepare
@@ -121,7 +119,7 @@ def fill_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FillDi
 
 
 def test_full_disk_fails_the_job_and_keeps_the_previous_checkpoint(
-    app_and_key: tuple[Any, dict[str, str]], fill_disk: FillDisk
+    app_and_key: tuple[FastAPI, dict[str, str]], fill_disk: FillDisk
 ) -> None:
     app, alice = app_and_key
     settings = app.state.settings

@@ -10,7 +10,6 @@ private PostgreSQL database.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,14 @@ import redis
 
 from service.app import create_app
 from tests.reliability.servers import RedisServer, free_port, wait_until
-from tests.reliability.stack import FINAL_STATES, ServiceStack, job_body, service_stack, wait_for_job
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*httpx2.*")
-    from fastapi.testclient import TestClient
+from tests.reliability.stack import (
+    FINAL_STATES,
+    ServiceStack,
+    job_body,
+    service_stack,
+    wait_for_job,
+)
+from tests.service.conftest import TestClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,7 +46,7 @@ def _waiting_messages(broker: redis.Redis, queue: str) -> int:
 class Api:
     """The jobs API over any client (the in-process app or a uvicorn process)."""
 
-    def __init__(self, client: Any, headers: dict[str, str]) -> None:
+    def __init__(self, client: httpx.Client, headers: dict[str, str]) -> None:
         self.client = client
         self.headers = headers
 
@@ -85,19 +87,20 @@ def test_redis_restart_loses_no_job(stack: ServiceStack, own_redis: RedisServer)
     with TestClient(create_app(stack.settings)) as client:
         api = Api(client, stack.api_key())
         dataset_id = api.register(stack.synthetic_dataset())
-        running = api.submit(job_body(dataset_id, epochs=3))
+        running = api.submit(job_body(dataset_id, epochs=6))
         waiting = [api.submit(job_body(dataset_id, epochs=1)) for _ in range(2)]
-        wait_for_job(
-            api.job, running, lambda j: j["state"] == "RUNNING", "RUNNING", stack
-        )
+        wait_for_job(api.job, running, lambda j: j["state"] == "RUNNING", "RUNNING", stack)
         broker = redis.Redis.from_url(own_redis.url)
         assert _waiting_messages(broker, "cpu") == 2  # the two others wait in Redis
 
         own_redis.restart()
         assert broker.dbsize() == 0, "the restarted Redis still holds messages"
         broker.close()
+        assert api.job(running)["state"] == "RUNNING"  # the restart happened mid-job
 
-        done = wait_for_job(api.job, running, lambda j: j["state"] in FINAL_STATES, "the end", stack)
+        done = wait_for_job(
+            api.job, running, lambda j: j["state"] in FINAL_STATES, "the end", stack
+        )
         assert done["state"] == "SUCCEEDED", done["reason"]
         assert [api.job(j)["state"] for j in waiting] == ["QUEUED", "QUEUED"]
 

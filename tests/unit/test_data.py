@@ -471,6 +471,54 @@ def test_view1_without_augmentation_equals_view0_up_to_the_crop() -> None:
     assert torch.allclose(v0, v1, atol=1e-5)
 
 
+def _no_geometry(**kw: object) -> DataConfig:
+    base: dict[str, object] = {
+        "flip_probability": 0.0,
+        "rotation_degrees": 0.0,
+        "color_jitter": (0.0, 0.0, 0.0, 0.0),
+        "crop_area": (1.0, 1.0),
+    }
+    base.update(kw)
+    return small_cfg(**base)
+
+
+def test_augmentation_options_default_off() -> None:
+    cfg = DataConfig()
+    assert not cfg.augment_both_views
+    assert cfg.grayscale_probability == 0.0
+    assert cfg.erasing_probability == 0.0
+
+
+def test_grayscale_makes_the_channels_equal_before_normalising() -> None:
+    cfg = _no_geometry(grayscale_probability=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 32, 3), dtype=np.uint8))
+    v0, v1 = build_train_transform(cfg)(img)
+    assert torch.allclose(v1[0], v1[1]) and torch.allclose(v1[1], v1[2])
+    assert not torch.allclose(v0[0], v0[1])  # the plain view keeps its colours
+
+
+def test_random_erasing_fills_a_block_with_the_mean() -> None:
+    cfg = _no_geometry(erasing_probability=1.0)
+    img = Image.fromarray(np.full((64, 32, 3), 250, dtype=np.uint8))
+    v0, v1 = build_train_transform(cfg)(img)
+    erased = (v1 == 0).all(dim=0)  # 0 after normalising = the mean colour
+    share = erased.float().mean().item()
+    assert 0.02 * 0.9 <= share <= 0.4 * 1.1
+    assert not (v0 == 0).all(dim=0).any()
+
+
+def test_augment_both_views_draws_view0_from_the_augmentation() -> None:
+    cfg = _no_geometry(grayscale_probability=1.0, augment_both_views=True)
+    tf = build_train_transform(cfg)
+    assert tf.view0 is tf.view1
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 32, 3), dtype=np.uint8))
+    v0, _ = tf(img)
+    std = torch.tensor(cfg.std)[:, None, None]
+    mean = torch.tensor(cfg.mean)[:, None, None]
+    raw = v0 * std + mean  # grey before normalising: the three channels agree
+    assert torch.allclose(raw[0], raw[1], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # loaders
 # ----------------------------------------------------------------------------------------------

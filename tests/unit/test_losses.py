@@ -402,3 +402,68 @@ def test_ipfl_disabled_small_batch_and_shape_errors() -> None:
         IPFLLoss(IPFLConfig())(emb, indices, torch.zeros(6, 3))
     with pytest.raises(ValueError, match="same shape"):
         IPFLLoss(IPFLConfig())([torch.zeros(4, 2), torch.zeros(3, 2)], indices, agents)
+
+
+# ----------------------------------------------------------------------------------------------
+# warm-ups of the patch terms (DualBranchObjective)
+# ----------------------------------------------------------------------------------------------
+
+
+def _objective_and_outputs(
+    pedal_warmup: int, ipfl_warmup: int
+) -> tuple[object, object, object, torch.Tensor]:
+    from types import SimpleNamespace
+
+    from reid_core.config import ExperimentConfig
+    from reid_core.method import DualBranchObjective
+    from reid_core.models.reid_model import ReIDOutput
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"num_patches": 2, "patch_dim": 8, "ipfl_dim": 4},
+            "loss": {
+                "instance": {"enabled": False},
+                "gsl": {"enabled": False},
+                "pedal": {"warmup_epochs": pedal_warmup, "neighbours": 2},
+                "ipfl": {"warmup_epochs": ipfl_warmup},
+            },
+        }
+    )
+    fake_model = SimpleNamespace(global_dim=5, with_patch_branch=True, cfg=cfg.model)
+    objective = DualBranchObjective(cfg, 8, fake_model)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    assert objective.patch_memory is not None and objective.agents is not None
+    objective.patch_memory.set(
+        torch.arange(8), torch.nn.functional.normalize(torch.randn(8, 2, 8, generator=g), dim=2)
+    )
+    objective.agents.set(torch.arange(8), torch.randn(8, 8, generator=g))
+
+    def output() -> ReIDOutput:
+        patches = torch.nn.functional.normalize(torch.randn(4, 2, 8, generator=g), dim=2)
+        emb = torch.randn(4, 8, generator=g)
+        return ReIDOutput(
+            torch.randn(4, 5, generator=g), patches.requires_grad_(), emb.requires_grad_()
+        )
+
+    return objective, output(), output(), torch.arange(4)
+
+
+def test_patch_terms_are_zero_during_their_warmup_but_memories_move() -> None:
+    objective, out0, out1, idx = _objective_and_outputs(pedal_warmup=2, ipfl_warmup=3)
+    before_patch = objective.patch_memory.bank.clone()  # type: ignore[attr-defined]
+    before_agents = objective.agents.bank.clone()  # type: ignore[attr-defined]
+    terms = objective(out0, out1, idx, epoch=1)  # type: ignore[operator]
+    assert float(terms["pedal"].detach()) == 0.0 and float(terms["ipfl"].detach()) == 0.0
+    terms["total"].backward()  # connected to the graph
+    assert not torch.equal(objective.patch_memory.bank, before_patch)  # type: ignore[attr-defined]
+    assert not torch.equal(objective.agents.bank, before_agents)  # type: ignore[attr-defined]
+
+
+def test_patch_terms_start_after_their_warmup() -> None:
+    objective, out0, out1, idx = _objective_and_outputs(pedal_warmup=2, ipfl_warmup=3)
+    at2 = objective(out0, out1, idx, epoch=2)  # type: ignore[operator]
+    assert float(at2["pedal"].detach()) > 0.0 and float(at2["ipfl"].detach()) == 0.0
+    objective, out0, out1, idx = _objective_and_outputs(pedal_warmup=0, ipfl_warmup=0)
+    at0 = objective(out0, out1, idx, epoch=0)  # type: ignore[operator]
+    assert float(at0["pedal"].detach()) > 0.0
+    assert set(at0) == {"pedal", "ipfl", "total"}
