@@ -21,7 +21,9 @@ from service.settings import JobBounds
 
 __all__ = [
     "JobConfigError",
+    "check_bounds",
     "flatten_overrides",
+    "memory_bank_bytes",
     "resolve_job_config",
     "service_owned_keys",
 ]
@@ -106,6 +108,7 @@ def resolve_job_config(
     gpus: int,
     bounds: JobBounds,
     weights_path: Path | None = None,
+    num_train_images: int | None = None,
 ) -> ExperimentConfig:
     """The whole configuration of a job; raises :class:`JobConfigError` naming the bad key."""
     flat = flatten_overrides(overrides)
@@ -162,21 +165,56 @@ def resolve_job_config(
             for d in details
         )
         raise JobConfigError(details[0]["field"], message, details) from None
-    check_bounds(cfg, bounds)
+    check_bounds(cfg, bounds, num_train_images)
     return cfg
 
 
-def check_bounds(cfg: ExperimentConfig, bounds: JobBounds) -> None:
-    """Refuse a configuration above the service's limits, naming the key and the limit."""
+def memory_bank_bytes(cfg: ExperimentConfig, num_images: int) -> int:
+    """Host memory of the job's memory banks (see ``reid_core.method``): the global memory
+    (``num_images x C``), the patch memory (``num_images x P x patch_dim``) and the IPFL agents
+    (``num_images x P x ipfl_dim``), float32, plus a batch of similarities (both views) to every
+    memory entry. ``C`` is the backbone's channel count."""
+    from reid_core.models.backbones import backbone_channels
+
+    m, loss = cfg.model, cfg.loss
+    per_image = 0
+    if loss.global_branch:
+        per_image += backbone_channels(m.backbone, m.last_stride) + 2 * cfg.data.batch_size
+    if loss.pedal.enabled:
+        per_image += m.num_patches * m.patch_dim + 2 * cfg.data.batch_size * m.num_patches
+    if loss.ipfl.enabled:
+        per_image += m.num_patches * m.ipfl_dim
+    return 4 * per_image * num_images
+
+
+def check_bounds(
+    cfg: ExperimentConfig, bounds: JobBounds, num_train_images: int | None = None
+) -> None:
+    """Refuse a configuration above the service's limits, naming the key and the limit.
+
+    With ``num_train_images``, the estimated size of the memory banks is bounded too."""
     checks = (
         ("schedule.epochs", cfg.schedule.epochs, bounds.max_epochs),
         ("data.batch_size", cfg.data.batch_size, bounds.max_batch_size),
         ("data.height", cfg.data.height, bounds.max_image_height),
         ("data.width", cfg.data.width, bounds.max_image_width),
+        ("data.num_workers", cfg.data.num_workers, bounds.max_data_workers),
+        ("runtime.num_threads", cfg.runtime.num_threads or 0, bounds.max_threads),
     )
     for key, value, limit in checks:
         if value > limit:
             raise JobConfigError(
                 f"config.{key}",
                 f"config.{key}={value} is above this service's limit of {limit}",
+            )
+    if num_train_images is not None:
+        need = memory_bank_bytes(cfg, num_train_images) / 2**30
+        if need > bounds.max_memory_bank_gib:
+            raise JobConfigError(
+                "config.model",
+                f"the memory banks of {num_train_images} training images with "
+                f"model.backbone={cfg.model.backbone}, model.patch_dim={cfg.model.patch_dim}, "
+                f"model.ipfl_dim={cfg.model.ipfl_dim} need about {need:.1f} GiB, above this "
+                f"service's limit of {bounds.max_memory_bank_gib:g} GiB: use a smaller "
+                "backbone or feature sizes, or fewer images",
             )

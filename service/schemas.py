@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from reid_core.config import ExperimentConfig
 from service.models import DatasetKind, DatasetStatus, GalleryState, JobState
@@ -157,13 +157,14 @@ class JobCreate(_In):
         "output folder are set by the service.",
         examples=[{"schedule.epochs": 30, "loss": {"gsl": {"threshold": 0.55}}}],
     )
-    gpus: int | None = Field(
+    # Strict: `true` or 1.5 GPUs are refused, not read as 1.
+    gpus: StrictInt | None = Field(
         None, ge=0, description="GPUs for the job (0: CPU); default 1 where GPUs are allowed."
     )
-    priority: int = Field(0, ge=0, description="0 (lowest) up to the service's max_priority.")
+    priority: StrictInt = Field(0, ge=0, description="0 (lowest) up to the service's max_priority.")
     queue: str | None = Field(None, description="Queue to run on; default: the first queue.")
-    max_retries: int = Field(0, ge=0, description="Retries (with resume) after a failure.")
-    timeout_minutes: int | None = Field(
+    max_retries: StrictInt = Field(0, ge=0, description="Retries (with resume) after a failure.")
+    timeout_minutes: StrictInt | None = Field(
         None, ge=1, description="Stop the job after this long; default from the service."
     )
     idempotency_key: str | None = Field(

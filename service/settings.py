@@ -66,6 +66,14 @@ class JobBounds(BaseModel):
     max_timeout_minutes: int = Field(7 * 24 * 60, ge=1)
     default_timeout_minutes: int = Field(24 * 60, ge=1)
     max_priority: int = Field(9, ge=0, description="Priorities run from 0 (lowest) to this.")
+    max_threads: int = Field(64, ge=1, description="runtime.num_threads (CPU threads per process)")
+    max_data_workers: int = Field(16, ge=0, description="data.num_workers (loader processes)")
+    max_memory_bank_gib: float = Field(
+        16.0,
+        gt=0,
+        description="Estimated size of the job's per-image memory banks (training images x "
+        "feature sizes x 4 bytes, plus one batch of similarities to them)",
+    )
 
     @model_validator(mode="after")
     def _default_timeout_within_max(self) -> Self:

@@ -10,6 +10,7 @@ cache (``$TORCH_HOME/hub/checkpoints``), and when neither has them the build fai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "BACKBONES",
     "Backbone",
     "PretrainedWeightsNotFoundError",
+    "backbone_channels",
     "build_backbone",
     "register_backbone",
 ]
@@ -150,6 +152,16 @@ def _remap_to_sequential(state: dict[str, torch.Tensor], own: dict[str, Any]) ->
         elif head == "features":  # mobilenet
             out[rest] = value
     return {k: v for k, v in out.items() if k in own}
+
+
+@functools.cache
+def backbone_channels(name: str, last_stride: int = 1) -> int:
+    """Channels of a registered backbone's feature map (built once, without weights, to ask)."""
+    if name not in BACKBONES:
+        known = ", ".join(sorted(BACKBONES))
+        raise ValueError(f"unknown backbone {name!r} (model.backbone); known: {known}")
+    _body, channels, _weights = BACKBONES[name](last_stride)
+    return int(channels)
 
 
 def build_backbone(

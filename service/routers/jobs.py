@@ -155,6 +155,7 @@ def create_job(
             gpus=gpus,
             bounds=settings.job_bounds,
             weights_path=settings.weights_path,
+            num_train_images=_train_images(dataset),
         )
     except JobConfigError as exc:
         details = [{**d, "field": f"body.{d['field']}"} for d in exc.details]
@@ -194,6 +195,12 @@ def create_job(
     if settings.worker.enqueue_on_submit:
         _send_to_workers(settings, session, job)
     return _job_response(job, settings, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _train_images(dataset: Dataset) -> int:
+    """Training images of a dataset: its train split when it has one, else all its images."""
+    train = (dataset.splits or {}).get("train", {}).get("images")
+    return int(train) if train else int(dataset.image_count or 0)
 
 
 def _send_to_workers(settings: Settings, session: Session, job: Job) -> None:

@@ -4,6 +4,7 @@ ETags, listing, cancellation and the event history."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,6 +95,8 @@ def test_cpu_job(client: TestClient, alice: Headers, dataset: dict[str, Any]) ->
         ({"schedule.epochs": 101}, "config.schedule.epochs", "limit of 100"),
         ({"data.batch_size": 512}, "config.data.batch_size", "limit of 128"),
         ({"data.height": 1024}, "config.data.height", "limit of 512"),
+        ({"runtime.num_threads": 65}, "config.runtime.num_threads", "limit of 64"),
+        ({"data.num_workers": 17}, "config.data.num_workers", "limit of 16"),
     ],
 )
 def test_bad_config_is_422_naming_the_key(
@@ -120,6 +123,8 @@ def test_bad_config_is_422_naming_the_key(
         ({"timeout_minutes": 10**6}, "body.timeout_minutes", "limit of"),
         ({"queue": "gpu-big"}, "body.queue", "unknown queue"),
         ({"gpus": -1}, "body.gpus", "greater than or equal to 0"),
+        ({"gpus": True}, "body.gpus", "valid integer"),
+        ({"max_retries": 1.5}, "body.max_retries", "valid integer"),
         ({"surprise": True}, "body.surprise", "Extra inputs"),
     ],
 )
@@ -364,3 +369,43 @@ def test_model_name_defaults_per_owner_and_is_validated(
     assert named["model_name"] == "street-cams"
     error = _error(_submit(client, alice, dataset["id"], model_name="../evil"), 422)
     assert error["details"][0]["field"] == "body.model_name"
+
+
+def test_the_memory_banks_are_bounded(tmp_path: Path, migrated_sqlite: Path) -> None:
+    import shutil
+
+    from reid_core.config import ExperimentConfig
+    from service.app import create_app
+    from service.auth import create_api_key
+    from service.job_config import memory_bank_bytes
+    from service.settings import JobBounds
+    from tests.service.conftest import make_settings, write_image_folder
+
+    cfg = ExperimentConfig()  # ResNet-50: 2048 channels; the paper's patch sizes
+    m, b = cfg.model, cfg.data.batch_size
+    per_image = 2048 + 2 * b + m.num_patches * (m.patch_dim + 2 * b + m.ipfl_dim)
+    assert memory_bank_bytes(cfg, 1000) == 4 * 1000 * per_image
+
+    db = tmp_path / "reid.db"
+    shutil.copyfile(migrated_sqlite, db)
+    settings = make_settings(
+        tmp_path,
+        f"sqlite:///{db}",
+        job_bounds=JobBounds(max_memory_bank_gib=1.5e-5),  # ~16 KB
+    )
+    app = create_app(settings)
+    with session_scope(app.state.session_factory) as session:
+        _, token = create_api_key(session, "alice")
+    headers = {"X-API-Key": token}
+    folder = write_image_folder(settings.dataset_roots[0] / "crops")  # 4 readable images
+    with TestClient(app) as client:
+        dataset = client.post(
+            "/v1/datasets", json={"name": "crops", "path": str(folder)}, headers=headers
+        ).json()
+        error = _error(_submit(client, headers, dataset["id"], gpus=0), 422)
+        assert error["details"][0]["field"] == "body.config.model"
+        assert "memory banks of 4 training images" in error["message"]
+        # smaller features fit
+        small = {"model.backbone": "mobilenet_v3_small", "loss.pedal.enabled": False}
+        small |= {"loss.ipfl.enabled": False}
+        assert _submit(client, headers, dataset["id"], gpus=0, config=small).status_code == 201
