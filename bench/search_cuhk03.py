@@ -10,18 +10,19 @@ for the same model (Market-1501 protocol). The whole path runs as a user would:
 3. a short training job with ``configs/cuhk03_cpu.yaml``'s settings as overrides; its model is
    registered as ``reid-bench`` version 1;
 4. a gallery of the dataset (its ``bounding_box_test``) with that version, built by the worker;
-5. every query image searched through the API with ``k`` = the whole gallery; rank-1 computed
-   here, from the hits' file names alone: hits with the query's identity *and* camera are
-   ignored, a query counts when some hit has its identity in another camera, and it is correct
-   when its first remaining hit has its identity;
+5. every query image searched through the API with ``k`` = the whole gallery; rank-1 (and
+   rank-5/10, mAP, mINP) computed here from the hits' file names alone
+   (:func:`ranking_from_hits`: hits with the query's identity *and* camera are ignored);
 6. the version's weights downloaded from the API and evaluated with ``reid eval --checkpoint
-   ... --data market_folder:<data>``; both figures printed and written to
-   ``bench/results/search_cuhk03.md``. Exit code 1 when they differ.
+   ... --data market_folder:<data>``; both sets of figures printed and written to
+   ``bench/results/search_cuhk03.md``. Exit code 1 when the rank-1 values differ. Equal mAP and
+   mINP as well mean the two rankings agree at every correct match, not only the first.
 
 The data folder comes from ``--data`` or ``REID_BENCH_DATA``; nothing is copied::
 
     python bench/search_cuhk03.py --data ../shared/data/cuhk03-pair1
     python bench/search_cuhk03.py --data ... --epochs 1 --max-steps-per-epoch 30   # quicker
+    python bench/search_cuhk03.py --data ... --work-dir W --reuse-version 1  # W's model again
 """
 
 from __future__ import annotations
@@ -160,19 +161,6 @@ def job_overrides(
     return flat
 
 
-@dataclass
-class Rank1:
-    """Rank-1 of the query split from search hits (Market protocol)."""
-
-    correct: int
-    valid: int
-    skipped: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.correct / self.valid if self.valid else 0.0
-
-
 def _labels(name: str) -> tuple[int, int]:
     parsed = parse_market_name(Path(name).name)
     if parsed is None:
@@ -180,23 +168,48 @@ def _labels(name: str) -> tuple[int, int]:
     return parsed
 
 
-def rank1_from_hits(results: dict[str, list[dict[str, Any]]]) -> Rank1:
+@dataclass
+class Ranking:
+    """Market-protocol metrics of the query split, from search hits (percent, as ``reid eval``)."""
+
+    metrics: dict[str, float]
+    valid: int
+    skipped: int
+    correct_at_1: int
+
+
+def ranking_from_hits(results: dict[str, list[dict[str, Any]]]) -> Ranking:
     """``results``: query file name -> its hits, best first, over the whole gallery.
 
-    Hits with the query's identity and camera are ignored; a query is valid when a hit has its
-    identity in another camera; it is correct when its first remaining hit has its identity.
+    For query ``i`` (identity ``p``, camera ``c``, read from the file names), hits with identity
+    ``p`` *and* camera ``c`` are ignored; the query is valid when a remaining hit has identity
+    ``p``. With ``r_1 < ... < r_P`` the ranks of those correct hits among the remaining ones:
+    ``CMC_k`` counts ``r_1 <= k``, ``AP = (1/P) sum_j j / r_j``, ``INP = P / r_P``; each is
+    averaged over the valid queries.
     """
-    correct = valid = skipped = 0
+    valid = skipped = 0
+    cmc = {1: 0, 5: 0, 10: 0}
+    ap_sum = inp_sum = 0.0
     for query, hits in results.items():
         pid, cam = _labels(query)
         kept = [_labels(h["path"]) for h in hits]
         kept = [(p, c) for p, c in kept if not (p == pid and c == cam)]
-        if not any(p == pid for p, _ in kept):
+        ranks = [r for r, (p, _) in enumerate(kept, start=1) if p == pid]
+        if not ranks:
             skipped += 1
             continue
         valid += 1
-        correct += kept[0][0] == pid
-    return Rank1(correct, valid, skipped)
+        for k in cmc:
+            cmc[k] += ranks[0] <= k
+        ap_sum += sum(j / r for j, r in enumerate(ranks, start=1)) / len(ranks)
+        inp_sum += len(ranks) / ranks[-1]
+    scale = 100.0 / max(1, valid)
+    metrics = {
+        "mAP": ap_sum * scale,
+        "mINP": inp_sum * scale,
+        **{f"r{k}": hits * scale for k, hits in cmc.items()},
+    }
+    return Ranking(metrics, valid, skipped, cmc[1])
 
 
 def reid_eval(checkpoint: Path, data: Path) -> dict[str, float]:
@@ -213,8 +226,26 @@ def reid_eval(checkpoint: Path, data: Path) -> dict[str, float]:
     return metrics
 
 
+#: Compared metrics; ``reid eval`` prints them (percent) rounded to 4 decimals.
+COMPARED = ("r1", "r5", "r10", "mAP", "mINP")
+TOLERANCE = 5e-5
+
+
 def report(facts: dict[str, Any]) -> str:
-    same = facts["equal"]
+    searched, evaluated, job = facts["searched"], facts["evaluated"], facts["job"]
+    schedule = job["resolved_config"]["schedule"]
+    steps = schedule.get("max_steps_per_epoch")
+    training = (
+        f"job `{job['id']}` trained it for {schedule['epochs']} epoch(s)"
+        + (f" of at most {steps} steps" if steps is not None else "")
+        + f" ({_job_minutes(job):.1f} min"
+        + (
+            ", in an earlier run of this script in the same work folder)"
+            if facts["reused"]
+            else ")"
+        )
+    )
+    overrides = job["config_overrides"]
     lines = [
         "# Search through the service vs `reid eval` (CUHK03, camera pair 1)",
         "",
@@ -222,35 +253,76 @@ def report(facts: dict[str, Any]) -> str:
         "",
         f"Data: `{facts['data_name']}` ({facts['query_images']} query images, "
         f"{facts['gallery_images']} gallery images). Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, CPU only. The embedded service (`python -m service serve "
-        "--with-worker`: SQLite, the SQLite broker, a SQLite MLflow store) trained the model "
-        f"with `{facts['config']}`'s settings"
-        + (f" and `{' '.join(facts['overrides'])}`" if facts["overrides"] else "")
-        + f" for {facts['epochs']} epoch(s)"
-        + (f" of at most {facts['max_steps']} steps" if facts["max_steps"] is not None else "")
-        + f" ({facts['train_minutes']:.1f} min) and registered it as "
-        f"`{MODEL_NAME}` version {facts['version']}; a worker built the gallery in "
-        f"{facts['gallery_seconds']:.0f} s; {facts['query_images']} searches through the API "
-        f"took {facts['search_seconds']:.0f} s (k = {facts['k']}, the whole gallery).",
+        f"{os.cpu_count()} cores, CPU only, shared with other work. In the embedded service "
+        "(`python -m service serve --with-worker`: SQLite, the SQLite broker, a SQLite MLflow "
+        f"store), {training} and registered it as `{MODEL_NAME}` version {facts['version']}; "
+        f"a worker built the gallery in {facts['gallery_seconds']:.0f} s; "
+        f"{facts['query_images']} searches through the API took {facts['search_seconds']:.0f} s "
+        f"(k = {facts['k']}, the whole gallery).",
         "",
-        "| rank-1 of the query split (Market protocol) | value | queries |",
-        "|---|---|---|",
-        f"| from `POST /v1/galleries/{{id}}/search` hits | {facts['search_r1']:.4f} | "
-        f"{facts['correct']} correct of {facts['valid']} valid ({facts['skipped']} without a "
-        "match in another camera) |",
-        f"| `reid eval` of the downloaded weights | {facts['eval_r1']:.4f} | |",
-        f"| the job's own evaluation (model version metrics) | {facts['job_r1']} | |",
+        "Query split, Market protocol (%): from the hits of `POST /v1/galleries/{id}/search` "
+        f"({searched.valid} valid queries, {searched.skipped} without a match in another "
+        f"camera; rank-1: {searched.correct_at_1} correct), and from `reid eval` of the weights "
+        "downloaded from `GET /v1/models/.../weights`:",
         "",
-        f"Equal: **{'yes' if same else 'NO'}** (|difference| = "
-        f"{abs(facts['search_r1'] - facts['eval_r1']):.4f} points; `reid eval` prints 4 "
-        f"decimals). `reid eval` also reports mAP {facts['eval_map']:.2f}.",
+        "| metric | search hits | `reid eval` | job's own evaluation | equal |",
+        "|---|---|---|---|---|",
+    ]
+    for name in COMPARED:
+        job = facts["job_metrics"].get(name)
+        lines.append(
+            f"| {name} | {searched.metrics[name]:.4f} | {evaluated[name]:.4f} | "
+            + (f"{job:.4f}" if job is not None else "-")
+            + f" | {'yes' if abs(searched.metrics[name] - evaluated[name]) <= TOLERANCE else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"Rank-1 equal: **{'yes' if facts['r1_equal'] else 'NO'}**; every metric equal: "
+        f"**{'yes' if facts['all_equal'] else 'NO'}** (`reid eval` prints 4 decimals; equal means "
+        f"within {TOLERANCE}). Equal mAP and mINP mean the two rankings agree at every correct "
+        "match, not only at the first.",
+        "",
+        f"The job's overrides: `{json.dumps(overrides, separators=(',', ':'))}`.",
         "",
         "The model is trained from scratch for minutes on 2 CPU cores, so its accuracy is near "
         "chance (see `train_real.md`); what this checks is that the service's gallery (features "
         "from the worker, faiss inner-product search, hits relative to the dataset) ranks the "
-        "query split exactly as the evaluation does.",
+        "query split as the evaluation does.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _dataset(client: httpx.Client, data: Path) -> dict[str, Any]:
+    """The dataset registered by its path (the one already registered, in a reused folder)."""
+    response = client.post("/v1/datasets", json={"name": data.name, "path": str(data)})
+    if response.status_code == 409:
+        items = _check(client.get("/v1/datasets", params={"limit": 200}), 200)["items"]
+        return next(d for d in items if d["name"] == data.name)
+    created: dict[str, Any] = _check(response, 201)
+    return created
+
+
+def _train(
+    client: httpx.Client, dataset: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """A job trained to SUCCEEDED (its model registered)."""
+    job = _check(
+        client.post("/v1/jobs", json={"dataset_id": dataset["id"], "config": overrides, "gpus": 0}),
+        201,
+    )
+    job = _wait(client, f"/v1/jobs/{job['id']}", {"SUCCEEDED", "FAILED", "CANCELLED"},
+                3 * 3600, "job")  # fmt: skip
+    if job["state"] != "SUCCEEDED":
+        raise SystemExit(f"the job ended {job['state']}: {job['reason']}")
+    return job
+
+
+def _job_minutes(job: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    started = datetime.fromisoformat(job["started_at"])
+    finished = datetime.fromisoformat(job["finished_at"])
+    return (finished - started).total_seconds() / 60
 
 
 def main() -> int:
@@ -271,11 +343,19 @@ def main() -> int:
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument(
+        "--reuse-version",
+        default=None,
+        help=f"search with this version of {MODEL_NAME}, trained by an earlier run in --work-dir, "
+        "instead of training a new one",
+    )
+    parser.add_argument(
         "--output", type=Path, default=ROOT / "bench" / "results" / "search_cuhk03.md"
     )
     args = parser.parse_args()
     if args.data is None or not Path(args.data).is_dir():
         raise SystemExit(f"--data (or REID_BENCH_DATA) must name a dataset folder, got {args.data}")
+    if args.reuse_version is not None and args.work_dir is None:
+        raise SystemExit("--reuse-version needs the --work-dir of the run that trained it")
     data = Path(args.data).resolve()
     queries = sorted(p for p in (data / "query").iterdir() if p.suffix.lower() == ".jpg")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -292,25 +372,18 @@ def main() -> int:
         embedded_service(work, env, _free_port()) as url,
         httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=300) as client,
     ):
-        dataset = _check(
-            client.post("/v1/datasets", json={"name": data.name, "path": str(data)}), 201
-        )
-        overrides = job_overrides(
-            args.config, args.epochs, args.max_steps_per_epoch, args.overrides
-        )
-        job = _check(
-            client.post(
-                "/v1/jobs", json={"dataset_id": dataset["id"], "config": overrides, "gpus": 0}
-            ),
-            201,
-        )
-        started = time.monotonic()
-        job = _wait(client, f"/v1/jobs/{job['id']}", {"SUCCEEDED", "FAILED", "CANCELLED"},
-                    3 * 3600, "job")  # fmt: skip
-        train_minutes = (time.monotonic() - started) / 60
-        if job["state"] != "SUCCEEDED":
-            raise SystemExit(f"the job ended {job['state']}: {job['reason']}")
-        version = job["model_version"]
+        dataset = _dataset(client, data)
+        if args.reuse_version is None:
+            overrides = job_overrides(
+                args.config, args.epochs, args.max_steps_per_epoch, args.overrides
+            )
+            job = _train(client, dataset, overrides)
+        else:
+            jobs = _check(client.get("/v1/jobs", params={"state": "SUCCEEDED"}), 200)["items"]
+            job = next((j for j in jobs if j["model_version"] == args.reuse_version), None)
+            if job is None:
+                raise SystemExit(f"no job of {work} registered version {args.reuse_version}")
+        version = str(job["model_version"])
         model = _check(client.get(f"/v1/models/{MODEL_NAME}/versions/{version}"), 200)
 
         started = time.monotonic()
@@ -331,9 +404,9 @@ def main() -> int:
         gallery_seconds = time.monotonic() - started
         if gallery["state"] != "READY":
             raise SystemExit(f"the gallery ended {gallery['state']}: {gallery['reason']}")
-        k = min(MAX_K, gallery["image_count"])
-        if k < gallery["image_count"]:
-            raise SystemExit(f"the gallery has {gallery['image_count']} images, above k={MAX_K}")
+        k = gallery["image_count"]
+        if k > MAX_K:
+            raise SystemExit(f"the gallery has {k} images, above the API's k <= {MAX_K}")
 
         started = time.monotonic()
         results: dict[str, list[dict[str, Any]]] = {}
@@ -345,7 +418,7 @@ def main() -> int:
             )
             results[query.name] = answer["hits"]
         search_seconds = time.monotonic() - started
-        searched = rank1_from_hits(results)
+        searched = ranking_from_hits(results)
 
         weights = work / f"{MODEL_NAME}-v{version}.pt"
         response = client.get(f"/v1/models/{MODEL_NAME}/versions/{version}/weights")
@@ -354,42 +427,33 @@ def main() -> int:
         weights.write_bytes(response.content)
 
     evaluated = reid_eval(weights, data)
-    job_r1 = model["metrics"].get("r1")
+    differences = {n: abs(searched.metrics[n] - evaluated[n]) for n in COMPARED}
     facts = {
         "data_name": data.name,
         "query_images": len(queries),
         "gallery_images": gallery["image_count"],
-        "epochs": args.epochs,
-        "config": args.config.relative_to(ROOT)
-        if args.config.is_relative_to(ROOT)
-        else args.config,
-        "overrides": args.overrides,
-        "max_steps": args.max_steps_per_epoch,
-        "train_minutes": train_minutes,
+        "job": job,
+        "reused": args.reuse_version is not None,
         "version": version,
         "gallery_seconds": gallery_seconds,
         "search_seconds": search_seconds,
         "k": k,
-        "search_r1": searched.percent,
-        "correct": searched.correct,
-        "valid": searched.valid,
-        "skipped": searched.skipped,
-        "eval_r1": evaluated["r1"],
-        "eval_map": evaluated["mAP"],
-        "job_r1": f"{job_r1:.4f}" if job_r1 is not None else "-",
-        # reid eval rounds to 4 decimals
-        "equal": abs(searched.percent - evaluated["r1"]) <= 5e-5,
+        "searched": searched,
+        "evaluated": evaluated,
+        "job_metrics": model["metrics"],
+        "r1_equal": differences["r1"] <= TOLERANCE,
+        "all_equal": all(d <= TOLERANCE for d in differences.values()),
     }
-    print(
-        f"rank-1 from the service's search: {searched.percent:.4f} "
-        f"({searched.correct}/{searched.valid}); reid eval: {evaluated['r1']:.4f}; "
-        f"equal: {facts['equal']}",
-        flush=True,
-    )
+    for name in COMPARED:
+        print(
+            f"{name:>5}: search {searched.metrics[name]:.4f}  reid eval {evaluated[name]:.4f}",
+            flush=True,
+        )
+    print(f"rank-1 equal: {facts['r1_equal']}; every metric equal: {facts['all_equal']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report(facts))
     print(f"wrote {args.output}", flush=True)
-    return 0 if facts["equal"] else 1
+    return 0 if facts["r1_equal"] else 1
 
 
 if __name__ == "__main__":

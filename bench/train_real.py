@@ -76,9 +76,16 @@ def run_variant(
     start = time.perf_counter()
     with (out / "stdout.log").open("w") as log:
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    minutes = (time.perf_counter() - start) / 60
     if code != 0:
         raise SystemExit(f"[{name}] training failed with exit code {code}; see {out}/train.log")
+    return collect_variant(name, out, minutes=(time.perf_counter() - start) / 60)
+
+
+def collect_variant(name: str, out: Path, minutes: float | None = None) -> dict[str, Any]:
+    """The result of a finished run in ``out`` (``minutes``: wall-clock; default: from the log's
+    first and last timestamps)."""
+    if minutes is None:
+        minutes = _log_minutes(out / "train.log")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [h for h in history if "eval/mAP" in h]
     initial = _initial_metrics(out / "train.log")
@@ -109,6 +116,14 @@ def diagnose_run(out: Path) -> dict[str, dict[str, float]]:
     except (OSError, KeyError, ValueError) as exc:
         print(f"memory diagnostics skipped for {out}: {exc}", flush=True)
         return {}
+
+
+def _log_minutes(log_file: Path) -> float:
+    from datetime import datetime
+
+    stamps = [line[:23] for line in log_file.read_text().splitlines() if line[:4].isdigit()]
+    first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds() / 60
 
 
 def _initial_metrics(log_file: Path) -> dict[str, float]:
@@ -182,6 +197,11 @@ def main() -> None:
     p.add_argument("--variants", default="both,global,patch")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: report the finished runs of --variants found in --work-dir",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -211,6 +231,11 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
 
+    if args.collect:  # report runs already in --work-dir, train nothing
+        results = [collect_variant(n, args.work_dir / n) for n in names]
+        args.output.write_text(report(results, args))
+        print(args.output.read_text())
+        return
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for future in [pool.submit(one, name) for name in names]:
             future.result()

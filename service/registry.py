@@ -180,7 +180,9 @@ class ModelRegistry:
     def get_version(self, owner: str, name: str, version: str) -> ModelVersionOut:
         model = self._owned_model(owner, name)
         aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
-        if version in aliases:  # an alias names a version too
+        if not version.isdigit():  # an alias names a version too
+            if version not in aliases:
+                raise not_found("model version", f"{name}@{version}")
             version = aliases[version]
         try:
             found = self._call(lambda: self.client.get_model_version(name, version))

@@ -333,7 +333,7 @@ class GalleryCreate(_In):
         examples=["best", "3"],
     )
     name: str | None = Field(None, min_length=1, max_length=128, examples=["cams-2024 v3"])
-    gpus: int | None = Field(
+    gpus: StrictInt | None = Field(
         None,
         ge=0,
         le=1,

@@ -207,6 +207,7 @@ def test_create_refuses_what_is_not_yours_or_not_there(
     bad = error(alice, 422, **{**ok, "model_version": "not a version"})
     assert bad["details"][0]["field"] == "body.model_version"
     assert error(alice, 422, **{**ok, "gpus": 2})["details"][0]["field"] == "body.gpus"
+    assert error(alice, 422, **{**ok, "gpus": True})["details"][0]["field"] == "body.gpus"
     unknown_queue = error(alice, 422, **{**ok, "queue": "nope"})
     assert unknown_queue["message"] == "unknown queue 'nope'; this service has: default"
     assert error(alice, 422, **{**ok, "extra": 1})["details"][0]["field"] == "body.extra"

@@ -103,6 +103,9 @@ def test_unknown_model_and_version(client: TestClient, alice: Headers) -> None:
     missing = client.get("/v1/models/reid-alice/versions/99", headers=alice)
     assert missing.status_code == 404
     assert "reid-alice/99" in missing.json()["error"]["message"]
+    alias = client.get("/v1/models/reid-alice/versions/nightly", headers=alice)
+    assert alias.status_code == 404
+    assert alias.json()["error"]["message"] == "model version reid-alice@nightly not found"
     assert client.get("/v1/models/bad..name%2F/versions", headers=alice).status_code in (404, 422)
 
 
