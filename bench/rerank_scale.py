@@ -366,6 +366,14 @@ def run_size(
                 rows.append(("re_rank (ours)", label, fmt_t(res["all"])))
             else:
                 say(f"ours REFUSED with its memory estimate: {res['refused']}")
+                dense_in = 4 * (size.queries**2 + size.queries * size.gallery + size.gallery**2)
+                say(
+                    f"           of that estimate, {dense_in / GIB:.1f} GiB are the three dense "
+                    f"input distance matrices (the g x g one alone "
+                    f"{4 * size.gallery**2 / GIB:.1f} GiB) and {4 * size.queries * size.gallery / GIB:.1f}"
+                    " GiB the dense output: re_rank is chunked inside, but its inputs are not, so "
+                    "raising the limit would not make it fit in this machine's memory either"
+                )
                 rows.append(("re_rank (ours)", label, "refused (RerankMemoryError), see output"))
             avail = mem_available_gib()
             say(

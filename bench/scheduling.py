@@ -72,13 +72,16 @@ FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 #: Files the supervisor writes before the trainer starts (not the trainer's writes).
 SUPERVISOR_FILES = {"trainer.pid", "job_config.yaml", "tracking.json"}
 
-#: Set from bench/results/scheduling.md (2 loaded CPUs, load average ~6) with headroom.
+#: Set from the 10-job estimate and a 4-job check on 2 CPUs under a load average of ~5-6
+#: (5.6-6.5 jobs/minute, measured / ideal 0.98, idle pickup 0.02-0.03 s, STARTING -> RUNNING
+#: p99 0.07-0.12 s, worker gap p99 0.04 s, trainer exit -> final p99 0.32 s) with headroom.
 TARGETS: dict[str, tuple[str, float]] = {
-    "jobs_per_minute": (">=", 4.0),
-    "idle_pickup_p50_s": ("<=", 1.0),
-    "start_p99_s": ("<=", 3.0),
-    "worker_gap_p99_s": ("<=", 3.0),
-    "finish_overhead_p99_s": ("<=", 5.0),
+    "jobs_per_minute": (">=", 3.0),
+    "measured_over_ideal": (">=", 0.85),
+    "idle_pickup_p50_s": ("<=", 0.5),
+    "start_p99_s": ("<=", 1.0),
+    "worker_gap_p99_s": ("<=", 1.0),
+    "finish_p99_s": ("<=", 2.0),
 }
 
 
@@ -525,10 +528,11 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "jobs_per_minute": jpm,
+        "measured_over_ideal": jpm / ideal,
         "idle_pickup_p50_s": percentile(idle_m[PICKUP], 50),
         "start_p99_s": percentile(batch_m[START], 99),
         "worker_gap_p99_s": percentile(batch_m[GAP], 99),
-        "finish_overhead_p99_s": percentile(batch_m[FINISH], 99),
+        "finish_p99_s": percentile(batch_m[FINISH], 99),
     }
     target_rows = []
     for key, (op, bound) in TARGETS.items():
