@@ -76,17 +76,20 @@ def postgres_database(prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, backend_store_uri: str, timeout_s: float = 120) -> Iterator[str]:
-    """A real ``mlflow server`` (database backend, proxied artifacts under ``folder``) on a free
-    loopback port, as in docker-compose.yml but small: one worker, no job execution. Its URL."""
-    port = _free_port()
+def mlflow_server(
+    folder: Path, backend_store_uri: str, timeout_s: float = 120, port: int | None = None
+) -> Iterator[str]:
+    """A real ``mlflow server`` (database backend, proxied artifacts under ``folder``) on
+    ``port`` (default: a free one) of the loopback, as in docker-compose.yml but small: one
+    worker, no job execution. Its URL."""
+    port = port or free_port()
     log = folder / "mlflow_server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log.open("wb") as out:

@@ -24,7 +24,7 @@ import httpx
 from reid_core.data import generate_synthetic_market
 from service.auth import create_api_key
 from service.db import make_engine, make_session_factory, session_scope
-from service.settings import JobBounds, Settings
+from service.settings import JobBounds, Settings, TrackingSettings
 from tests.helpers import TINY_JOB_CONFIG
 from tests.reliability.servers import wait_until
 from tests.worker.conftest import fast_worker_settings
@@ -83,7 +83,12 @@ class ServiceStack:
 
     @classmethod
     def create(
-        cls, folder: Path, database_url: str, broker_url: str, **worker: Any
+        cls,
+        folder: Path,
+        database_url: str,
+        broker_url: str,
+        mlflow: TrackingSettings | None = None,
+        **worker: Any,
     ) -> ServiceStack:
         settings = Settings(
             _env_file=None,
@@ -100,6 +105,7 @@ class ServiceStack:
                 kill_grace_s=30,
                 **worker,
             ),
+            mlflow=mlflow or TrackingSettings(),
         )
         return cls(settings, folder)
 
@@ -121,6 +127,10 @@ class ServiceStack:
             "REID_WORKER__KILL_GRACE_S": str(w.kill_grace_s),
             "REID_WORKER__DISPATCH_GRACE_S": str(w.dispatch_grace_s),
             "REID_WORKER__REQUEUE_AFTER_S": str(w.requeue_after_s),
+            "REID_MLFLOW__TRACKING_URI": s.mlflow.tracking_uri,
+            "REID_MLFLOW__REQUEST_TIMEOUT_S": str(s.mlflow.request_timeout_s),
+            "REID_MLFLOW__RETRY_AFTER_S": str(s.mlflow.retry_after_s),
+            "REID_MLFLOW__FINAL_SYNC_S": str(s.mlflow.final_sync_s),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
@@ -206,9 +216,13 @@ class ServiceStack:
 
 @contextmanager
 def service_stack(
-    folder: Path, database_url: str, broker_url: str, **worker: Any
+    folder: Path,
+    database_url: str,
+    broker_url: str,
+    mlflow: TrackingSettings | None = None,
+    **worker: Any,
 ) -> Iterator[ServiceStack]:
-    stack = ServiceStack.create(folder, database_url, broker_url, **worker)
+    stack = ServiceStack.create(folder, database_url, broker_url, mlflow, **worker)
     try:
         yield stack
     finally:
