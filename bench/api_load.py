@@ -726,7 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (apt-get install -y wrk)")
     load = os.getloadavg()
-    command = "python bench/api_load.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = (
+        "python bench/api_load.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    ).strip()
     lines: list[str] = []
 
     def say(msg: str) -> None:

@@ -484,7 +484,7 @@ def _map_r1(summary: dict[str, Any]) -> str:
     return f"{summary['mAP']:.4f} / {summary['r1']:.4f}"
 
 
-def machine_info(load: tuple[float, float, float]) -> list[tuple[str, str]]:
+def machine_info(load: tuple[float, float, float], available: float) -> list[tuple[str, str]]:
     """Platform, CPU count, load average at the start, memory available, versions."""
     import torch
 
@@ -496,7 +496,7 @@ def machine_info(load: tuple[float, float, float]) -> list[tuple[str, str]]:
             " / ".join(f"{x:.2f}" for x in load)
             + " (other engineers' jobs were running: figures were taken under this load)",
         ),
-        ("memory available at start", f"{mem_available_gib():.1f} GiB"),
+        ("memory available at start", f"{available:.1f} GiB"),
         ("torch threads", str(torch.get_num_threads())),
         (
             "python / numpy / torch",
@@ -525,16 +525,19 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
         return 0
     load = os.getloadavg()
-    command = "python bench/rerank_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = (
+        "python bench/rerank_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    ).strip()
     lines: list[str] = []
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         lines.append(msg)
 
+    available = mem_available_gib()
     say(
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs; "
-        f"{mem_available_gib():.1f} GiB available; features {args.dim}-d, cosine, k1=20 k2=6 "
+        f"{available:.1f} GiB available; features {args.dim}-d, cosine, k1=20 k2=6 "
         "lambda=0.3"
     )
     rows: list[tuple[str, str, str]] = []
@@ -554,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| item | value |",
         "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine_info(load)],
+        *[f"| {k} | {v} |" for k, v in machine_info(load, available)],
         "",
         "## Results",
         "",

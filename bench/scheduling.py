@@ -347,7 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load = os.getloadavg()
-    command = "python bench/scheduling.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = (
+        "python bench/scheduling.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    ).strip()
     lines: list[str] = []
 
     def say(msg: str) -> None:

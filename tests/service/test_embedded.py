@@ -112,6 +112,13 @@ def test_serve_with_worker_trains_a_job_end_to_end(tmp_path: Path) -> None:
         _, events = _call("GET", f"{base}/v1/jobs/{job['id']}/events", key)
         states = [e["to_state"] for e in (events["items"] if isinstance(events, dict) else events)]
         assert states[-3:] == ["STARTING", "RUNNING", "SUCCEEDED"]
+        # the embedded MLflow (SQLite store and artifacts under the data dir) holds the model
+        assert (job["model_name"], job["model_version"]) == ("reid-alice", "1"), job["warnings"]
+        status, version = _call("GET", f"{base}/v1/models/reid-alice/versions/best", key)
+        assert status == 200, version
+        assert version["job_id"] == job["id"] and "mAP" in version["metrics"]
+        assert (tmp_path / "var" / "mlflow.db").is_file()
+        assert any((tmp_path / "var" / "mlartifacts").rglob("model_final.pt"))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         code = server.wait(timeout=60)
