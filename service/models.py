@@ -175,6 +175,8 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_state", "owner", "state"),
         Index("ix_jobs_state_priority", "state", "priority"),
+        # GET /v1/jobs: an owner's newest first (scanned backwards), without sorting them all
+        Index("ix_jobs_owner_created_at", "owner", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)

@@ -214,25 +214,24 @@ def _send_to_workers(settings: Settings, session: Session, job: Job) -> None:
     send_and_mark(settings, session, job)
 
 
-def _job_body(job: Job, settings: Settings) -> bytes:
-    return json.dumps(
-        _job_out(job, settings).model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
-
-
-def _etag(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+def _job_body(job: Job, settings: Settings) -> tuple[bytes, str]:
+    """The job as JSON, and its ETag: a hash of the canonical form (sorted keys), so the same
+    job has the same ETag whatever order the database returns its JSON columns in."""
+    data = _job_out(job, settings).model_dump(mode="json")
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    canonical = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return body, '"' + hashlib.sha256(canonical).hexdigest()[:32] + '"'
 
 
 def _job_response(
     job: Job, settings: Settings, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    body = _job_body(job, settings)
+    body, etag = _job_body(job, settings)
     return Response(
         content=body,
         status_code=status_code,
         media_type="application/json",
-        headers={"ETag": _etag(body), **(headers or {})},
+        headers={"ETag": etag, **(headers or {})},
     )
 
 
@@ -270,7 +269,7 @@ def list_jobs(
     rows = session.execute(
         select(Job)
         .where(*conditions)
-        .order_by(Job.created_at.desc(), Job.id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
         .offset(offset)
     ).scalars()
@@ -295,8 +294,7 @@ def get_job(
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    body = _job_body(_owned_job(session, owner, job_id), settings)
-    etag = _etag(body)
+    body, etag = _job_body(_owned_job(session, owner, job_id), settings)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match is not None and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)

@@ -27,7 +27,7 @@ def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_migrate_then_keys(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["migrate"]) == 0
-    assert "database at revision 0002" in capsys.readouterr().out
+    assert "database at revision 0004" in capsys.readouterr().out
 
     assert main(["create-key", "--owner", "alice", "--name", "laptop"]) == 0
     out, err = capsys.readouterr()
