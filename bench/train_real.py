@@ -167,10 +167,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "",
             "Final memories against the hidden train labels (analysis only; chance p@10 ~0.13%): "
             "p@k = share of the k nearest memory slots with the same identity, xcam = among the "
-            "other camera's slots, |C| / covered / prec = GSL credible sets (size, share of images "
+            "other camera's slots, size of C / covered / prec = GSL credible sets (size, share of images "
             "with one, precision), cos = mean pairwise cosine.",
             "",
-            "| variant | memory | p@1 % | p@10 % | xcam p@10 % | cos | |C| | covered % | prec % |",
+            "| variant | memory | p@1 % | p@10 % | xcam p@10 % | cos | size of C | covered % | prec % |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, kind, st in diag_rows:
