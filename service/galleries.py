@@ -42,6 +42,7 @@ from service.errors import APIError, not_found
 from service.models import Gallery, GalleryState, utcnow
 from service.schemas import ModelVersionOut
 from service.settings import Settings
+from service.uploads import PartHeaderReader
 
 if TYPE_CHECKING:
     from reid_core.embedder import Embedder
@@ -218,51 +219,25 @@ def _invalid(field: str, message: str, value: Any = None) -> APIError:
     return APIError(422, "validation_error", message, details=[detail])
 
 
-class _ImageReceiver:
+class _ImageReceiver(PartHeaderReader):
     """python-multipart callbacks keeping the file parts named ``field`` in memory."""
 
     def __init__(self, field: str, charset: str, max_files: int, max_file_bytes: int) -> None:
+        super().__init__()
         self.field = field
         self.charset = charset
         self.max_files = max_files
         self.max_file_bytes = max_file_bytes
         self.images: list[UploadedImage] = []
         self.ended = False
-        self._header_name = b""
-        self._header_value = b""
-        self._disposition: bytes | None = None
         self._name = ""
         self._filename: str | None = None
         self._data = bytearray()
-
-    def callbacks(self) -> Any:
-        return {
-            "on_part_begin": self.on_part_begin,
-            "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end,
-            "on_header_field": self.on_header_field,
-            "on_header_value": self.on_header_value,
-            "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished,
-            "on_end": self.on_end,
-        }
 
     def on_part_begin(self) -> None:
         self._disposition = None
         self._filename = None
         self._data = bytearray()
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        if self._header_name.lower() == b"content-disposition":
-            self._disposition = self._header_value
-        self._header_name = b""
-        self._header_value = b""
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)

@@ -19,27 +19,14 @@ from typing import Any, TypeVar
 from service.errors import APIError, not_found
 from service.schemas import ModelOut, ModelVersionOut
 from service.settings import Settings
+from worker.tracking import JOB_TAG, METRIC_TAG_PREFIX, OWNER_TAG, configure_http
 
-__all__ = ["BEST_ALIAS", "OWNER_TAG", "ModelRegistry", "ensure_experiment"]
+__all__ = ["ModelRegistry", "ensure_experiment"]
 
-#: Same tags as the trainer writes (worker/mlflow_hook.py); duplicated so the API needs no torch.
-OWNER_TAG = "reid.owner"
-JOB_TAG = "reid.job_id"
-METRIC_TAG_PREFIX = "metric."
-BEST_ALIAS = "best"
 #: Inside a logged model: the plain weights + config file (reid_core.model_io format).
 WEIGHTS_PATH = "extra_files/model_final.pt"
 
 T = TypeVar("T")
-
-
-def _configure_http(timeout_s: float) -> None:
-    import os
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(timeout_s))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _when(ms: int | None) -> datetime | None:
@@ -54,7 +41,7 @@ def ensure_experiment(settings: Settings) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    _configure_http(settings.mlflow.request_timeout_s)
+    configure_http(settings.mlflow.request_timeout_s)
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(settings.mlflow.experiment)
     if experiment is not None:
@@ -71,7 +58,7 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        _configure_http(settings.mlflow.request_timeout_s)
+        configure_http(settings.mlflow.request_timeout_s)
 
     @functools.cached_property
     def client(self) -> Any:

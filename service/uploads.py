@@ -20,7 +20,7 @@ from service.errors import APIError
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-__all__ = ["ReceivedUpload", "receive_multipart"]
+__all__ = ["PartHeaderReader", "ReceivedUpload", "receive_multipart"]
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 4096
@@ -47,24 +47,15 @@ def _bad_form(message: str) -> APIError:
     return APIError(400, "bad_multipart", message)
 
 
-class _Receiver:
-    def __init__(self, dest: Path, charset: str) -> None:
-        self.dest = dest
-        self.charset = charset
-        self.result = ReceivedUpload()
-        self.ended = False
-        self._out: BinaryIO | None = None
+class PartHeaderReader:
+    """python-multipart callbacks that collect each part's ``Content-Disposition`` header into
+    ``_disposition``; subclasses add the part's data handling (``on_part_begin``,
+    ``on_headers_finished``, ``on_part_data``, ``on_part_end``, ``on_end``)."""
+
+    def __init__(self) -> None:
         self._header_name = b""
         self._header_value = b""
         self._disposition: bytes | None = None
-        self._name = ""
-        self._data = bytearray()
-        self._is_file = False
-
-    def close(self) -> None:
-        if self._out is not None:
-            self._out.close()
-            self._out = None
 
     def callbacks(self) -> MultipartCallbacks:
         return {
@@ -78,12 +69,6 @@ class _Receiver:
             "on_end": self.on_end,
         }
 
-    def on_part_begin(self) -> None:
-        self._disposition = None
-        self._name = ""
-        self._data = bytearray()
-        self._is_file = False
-
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
 
@@ -95,6 +80,45 @@ class _Receiver:
             self._disposition = self._header_value
         self._header_name = b""
         self._header_value = b""
+
+    def on_part_begin(self) -> None:
+        raise NotImplementedError
+
+    def on_headers_finished(self) -> None:
+        raise NotImplementedError
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        raise NotImplementedError
+
+    def on_part_end(self) -> None:
+        raise NotImplementedError
+
+    def on_end(self) -> None:
+        raise NotImplementedError
+
+
+class _Receiver(PartHeaderReader):
+    def __init__(self, dest: Path, charset: str) -> None:
+        super().__init__()
+        self.dest = dest
+        self.charset = charset
+        self.result = ReceivedUpload()
+        self.ended = False
+        self._out: BinaryIO | None = None
+        self._name = ""
+        self._data = bytearray()
+        self._is_file = False
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def on_part_begin(self) -> None:
+        self._disposition = None
+        self._name = ""
+        self._data = bytearray()
+        self._is_file = False
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)

@@ -36,17 +36,21 @@ from reid_core.config import config_to_dict, flatten
 from reid_core.embedder import Embedder
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.trainer import HookBase
-from worker.tracking import JOB_TAG, TrackingSpec, TrackingState, _short, configure_http
+from worker.tracking import (
+    BEST_ALIAS,
+    JOB_TAG,
+    METRIC_TAG_PREFIX,
+    OWNER_TAG,
+    TrackingSpec,
+    TrackingState,
+    configure_http,
+    short_error,
+)
 
-__all__ = ["BEST_ALIAS", "MLflowHook", "model_requirements"]
+__all__ = ["MLflowHook", "model_requirements"]
 
 log = logging.getLogger("worker.mlflow")
 
-BEST_ALIAS = "best"
-#: Tag of a registered model and its versions naming the owner (only they see and change it).
-OWNER_TAG = "reid.owner"
-#: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
-METRIC_TAG_PREFIX = "metric."
 #: Params that change between attempts of one job (MLflow refuses to change a logged param).
 _VOLATILE_PARAMS = frozenset({"checkpoint.resume"})
 _MAX_PARAM_LENGTH = 6000
@@ -149,7 +153,7 @@ class MLflowHook(HookBase):
                 self._failing_since = step
                 message = (
                     f"MLflow at {self.spec.tracking_uri} failed while {step} (epoch "
-                    f"{self._epochs_done()}): {_short(exc)}; training goes on, retrying every "
+                    f"{self._epochs_done()}): {short_error(exc)}; training goes on, retrying every "
                     f"{self.spec.retry_after_s:g} s"
                 )
                 log.warning("%s", message)
@@ -232,7 +236,6 @@ class MLflowHook(HookBase):
             run = self.client.create_run(experiment_id, run_name=self.spec.run_name, tags=tags)
             run_id = run.info.run_id
         self.state.run_id, self.state.experiment_id = run_id, experiment_id
-        self._save_state()
         log.info("MLflow run %s (experiment %s)", run_id, self.spec.experiment)
 
     def _log_params(self) -> None:
@@ -249,7 +252,6 @@ class MLflowHook(HookBase):
         for start in range(0, len(params), 100):
             self.client.log_batch(self.state.run_id, params=params[start : start + 100])
         self.state.params_logged = True
-        self._save_state()
 
     def _log_metrics(self) -> None:
         from mlflow.entities import Metric
@@ -270,7 +272,6 @@ class MLflowHook(HookBase):
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(self.state.run_id, metrics=metrics[start : start + 1000])
         self.state.logged_through_epoch = int(new[-1]["epoch"])
-        self._save_state()
 
     def _log_checkpoint(self) -> None:
         if not self.spec.log_checkpoints:
@@ -280,7 +281,6 @@ class MLflowHook(HookBase):
             return
         self.client.log_artifact(self.state.run_id, str(newest), "checkpoints")
         self.state.checkpoints_logged = [*self.state.checkpoints_logged, newest.name]
-        self._save_state()
 
     def _log_model(self) -> None:
         if self.state.model_version is not None or self.state.registration_refused:
@@ -348,7 +348,6 @@ class MLflowHook(HookBase):
                 name, model_uri, run_id=self.state.run_id, tags=tags, model_id=model_id
             )
         self.state.model_name, self.state.model_version = name, str(version.version)
-        self._save_state()
         self.state.best_alias = self._move_best_alias(name, str(version.version))
         self._save_state()
         log.info(

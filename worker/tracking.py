@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BEST_ALIAS",
     "JOB_TAG",
+    "METRIC_TAG_PREFIX",
+    "OWNER_TAG",
     "SPEC_FILE",
     "STATE_FILE",
     "TrackingSpec",
     "TrackingState",
     "configure_http",
+    "short_error",
     "terminate_run",
 ]
 
@@ -36,6 +40,12 @@ STATE_FILE = "mlflow.json"
 
 #: The run tag that names the job (how a run is found again when its state file is gone).
 JOB_TAG = "reid.job_id"
+#: Tag of a registered model and its versions naming the owner (only they see and change it).
+OWNER_TAG = "reid.owner"
+#: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
+METRIC_TAG_PREFIX = "metric."
+#: The alias that follows the highest mAP of a registered model.
+BEST_ALIAS = "best"
 
 #: Most warnings kept on a job (the oldest are dropped).
 MAX_WARNINGS = 20
@@ -139,10 +149,11 @@ def terminate_run(tracking_uri: str, run_id: str, status: str, timeout_s: float)
         client.set_terminated(run_id, status=status)
     except Exception as exc:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
-        return f"MLflow run {run_id} could not be marked {status}: {_short(exc)}"
+        return f"MLflow run {run_id} could not be marked {status}: {short_error(exc)}"
     return None
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    """The exception's message on one line, at most ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
