@@ -10,10 +10,11 @@ cosine (``eval.distance``'s default), k1=20, k2=6, lambda=0.3.
 Each measurement runs in its own child process (``--child``), so peak memories do not mix: the
 child loads its inputs, resets its peak resident size (``/proc/self/clear_refs``), runs one
 variant and reports its wall time and ``VmHWM`` (peak resident set, inputs included) and the
-increase over the resident size before the call. Where the dense reference cannot run (its
-N x N matrices do not fit), its requirement is computed from its formulation and printed; our
-implementation is called the way ``reid eval --rerank`` calls it, and either runs or refuses
-with its memory estimate: the report says which.
+increase over the resident size before the call. Ours runs two ways: ``re_rank`` on the three
+dense distance matrices, and ``re_rank_features`` (the path of ``reid eval --rerank``) on the
+features, which never forms an N x N matrix. Where the dense matrices do not fit (MSMT17), only
+the features path runs, and the dense reference's requirement is computed from its formulation
+and printed.
 
     python bench/rerank_scale.py                              # market1501 and msmt17
     python bench/rerank_scale.py --sizes small market1501     # small: a quick 500 x 2000 check
@@ -207,6 +208,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         evaluate_features,
         evaluate_rank,
         re_rank,
+        re_rank_features,
     )
 
     size, work = SIZES[args.size], Path(args.work)
@@ -238,12 +240,22 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         # The path of `reid eval --rerank`: features in, the memory estimate checked first.
         qf, gf, labels = make_features(size, args.dim, args.noise, 0)
         try:
-            result, t_all = measure(
-                lambda: evaluate_features(qf, gf, *_label_args(labels), "cosine", rerank=True)
+            distmat, t_rr = measure(
+                lambda: re_rank_features(qf, gf, metric="cosine", max_memory_bytes=args.limit_bytes)
             )
-            out |= {"ran": True, "all": t_all, "reranked": _rank_summary(result)}
         except RerankMemoryError as exc:
-            out |= {"ran": False, "refused": str(exc)}
+            return out | {"ran": False, "refused": str(exc)}
+        result, t_eval = measure(lambda: evaluate_rank(distmat, *_label_args(labels)))
+        out |= {"ran": True, "rerank": t_rr, "evaluate": t_eval}
+        out["reranked"] = _rank_summary(result)
+        if (work / "qg.npy").exists():  # the dense run's inputs are there: compare with it
+            np.save(work / "ours-features.npy", distmat)
+        else:  # mAP without re-ranking, for reference
+            del distmat
+            plain, t_plain = measure(
+                lambda: evaluate_features(qf, gf, *_label_args(labels), "cosine")
+            )
+            out |= {"plain": _rank_summary(plain), "plain_eval": t_plain}
     else:
         raise ValueError(f"unknown child {args.child!r}")
     return out
@@ -269,6 +281,8 @@ def spawn(child: str, size: Size, work: Path, args: argparse.Namespace) -> dict[
         str(args.dim),
         "--noise",
         str(args.noise),
+        "--limit-bytes",
+        str(args.limit_bytes),
     ]
     t0 = time.perf_counter()
     try:
@@ -297,9 +311,9 @@ def mem_available_gib() -> float:
     return 0.0
 
 
-def compare(work: Path, top: int = 10) -> dict[str, float]:
-    """Largest |d*_ours - d*_ref| and how often the two rankings agree (top-1, top-``top``)."""
-    ours, ref = np.load(work / "ours.npy"), np.load(work / "reference.npy")
+def compare(work: Path, name: str = "ours", top: int = 10) -> dict[str, float]:
+    """Largest |d*_name - d*_ref| and how often the two rankings agree (top-1, top-``top``)."""
+    ours, ref = np.load(work / f"{name}.npy"), np.load(work / "reference.npy")
     diff = float(np.abs(ours - ref).max())
 
     def top_k(d: np.ndarray) -> np.ndarray:
@@ -331,22 +345,24 @@ def run_size(
     size: Size, args: argparse.Namespace, say: Callable[[str], None]
 ) -> list[tuple[str, str, str]]:
     """Every measurement of one size; the report's rows (measurement, variant, value)."""
-    from reid_core.evaluation import DEFAULT_RERANK_MAX_MEMORY_BYTES, estimate_rerank_memory
+    from reid_core.evaluation import estimate_rerank_memory
 
     rows: list[tuple[str, str, str]] = []
     label = f"{size.name} ({size.queries} x {size.gallery}, N = {size.n})"
     say(f"\n== {label}")
     ours_est = estimate_rerank_memory(size.queries, size.gallery)
-    limit = DEFAULT_RERANK_MAX_MEMORY_BYTES
+    feat_est = estimate_rerank_memory(size.queries, size.gallery, feature_dim=args.dim)
     ref_mem = dense_rerank_memory_bytes(size.queries, size.gallery)
     say(
-        f"memory estimate, ours: {ours_est / GIB:.2f} GiB (limit {limit / GIB:.2f} GiB, "
-        f"eval.rerank_max_memory_gb default); dense reference: {ref_mem['total'] / GIB:.2f} GiB "
+        f"memory estimate, ours: {ours_est / GIB:.2f} GiB from the dense distances, "
+        f"{feat_est / GIB:.2f} GiB from the features (limit {args.limit_bytes / GIB:.2f} GiB); "
+        f"dense reference: {ref_mem['total'] / GIB:.2f} GiB "
         f"+ {ref_mem['inputs'] / GIB:.2f} GiB of input distances ("
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in ref_mem.items() if k not in ("total",))
         + ")"
     )
-    rows.append(("memory estimate (ours)", label, f"{ours_est / GIB:.2f} GiB"))
+    rows.append(("memory estimate (ours, dense inputs)", label, f"{ours_est / GIB:.2f} GiB"))
+    rows.append(("memory estimate (ours, from features)", label, f"{feat_est / GIB:.2f} GiB"))
     rows.append(
         (
             "memory requirement (dense reference)",
@@ -356,25 +372,35 @@ def run_size(
     )
     with tempfile.TemporaryDirectory(prefix=f"rerank_{size.name}_") as tmp:
         work = Path(tmp)
-        if ours_est > limit:
+        if ours_est > args.limit_bytes:
+            say(
+                f"re_rank on dense distances NOT RUN: {ours_est / GIB:.1f} GiB estimated, "
+                f"{4 * (size.queries + size.gallery) ** 2 / GIB:.1f} GiB of it the three input "
+                "distance matrices"
+            )
             res = spawn("ours-features", size, work, args)
             if "error" in res:
-                say(f"ours: child failed: {res['error']}")
-                rows.append(("re_rank (ours)", label, f"failed: {res['error']}"))
+                say(f"ours (features): child failed: {res['error']}")
+                rows.append(("re_rank_features (ours)", label, f"failed: {res['error']}"))
             elif res["ran"]:
-                say(f"ours ran: {fmt_t(res['all'])}, {fmt_mem(res['all'])}")
-                rows.append(("re_rank (ours)", label, fmt_t(res["all"])))
-            else:
-                say(f"ours REFUSED with its memory estimate: {res['refused']}")
-                dense_in = 4 * (size.queries**2 + size.queries * size.gallery + size.gallery**2)
                 say(
-                    f"           of that estimate, {dense_in / GIB:.1f} GiB are the three dense "
-                    f"input distance matrices (the g x g one alone "
-                    f"{4 * size.gallery**2 / GIB:.1f} GiB) and {4 * size.queries * size.gallery / GIB:.1f}"
-                    " GiB the dense output: re_rank is chunked inside, but its inputs are not, so "
-                    "raising the limit would not make it fit in this machine's memory either"
+                    f"ours (features): re_rank_features {fmt_t(res['rerank'])}, "
+                    f"{fmt_mem(res['rerank'])}"
                 )
-                rows.append(("re_rank (ours)", label, "refused (RerankMemoryError), see output"))
+                say(
+                    f"           evaluate_rank {fmt_t(res['evaluate'])}: mAP "
+                    f"{res['reranked']['mAP']:.4f}, rank-1 {res['reranked']['r1']:.4f}; without "
+                    f"re-ranking mAP {res['plain']['mAP']:.4f}, rank-1 {res['plain']['r1']:.4f}"
+                )
+                rows += [
+                    ("re_rank_features time (ours)", label, fmt_t(res["rerank"])),
+                    ("re_rank_features peak memory (ours)", label, fmt_mem(res["rerank"])),
+                    ("mAP / rank-1 without re-ranking", label, _map_r1(res["plain"])),
+                    ("mAP / rank-1 re-ranked (ours, features)", label, _map_r1(res["reranked"])),
+                ]
+            else:
+                say(f"ours (features) REFUSED with its memory estimate: {res['refused']}")
+                rows.append(("re_rank_features (ours)", label, "refused (RerankMemoryError)"))
             avail = mem_available_gib()
             say(
                 f"dense reference NOT RUN: it needs {ref_mem['total'] / GIB:.1f} GiB "
@@ -417,6 +443,24 @@ def run_size(
         rows.append(("re_rank peak memory (ours)", label, fmt_mem(ours["rerank"])))
         rows.append(("mAP / rank-1 re-ranked (ours)", label, _map_r1(ours["reranked"])))
 
+        feats = spawn("ours-features", size, work, args)
+        if "error" in feats or not feats.get("ran"):
+            why = feats.get("error") or feats.get("refused")
+            say(f"ours (features) did not run: {why}")
+            return [*rows, ("re_rank_features (ours)", label, f"did not run: {why}")]
+        say(
+            f"ours (features): re_rank_features {fmt_t(feats['rerank'])}, {fmt_mem(feats['rerank'])}"
+        )
+        say(
+            f"           evaluate_rank {fmt_t(feats['evaluate'])}: mAP "
+            f"{feats['reranked']['mAP']:.4f}, rank-1 {feats['reranked']['r1']:.4f}"
+        )
+        rows.append(("re_rank_features time (ours, from features)", label, fmt_t(feats["rerank"])))
+        rows.append(
+            ("re_rank_features peak memory (ours, from features)", label, fmt_mem(feats["rerank"]))
+        )
+        rows.append(("mAP / rank-1 re-ranked (ours, features)", label, _map_r1(feats["reranked"])))
+
         need = (ref_mem["total"] + ref_mem["inputs"]) / GIB
         avail = mem_available_gib()
         if need > MEMORY_SAFETY * avail:
@@ -445,6 +489,10 @@ def run_size(
             ours["rerank"]["peak_over_before_gib"], 1e-3
         )
         cmp = compare(work)
+        cmp_feats = compare(work, "ours-features")
+        feat_mem_ratio = ref["rerank"]["peak_over_before_gib"] / max(
+            feats["rerank"]["peak_over_before_gib"], 1e-3
+        )
         d_map = abs(ours["reranked"]["mAP"] - ref["reranked"]["mAP"])
         d_cmc = max(
             abs(a - b) for a, b in zip(ours["reranked"]["cmc"], ref["reranked"]["cmc"], strict=True)
@@ -458,6 +506,13 @@ def run_size(
             f"{d_map:.2e}; largest |CMC diff| {d_cmc:.2e}; same top-1 for "
             f"{cmp['top1_agree']:.2%} of queries, identical top-10 for "
             f"{cmp['top10_identical']:.2%}"
+        )
+        say(
+            f"from features: {ref['rerank']['wall_s'] / feats['rerank']['wall_s']:.1f}x wall and "
+            f"{feat_mem_ratio:.1f}x extra memory against the reference, which also needs its "
+            f"{ref_mem['inputs'] / GIB:.2f} GiB of inputs; largest |d*_features - d*_ref| "
+            f"{cmp_feats['max_abs_diff']:.2e}; same top-1 for {cmp_feats['top1_agree']:.2%}, "
+            f"identical top-10 for {cmp_feats['top10_identical']:.2%}"
         )
         if cmp["max_abs_diff"] > 1e-4:
             say(
@@ -475,6 +530,17 @@ def run_size(
                 "queries with the same top-1 / identical top-10",
                 label,
                 f"{cmp['top1_agree']:.2%} / {cmp['top10_identical']:.2%}",
+            ),
+            (
+                "from features: extra-memory ratio reference / ours",
+                label,
+                f"{feat_mem_ratio:.1f}x (the reference's inputs not counted)",
+            ),
+            (
+                "from features: largest abs diff / same top-1 / identical top-10",
+                label,
+                f"{cmp_feats['max_abs_diff']:.2e} / {cmp_feats['top1_agree']:.2%} / "
+                f"{cmp_feats['top10_identical']:.2%}",
             ),
         ]
     return rows
@@ -513,6 +579,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=2048, help="feature dimension (default 2048)")
     p.add_argument("--noise", type=float, default=4.0, help="feature noise around id centres")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "bench/results/rerank_scale.md")
+    p.add_argument(
+        "--limit-gib",
+        type=float,
+        default=None,
+        help="re-ranking memory limit (default: 80%% of the memory available at the start)",
+    )
+    p.add_argument("--limit-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -535,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(msg)
 
     available = mem_available_gib()
+    limit_gib = args.limit_gib if args.limit_gib is not None else MEMORY_SAFETY * available
+    args.limit_bytes = int(limit_gib * GIB)
     say(
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs; "
         f"{available:.1f} GiB available; features {args.dim}-d, cosine, k1=20 k2=6 "

@@ -171,6 +171,12 @@ class InstanceLossConfig(_Strict):
     enabled: bool = True
     temperature: float = Field(0.05, gt=0.0, le=10.0)
     weight: float = Field(1.0, ge=0.0)
+    negatives: Literal["all", "same_camera"] = Field(
+        "all",
+        description="Slots in the softmax of L_E: every slot (the paper), or only the slots of "
+        "the image's own camera, so that camera cues cannot lower L_E (images of unknown "
+        "camera form one group).",
+    )
 
 
 class GSLConfig(_Strict):
@@ -181,6 +187,11 @@ class GSLConfig(_Strict):
     topk: int = Field(10, ge=1, le=1000)
     mutual: bool = True
     weighting: Literal["similarity", "uniform", "mmcl_squared"] = "similarity"
+    neighbours: Literal["all", "other_cameras"] = Field(
+        "all",
+        description="Candidates for the credible set C_i: every slot (the paper), or only the "
+        "slots of other cameras, whose matches re-ID is evaluated on.",
+    )
     warmup_epochs: int = Field(5, ge=0)
     weight: float = Field(1.0, ge=0.0)
 

@@ -19,6 +19,7 @@ still connected to the graph, and its memory is updated all the same).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,9 +57,27 @@ def split_views(out: ReIDOutput) -> tuple[ReIDOutput, ReIDOutput]:
 class DualBranchObjective(nn.Module):
     """Holds the memories and computes the weighted loss terms; see the module docstring."""
 
-    def __init__(self, cfg: ExperimentConfig, num_images: int, model: ReIDModel) -> None:
+    slot_cameras: torch.Tensor  # (N,) camera of each training image, -1 unknown
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        num_images: int,
+        model: ReIDModel,
+        cameras: Sequence[int] | None = None,
+    ) -> None:
+        """``cameras``: the camera of each training image (-1 unknown), in memory-slot order;
+        read by the camera-aware options (``loss.instance.negatives``, ``loss.gsl.neighbours``)."""
         super().__init__()
         self.cfg = cfg
+        if cameras is None:
+            cameras = [-1] * num_images
+        if len(cameras) != num_images:
+            raise ValueError(f"{len(cameras)} cameras given for {num_images} training images")
+        # derived from the data, so not part of a checkpoint
+        self.register_buffer(
+            "slot_cameras", torch.as_tensor(list(cameras), dtype=torch.long), persistent=False
+        )
         loss = cfg.loss
         self.global_memory: FeatureMemory | None = None
         self.patch_memory: FeatureMemory | None = None
@@ -132,7 +151,13 @@ class DualBranchObjective(nn.Module):
         if self.classifier is not None and self.global_memory is not None:
             feats = torch.cat([out0.global_features, out1.global_features]).float()
             use_gsl = loss_cfg.gsl.enabled and epoch >= loss_cfg.gsl.warmup_epochs
-            g = self.classifier(feats, both, self.global_memory.bank, use_gsl=use_gsl)
+            g = self.classifier(
+                feats,
+                both,
+                self.global_memory.bank,
+                use_gsl=use_gsl,
+                slot_cameras=self.slot_cameras,
+            )
             if loss_cfg.instance.enabled:
                 terms["instance"] = loss_cfg.instance.weight * g["instance"]
             if loss_cfg.gsl.enabled:

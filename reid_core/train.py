@@ -34,7 +34,7 @@ from reid_core.data import (
 )
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, CheckpointError
-from reid_core.engine.exit_codes import ExitCode
+from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.hooks import (
     CheckpointHook,
     EvaluationHook,
@@ -178,7 +178,9 @@ def build_trainer(
     model = build_model(cfg).to(device)
     if cfg.runtime.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    objective = DualBranchObjective(cfg, len(train_records), model).to(device)
+    objective = DualBranchObjective(
+        cfg, len(train_records), model, cameras=[r.camid for r in train_records]
+    ).to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
@@ -325,4 +327,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

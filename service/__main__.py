@@ -154,6 +154,10 @@ def _serve(
     if run_migrations:
         migrate.upgrade(settings.database_url)
     mlflow_note = _prepare_mlflow(settings)
+    if with_worker and worker_gpus == "none" and settings.job_bounds.default_gpus is None:
+        # the only worker trains on the CPU: what omits gpus must go to its queue
+        bounds = settings.job_bounds.model_copy(update={"default_gpus": 0})
+        settings = settings.model_copy(update={"job_bounds": bounds})
     app = create_app(settings)
     children = _start_children(worker_gpus) if with_worker else []
     extra = " with a worker and the dispatcher" if children else ""

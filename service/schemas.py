@@ -159,7 +159,10 @@ class JobCreate(_In):
     )
     # Strict: `true` or 1.5 GPUs are refused, not read as 1.
     gpus: StrictInt | None = Field(
-        None, ge=0, description="GPUs for the job (0: CPU); default 1 where GPUs are allowed."
+        None,
+        ge=0,
+        description="GPUs for the job (0: CPU); default: the service's job_bounds.default_gpus "
+        "(1 where GPUs are allowed; 0 under `serve --with-worker` with its CPU worker).",
     )
     priority: StrictInt = Field(0, ge=0, description="0 (lowest) up to the service's max_priority.")
     queue: str | None = Field(None, description="Queue to run on; default: the first queue.")
@@ -338,7 +341,7 @@ class GalleryCreate(_In):
         ge=0,
         le=1,
         description="1: built by a GPU worker (queue gpu1), 0: by a CPU worker (queue cpu); "
-        "default 1 where the service allows GPUs.",
+        "default as for jobs (at most 1).",
     )
     queue: str | None = Field(
         None, description="Queue to build on, as for jobs; default: the first queue."
@@ -394,6 +397,10 @@ class SearchHitOut(BaseModel):
     )
     person_id: int | None = Field(
         description="Identity label of a labelled dataset (0: a distractor); None when unknown."
+    )
+    position: int = Field(
+        description="The image's row in the gallery index (0-based): "
+        "GET /v1/galleries/{gallery_id}/images/{position} answers the image file."
     )
 
 

@@ -62,6 +62,13 @@ class JobBounds(BaseModel):
     max_image_height: int = Field(512, ge=32, description="data.height")
     max_image_width: int = Field(256, ge=16, description="data.width")
     max_gpus: int = Field(8, ge=0)
+    default_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs of a job or gallery that does not say (gpus omitted); unset: 1, or 0 "
+        "where max_gpus is 0. `serve --with-worker` with a CPU worker sets it to 0, so that "
+        "what is submitted reaches that worker.",
+    )
     max_retries: int = Field(5, ge=0)
     max_timeout_minutes: int = Field(7 * 24 * 60, ge=1)
     default_timeout_minutes: int = Field(24 * 60, ge=1)
@@ -82,7 +89,17 @@ class JobBounds(BaseModel):
                 f"default_timeout_minutes={self.default_timeout_minutes} is above "
                 f"max_timeout_minutes={self.max_timeout_minutes}"
             )
+        if self.default_gpus is not None and self.default_gpus > self.max_gpus:
+            raise ValueError(f"default_gpus={self.default_gpus} is above max_gpus={self.max_gpus}")
         return self
+
+    def gpus_or_default(self, gpus: int | None) -> int:
+        """``gpus`` as asked, or the default when it was omitted."""
+        if gpus is not None:
+            return gpus
+        if self.default_gpus is not None:
+            return self.default_gpus
+        return min(1, self.max_gpus)
 
 
 class WorkerSettings(BaseModel):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from reid_core.engine.exit_codes import exit_process
 from service.db import make_engine, make_session_factory, session_scope
 from service.errors import APIError
 from service.galleries import change_gallery_state, gallery_dir, lock_gallery, model_ref
@@ -284,4 +285,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

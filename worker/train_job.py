@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reid_core.config import ConfigError, load_config
-from reid_core.engine.exit_codes import ExitCode
+from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.trainer import HookBase
 from reid_core.train import run
 from worker.tracking import SPEC_FILE, TrackingSpec
@@ -47,4 +47,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -48,6 +48,54 @@ def as_float_tensor(x: ArrayLike, name: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+class DistanceRows:
+    """Distances from any rows to fixed ``targets`` (n, D), the targets prepared once.
+
+    ``distances(x)`` (r, D) -> (r, n) float32 tensor on the targets' device, with
+    :data:`Metric`'s formulas (module docstring); ``distances(x, start)`` only to the targets
+    ``start:``; ``distances.pairs(i, j)`` the distances between targets ``i[e]`` and ``j[e]``.
+    Keeps the normalised targets (cosine) or the targets and their squared norms (euclidean).
+    """
+
+    def __init__(self, targets: ArrayLike, metric: Metric) -> None:
+        self.metric = check_metric(metric)
+        t = as_float_tensor(targets, "targets")
+        with torch.no_grad():
+            if self.metric == "cosine":
+                self._t = F.normalize(t, p=2.0, dim=1)
+                self._sq: torch.Tensor | None = None
+            else:
+                self._t = t
+                self._sq = (t * t).sum(dim=1)
+
+    @property
+    def dim(self) -> int:
+        return int(self._t.shape[1])
+
+    def __call__(self, rows: ArrayLike, start: int = 0) -> torch.Tensor:
+        x = as_float_tensor(rows, "rows").to(self._t.device)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {self.dim}")
+        t = self._t[start:].T  # a transposed view: the product reads it without a copy
+        with torch.no_grad():
+            if self.metric == "cosine":
+                # d = 1 - <x/|x|, y/|y|>
+                return 1.0 - F.normalize(x, p=2.0, dim=1) @ t
+            # d = |x|^2 + |y|^2 - 2 <x, y>, clamped at 0 (rounding can make it slightly negative)
+            assert self._sq is not None
+            x_sq = (x * x).sum(dim=1, keepdim=True)
+            return torch.addmm(x_sq + self._sq[start:], x, t, beta=1.0, alpha=-2.0).clamp_(min=0.0)
+
+    def pairs(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """d(target i[e], target j[e]) for index tensors of equal shape, a float32 tensor."""
+        with torch.no_grad():
+            dot = (self._t[i] * self._t[j]).sum(dim=-1)
+            if self.metric == "cosine":
+                return 1.0 - dot
+            assert self._sq is not None
+            return (self._sq[i] + self._sq[j] - 2.0 * dot).clamp_(min=0.0)
+
+
 def compute_distance(
     query: ArrayLike,
     gallery: ArrayLike,
@@ -85,23 +133,8 @@ def compute_distance(
     out = np.empty((num_q, num_g), dtype=np.float32)
     if num_q == 0 or num_g == 0:
         return out
-
-    with torch.no_grad():
-        if metric == "cosine":
-            # d = 1 - <x/|x|, y/|y|>
-            g_n = F.normalize(g, p=2.0, dim=1)
-            g_t = g_n.t().contiguous()
-            for start in range(0, num_q, chunk_size):
-                q_n = F.normalize(q[start : start + chunk_size], p=2.0, dim=1)
-                sim = q_n @ g_t
-                out[start : start + q_n.shape[0]] = (1.0 - sim).cpu().numpy()
-        else:
-            # d = |x|^2 + |y|^2 - 2 <x, y>, clamped at 0 (rounding can make it slightly negative)
-            g_sq = (g * g).sum(dim=1)
-            g_t = g.t().contiguous()
-            for start in range(0, num_q, chunk_size):
-                q_c = q[start : start + chunk_size]
-                q_sq = (q_c * q_c).sum(dim=1, keepdim=True)
-                dist = torch.addmm(q_sq + g_sq, q_c, g_t, beta=1.0, alpha=-2.0).clamp_(min=0.0)
-                out[start : start + q_c.shape[0]] = dist.cpu().numpy()
+    distances = DistanceRows(g, metric)
+    for start in range(0, num_q, chunk_size):
+        block = distances(q[start : start + chunk_size])
+        out[start : start + block.shape[0]] = block.cpu().numpy()
     return out

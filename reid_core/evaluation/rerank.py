@@ -23,9 +23,13 @@ Implementation: only the k nearest neighbours of each sample are kept (found wit
 row chunks of the pooled distance matrix, never materialising the N x N matrix or its argsort),
 V is held in CSR form (indices/values per row), and the Jaccard numerator is accumulated through
 an inverted index (for every column l, the gallery rows with ``V[., l] != 0``), vectorised over
-chunks of query rows. The memory that *does* grow as O(N^2) is the dense input: the q x q,
-q x g and g x g distance matrices plus the q x g output, hence :func:`estimate_rerank_memory` and
-the ``max_memory_bytes`` guard.
+chunks of query rows. The pooled distances are read either from the three dense matrices
+(:func:`re_rank`: O(N^2) memory) or computed from the features as they are needed
+(:func:`re_rank_features`: O(N D) memory; one pass of row chunks finds the neighbours, the
+encoding's distances d(i, j), j in R*(i), are dot products of the two samples' features, and
+the final pass computes the query rows again). What grows as O(N^2) on that path is only the
+q x g output; :func:`estimate_rerank_memory` counts it all, and ``max_memory_bytes`` refuses up
+front.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reid_core.evaluation.distance import ArrayLike, Metric, check_metric, compute_distance
+from reid_core.evaluation.distance import (
+    ArrayLike,
+    DistanceRows,
+    Metric,
+    as_float_tensor,
+    check_metric,
+)
 
 #: Default of ``max_memory_bytes``: 4 GiB, like the default of ``eval.rerank_max_memory_gb``.
 DEFAULT_RERANK_MAX_MEMORY_BYTES = 4 * 1024**3
@@ -55,23 +65,33 @@ def _half(k1: int) -> int:
     return round(k1 / 2)
 
 
-def estimate_rerank_memory(num_query: int, num_gallery: int, k1: int = 20, k2: int = 6) -> int:
+def estimate_rerank_memory(
+    num_query: int,
+    num_gallery: int,
+    k1: int = 20,
+    k2: int = 6,
+    feature_dim: int | None = None,
+) -> int:
     """Upper estimate, in bytes, of the memory of re-ranking ``num_query x num_gallery``.
 
-    ``4 (q^2 + q g + g^2)`` for the three float32 distance matrices, ``4 q g`` for the output,
-    ``12 N m`` for V in CSR form (int64 index + float32 value) with ``m = (k1 + 1)(k1/2 + 2)``
-    the largest possible ``|R*|``, ``12 N min(N, k2 m)`` for V after query expansion, and a
-    fixed chunk workspace.
+    The inputs: ``4 (q^2 + q g + g^2)`` for the three float32 distance matrices of
+    :func:`re_rank`, or, with ``feature_dim`` D (:func:`re_rank_features`), ``8 N D`` for the
+    pooled features and their prepared copy. Then ``4 q g`` for the output, ``12 N m`` for V in
+    CSR form (int64 index + float32 value) with ``m = (k1 + 1)(k1/2 + 2)`` the largest possible
+    ``|R*|``, ``12 N min(N, k2 m)`` for V after query expansion, and a fixed chunk workspace.
     """
     if num_query < 0 or num_gallery < 0:
         raise ValueError(f"sizes must be >= 0, got num_query={num_query} num_gallery={num_gallery}")
+    if feature_dim is not None and feature_dim < 1:
+        raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
     q, g = int(num_query), int(num_gallery)
     n = q + g
-    dense = 4 * (q * q + q * g + g * g)
+    # the three distance matrices, or the pooled features and their prepared copy
+    inputs = 4 * (q * q + q * g + g * g) if feature_dim is None else 8 * n * int(feature_dim)
     output = 4 * q * g
     members = min(n, (k1 + 1) * (_half(k1) + 2))
     sparse = 12 * n * members + 12 * n * min(n, max(k2, 1) * members)
-    return dense + output + sparse + _WORKSPACE_BYTES
+    return inputs + output + sparse + _WORKSPACE_BYTES
 
 
 def check_rerank_memory(
@@ -80,9 +100,10 @@ def check_rerank_memory(
     max_memory_bytes: int | None,
     k1: int = 20,
     k2: int = 6,
+    feature_dim: int | None = None,
 ) -> int:
     """Return the estimate; raise :class:`RerankMemoryError` when it exceeds the limit."""
-    estimate = estimate_rerank_memory(num_query, num_gallery, k1=k1, k2=k2)
+    estimate = estimate_rerank_memory(num_query, num_gallery, k1=k1, k2=k2, feature_dim=feature_dim)
     if max_memory_bytes is not None and estimate > max_memory_bytes:
         raise RerankMemoryError(
             f"k-reciprocal re-ranking of {num_query} queries x {num_gallery} gallery images "
@@ -112,14 +133,15 @@ def _expand_ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np
     return owner, pos
 
 
-class _PooledDistances:
-    """Row access to the pooled (q + g) x (q + g) matrix [[qq, qg], [qg^T, gg]] without
-    building it."""
+class _Pool:
+    """Row access to the pooled (q + g) x (q + g) distance matrix [[qq, qg], [qg^T, gg]]."""
 
-    def __init__(self, qg: np.ndarray, qq: np.ndarray, gg: np.ndarray) -> None:
-        self.qg, self.qq, self.gg = qg, qq, gg
-        self.num_q, self.num_g = qg.shape
-        self.n = self.num_q + self.num_g
+    num_q: int
+    num_g: int
+
+    @property
+    def n(self) -> int:
+        return self.num_q + self.num_g
 
     def row_chunks(self, rows_per_chunk: int) -> list[tuple[int, int]]:
         """Chunks [a, b) of rows that do not straddle the query/gallery boundary."""
@@ -129,13 +151,35 @@ class _PooledDistances:
         return chunks
 
     def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of the pooled matrix, (b - a, N) float32."""
+        raise NotImplementedError
+
+    def query_gallery(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of qg (query rows, gallery columns), b <= q."""
+        raise NotImplementedError
+
+    def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """d(i[e], j[e]) for index arrays of equal shape, float32."""
+        raise NotImplementedError
+
+
+class _DenseDistances(_Pool):
+    """The pooled matrix from the three given distance matrices, never concatenated whole."""
+
+    def __init__(self, qg: np.ndarray, qq: np.ndarray, gg: np.ndarray) -> None:
+        self.qg, self.qq, self.gg = qg, qq, gg
+        self.num_q, self.num_g = qg.shape
+
+    def rows(self, a: int, b: int) -> np.ndarray:
         q = self.num_q
         if b <= q:
             return np.concatenate([self.qq[a:b], self.qg[a:b]], axis=1)
         return np.concatenate([self.qg[:, a - q : b - q].T, self.gg[a - q : b - q]], axis=1)
 
+    def query_gallery(self, a: int, b: int) -> np.ndarray:
+        return self.qg[a:b]
+
     def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """d(i[e], j[e]) for index arrays of equal shape."""
         q = self.num_q
         out = np.empty(i.shape, dtype=np.float32)
         iq, jq = i < q, j < q
@@ -150,7 +194,39 @@ class _PooledDistances:
         return out
 
 
-def _nearest_neighbours(pool: _PooledDistances, width: int) -> tuple[np.ndarray, np.ndarray]:
+class _FeatureDistances(_Pool):
+    """The pooled matrix computed from the features, a chunk of rows at a time."""
+
+    def __init__(self, query: ArrayLike, gallery: ArrayLike, metric: Metric) -> None:
+        qf = as_float_tensor(query, "query_features").cpu()
+        gf = as_float_tensor(gallery, "gallery_features").cpu()
+        if qf.shape[1] != gf.shape[1]:
+            raise ValueError(
+                f"query and gallery feature dimensions differ: {qf.shape[1]} vs {gf.shape[1]}"
+            )
+        self.num_q, self.num_g = qf.shape[0], gf.shape[0]
+        self.features = torch.cat([qf, gf])
+        self.distances = DistanceRows(self.features, metric)
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        return self.distances(self.features[a:b]).numpy()
+
+    def query_gallery(self, a: int, b: int) -> np.ndarray:
+        return self.distances(self.features[a:b], start=self.num_q).numpy()
+
+    def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        # each pair gathers two feature rows: chunked to keep that within the workspace
+        out = np.empty(i.shape, dtype=np.float32)
+        flat_i, flat_j, flat_out = i.reshape(-1), j.reshape(-1), out.reshape(-1)
+        step = max(1, _CHUNK_ELEMENTS // self.distances.dim)
+        for a in range(0, flat_i.size, step):
+            pair_i = torch.from_numpy(flat_i[a : a + step])
+            pair_j = torch.from_numpy(flat_j[a : a + step])
+            flat_out[a : a + step] = self.distances.pairs(pair_i, pair_j).numpy()
+        return out
+
+
+def _nearest_neighbours(pool: _Pool, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(row maxima (N,), the ``width`` nearest samples of every row (N, width), self first)."""
     n = pool.n
     row_max = np.empty(n, dtype=np.float32)
@@ -183,7 +259,7 @@ def _reciprocal_mask(knn: np.ndarray) -> np.ndarray:
 
 
 def _encode(
-    pool: _PooledDistances, knn: np.ndarray, row_max: np.ndarray, k1: int, half: int
+    pool: _Pool, knn: np.ndarray, row_max: np.ndarray, k1: int, half: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-3: V in CSR form (indptr (N+1,), indices, float32 values)."""
     n = pool.n
@@ -259,7 +335,7 @@ def _query_expansion(
 
 
 def _jaccard_final(
-    pool: _PooledDistances,
+    pool: _Pool,
     csr: tuple[np.ndarray, np.ndarray, np.ndarray],
     row_max: np.ndarray,
     lambda_value: float,
@@ -298,7 +374,7 @@ def _jaccard_final(
         # d_J = 1 - min / max, with sum max = sum V[i] + sum V[j] - sum min
         denom = row_sum[a:b, None] + row_sum[None, q:] - num
         jaccard = 1.0 - num / denom
-        original = pool.qg[a:b] / row_max[a:b, None]
+        original = pool.query_gallery(a, b) / row_max[a:b, None]
         out[a:b] = (1.0 - lambda_value) * jaccard + lambda_value * original
         a = b
     return out
@@ -329,20 +405,28 @@ def re_rank(
     Returns:
         (q, g) float32 re-ranked distances.
     """
-    if k1 < 1 or k2 < 1:
-        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1} k2={k2}")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
+    _check_parameters(k1, k2, lambda_value)
     qg_shape = tuple(q_g_dist.shape)
     if len(qg_shape) != 2 or min(qg_shape) < 1:
         raise ValueError(f"q_g_dist must be a non-empty 2-D (q, g) matrix, got shape {qg_shape}")
     q, g = int(qg_shape[0]), int(qg_shape[1])
     check_rerank_memory(q, g, max_memory_bytes, k1=k1, k2=k2)
-    pool = _PooledDistances(
+    pool = _DenseDistances(
         _as_matrix(q_g_dist, "q_g_dist", (q, g)),
         _as_matrix(q_q_dist, "q_q_dist", (q, q)),
         _as_matrix(g_g_dist, "g_g_dist", (g, g)),
     )
+    return _re_rank(pool, k1, k2, lambda_value)
+
+
+def _check_parameters(k1: int, k2: int, lambda_value: float) -> None:
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"k1 and k2 must be >= 1, got k1={k1} k2={k2}")
+    if not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
+
+
+def _re_rank(pool: _Pool, k1: int, k2: int, lambda_value: float) -> np.ndarray:
     n = pool.n
     half = min(_half(k1), n - 1)  # k1/2 of the requested k1, both capped by the sample count
     k1 = min(k1, n - 1)
@@ -363,14 +447,23 @@ def re_rank_features(
     lambda_value: float = 0.3,
     max_memory_bytes: int | None = DEFAULT_RERANK_MAX_MEMORY_BYTES,
 ) -> np.ndarray:
-    """:func:`re_rank` from features: checks the memory estimate *before* computing the three
-    distance matrices with :func:`compute_distance` (``metric``)."""
+    """:func:`re_rank` from features (q, D) and (g, D), distances by ``metric`` as
+    :func:`reid_core.evaluation.compute_distance` computes them.
+
+    No N x N matrix is formed: the distances are computed from the features a chunk of rows
+    at a time (module docstring), so the memory is O(N D) plus the (q, g) output. The estimate
+    is checked before anything is computed.
+    """
     check_metric(metric)
-    q, g = int(query_features.shape[0]), int(gallery_features.shape[0])
-    check_rerank_memory(q, g, max_memory_bytes, k1=k1, k2=k2)
-    qg = compute_distance(query_features, gallery_features, metric)
-    qq = compute_distance(query_features, query_features, metric)
-    gg = compute_distance(gallery_features, gallery_features, metric)
-    return re_rank(
-        qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value, max_memory_bytes=max_memory_bytes
+    _check_parameters(k1, k2, lambda_value)
+    shapes = (tuple(query_features.shape), tuple(gallery_features.shape))
+    if any(len(shape) != 2 or shape[0] < 1 for shape in shapes):
+        raise ValueError(
+            "query and gallery features must be non-empty 2-D (num_samples, dim) arrays, got "
+            f"shapes {shapes[0]} and {shapes[1]}"
+        )
+    q, g, dim = shapes[0][0], shapes[1][0], shapes[0][1]
+    check_rerank_memory(q, g, max_memory_bytes, k1=k1, k2=k2, feature_dim=dim)
+    return _re_rank(
+        _FeatureDistances(query_features, gallery_features, metric), k1, k2, lambda_value
     )

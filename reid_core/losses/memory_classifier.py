@@ -9,11 +9,21 @@ Memory classifier (MMCL-like, Wang & Zhang CVPR 2020)::
     p_ij = exp(M_j . f_i / tau) / sum_{n=1..N} exp(M_n . f_i / tau)
     L_E  = (1/B) sum_i  -log p_ii
 
+With ``InstanceLossConfig.negatives = "same_camera"`` the softmax of ``L_E`` runs over the slots
+of the image's own camera only (``cam`` the camera of each slot; unknown cameras are one group)::
+
+    p^cam_ii = exp(M_i . f_i / tau) / sum_{n: cam_n = cam_i} exp(M_n . f_i / tau)
+
+so a feature that only tells the cameras apart cannot lower ``L_E``; GSL keeps the full softmax.
+
 Credible neighbours, from memory similarities only (``S = M M^T``, never formed as N x N)::
 
     C_i = { j != i :  S_ij >= t,  j in topk_i(S),  [mutual]  i in topk_j(S) }
 
 with ``t = GSLConfig.threshold`` (0.6) and ``k = GSLConfig.topk`` (10); ``topk_i`` excludes ``i``.
+With ``GSLConfig.neighbours = "other_cameras"`` both top-k lists run over the slots of other
+cameras only (``cam_j != cam_i``), so C_i holds only the cross-camera pairs that re-ID has to
+match; an image of unknown camera then has no credible neighbour among the unknown ones.
 
 Global similarity loss, ``GSLConfig.weighting``:
 
@@ -81,8 +91,10 @@ def _credible_from_similarity(
     threshold: float,
     topk: int,
     mutual: bool,
+    slot_cameras: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Credible-neighbour mask from the precomputed rows ``sim = M[indices] @ M^T`` (B, N)."""
+    """Credible-neighbour mask from the precomputed rows ``sim = M[indices] @ M^T`` (B, N);
+    with ``slot_cameras`` (N,), only slots of another camera are candidates."""
     B, N = sim.shape
     mask = torch.zeros((B, N), dtype=torch.bool, device=sim.device)
     if B == 0 or N < 2:
@@ -91,6 +103,9 @@ def _credible_from_similarity(
     rows = torch.arange(B, device=sim.device)
     sim = sim.clone()
     sim[rows, indices] = float("-inf")  # j != i
+    if slot_cameras is not None:
+        same = slot_cameras[None, :] == slot_cameras[indices][:, None]
+        sim.masked_fill_(same, float("-inf"))
     top = sim.topk(k, dim=1).indices
     mask.scatter_(1, top, True)
     mask &= sim >= threshold  # -inf (self) never passes
@@ -105,6 +120,8 @@ def _credible_from_similarity(
         c = cand[start : start + chunk]
         s = memory.index_select(0, c) @ memory.T  # (chunk, N)
         s[torch.arange(c.numel(), device=s.device), c] = float("-inf")
+        if slot_cameras is not None:
+            s.masked_fill_(slot_cameras[None, :] == slot_cameras[c][:, None], float("-inf"))
         cand_top[start : start + chunk] = s.topk(k, dim=1).indices
     is_mutual = (cand_top[inverse] == indices[b_idx].unsqueeze(1)).any(dim=1)
     mask[b_idx[~is_mutual], j_idx[~is_mutual]] = False
@@ -118,13 +135,15 @@ def credible_neighbours(
     threshold: float,
     topk: int,
     mutual: bool,
+    slot_cameras: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (B, N): ``mask[b, j]`` iff ``j`` is in ``C_i`` for ``i = indices[b]``.
 
     ``C_i = { j != i : S_ij >= threshold, j in topk_i(S), (mutual) i in topk_j(S) }`` with
     ``S = M M^T`` (``topk_i`` over ``j != i``; ``k`` is capped at ``N - 1``). Computed from the
     rows ``M[indices] @ M^T`` (B, N); the mutual check takes the top-k of the candidate rows
-    ``M[cand] @ M^T`` in chunks, never an N x N matrix.
+    ``M[cand] @ M^T`` in chunks, never an N x N matrix. With ``slot_cameras`` (N,), the camera
+    of each slot, every top-k runs over the slots of other cameras only.
     """
     if memory.dim() != 2:
         raise ValueError(f"memory must have shape (N, d), got {tuple(memory.shape)}")
@@ -133,7 +152,8 @@ def credible_neighbours(
     idx = validate_indices(indices, memory.shape[0]).to(memory.device)
     mem = memory.detach().float()
     sim = mem.index_select(0, idx) @ mem.T
-    return _credible_from_similarity(sim, mem, idx, threshold, topk, mutual)
+    cams = None if slot_cameras is None else slot_cameras.to(mem.device)
+    return _credible_from_similarity(sim, mem, idx, threshold, topk, mutual, cams)
 
 
 class MemoryClassifierLoss(nn.Module):
@@ -163,10 +183,12 @@ class MemoryClassifierLoss(nn.Module):
         indices: torch.Tensor,
         memory: torch.Tensor,
         use_gsl: bool,
+        slot_cameras: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``features`` (B, d), ``indices`` (B,) into ``memory`` (N, d); returns unweighted
         ``{"instance": L_E, "gsl": L_GSL}`` (float32 scalars; a disabled term is a 0 that is
-        still connected to ``features``)."""
+        still connected to ``features``). ``slot_cameras`` (N,), the camera of each slot, is
+        required by ``negatives = "same_camera"`` and ``neighbours = "other_cameras"``."""
         _check_memory_and_features(features, memory)
         B = features.shape[0]
         N = memory.shape[0]
@@ -185,12 +207,31 @@ class MemoryClassifierLoss(nn.Module):
         log_p = F.log_softmax(scores / self.instance_cfg.temperature, dim=1)  # log p_ij
 
         if want_instance:
-            out["instance"] = -log_p[rows, idx].mean()
+            if self.instance_cfg.negatives == "same_camera":
+                cams = self._slot_cameras(slot_cameras, N, features.device)
+                other = cams[None, :] != cams[idx][:, None]  # (B, N)
+                log_p_cam = F.log_softmax(
+                    (scores / self.instance_cfg.temperature).masked_fill(other, float("-inf")),
+                    dim=1,
+                )
+                out["instance"] = -log_p_cam[rows, idx].mean()
+            else:
+                out["instance"] = -log_p[rows, idx].mean()
         if want_gsl:
             with torch.no_grad():
                 sim = mem.index_select(0, idx) @ mem.T  # S_ij, (B, N)
+                cross_camera = self.gsl_cfg.neighbours == "other_cameras"
+                gsl_cams = (
+                    self._slot_cameras(slot_cameras, N, features.device) if cross_camera else None
+                )
                 mask = _credible_from_similarity(
-                    sim, mem, idx, self.gsl_cfg.threshold, self.gsl_cfg.topk, self.gsl_cfg.mutual
+                    sim,
+                    mem,
+                    idx,
+                    self.gsl_cfg.threshold,
+                    self.gsl_cfg.topk,
+                    self.gsl_cfg.mutual,
+                    gsl_cams,
                 )
             if self.gsl_cfg.weighting == "mmcl_squared":
                 out["gsl"] = self._mmcl_squared(scores, mask, idx)
@@ -198,6 +239,21 @@ class MemoryClassifierLoss(nn.Module):
                 weights = self._weights(sim, mask)
                 out["gsl"] = -(weights * log_p).sum(dim=1).mean()
         return out
+
+    @staticmethod
+    def _slot_cameras(
+        slot_cameras: torch.Tensor | None, num_slots: int, device: torch.device
+    ) -> torch.Tensor:
+        if slot_cameras is None:
+            raise ValueError(
+                "the camera-aware options of the global loss need the camera of each slot"
+            )
+        if tuple(slot_cameras.shape) != (num_slots,):
+            raise ValueError(
+                f"slot_cameras has shape {tuple(slot_cameras.shape)} but the memory has "
+                f"{num_slots} slots"
+            )
+        return slot_cameras.to(device)
 
     def _weights(self, sim: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """w_ij over C_i (rows sum to 1, or to 0 where C_i is empty); no gradient."""

@@ -3,20 +3,26 @@
 ``POST /v1/galleries`` checks the dataset and the model version (an alias is resolved to its
 number), commits the gallery QUEUED and sends its id to the workers (:mod:`worker.gallery_task`),
 which build the index; ``GET`` shows the state and progress; ``POST /{id}/search`` embeds a query
-image with the gallery's model and answers its nearest gallery images. Another owner's gallery is
-a 404, as everywhere.
+image with the gallery's model and answers its nearest gallery images, each with its
+``position`` in the index, which ``GET /{id}/images/{position}`` answers as the image file (for
+thumbnails). Another owner's gallery is a 404, as everywhere.
 """
 
 from __future__ import annotations
 
 import logging
+import mimetypes
+import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -48,6 +54,9 @@ from service.schemas import (
     error_responses,
 )
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from reid_core.search import GalleryIndex
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=COMMON_ERRORS)
 
@@ -151,7 +160,7 @@ def create_gallery(
     images = _gallery_split_images(dataset)
     if images == 0:
         raise APIError(409, "dataset_empty", f"dataset {dataset.id} has no readable image to index")
-    gpus = body.gpus if body.gpus is not None else min(1, settings.job_bounds.max_gpus)
+    gpus = min(1, settings.job_bounds.gpus_or_default(body.gpus))
     if gpus > settings.job_bounds.max_gpus:
         raise _invalid(
             "body.gpus",
@@ -285,10 +294,23 @@ def _relative(path: str, root: str) -> str:
         return Path(path).name
 
 
-def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) -> GallerySearchOut:
+def _require_ready(gallery: Gallery) -> None:
+    """409 unless ``gallery`` is READY: before that it has no index to read."""
+    if gallery.state is not GalleryState.READY:
+        raise APIError(
+            409,
+            "gallery_not_ready",
+            f"gallery {gallery.id} is {gallery.state} ({gallery.reason}); use it once it is READY",
+        )
+
+
+def _ready_index(settings: Settings, gallery: Gallery) -> GalleryIndex:
+    """The READY gallery's index (read from disk on first use, then cached); 409 when the
+    gallery is not READY or its index files are gone."""
+    _require_ready(gallery)
     folder = gallery_dir(settings, gallery.id)
     try:
-        index = cached_index(folder)
+        return cached_index(folder)
     except FileNotFoundError:
         raise APIError(
             409,
@@ -296,6 +318,10 @@ def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) 
             f"gallery {gallery.id} is READY but its index is missing from {folder}; delete the "
             "gallery and create it again",
         ) from None
+
+
+def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) -> GallerySearchOut:
+    index = _ready_index(settings, gallery)
     embedder = cached_embedder(
         ModelRegistry(settings), gallery.owner, gallery.model_name, gallery.model_version
     )
@@ -314,6 +340,7 @@ def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) 
                 score=hit.score,
                 camera_id=hit.camid if hit.camid >= 0 else None,
                 person_id=hit.pid if hit.pid >= 0 else None,
+                position=hit.position,
             )
             for rank, hit in enumerate(hits, start=1)
         ],
@@ -345,12 +372,62 @@ async def search_gallery(
     cosine similarities, hits carry the image's path relative to the dataset's folder, its
     camera and, for a labelled dataset, its identity."""
     gallery = await run_in_threadpool(_owned, session, owner, gallery_id)
-    if gallery.state is not GalleryState.READY:
-        raise APIError(
-            409,
-            "gallery_not_ready",
-            f"gallery {gallery_id} is {gallery.state} ({gallery.reason}); search it once it is "
-            "READY",
-        )
+    _require_ready(gallery)  # before reading the upload
     (query,) = await receive_images(request, "image", max_files=1)
     return await run_in_threadpool(_search, settings, gallery, query, k)
+
+
+@router.get(
+    "/{gallery_id}/images/{position}",
+    summary="One indexed image of the gallery (a search hit's position), as its file",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The image file, with a content type from its suffix.",
+            "content": {"image/*": {}, "application/octet-stream": {}},
+        },
+        **error_responses(
+            e404="Unknown gallery, no image at that position, or the file is gone from disk",
+            e409="The gallery is not READY (or its index is missing)",
+        ),
+    },
+)
+def gallery_image(
+    gallery_id: uuid.UUID,
+    position: Annotated[
+        int, PathParam(ge=0, description="A search hit's `position`: its row in the index.")
+    ],
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> FileResponse:
+    """The file the gallery indexed at ``position`` (0 to the number of indexed images - 1), read
+    from the dataset's folder as it is now: for thumbnails of search hits."""
+    gallery = _owned(session, owner, gallery_id)
+    index = _ready_index(settings, gallery)
+    if position >= len(index):
+        raise APIError(
+            404,
+            "gallery_image_not_found",
+            f"gallery {gallery_id} has no image at position {position}: it indexes "
+            f"{len(index)} image(s), at positions 0 to {len(index) - 1}",
+        )
+    path = Path(index.records[position].path)
+    try:
+        status: os.stat_result | None = os.stat(path)
+    except OSError:
+        status = None
+    if status is None or not stat.S_ISREG(status.st_mode):
+        shown = _relative(str(path), gallery.dataset_path)
+        raise APIError(
+            404,
+            "gallery_image_missing",
+            f"gallery image {shown} (position {position}) is no longer on disk: {path} is gone; "
+            "the dataset's folder changed after the gallery was built",
+        )
+    return FileResponse(
+        path,
+        media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+        stat_result=status,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

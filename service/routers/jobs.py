@@ -77,7 +77,7 @@ def _existing_for_key(session: Session, owner: str, key: str, request_hash: str)
 def _check_resources(body: JobCreate, settings: Settings) -> tuple[int, str, int]:
     """(gpus, queue, timeout_minutes) after the defaults; 422 above the service's bounds."""
     bounds = settings.job_bounds
-    gpus = body.gpus if body.gpus is not None else min(1, bounds.max_gpus)
+    gpus = bounds.gpus_or_default(body.gpus)
     if gpus > bounds.max_gpus:
         raise _invalid(
             "body.gpus", f"gpus={gpus} is above this service's limit of {bounds.max_gpus}", gpus

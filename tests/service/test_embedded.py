@@ -97,10 +97,12 @@ def test_serve_with_worker_trains_a_job_end_to_end(tmp_path: Path) -> None:
             {"name": "synthetic", "path": str(data_root / "synthetic")},
         )
         assert status == 201, dataset
+        # gpus omitted: the embedded worker trains on the CPU, so that is the default here
         status, job = _call(
-            "POST", f"{base}/v1/jobs", key, {"dataset_id": dataset["id"], "config": TINY, "gpus": 0}
+            "POST", f"{base}/v1/jobs", key, {"dataset_id": dataset["id"], "config": TINY}
         )
         assert status == 201, job
+        assert (job["gpus"], job["queue"]) == (0, "default"), job
 
         deadline = time.monotonic() + 240
         while job["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED"):

@@ -266,6 +266,7 @@ def test_built_gallery_answers_searches(
         Path(h.path).relative_to(root).as_posix() for h in expected
     ]
     np.testing.assert_allclose([h["score"] for h in whole], [h.score for h in expected], atol=1e-5)
+    assert [h["position"] for h in whole] == [h.position for h in expected]  # the same rows
 
 
 def test_index_is_read_back_from_disk_after_a_restart(
@@ -322,6 +323,107 @@ def test_delete_removes_the_gallery_and_its_index(
     image = next(Path(market["path"], "query").glob("*.jpg"))
     assert _search(client, alice, ready["id"], image).status_code == 404
     assert client.delete(f"/v1/galleries/{ready['id']}", headers=alice).status_code == 404
+
+
+def _image(client: TestClient, headers: Headers, gallery_id: str, position: object) -> Any:
+    return client.get(f"/v1/galleries/{gallery_id}/images/{position}", headers=headers)
+
+
+def test_a_hits_position_answers_the_indexed_image_file(
+    client: TestClient, alice: Headers, bob: Headers, market: Json, ready: Json
+) -> None:
+    root = Path(market["path"])
+    query = next((root / "query").glob("*.jpg"))
+    hits = _search(client, alice, ready["id"], query, k=3).json()["hits"]
+    assert len(hits) == 3
+    for hit in hits:
+        response = _image(client, alice, ready["id"], hit["position"])
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/jpeg"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.content == (root / hit["path"]).read_bytes()
+    # the positions are the index's rows: every image once, 0 to n - 1
+    whole = _search(client, alice, ready["id"], query, k=1000).json()["hits"]
+    assert sorted(h["position"] for h in whole) == list(range(ready["images_done"]))
+
+    # another owner's gallery does not exist for bob
+    theirs = _image(client, bob, ready["id"], hits[0]["position"])
+    assert theirs.status_code == 404
+    assert theirs.json()["error"]["code"] == "gallery_not_found"
+    assert _image(client, alice, str(uuid.uuid4()), 0).status_code == 404
+
+
+def test_an_image_position_outside_the_index_is_404_or_422(
+    client: TestClient, alice: Headers, ready: Json
+) -> None:
+    count = ready["images_done"]
+    assert _image(client, alice, ready["id"], count - 1).status_code == 200
+    for position in (count, 2**70):
+        response = _image(client, alice, ready["id"], position)
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["code"] == "gallery_image_not_found"
+        assert error["message"] == (
+            f"gallery {ready['id']} has no image at position {position}: it indexes {count} "
+            f"image(s), at positions 0 to {count - 1}"
+        )
+    for bad in (-1, "x", "1.5"):
+        response = _image(client, alice, ready["id"], bad)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["details"][0]["field"] == "path.position"
+
+
+def test_an_image_deleted_from_disk_is_404_naming_it(
+    client: TestClient, alice: Headers, market: Json, ready: Json
+) -> None:
+    root = Path(market["path"])
+    query = next((root / "query").glob("*.jpg"))
+    hit = _search(client, alice, ready["id"], query, k=1).json()["hits"][0]
+    (root / hit["path"]).unlink()
+    response = _image(client, alice, ready["id"], hit["position"])
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "gallery_image_missing"
+    assert error["message"].startswith(
+        f"gallery image {hit['path']} (position {hit['position']}) is no longer on disk: "
+        f"{root / hit['path']} is gone"
+    )
+    (root / hit["path"]).mkdir()  # something else in its place is no image file either
+    assert _image(client, alice, ready["id"], hit["position"]).status_code == 404
+
+
+def test_images_wait_for_ready_and_for_the_index(
+    client: TestClient, alice: Headers, market: Json, ready: Json, settings: Settings
+) -> None:
+    queued = _create(
+        client, alice, dataset_id=market["id"], model_name="reid-alice", model_version="1"
+    ).json()
+    response = _image(client, alice, queued["id"], 0)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "gallery_not_ready"
+    assert f"gallery {queued['id']} is QUEUED (" in response.json()["error"]["message"]
+
+    # a READY gallery whose index files went away: the same 409 as its searches
+    folder = gallery_dir(settings, uuid.UUID(ready["id"]))
+    shutil.rmtree(folder)
+    forget_index(folder)
+    image = _image(client, alice, ready["id"], 0)
+    assert image.status_code == 409
+    assert image.json()["error"]["code"] == "gallery_index_missing"
+    query = next(Path(market["path"], "query").glob("*.jpg"))
+    search = _search(client, alice, ready["id"], query)
+    assert (search.status_code, search.json()) == (409, image.json())
+
+
+def test_the_image_route_is_documented(client: TestClient, alice: Headers) -> None:
+    operation = client.get("/openapi.json").json()["paths"][
+        "/v1/galleries/{gallery_id}/images/{position}"
+    ]["get"]
+    assert operation["summary"].startswith("One indexed image of the gallery")
+    assert {"200", "404", "409"} <= set(operation["responses"])
+    assert "image/*" in operation["responses"]["200"]["content"]
+    position = next(p for p in operation["parameters"] if p["name"] == "position")
+    assert position["schema"]["minimum"] == 0
 
 
 def test_image_folder_gallery_indexes_every_readable_image(

@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from service.app import create_app
+from service.auth import create_api_key
 from service.db import session_scope
 from service.job_states import change_state, lock_job
 from service.models import JobState
-from service.settings import Settings
-from tests.service.conftest import Headers
+from service.settings import JobBounds, Settings
+from tests.service.conftest import Headers, write_image_folder
 
 
 def _submit(client: TestClient, headers: Headers, dataset_id: str, **body: Any) -> Any:
@@ -68,6 +71,32 @@ def test_create_resolves_the_whole_config(
     assert cfg["runtime"]["output_dir"] == str(settings.jobs_path.absolute() / job["id"])
     assert cfg["runtime"]["device"] == "cuda"
     assert cfg["loss"]["pedal"]["scale"] == 15.0  # untouched defaults are filled in
+
+
+def test_default_gpus_from_the_service_settings(settings: Settings) -> None:
+    bounds = settings.job_bounds.model_copy(update={"default_gpus": 0})
+    app = create_app(settings.model_copy(update={"job_bounds": bounds}))
+    with TestClient(app) as client:
+        with session_scope(app.state.session_factory) as session:
+            headers = {"X-API-Key": create_api_key(session, "alice")[1]}
+        folder = write_image_folder(settings.dataset_roots[0] / "cpu-crops")
+        created = client.post(
+            "/v1/datasets", json={"name": "cpu", "path": str(folder)}, headers=headers
+        )
+        assert created.status_code == 201, created.text
+        job = _submit(client, headers, created.json()["id"]).json()
+        assert job["gpus"] == 0
+        assert job["resolved_config"]["runtime"]["device"] == "cpu"
+        # asked for explicitly, GPUs are still allowed
+        assert _submit(client, headers, created.json()["id"], gpus=1).json()["gpus"] == 1
+
+
+def test_default_gpus_above_max_gpus_is_refused() -> None:
+    with pytest.raises(ValidationError, match="default_gpus=3 is above max_gpus=2"):
+        JobBounds(max_gpus=2, default_gpus=3)
+    assert JobBounds(max_gpus=0).gpus_or_default(None) == 0
+    assert JobBounds(max_gpus=4).gpus_or_default(None) == 1
+    assert JobBounds(max_gpus=4, default_gpus=2).gpus_or_default(None) == 2
 
 
 def test_cpu_job(client: TestClient, alice: Headers, dataset: dict[str, Any]) -> None:

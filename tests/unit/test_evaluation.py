@@ -245,6 +245,38 @@ def test_re_rank_matches_dense_reference(k1, k2, lam, metric):
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("metric", "k1", "k2"), [("cosine", 20, 6), ("euclidean", 5, 3)])
+def test_re_rank_features_matches_the_dense_path_and_the_reference(metric, k1, k2):
+    qf, gf, *_ = _clustered(1, ids=12, per=6, noise=0.7)
+    qg, qq, gg = _dists(qf, gf, metric)
+    ref = reference_re_rank(qg, qq, gg, k1=k1, k2=k2, lambda_value=0.3)
+    from_features = re_rank_features(qf, gf, metric=metric, k1=k1, k2=k2)
+    assert from_features.shape == qg.shape
+    np.testing.assert_allclose(from_features, ref, atol=1e-5, rtol=0)
+    dense = re_rank(qg, qq, gg, k1=k1, k2=k2)
+    np.testing.assert_allclose(from_features, dense, atol=1e-6, rtol=0)
+
+
+def test_re_rank_features_in_small_chunks_and_as_tensors(monkeypatch):
+    import reid_core.evaluation.rerank as rerank_mod
+
+    qf, gf, *_ = _clustered(4, ids=10, per=5)
+    expected = re_rank_features(qf, gf, metric="cosine")
+    # chunks of a few rows: the encoding's row blocks straddle the query/gallery boundary
+    monkeypatch.setattr(rerank_mod, "_CHUNK_ELEMENTS", 50)
+    got = re_rank_features(torch.from_numpy(qf), torch.from_numpy(gf), metric="cosine")
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_re_rank_features_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="dimensions differ: 4 vs 3"):
+        re_rank_features(np.ones((2, 4), np.float32), np.ones((3, 3), np.float32))
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        re_rank_features(np.ones((0, 4), np.float32), np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="unknown distance metric 'manhattan'"):
+        re_rank_features(np.ones((2, 4)), np.ones((3, 4)), metric="manhattan")
+
+
 def test_re_rank_small_chunks_give_same_result(monkeypatch):
     import reid_core.evaluation.rerank as rerank_mod
 
@@ -300,7 +332,7 @@ def test_re_rank_memory_refusal():
     assert isinstance(info.value, ValueError)
     # checked before any distance is computed (features of a Market-sized case are not needed)
     with pytest.raises(RerankMemoryError, match="3368 queries x 15913 gallery"):
-        re_rank_features(torch.zeros(3368, 2), torch.zeros(15913, 2), max_memory_bytes=1024**3)
+        re_rank_features(torch.zeros(3368, 2), torch.zeros(15913, 2), max_memory_bytes=2**28)
     with pytest.raises(RerankMemoryError):
         evaluate_features(qf, gf, qp, gp, qc, gc, rerank=True, max_rerank_memory_bytes=1000)
     # None disables the check
@@ -313,6 +345,17 @@ def test_estimate_rerank_memory_grows_quadratically():
     assert est >= 4 * (q * q + 2 * q * g + g * g)  # three dense inputs + output
     assert est < 4 * 1024**3  # Market-1501 fits the default 4 GiB limit
     assert estimate_rerank_memory(2 * q, 2 * g) > 3.5 * est - 4 * 1024**3
+
+
+def test_estimate_rerank_memory_from_features_has_no_dense_inputs():
+    # MSMT17's test split: the dense inputs alone are ~29 GiB; from 2048-d features they are not
+    q, g, n, dim = 11659, 82161, 11659 + 82161, 2048
+    dense = estimate_rerank_memory(q, g)
+    features = estimate_rerank_memory(q, g, feature_dim=dim)
+    assert dense - features == 4 * (q * q + q * g + g * g) - 8 * n * dim
+    assert features < 8 * 1024**3
+    with pytest.raises(ValueError, match="feature_dim must be >= 1, got 0"):
+        estimate_rerank_memory(q, g, feature_dim=0)
 
 
 def test_re_rank_rejects_bad_arguments():

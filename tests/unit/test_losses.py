@@ -53,6 +53,38 @@ def test_instance_loss_hand_computed() -> None:
     assert out["gsl"].item() == 0.0
 
 
+def test_instance_loss_same_camera_negatives_hand_computed() -> None:
+    # slots 0 and 2 were seen by camera 5, slot 1 by camera 7
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    cameras = torch.tensor([5, 7, 5])
+    feats = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    loss = MemoryClassifierLoss(
+        InstanceLossConfig(temperature=0.5, negatives="same_camera"),
+        GSLConfig(threshold=-1.0, topk=2, mutual=False),
+    )
+    out = loss(feats, _idx(0, 1), memory, use_gsl=True, slot_cameras=cameras)
+    # sample 0 (camera 5): logits of slots 0 and 2 only, [0.6, -0.6] / 0.5
+    l0 = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(-1.2)))
+    # sample 1 (camera 7) is alone in its camera: p = 1
+    assert out["instance"].item() == pytest.approx(l0 / 2, rel=1e-5)
+    # GSL keeps the softmax over every slot: same value as with negatives="all"
+    every = MemoryClassifierLoss(
+        InstanceLossConfig(temperature=0.5), GSLConfig(threshold=-1.0, topk=2, mutual=False)
+    )
+    expected = every(feats, _idx(0, 1), memory, use_gsl=True)["gsl"].item()
+    assert out["gsl"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_instance_loss_same_camera_needs_the_slot_cameras() -> None:
+    loss = MemoryClassifierLoss(InstanceLossConfig(negatives="same_camera"), GSLConfig())
+    memory = _circle_memory()
+    feats = torch.tensor([[1.0, 0.0]])
+    with pytest.raises(ValueError, match="need the camera of each slot"):
+        loss(feats, _idx(0), memory, use_gsl=False)
+    with pytest.raises(ValueError, match=r"shape \(3,\) but the memory has 4 slots"):
+        loss(feats, _idx(0), memory, use_gsl=False, slot_cameras=torch.tensor([0, 0, 1]))
+
+
 def test_classifier_gradient_reaches_features_not_memory() -> None:
     torch.manual_seed(0)
     memory = torch.nn.functional.normalize(torch.randn(8, 4), dim=1).requires_grad_(True)
@@ -152,6 +184,35 @@ def _brute_force_mask(
                 ok = ok and i in top[j]
             mask[b, j] = ok
     return mask
+
+
+def test_credible_neighbours_among_other_cameras_only() -> None:
+    # slots 0, 1 seen by camera 0 and slots 2, 3 by camera 1 (S_01 = 0.87, S_02 = 0.64, S_12 = 0.94)
+    cams = torch.tensor([0, 0, 1, 1])
+
+    def c0(topk: int, mutual: bool, cameras: torch.Tensor | None) -> set[int]:
+        mask = credible_neighbours(_circle_memory(), _idx(0), 0.5, topk, mutual, cameras)
+        return {int(j) for j in mask[0].nonzero().flatten()}
+
+    assert c0(1, False, None) == {1}
+    assert c0(1, False, cams) == {2}  # slot 1 has the same camera
+    # mutual: among camera-0 slots, 2's nearest is 1 (0.94), then 0 (0.64)
+    assert c0(1, True, cams) == set()
+    assert c0(2, True, cams) == {2}
+
+
+def test_gsl_other_cameras_pulls_the_cross_camera_neighbour() -> None:
+    cams = torch.tensor([0, 0, 1, 1])
+    feats = torch.tensor([_unit(10.0)])
+    gsl = GSLConfig(threshold=0.5, topk=1, mutual=False, neighbours="other_cameras")
+    loss = MemoryClassifierLoss(InstanceLossConfig(temperature=0.5), gsl)
+    out = loss(feats, _idx(0), _circle_memory(), use_gsl=True, slot_cameras=cams)
+    # C_0 = {2} (weight 1): L_GSL = -log p_02 over every slot
+    logits = [_cos(10.0, a) / 0.5 for a in ANGLES]
+    expected = -(logits[2] - math.log(sum(math.exp(v) for v in logits)))
+    assert out["gsl"].item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="need the camera of each slot"):
+        loss(feats, _idx(0), _circle_memory(), use_gsl=True)
 
 
 @pytest.mark.parametrize("mutual", [False, True])

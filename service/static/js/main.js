@@ -1,10 +1,12 @@
 // The dashboard's shell: the API key dialog, the error banner, and hash routes to the views
-// (#/jobs, #/jobs/<id>, #/compare/<id>,<id>, #/datasets, #/models, #/models/<name>).
+// (#/jobs, #/jobs/<id>, #/compare/<id>,<id>, #/datasets, #/models, #/models/<name>,
+// #/galleries, #/galleries/<id>).
 
 import { ApiError, apiKey, getJSON, onUnauthorized } from "./api.js";
 import { describeError, h, setChildren, setMessage } from "./dom.js";
 import { renderCompare } from "./views/compare.js";
 import { renderDatasets } from "./views/datasets.js";
+import { renderGalleries, renderGallery } from "./views/galleries.js";
 import { renderJob } from "./views/job.js";
 import { renderJobs } from "./views/jobs.js";
 import { renderModels } from "./views/models.js";
@@ -15,6 +17,8 @@ const ROUTES = [
   { pattern: /^#\/compare\/([^/]+)$/, section: "jobs", render: renderCompare },
   { pattern: /^#\/datasets\/?$/, section: "datasets", render: renderDatasets },
   { pattern: /^#\/models(?:\/([^/]+))?\/?$/, section: "models", render: renderModels },
+  { pattern: /^#\/galleries\/?$/, section: "galleries", render: renderGalleries },
+  { pattern: /^#\/galleries\/([^/]+)$/, section: "galleries", render: renderGallery },
 ];
 
 const view = document.getElementById("view");
