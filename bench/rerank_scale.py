@@ -375,7 +375,8 @@ def run_size(
         if ours_est > args.limit_bytes:
             say(
                 f"re_rank on dense distances NOT RUN: {ours_est / GIB:.1f} GiB estimated, "
-                f"{4 * (size.queries + size.gallery) ** 2 / GIB:.1f} GiB of it the three input "
+                f"{4 * (size.queries**2 + size.queries * size.gallery + size.gallery**2) / GIB:.1f} GiB "
+                "of it the three input "
                 "distance matrices"
             )
             res = spawn("ours-features", size, work, args)

@@ -123,7 +123,7 @@ GALLERY_TRANSITIONS: Mapping[GalleryState | None, frozenset[GalleryState]] = {
     G.QUEUED: frozenset({G.BUILDING, G.FAILED}),
     G.BUILDING: frozenset({G.BUILDING, G.READY, G.FAILED}),
     G.READY: frozenset(),
-    G.FAILED: frozenset(),
+    G.FAILED: frozenset({G.QUEUED}),  # retried
 }
 
 
@@ -191,8 +191,8 @@ def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: dat
         gallery,
         G.FAILED,
         f"the build stopped: worker {gallery.worker_id or '?'} sent no heartbeat since "
-        f"{last:%Y-%m-%d %H:%M:%S} UTC (more than {timeout_s:.0f} s); delete the gallery and "
-        "create it again",
+        f"{last:%Y-%m-%d %H:%M:%S} UTC (more than {timeout_s:.0f} s); retry it (POST "
+        f"/v1/galleries/{gallery.id}/retry)",
     )
     return True
 

@@ -120,8 +120,8 @@ def _send_to_workers(settings: Settings, session: Session, gallery: Gallery) -> 
         if error is None:
             return
         reason = (
-            f"the workers' broker did not take the build ({error}); delete the gallery and "
-            "create it again once the broker is back"
+            f"the workers' broker did not take the build ({error}); retry it (POST "
+            f"/v1/galleries/{gallery.id}/retry) once the broker is back"
         )
     locked = lock_gallery(session, gallery.id)
     if locked is not None and locked.state is GalleryState.QUEUED:
@@ -285,6 +285,59 @@ def delete_gallery(
     forget_index(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return Response(status_code=204)
+
+
+@router.post(
+    "/{gallery_id}/retry",
+    status_code=202,
+    summary="Build a FAILED gallery again, from scratch",
+    responses=error_responses(
+        e404="Unknown gallery",
+        e409="The gallery is not FAILED, or its dataset is gone or not ready",
+    ),
+)
+def retry_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> GalleryOut:
+    """The gallery goes back to QUEUED with the same id, dataset, model version and queue, and
+    is sent to the workers again (e.g. after its worker died, or the broker was down). A builder
+    that may still run for it (a worker that stopped heartbeating) is told to stop: the gallery
+    is no longer its to build."""
+    gallery = lock_gallery(session, gallery_id, owner=owner)
+    if gallery is None:
+        raise not_found("gallery", gallery_id)
+    if gallery.state is not GalleryState.FAILED:
+        raise APIError(
+            409,
+            "gallery_not_failed",
+            f"gallery {gallery_id} is {gallery.state}: only a FAILED gallery can be retried",
+        )
+    dataset = None if gallery.dataset_id is None else session.get(Dataset, gallery.dataset_id)
+    if dataset is None:
+        raise APIError(
+            409,
+            "dataset_gone",
+            f"the dataset of gallery {gallery_id} was deleted; create a gallery of another one",
+        )
+    if dataset.status is not DatasetStatus.READY:
+        raise APIError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}")
+    change_gallery_state(
+        session, gallery, GalleryState.QUEUED, f"retried by {owner} (was: {gallery.reason})"
+    )
+    gallery.worker_id = None  # an old supervisor stops its builder when it sees this
+    gallery.heartbeat_at = None
+    gallery.started_at = None
+    gallery.finished_at = None
+    gallery.progress = 0.0
+    gallery.images_done = 0
+    gallery.skipped_count = 0
+    gallery.image_count = _gallery_split_images(dataset)
+    session.commit()
+    folder = gallery_dir(settings, gallery_id)
+    forget_index(folder)
+    if settings.worker.enqueue_on_submit:
+        _send_to_workers(settings, session, gallery)
+    return _out(gallery)
 
 
 def _relative(path: str, root: str) -> str:

@@ -1,14 +1,20 @@
 """The galleries pages, in Chromium, against the real service and its worker: a gallery built from
 the page (alice's synthetic dataset with ``reid-alice@best``) is followed to READY, searched with
 one of the dataset's query images (hits with their thumbnails, scores and a camera summary), and
-a gallery is deleted from the list; the same pages in a phone-sized window."""
+a gallery is deleted from the list; the same pages in a phone-sized window. A gallery the worker
+failed (its dataset's folder was away while it built) is retried from its page and built to READY,
+and from the list, where the list follows it again; what the API refuses reads as its message."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,24 @@ _WATCH_ROWS = """() => {
     };
     new MutationObserver(record).observe(
         document.getElementById("galleries-list"), { childList: true, subtree: true });
+    record();
+}"""
+
+#: Records, from a gallery's page, every state, progress and reason it drew.
+_WATCH_GALLERY = """() => {
+    window.seenGallery = [];
+    const record = () => {
+        const state = document.getElementById("gallery-state");
+        if (state === null) return;
+        window.seenGallery.push({
+            state: state.textContent,
+            progress: document.querySelector("#gallery-progress progress")?.value ?? null,
+            count: document.querySelector("#gallery-progress > .muted")?.textContent ?? null,
+            reason: document.getElementById("gallery-reason").textContent,
+        });
+    };
+    new MutationObserver(record).observe(
+        document.getElementById("view"), { childList: true, subtree: true });
     record();
 }"""
 
@@ -112,6 +136,73 @@ def check_results(page: Page, expected: dict[str, Any]) -> None:
     }
     assert shown == dict(per_camera)
     expect(summary).to_contain_text(f"Best match: {camera_label(hits[0]['camera_id'])} (#1")
+
+
+def register_copy(service: Service, name: str) -> tuple[dict[str, Any], Path]:
+    """A dataset of alice's in a copy of the synthetic dataset's folder, and that folder."""
+    folder = service.data_root / name
+    shutil.copytree(service.data_root / "synthetic", folder)
+    with service.client() as api:
+        response = api.post("/v1/datasets", json={"name": name, "path": str(folder)})
+    assert response.status_code == 201, response.text
+    dataset: dict[str, Any] = response.json()
+    return dataset, folder
+
+
+@contextmanager
+def folder_away(folder: Path) -> Iterator[None]:
+    """The folder moved away meanwhile: a build of its dataset fails for real (the builder
+    cannot read it and records FAILED with its error)."""
+    away = folder.with_name(f"{folder.name}.away")
+    folder.rename(away)
+    try:
+        yield
+    finally:
+        away.rename(folder)
+
+
+def build(service: Service, dataset: dict[str, Any], model: str, name: str) -> dict[str, Any]:
+    """A gallery of ``dataset`` on the CPU and the default queue: the service's worker builds it."""
+    with service.client() as api:
+        response = api.post(
+            "/v1/galleries",
+            json={
+                "dataset_id": dataset["id"],
+                "model_name": model,
+                "model_version": "best",
+                "name": name,
+                "gpus": 0,
+            },
+        )
+    assert response.status_code == 202, response.text
+    gallery: dict[str, Any] = response.json()
+    assert gallery["queue"] == "default", gallery
+    return gallery
+
+
+def wait_for_gallery(service: Service, gallery_id: str, state: str) -> dict[str, Any]:
+    """The gallery once READY or FAILED, which must be ``state``."""
+    deadline = time.monotonic() + BUILD_TIMEOUT_MS / 1000
+    while True:
+        with service.client() as api:
+            response = api.get(f"/v1/galleries/{gallery_id}")
+        assert response.status_code == 200, response.text
+        gallery: dict[str, Any] = response.json()
+        if gallery["state"] in ("READY", "FAILED"):
+            assert gallery["state"] == state, gallery
+            return gallery
+        assert time.monotonic() < deadline, f"gallery still {gallery['state']}"
+        time.sleep(0.5)
+
+
+def failed_build(
+    service: Service, dataset: dict[str, Any], model: str, name: str
+) -> dict[str, Any]:
+    """A gallery the worker failed: its build read the dataset's folder while it was away."""
+    gallery = wait_for_gallery(service, build(service, dataset, model, name)["id"], "FAILED")
+    assert gallery["reason"].startswith("the build failed: "), gallery
+    assert gallery["error"] == gallery["reason"], gallery
+    return gallery
 
 
 def test_a_gallery_is_built_searched_and_deleted_from_the_pages(
@@ -263,6 +354,120 @@ def test_galleries_in_a_phone_sized_window(
     assert columns == 2
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     screenshot(page, "narrow-gallery-search")
+
+
+def test_a_failed_gallery_is_retried_from_its_page_and_built(
+    open_page: OpenPage, service: Service, trained_job: dict[str, Any]
+) -> None:
+    dataset, folder = register_copy(service, "retry-page")
+    with folder_away(folder):
+        failed = failed_build(service, dataset, trained_job["model_name"], "retry-page")
+    gallery_id = failed["id"]
+
+    page = open_page()
+    page.goto("/#/galleries")
+    row = page.locator(f'#galleries-table tr[data-gallery-id="{gallery_id}"]')
+    expect(row.locator(".cell-state")).to_have_text("FAILED")
+    expect(row.locator(".cell-reason")).to_have_text(failed["error"])
+    expect(row.get_by_role("button", name="retry", exact=True)).to_be_visible()
+    expect(row.get_by_role("button", name="delete", exact=True)).to_be_visible()
+
+    # its page: the error, and Retry next to Delete
+    row.get_by_role("link", name="retry-page").click()
+    expect(page).to_have_url(re.compile(f"#/galleries/{gallery_id}$"))
+    expect(page.locator("#gallery-state")).to_have_text("FAILED")
+    expect(page.locator("#gallery-reason")).to_have_text(failed["error"])
+    expect(page.locator("#gallery-search")).to_be_hidden()
+    retry = page.locator("#retry-gallery")
+    expect(retry).to_be_visible()
+    expect(retry).to_have_text("Retry")
+    screenshot(page, "gallery-failed")
+
+    # Retry: QUEUED again from scratch, followed by the page (its poll resumes) until READY
+    page.evaluate(_WATCH_GALLERY)
+    retry.click()
+    expect(page.locator("#gallery-state")).to_have_text("READY", timeout=BUILD_TIMEOUT_MS)
+    expect(retry).to_be_hidden()
+    expect(page.locator("#gallery-status")).to_be_hidden()
+    expect(page.locator("#gallery-search")).to_be_visible()
+    seen = page.evaluate("window.seenGallery")
+    queued = [r for r in seen if r["state"] == "QUEUED"]
+    assert queued, seen
+    assert queued[0]["progress"] == 0, queued
+    assert queued[0]["count"] == f"0 / {failed['image_count']} images", queued
+    assert queued[0]["reason"].startswith("retried by alice"), queued
+    with service.client() as api:
+        gallery = api.get(f"/v1/galleries/{gallery_id}").json()
+    assert (gallery["state"], gallery["progress"], gallery["gpus"]) == ("READY", 1.0, 0)
+    assert gallery["images_done"] == gallery["image_count"] > 0
+    assert gallery["error"] is None and gallery["queue"] == "default"
+    expect(page.locator("#gallery-reason")).to_have_text(gallery["reason"])
+    facts = page.locator("#gallery-facts")
+    expect(facts).to_contain_text(f"{gallery['images_done']} of {gallery['image_count']}")
+    screenshot(page, "gallery-retried")
+
+    # a READY gallery offers no Retry, in the list either
+    page.get_by_role("link", name="← Galleries").click()
+    expect(row.locator(".cell-state")).to_have_text("READY")
+    expect(row.get_by_role("button", name="delete", exact=True)).to_be_visible()
+    expect(row.get_by_role("button", name="retry", exact=True)).to_have_count(0)
+
+
+def test_a_failed_gallery_is_retried_from_the_list_and_refusals_read_as_messages(
+    open_page: OpenPage, service: Service, trained_job: dict[str, Any]
+) -> None:
+    dataset, folder = register_copy(service, "retry-list")
+    page = open_page()
+    with folder_away(folder):
+        failed = failed_build(service, dataset, trained_job["model_name"], "retry-list")
+        gallery_id = failed["id"]
+        page.goto("/#/galleries")
+        row = page.locator(f'#galleries-table tr[data-gallery-id="{gallery_id}"]')
+        expect(row.locator(".cell-state")).to_have_text("FAILED")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+
+        # retried with the folder still away: the list follows it again (its poll resumes)
+        # through a second build, which fails as the first did
+        page.evaluate(_WATCH_ROWS)
+        row.get_by_role("button", name="retry", exact=True).click()
+        page.wait_for_function(
+            "(id) => window.seenRows.some((r) => r.id === id && r.state !== 'FAILED')",
+            arg=gallery_id,
+        )
+        expect(row.locator(".cell-state")).to_have_text("FAILED", timeout=BUILD_TIMEOUT_MS)
+        again = wait_for_gallery(service, gallery_id, "FAILED")
+    assert again["reason"].startswith("the build failed: "), again
+    assert again["finished_at"] > failed["finished_at"], (failed, again)
+    expect(row.locator(".cell-reason")).to_have_text(again["error"])
+    seen = [r for r in page.evaluate("window.seenRows") if r["id"] == gallery_id]
+    queued = [r for r in seen if r["state"] == "QUEUED"]
+    assert queued, seen
+    assert all(r["bar"] for r in queued), queued
+    assert queued[0]["count"] == f"0 / {failed['image_count']} images", queued
+    expect(page.locator("#galleries-status")).to_be_hidden()
+
+    # its dataset deleted: the API's refusal reads as its message, in the list and on its page
+    with service.client() as api:
+        assert api.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+        refused = api.post(f"/v1/galleries/{gallery_id}/retry")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "dataset_gone", refused.text
+    expected = f"Could not retry retry-list: {refused.json()['error']['message']}"
+    retry = row.get_by_role("button", name="retry", exact=True)
+    retry.click()
+    expect(page.locator("#galleries-status")).to_have_text(expected)
+    expect(retry).to_be_enabled()
+    expect(row.locator(".cell-state")).to_have_text("FAILED")
+    screenshot(page, "galleries-retry-refused")
+
+    page.goto(f"/#/galleries/{gallery_id}")
+    expect(page.locator("#gallery-state")).to_have_text("FAILED")
+    page.locator("#retry-gallery").click()
+    expect(page.locator("#gallery-status")).to_have_text(expected)
+    expect(page.locator("#retry-gallery")).to_be_enabled()
+    expect(page.locator("#gallery-state")).to_have_text("FAILED")
+    with service.client() as api:
+        assert api.get(f"/v1/galleries/{gallery_id}").json()["state"] == "FAILED"
 
 
 def test_errors_read_as_messages(open_page: OpenPage, service: Service) -> None:

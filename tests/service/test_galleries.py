@@ -28,7 +28,13 @@ from reid_core.search import GalleryIndex
 from reid_core.train import run
 from service.app import create_app
 from service.db import session_scope
-from service.galleries import MAX_EMBED_IMAGES, LoadingLRU, forget_index, gallery_dir
+from service.galleries import (
+    MAX_EMBED_IMAGES,
+    LoadingLRU,
+    change_gallery_state,
+    forget_index,
+    gallery_dir,
+)
 from service.models import Gallery, GalleryState, utcnow
 from service.settings import Settings, TrackingSettings, WorkerSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
@@ -490,6 +496,79 @@ def test_a_build_whose_worker_died_fails_when_read(
     assert client.get("/v1/galleries", headers=alice).json()["items"][0]["state"] == "FAILED"
 
 
+def test_a_failed_gallery_is_retried_and_built(
+    client: TestClient,
+    app: FastAPI,
+    settings: Settings,
+    alice: Headers,
+    bob: Headers,
+    market: Json,
+    dataset_root: Path,
+) -> None:
+    gallery = _create(
+        client, alice, dataset_id=market["id"], model_name="reid-alice", model_version="1"
+    ).json()
+    url = f"/v1/galleries/{gallery['id']}"
+    refused = client.post(f"{url}/retry", headers=alice)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "gallery_not_failed"
+    assert "is QUEUED: only a FAILED gallery" in refused.json()["error"]["message"]
+    # its worker died mid-build: FAILED when read
+    long_ago = utcnow() - timedelta(seconds=settings.worker.heartbeat_timeout_s + 1)
+    with session_scope(app.state.session_factory) as session:
+        session.execute(
+            update(Gallery)
+            .where(Gallery.id == uuid.UUID(gallery["id"]))
+            .values(
+                state=GalleryState.BUILDING,
+                worker_id="w9:42",
+                heartbeat_at=long_ago,
+                images_done=7,
+                progress=0.4,
+            )
+        )
+    failed = client.get(url, headers=alice).json()
+    assert failed["state"] == "FAILED"
+    assert f"retry it (POST /v1/galleries/{gallery['id']}/retry)" in failed["reason"]
+    assert client.post(f"{url}/retry", headers=bob).status_code == 404
+
+    retried = client.post(f"{url}/retry", headers=alice)
+    assert retried.status_code == 202, retried.text
+    body = retried.json()
+    assert (body["id"], body["state"], body["progress"], body["images_done"]) == (
+        gallery["id"],
+        "QUEUED",
+        0.0,
+        0,
+    )
+    assert body["reason"].startswith("retried by alice (was: the build stopped: worker w9:42")
+    assert (body["worker_id"], body["started_at"], body["finished_at"]) == (None, None, None)
+    assert _build(app, settings, gallery["id"]) is GalleryState.READY
+    built = client.get(url, headers=alice).json()
+    assert (built["state"], built["progress"]) == ("READY", 1.0)
+    query = next((Path(market["path"]) / "query").glob("*.jpg"))
+    assert _search(client, alice, gallery["id"], query).status_code == 200
+    again = client.post(f"{url}/retry", headers=alice)
+    assert again.status_code == 409
+    assert "is READY" in again.json()["error"]["message"]
+
+
+def test_a_gallery_whose_dataset_is_gone_is_not_retried(
+    client: TestClient, app: FastAPI, alice: Headers, market: Json
+) -> None:
+    gallery = _create(
+        client, alice, dataset_id=market["id"], model_name="reid-alice", model_version="1"
+    ).json()
+    with session_scope(app.state.session_factory) as session:
+        locked = session.get(Gallery, uuid.UUID(gallery["id"]))
+        assert locked is not None
+        change_gallery_state(session, locked, GalleryState.FAILED, "the build failed: test")
+    assert client.delete(f"/v1/datasets/{market['id']}", headers=alice).status_code == 204
+    refused = client.post(f"/v1/galleries/{gallery['id']}/retry", headers=alice)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "dataset_gone"
+
+
 def test_broker_down_fails_the_gallery_at_once(
     tmp_path: Path,
     migrated_sqlite: Path,
@@ -526,8 +605,15 @@ def test_broker_down_fails_the_gallery_at_once(
         )
         assert response.status_code == 202
         gallery = client.get(f"/v1/galleries/{response.json()['id']}", headers=headers).json()
+        # retried while the broker is still down: FAILED again at once, the answer says so
+        retried = client.post(f"/v1/galleries/{gallery['id']}/retry", headers=headers)
+        again = client.get(f"/v1/galleries/{gallery['id']}", headers=headers).json()
     assert gallery["state"] == "FAILED"
     assert gallery["reason"].startswith("the workers' broker did not take the build (")
+    assert f"retry it (POST /v1/galleries/{gallery['id']}/retry)" in gallery["reason"]
+    assert retried.status_code == 202
+    assert retried.json()["state"] == again["state"] == "FAILED"
+    assert again["reason"].startswith("the workers' broker did not take the build (")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 // image: the closest gallery images with their scores, cameras and identities.
 //
 // Polling: the list every POLL_MS while a gallery is QUEUED or BUILDING, a gallery's page while
-// it is. Thumbnails are fetched with the key (an <img src> cannot send X-API-Key) and shown as
-// object URLs, all revoked when the view goes away.
+// it is; again after a Retry (a FAILED gallery goes back to QUEUED and builds from scratch).
+// Thumbnails are fetched with the key (an <img src> cannot send X-API-Key) and shown as object
+// URLs, all revoked when the view goes away.
 
 import { ApiError, getJSON, request, sendJSON } from "../api.js";
 import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
@@ -20,6 +21,7 @@ const VERSION_PATTERN = "[A-Za-z0-9_\\-]{1,64}"; // service.schemas.VERSION_REF_
 const ACTIVE = new Set(["QUEUED", "BUILDING"]);
 
 const isActive = (gallery) => ACTIVE.has(gallery.state);
+const isRetryable = (gallery) => gallery.state === "FAILED";
 const galleryPath = (id) => `v1/galleries/${encodeURIComponent(id)}`;
 const galleryTitle = (gallery) => gallery.name || fmt.shortId(gallery.id);
 
@@ -70,6 +72,23 @@ async function deleteGallery(gallery, button, message) {
   }
 }
 
+/**
+ * Sends a FAILED gallery to the workers again (it builds from scratch); resolves to the gallery,
+ * QUEUED, or null when the API refused (a dataset deleted or not ready, a gallery that is no
+ * longer FAILED). Errors go to `message`.
+ */
+async function retryGallery(gallery, button, message) {
+  button.disabled = true;
+  setMessage(message, "");
+  try {
+    return await sendJSON("POST", `${galleryPath(gallery.id)}/retry`);
+  } catch (error) {
+    setMessage(message, `Could not retry ${galleryTitle(gallery)}: ${describeError(error)}`);
+    button.disabled = false;
+    return null;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // #/galleries
 // ---------------------------------------------------------------------------------------------
@@ -114,6 +133,14 @@ export function renderGalleries(root) {
     del.addEventListener("click", async () => {
       if (await deleteGallery(gallery, del, status)) load();
     });
+    let retry = null;
+    if (isRetryable(gallery)) {
+      retry = h("button", { type: "button", class: "link-button" }, "retry");
+      retry.addEventListener("click", async () => {
+        // QUEUED again: the refresh polls until it is built (or fails again).
+        if (await retryGallery(gallery, retry, status)) load();
+      });
+    }
     const dataset = gallery.dataset_id ? datasets.get(gallery.dataset_id) : null;
     return h(
       "tr",
@@ -145,7 +172,7 @@ export function renderGalleries(root) {
         { class: `cell-reason${gallery.error ? " form-error" : " muted"}` },
         gallery.error || gallery.reason || "",
       ),
-      h("td", { class: "cell-actions" }, del),
+      h("td", { class: "cell-actions" }, retry, del),
     );
   }
 
@@ -391,6 +418,7 @@ export function renderGallery(root, [galleryId]) {
 
   const title = h("h1", {}, "Gallery");
   const badge = h("span", { id: "gallery-state" });
+  const retryButton = h("button", { type: "button", id: "retry-gallery", hidden: true }, "Retry");
   const deleteButton = h(
     "button",
     { type: "button", id: "delete-gallery", class: "danger" },
@@ -419,7 +447,7 @@ export function renderGallery(root, [galleryId]) {
         { class: "view-head" },
         title,
         badge,
-        h("div", { class: "actions" }, deleteButton),
+        h("div", { class: "actions" }, retryButton, deleteButton),
       ),
       reason,
       progress,
@@ -445,6 +473,7 @@ export function renderGallery(root, [galleryId]) {
     setChildren(badge, stateBadge(gallery));
     reason.textContent = gallery.reason || "";
     reason.classList.toggle("form-error", Boolean(gallery.error));
+    retryButton.hidden = !isRetryable(gallery);
     setChildren(
       progress,
       isActive(gallery)
@@ -503,6 +532,23 @@ export function renderGallery(root, [galleryId]) {
       // the id stands in for the name
     }
   }
+
+  /** Polls while the gallery is QUEUED or BUILDING: from the start, and again after a Retry. */
+  function follow() {
+    if (!isActive(gallery) || galleryPoll !== null) return;
+    galleryPoll = poll(refresh, POLL_MS, (error) =>
+      setMessage(status, `Could not refresh the gallery: ${describeError(error)}`),
+    );
+  }
+
+  retryButton.addEventListener("click", async () => {
+    const retried = await retryGallery(gallery, retryButton, status);
+    if (!retried || closing.signal.aborted) return;
+    gallery = retried;
+    retryButton.disabled = false;
+    renderFacts();
+    follow();
+  });
 
   deleteButton.addEventListener("click", async () => {
     if (await deleteGallery(gallery, deleteButton, status)) window.location.hash = "#/galleries";
@@ -684,11 +730,7 @@ export function renderGallery(root, [galleryId]) {
   refresh()
     .then(() => {
       loadDataset();
-      if (isActive(gallery)) {
-        galleryPoll = poll(refresh, POLL_MS, (error) =>
-          setMessage(status, `Could not refresh the gallery: ${describeError(error)}`),
-        );
-      }
+      follow();
     })
     .catch((error) => {
       if (error.name === "AbortError") return;
