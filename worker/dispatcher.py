@@ -12,7 +12,10 @@ The database is the source of truth; a message only says "look at job X". So:
   a waiting job, so the second copy finds it running or finished and does nothing.
 * :meth:`Dispatcher.reap` moves jobs whose worker stopped heartbeating (``heartbeat_timeout_s``):
   STARTING/RUNNING -> RETRYING (sent again, resumes from its checkpoint) or FAILED past
-  ``max_retries``; CANCELLING -> CANCELLED.
+  ``max_retries``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
+  reaps nothing for ``heartbeat_timeout_s``: supervisors could not heartbeat during the outage
+  either, so an old heartbeat then says nothing about a dead worker until they had the time to
+  write a new one.
 
 ``python -m worker dispatcher`` runs both every ``dispatcher_interval_s``; tests call
 :meth:`Dispatcher.run_once` with a fake clock.
@@ -123,6 +126,9 @@ class Dispatcher:
         self.session_factory = session_factory
         self.clock = clock
         self.send: SendFn = send or (lambda job: send_job(settings, job))
+        self._last_pass_failed = False
+        #: When the database answered again after a failed pass (None: no outage seen).
+        self._back_at: datetime | None = None
 
     def _send_and_mark(self, job: Job) -> bool:
         if not self.send(job):
@@ -167,7 +173,16 @@ class Dispatcher:
     def reap(self) -> dict[uuid.UUID, JobState]:
         """Jobs whose worker stopped heartbeating: CANCELLED, RETRYING (sent again) or FAILED."""
         now = self.clock()
-        cutoff = now - timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+        timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+        if self._last_pass_failed:
+            self._back_at = now  # moves with every pass until one gets through
+        if self._back_at is not None and now - self._back_at < timeout:
+            log.info(
+                "not reaping until %s: the database was away, heartbeats could not be written",
+                f"{self._back_at + timeout:%H:%M:%S}",
+            )
+            return {}
+        cutoff = now - timeout
         stale = or_(
             Job.heartbeat_at < cutoff,
             and_(Job.heartbeat_at.is_(None), Job.updated_at < cutoff),
@@ -191,8 +206,13 @@ class Dispatcher:
     def run_once(self) -> DispatchReport:
         """One pass: reap, then re-send (a reaped job is sent at once)."""
         report = DispatchReport()
-        report.reaped = self.reap()
-        report.requeued = self.requeue_lost()
+        try:
+            report.reaped = self.reap()
+            report.requeued = self.requeue_lost()
+        except Exception:
+            self._last_pass_failed = True
+            raise
+        self._last_pass_failed = False
         return report
 
     def run_forever(self, stop: threading.Event | None = None) -> None:

@@ -4,9 +4,14 @@ clock and a fake broker."""
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db import session_scope
 from service.models import Job, JobState
 from service.settings import Settings
 from tests.worker.conftest import FakeClock, MakeJob, event_states, load_job
@@ -104,3 +109,49 @@ def test_requeue_lost_waiting_jobs(
     assert dispatcher.run_once().requeued == [never_sent]
     assert broker.sent == [never_sent, never_sent]
     assert load_job(factory, never_sent).state is S.QUEUED
+
+
+class FlakyDatabase:
+    """A session factory that raises OperationalError while ``down``, like an unreachable
+    PostgreSQL."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.down = False
+
+    def __call__(self) -> Session:
+        if self.down:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return self.factory()
+
+
+def test_reaper_waits_a_heartbeat_timeout_after_a_database_outage(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
+) -> None:
+    database = FlakyDatabase(factory)
+    dispatcher = Dispatcher(
+        settings,
+        cast(sessionmaker[Session], database),
+        clock=clock,
+        send=FakeBroker(),
+    )
+    alive = make_job(states=(S.STARTING, S.RUNNING), worker_id="w1:1", heartbeat_at=clock())
+    dead = make_job(states=(S.STARTING, S.RUNNING), worker_id="w2:1", heartbeat_at=clock())
+    database.down = True
+    for _ in range(10):  # five minutes without a database (timeout 60 s)
+        clock.advance(30)
+        with pytest.raises(OperationalError):
+            dispatcher.run_once()
+    database.down = False
+    clock.advance(30)
+    # both heartbeats are 330 s old, but nobody could write one: nothing is reaped yet
+    assert dispatcher.run_once().reaped == {}
+    clock.advance(10)
+    with session_scope(factory) as session:  # the live supervisor heartbeats again
+        session.execute(update(Job).where(Job.id == alive).values(heartbeat_at=clock()))
+    clock.advance(40)
+    assert dispatcher.run_once().reaped == {}  # 50 s after the outage: still holding
+    clock.advance(20)
+    # a heartbeat timeout after the outage: the job whose worker is silent is reaped
+    assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_retries 0
+    assert load_job(factory, alive).state is S.RUNNING
