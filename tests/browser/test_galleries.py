@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,15 +138,32 @@ def check_results(page: Page, expected: dict[str, Any]) -> None:
     expect(summary).to_contain_text(f"Best match: {camera_label(hits[0]['camera_id'])} (#1")
 
 
-def register_copy(service: Service, name: str) -> tuple[dict[str, Any], Path]:
-    """A dataset of alice's in a copy of the synthetic dataset's folder, and that folder."""
-    folder = service.data_root / name
-    shutil.copytree(service.data_root / "synthetic", folder)
+RegisterCopy = Callable[[str], tuple[dict[str, Any], Path]]
+
+
+@pytest.fixture
+def register_copy(service: Service) -> Iterator[RegisterCopy]:
+    """``register_copy(name)``: a dataset of alice's in a copy of the synthetic dataset's
+    folder, and that folder; both are removed after the test, so that later tests (the new job
+    form's default dataset) see the session's datasets only."""
+    made: list[tuple[str, Path]] = []
+
+    def register(name: str) -> tuple[dict[str, Any], Path]:
+        folder = service.data_root / name
+        shutil.copytree(service.data_root / "synthetic", folder)
+        with service.client() as api:
+            response = api.post("/v1/datasets", json={"name": name, "path": str(folder)})
+        assert response.status_code == 201, response.text
+        dataset: dict[str, Any] = response.json()
+        made.append((dataset["id"], folder))
+        return dataset, folder
+
+    yield register
     with service.client() as api:
-        response = api.post("/v1/datasets", json={"name": name, "path": str(folder)})
-    assert response.status_code == 201, response.text
-    dataset: dict[str, Any] = response.json()
-    return dataset, folder
+        for dataset_id, folder in made:
+            # 404 when the test deleted it itself
+            assert api.delete(f"/v1/datasets/{dataset_id}").status_code in (204, 404)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -357,9 +374,12 @@ def test_galleries_in_a_phone_sized_window(
 
 
 def test_a_failed_gallery_is_retried_from_its_page_and_built(
-    open_page: OpenPage, service: Service, trained_job: dict[str, Any]
+    open_page: OpenPage,
+    service: Service,
+    trained_job: dict[str, Any],
+    register_copy: RegisterCopy,
 ) -> None:
-    dataset, folder = register_copy(service, "retry-page")
+    dataset, folder = register_copy("retry-page")
     with folder_away(folder):
         failed = failed_build(service, dataset, trained_job["model_name"], "retry-page")
     gallery_id = failed["id"]
@@ -414,9 +434,12 @@ def test_a_failed_gallery_is_retried_from_its_page_and_built(
 
 
 def test_a_failed_gallery_is_retried_from_the_list_and_refusals_read_as_messages(
-    open_page: OpenPage, service: Service, trained_job: dict[str, Any]
+    open_page: OpenPage,
+    service: Service,
+    trained_job: dict[str, Any],
+    register_copy: RegisterCopy,
 ) -> None:
-    dataset, folder = register_copy(service, "retry-list")
+    dataset, folder = register_copy("retry-list")
     page = open_page()
     with folder_away(folder):
         failed = failed_build(service, dataset, trained_job["model_name"], "retry-list")
