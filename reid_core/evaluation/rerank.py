@@ -34,6 +34,8 @@ front.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 import torch
 
@@ -133,7 +135,7 @@ def _expand_ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np
     return owner, pos
 
 
-class _Pool:
+class _Pool(ABC):
     """Row access to the pooled (q + g) x (q + g) distance matrix [[qq, qg], [qg^T, gg]]."""
 
     num_q: int
@@ -150,17 +152,17 @@ class _Pool:
             chunks += [(a, min(a + rows_per_chunk, hi)) for a in range(lo, hi, rows_per_chunk)]
         return chunks
 
+    @abstractmethod
     def rows(self, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of the pooled matrix, (b - a, N) float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def query_gallery(self, a: int, b: int) -> np.ndarray:
         """Rows [a, b) of qg (query rows, gallery columns), b <= q."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """d(i[e], j[e]) for index arrays of equal shape, float32."""
-        raise NotImplementedError
 
 
 class _DenseDistances(_Pool):

@@ -104,6 +104,12 @@ def _gallery_split_images(dataset: Dataset) -> int:
     return gallery if gallery else int((splits.get("train") or {}).get("images", 0))
 
 
+def _check_ready(dataset: Dataset) -> None:
+    """409 unless ``dataset`` is READY: a build reads its files."""
+    if dataset.status is not DatasetStatus.READY:
+        raise APIError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}")
+
+
 def _out(gallery: Gallery) -> GalleryOut:
     return GalleryOut.model_validate(gallery)
 
@@ -155,8 +161,7 @@ def create_gallery(
     ).scalar_one_or_none()
     if dataset is None:
         raise not_found("dataset", body.dataset_id)
-    if dataset.status is not DatasetStatus.READY:
-        raise APIError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}")
+    _check_ready(dataset)
     images = _gallery_split_images(dataset)
     if images == 0:
         raise APIError(409, "dataset_empty", f"dataset {dataset.id} has no readable image to index")
@@ -319,8 +324,7 @@ def retry_gallery(
             "dataset_gone",
             f"the dataset of gallery {gallery_id} was deleted; create a gallery of another one",
         )
-    if dataset.status is not DatasetStatus.READY:
-        raise APIError(409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}")
+    _check_ready(dataset)
     change_gallery_state(
         session, gallery, GalleryState.QUEUED, f"retried by {owner} (was: {gallery.reason})"
     )
@@ -332,9 +336,7 @@ def retry_gallery(
     gallery.images_done = 0
     gallery.skipped_count = 0
     gallery.image_count = _gallery_split_images(dataset)
-    session.commit()
-    folder = gallery_dir(settings, gallery_id)
-    forget_index(folder)
+    session.commit()  # a FAILED gallery was never READY: no index of it is cached
     if settings.worker.enqueue_on_submit:
         _send_to_workers(settings, session, gallery)
     return _out(gallery)
