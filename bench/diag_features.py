@@ -1,8 +1,9 @@
 """How well a feature retrieves the same person, against hidden labels (analysis only).
 
 For the features of a trained model (``model_final.pt`` or a checkpoint), of the same
-architecture untrained (``init``: the run's config, seed 0) or of colour histograms (``hsv``: 8 x
-4 x 4 HSV bins in 4 horizontal stripes, square-rooted), on a Market-layout folder it prints:
+architecture untrained (``init``: the run's config, seed 0) or of colour histograms (``hsv``:
+:func:`reid_core.data.colour.stripe_colour_histograms`, 4 stripes), on a Market-layout folder it
+prints:
 
 * on the train split, :func:`diag_memory.neighbour_stats`: ``p@1`` / ``p@10`` (share of the
   nearest other images with the same identity) and ``xcam p@10`` (among the other cameras'
@@ -29,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,32 +39,9 @@ from diag_memory import neighbour_stats  # noqa: E402
 
 from reid_core.config import load_config  # noqa: E402
 from reid_core.data import ImageRecord, read_market_layout  # noqa: E402
+from reid_core.data.colour import stripe_colour_histograms  # noqa: E402
 from reid_core.data.loaders import build_eval_loader  # noqa: E402
 from reid_core.evaluation import evaluate_features, extract_features  # noqa: E402
-
-
-def hsv_features(records: list[ImageRecord], stripes: int = 4) -> torch.Tensor:
-    """Square-rooted, normalised 8 x 4 x 4 HSV histograms of ``stripes`` horizontal stripes."""
-    rows = []
-    for record in records:
-        with Image.open(record.path) as image:
-            hsv = np.asarray(image.convert("HSV").resize((32, 16 * stripes)), dtype=np.int64)
-        parts = []
-        for s in range(stripes):
-            block = hsv[16 * s : 16 * (s + 1)].reshape(-1, 3)
-            hist = np.histogramdd(block, bins=(8, 4, 4), range=((0, 256),) * 3)[0].ravel()
-            parts.append(np.sqrt(hist / hist.sum()))
-        rows.append(np.concatenate(parts))
-    return torch.tensor(np.array(rows), dtype=torch.float32)
-
-
-def camera_centred(features: torch.Tensor, cams: np.ndarray) -> torch.Tensor:
-    """Each camera's mean feature subtracted, rows L2-normalised again."""
-    out = F.normalize(features.float(), dim=1).clone()
-    for cam in np.unique(cams):
-        rows = torch.from_numpy(cams == cam)
-        out[rows] -= out[rows].mean(dim=0)
-    return F.normalize(out, dim=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.features == "hsv":
 
         def features(records: list[ImageRecord]) -> torch.Tensor:
-            return hsv_features(records)
+            return stripe_colour_histograms([r.path for r in records], stripes=4)
 
     else:
         from reid_core.model_io import load_model
@@ -113,12 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     q_pids, g_pids = column(splits.query, "pid"), column(splits.gallery, "pid")
     q_cams, g_cams = column(splits.query, "camid"), column(splits.gallery, "camid")
-    both = camera_centred(torch.cat([qf, gf]), np.concatenate([q_cams, g_cams]))
-    for name, (q, g) in {
-        "plain": (qf, gf),
-        "camera-centred": (both[: len(qf)], both[len(qf) :]),
-    }.items():
-        r = evaluate_features(q, g, q_pids, g_pids, q_cams, g_cams).as_dict(percent=True)
+    for name, centred in {"plain": False, "camera-centred": True}.items():
+        r = evaluate_features(
+            qf, gf, q_pids, g_pids, q_cams, g_cams, camera_centred=centred
+        ).as_dict(percent=True)
         print(
             f"{args.features}: query/gallery {name}: mAP {r['mAP']:.2f} R1 {r['r1']:.2f} R10 {r['r10']:.2f}"
         )

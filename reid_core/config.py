@@ -32,6 +32,7 @@ __all__ = [
     "LossConfig",
     "MemoryConfig",
     "ModelConfig",
+    "NeighbourPriorConfig",
     "OptimConfig",
     "PEDALConfig",
     "RuntimeConfig",
@@ -179,6 +180,27 @@ class InstanceLossConfig(_Strict):
     )
 
 
+class NeighbourPriorConfig(_Strict):
+    """Neighbours for the first epochs of a run from scratch, from a hand-crafted descriptor
+    instead of the memories (whose neighbours are random until the network has learnt
+    something). GSL's credible sets (``loss.gsl.prior_epochs``) and PEDAL's nearest patches
+    (``loss.pedal.prior_epochs``) can each take them."""
+
+    kind: Literal["none", "colour"] = Field(
+        "none",
+        description="'colour': HSV histograms of model.num_patches horizontal stripes of each "
+        "training image (reid_core.data.colour), each camera's mean removed; 'none': no prior "
+        "(the paper).",
+    )
+    topk: int = Field(5, ge=1, le=1000, description="k of GSL's mutual top-k on the prior.")
+    threshold: float = Field(
+        0.5,
+        ge=-1.0,
+        le=1.0,
+        description="Least cosine of two camera-centred descriptors in GSL's credible sets.",
+    )
+
+
 class GSLConfig(_Strict):
     """Global similarity-based loss over credible neighbours."""
 
@@ -194,6 +216,12 @@ class GSLConfig(_Strict):
     )
     warmup_epochs: int = Field(5, ge=0)
     weight: float = Field(1.0, ge=0.0)
+    prior_epochs: int = Field(
+        0,
+        ge=0,
+        description="With loss.prior.kind set, C_i comes from the prior in epochs "
+        "[0, prior_epochs), whatever warmup_epochs says; then from the memory, after the warm-up.",
+    )
 
 
 class PEDALConfig(_Strict):
@@ -209,6 +237,12 @@ class PEDALConfig(_Strict):
         ge=0,
         description="PEDAL is 0 before this epoch (the patch memory is still updated), like GSL's "
         "warm-up: its neighbours K_i^p mean little while the features are random.",
+    )
+    prior_epochs: int = Field(
+        0,
+        ge=0,
+        description="With loss.prior.kind set, K_i^p is the k nearest stripes of the prior in "
+        "epochs [0, prior_epochs), whatever warmup_epochs says; then from the patch memory.",
     )
 
 
@@ -233,6 +267,28 @@ class LossConfig(_Strict):
     gsl: GSLConfig = GSLConfig()
     pedal: PEDALConfig = PEDALConfig()
     ipfl: IPFLConfig = IPFLConfig()
+    prior: NeighbourPriorConfig = NeighbourPriorConfig()
+
+    def gsl_uses_prior(self, epoch: int) -> bool:
+        """Whether GSL's credible sets of ``epoch`` (0-based) come from the prior."""
+        return self.gsl.enabled and self.prior.kind != "none" and epoch < self.gsl.prior_epochs
+
+    def gsl_active(self, epoch: int) -> bool:
+        """Whether L_GSL is on in ``epoch``: from the prior, or from the memory after warm-up."""
+        return self.gsl_uses_prior(epoch) or (self.gsl.enabled and epoch >= self.gsl.warmup_epochs)
+
+    def pedal_uses_prior(self, epoch: int) -> bool:
+        """Whether PEDAL's neighbours of ``epoch`` come from the prior."""
+        return self.pedal.enabled and self.prior.kind != "none" and epoch < self.pedal.prior_epochs
+
+    def pedal_active(self, epoch: int) -> bool:
+        return self.pedal_uses_prior(epoch) or (
+            self.pedal.enabled and epoch >= self.pedal.warmup_epochs
+        )
+
+    def uses_prior(self, epoch: int) -> bool:
+        """Whether any term reads the prior in ``epoch`` or later."""
+        return self.gsl_uses_prior(epoch) or self.pedal_uses_prior(epoch)
 
     @property
     def global_branch(self) -> bool:
@@ -288,6 +344,11 @@ class EvalConfig(_Strict):
     )
     distance: Literal["cosine", "euclidean"] = "cosine"
     flip: bool = Field(False, description="Average features of the image and its mirror.")
+    camera_centred: bool = Field(
+        False,
+        description="Subtract each camera's mean feature (over query and gallery) before the "
+        "distances, which removes what a feature says about the camera alone (its colour cast).",
+    )
     rerank: bool = False
     rerank_k1: int = Field(20, ge=1)
     rerank_k2: int = Field(6, ge=1)

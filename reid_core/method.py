@@ -11,7 +11,9 @@ Memories (one slot per training image, identical on every rank):
                                     momentum 0.1 (new-value weight).
 
 Global losses apply to both views' features; PEDAL to view 0's patch features (as PAUL does);
-IPFL to both views' embeddings. GSL starts after ``loss.gsl.warmup_epochs``, PEDAL after
+IPFL to both views' embeddings. GSL starts after ``loss.gsl.warmup_epochs`` (or at once with a
+neighbour prior, ``loss.prior``, which gives the credible sets of its first ``loss.gsl.prior_epochs``
+epochs; the same for PEDAL's neighbours with ``loss.pedal.prior_epochs``), PEDAL after
 ``loss.pedal.warmup_epochs`` and IPFL after ``loss.ipfl.warmup_epochs`` (before that a term is a 0
 still connected to the graph, and its memory is updated all the same).
 """
@@ -30,7 +32,8 @@ from tqdm import tqdm
 
 from reid_core.config import ExperimentConfig
 from reid_core.engine.distributed import all_gather_cat, get_world_size, is_main_process
-from reid_core.losses import IPFLLoss, MemoryClassifierLoss, PEDALLoss
+from reid_core.evaluation import centre_per_camera
+from reid_core.losses import IPFLLoss, MemoryClassifierLoss, PEDALLoss, credible_neighbour_lists
 from reid_core.memory import FeatureMemory, momentum_at
 from reid_core.models.reid_model import ReIDModel, ReIDOutput
 
@@ -58,6 +61,9 @@ class DualBranchObjective(nn.Module):
     """Holds the memories and computes the weighted loss terms; see the module docstring."""
 
     slot_cameras: torch.Tensor  # (N,) camera of each training image, -1 unknown
+    prior_neighbours: torch.Tensor  # (N, k) GSL's credible sets from the prior, -1 padded
+    prior_similarities: torch.Tensor  # (N, k) their prior similarities
+    prior_patch_neighbours: torch.Tensor  # (N, P, k) PEDAL's K_i^p from the prior
 
     def __init__(
         self,
@@ -77,6 +83,14 @@ class DualBranchObjective(nn.Module):
         # derived from the data, so not part of a checkpoint
         self.register_buffer(
             "slot_cameras", torch.as_tensor(list(cameras), dtype=torch.long), persistent=False
+        )
+        # recomputed from the images by set_neighbour_prior when a run needs them
+        self.register_buffer(
+            "prior_neighbours", torch.empty((0, 0), dtype=torch.long), persistent=False
+        )
+        self.register_buffer("prior_similarities", torch.empty((0, 0)), persistent=False)
+        self.register_buffer(
+            "prior_patch_neighbours", torch.empty((0, 0, 0), dtype=torch.long), persistent=False
         )
         loss = cfg.loss
         self.global_memory: FeatureMemory | None = None
@@ -137,6 +151,81 @@ class DualBranchObjective(nn.Module):
         model.train(was_training)
         log.info("memories initialised from %d images (%d ranks)", seen, get_world_size())
 
+    @torch.no_grad()
+    def set_neighbour_prior(self, descriptors: torch.Tensor) -> None:
+        """The prior's neighbours (``loss.prior``) from hand-crafted ``descriptors`` (N, P, D)
+        of the training images, in memory-slot order, one row per horizontal stripe
+        (P = ``model.num_patches``).
+
+        * GSL: the stripes concatenated, each camera's mean removed
+          (:func:`reid_core.evaluation.centre_per_camera`), then the mutual top-k rule of
+          :func:`reid_core.losses.credible_neighbour_lists` with ``loss.prior.topk`` and
+          ``loss.prior.threshold``.
+        * PEDAL: for each stripe p, centred the same way, the ``loss.pedal.neighbours`` most
+          similar other images (K_i^p).
+        """
+        num_slots = len(self.slot_cameras)
+        if descriptors.dim() != 3 or descriptors.shape[0] != num_slots:
+            raise ValueError(
+                f"descriptors of shape {tuple(descriptors.shape)} for {num_slots} training "
+                "images: expected (N, stripes, D)"
+            )
+        loss = self.cfg.loss
+        cams = self.slot_cameras
+        descriptors = descriptors.to(cams.device).float()
+        if loss.gsl.enabled and loss.gsl.prior_epochs > 0:
+            centred = centre_per_camera(descriptors.flatten(1), cams)
+            neighbours, similarities = credible_neighbour_lists(
+                centred, loss.prior.threshold, loss.prior.topk, mutual=True
+            )
+            self.prior_neighbours, self.prior_similarities = neighbours, similarities
+            sizes = (neighbours >= 0).sum(dim=1)
+            log.info(
+                "GSL prior (%s): %.2f credible neighbours per image, %.1f%% of images have one",
+                loss.prior.kind,
+                float(sizes.float().mean()),
+                100.0 * float((sizes > 0).float().mean()),
+            )
+        if self.pedal is not None and loss.pedal.prior_epochs > 0:
+            if (
+                self.patch_memory is None
+                or descriptors.shape[1] != self.patch_memory.feature_shape[0]
+            ):
+                raise ValueError(
+                    f"PEDAL's prior needs one descriptor per patch, got {descriptors.shape[1]} "
+                    f"stripes for {self.cfg.model.num_patches} patches"
+                )
+            per_stripe = [
+                credible_neighbour_lists(
+                    centre_per_camera(descriptors[:, p], cams),
+                    -1.0,
+                    loss.pedal.neighbours,
+                    mutual=False,
+                )[0]
+                for p in range(descriptors.shape[1])
+            ]
+            self.prior_patch_neighbours = torch.stack(per_stripe, dim=1)  # (N, P, k)
+            log.info(
+                "PEDAL prior (%s): %d neighbours per patch", loss.prior.kind, per_stripe[0].shape[1]
+            )
+
+    def _prior_rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prior_neighbours.shape[0] != len(self.slot_cameras):
+            raise RuntimeError(
+                f"loss.prior.kind={self.cfg.loss.prior.kind!r} but GSL's prior was not set "
+                "(set_neighbour_prior)"
+            )
+        idx = indices.to(self.prior_neighbours.device)
+        return self.prior_neighbours[idx], self.prior_similarities[idx]
+
+    def _prior_patch_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.prior_patch_neighbours.shape[0] != len(self.slot_cameras):
+            raise RuntimeError(
+                f"loss.prior.kind={self.cfg.loss.prior.kind!r} but PEDAL's prior was not set "
+                "(set_neighbour_prior)"
+            )
+        return self.prior_patch_neighbours[indices.to(self.prior_patch_neighbours.device)]
+
     # -- loss ------------------------------------------------------------------------------
 
     def forward(
@@ -150,13 +239,13 @@ class DualBranchObjective(nn.Module):
         all_indices = all_gather_cat(indices) if self.patch_branch_losses else None
         if self.classifier is not None and self.global_memory is not None:
             feats = torch.cat([out0.global_features, out1.global_features]).float()
-            use_gsl = loss_cfg.gsl.enabled and epoch >= loss_cfg.gsl.warmup_epochs
             g = self.classifier(
                 feats,
                 both,
                 self.global_memory.bank,
-                use_gsl=use_gsl,
+                use_gsl=loss_cfg.gsl_active(epoch),
                 slot_cameras=self.slot_cameras,
+                prior=self._prior_rows(both) if loss_cfg.gsl_uses_prior(epoch) else None,
             )
             if loss_cfg.instance.enabled:
                 terms["instance"] = loss_cfg.instance.weight * g["instance"]
@@ -170,9 +259,10 @@ class DualBranchObjective(nn.Module):
                 all_gather_cat(out0.patch_features.float()),
                 keep=1.0 - loss_cfg.pedal.memory_momentum,
             )
-            if epoch >= loss_cfg.pedal.warmup_epochs:
+            if loss_cfg.pedal_active(epoch):
+                near = self._prior_patch_rows(indices) if loss_cfg.pedal_uses_prior(epoch) else None
                 terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
-                    out0.patch_features.float(), indices, self.patch_memory.bank
+                    out0.patch_features.float(), indices, self.patch_memory.bank, neighbours=near
                 )
             else:
                 terms["pedal"] = out0.patch_features.float().sum() * 0.0

@@ -32,6 +32,7 @@ from reid_core.data import (
     build_train_loader,
     scan_images,
 )
+from reid_core.data.colour import stripe_colour_histograms
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, CheckpointError
 from reid_core.engine.exit_codes import ExitCode, exit_process
@@ -42,6 +43,7 @@ from reid_core.engine.hooks import (
     FinalModelHook,
     LRSchedulerHook,
     MemoryInitHook,
+    NeighbourPriorHook,
     ProgressHook,
     StopSignalHook,
 )
@@ -151,6 +153,7 @@ def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.dev
             q_cams,
             g_cams,
             metric=e.distance,
+            camera_centred=e.camera_centred,
             rerank=e.rerank,
             k1=e.rerank_k1,
             k2=e.rerank_k2,
@@ -225,6 +228,13 @@ def build_trainer(
         resume=cfg.checkpoint.resume,
     )
     hooks: list[HookBase] = [StopSignalHook(), MemoryInitHook(init_loader)]
+    if cfg.loss.prior.kind == "colour":
+        paths, stripes = [r.path for r in train_records], cfg.model.num_patches
+        hooks.append(
+            NeighbourPriorHook(
+                lambda: stripe_colour_histograms(paths, stripes).view(len(paths), stripes, -1)
+            )
+        )
     if eval_splits is not None:
         hooks.append(
             EvaluationHook(

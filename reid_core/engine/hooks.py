@@ -27,6 +27,7 @@ __all__ = [
     "FinalModelHook",
     "LRSchedulerHook",
     "MemoryInitHook",
+    "NeighbourPriorHook",
     "ProgressHook",
     "StopSignalHook",
 ]
@@ -90,6 +91,23 @@ class MemoryInitHook(HookBase):
             return
         model = self.trainer.model_without_ddp
         self.trainer.objective.initialise(model, self.loader, self.trainer.device)  # type: ignore[arg-type]
+
+
+class NeighbourPriorHook(HookBase):
+    """Gives the objective the prior's neighbours (``loss.prior``) before training, when the run
+    (or the epoch it resumes at) still has prior epochs ahead.
+
+    ``descriptors()`` returns the training images' hand-crafted descriptors (N, P, D) in
+    memory-slot order; every rank computes them itself (a deterministic function of the images).
+    """
+
+    def __init__(self, descriptors: Callable[[], torch.Tensor]) -> None:
+        self.descriptors = descriptors
+
+    def before_train(self) -> None:
+        if not self.trainer.cfg.loss.uses_prior(self.trainer.state.epoch):
+            return
+        self.trainer.objective.set_neighbour_prior(self.descriptors())
 
 
 class LRSchedulerHook(HookBase):

@@ -3,7 +3,11 @@ k-NN search and feature extraction. faiss is optional and imported only by the s
 functions."""
 
 from reid_core.evaluation.distance import METRICS, Metric, compute_distance
-from reid_core.evaluation.evaluator import evaluate_features, extract_features
+from reid_core.evaluation.evaluator import (
+    centre_per_camera,
+    evaluate_features,
+    extract_features,
+)
 from reid_core.evaluation.metrics import RankResult, evaluate_rank
 from reid_core.evaluation.rerank import (
     DEFAULT_RERANK_MAX_MEMORY_BYTES,
@@ -22,6 +26,7 @@ __all__ = [
     "RankResult",
     "RerankMemoryError",
     "build_index",
+    "centre_per_camera",
     "check_rerank_memory",
     "compute_distance",
     "estimate_rerank_memory",

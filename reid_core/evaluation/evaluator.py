@@ -94,6 +94,29 @@ def extract_features(
     return out
 
 
+def centre_per_camera(
+    features: torch.Tensor | np.ndarray, cameras: torch.Tensor | np.ndarray | Sequence[int]
+) -> torch.Tensor:
+    """Rows L2-normalised, each camera's mean row subtracted, rows L2-normalised again.
+
+    ``x_i <- n(n(x_i) - mean_{j: cam_j = cam_i} n(x_j))`` with ``n`` the L2 normalisation; the
+    images of an unknown camera (-1) form one group. What is left is how an image differs from
+    the rest of its camera's, without the camera's colour cast or viewpoint.
+    """
+    x = F.normalize(torch.as_tensor(features).float(), dim=1)
+    if isinstance(cameras, torch.Tensor):
+        cams = cameras.to(device=x.device, dtype=torch.long)
+    else:
+        cams = torch.as_tensor(np.asarray(cameras), dtype=torch.long, device=x.device)
+    if cams.shape != (x.shape[0],):
+        raise ValueError(f"{cams.numel()} camera ids given for {x.shape[0]} feature rows")
+    groups, inverse = torch.unique(cams, return_inverse=True)
+    sums = torch.zeros((len(groups), x.shape[1]), dtype=x.dtype, device=x.device)
+    sums.index_add_(0, inverse, x)
+    counts = torch.bincount(inverse, minlength=len(groups)).to(x.dtype)
+    return F.normalize(x - (sums / counts[:, None])[inverse], dim=1)
+
+
 def evaluate_features(
     qf: torch.Tensor | np.ndarray,
     gf: torch.Tensor | np.ndarray,
@@ -102,6 +125,7 @@ def evaluate_features(
     q_camids: LabelArray,
     g_camids: LabelArray,
     metric: Metric = "cosine",
+    camera_centred: bool = False,
     rerank: bool = False,
     k1: int = 20,
     k2: int = 6,
@@ -114,8 +138,16 @@ def evaluate_features(
     Distances are :func:`compute_distance` with ``metric``; with ``rerank``, they are
     k-reciprocal re-ranked (``k1``, ``k2``, ``lam``), refused with RerankMemoryError when the
     estimate exceeds ``max_rerank_memory_bytes`` (checked before any distance is computed).
+    With ``camera_centred``, each camera's mean feature over query and gallery is subtracted
+    first (:func:`centre_per_camera`).
     """
     metric = check_metric(metric)
+    if camera_centred:
+        both = centre_per_camera(
+            torch.cat([torch.as_tensor(qf), torch.as_tensor(gf)]),
+            np.concatenate([np.asarray(q_camids), np.asarray(g_camids)]),
+        )
+        qf, gf = both[: len(qf)], both[len(qf) :]
     if rerank:
         distmat = re_rank_features(
             qf,

@@ -5,7 +5,17 @@ The caller combines them: ``L = w_E L_E + w_GSL L_GSL + 2 L_PEDAL + 1 L_IPFL`` (
 """
 
 from reid_core.losses.ipfl import IPFLLoss
-from reid_core.losses.memory_classifier import MemoryClassifierLoss, credible_neighbours
+from reid_core.losses.memory_classifier import (
+    MemoryClassifierLoss,
+    credible_neighbour_lists,
+    credible_neighbours,
+)
 from reid_core.losses.pedal import PEDALLoss
 
-__all__ = ["IPFLLoss", "MemoryClassifierLoss", "PEDALLoss", "credible_neighbours"]
+__all__ = [
+    "IPFLLoss",
+    "MemoryClassifierLoss",
+    "PEDALLoss",
+    "credible_neighbour_lists",
+    "credible_neighbours",
+]

@@ -25,6 +25,11 @@ With ``GSLConfig.neighbours = "other_cameras"`` both top-k lists run over the sl
 cameras only (``cam_j != cam_i``), so C_i holds only the cross-camera pairs that re-ID has to
 match; an image of unknown camera then has no credible neighbour among the unknown ones.
 
+With a neighbour prior (``GSLConfig.prior``, for the first epochs of a run from scratch) the
+credible sets come from fixed lists instead: :func:`credible_neighbour_lists` applies the same rule
+once to hand-crafted descriptors ``h`` (``S^h = h h^T`` in place of ``S``), and the weights below
+use ``S^h``.
+
 Global similarity loss, ``GSLConfig.weighting``:
 
 * ``"similarity"`` (default):  ``w_ij = S_ij / sum_{n in C_i} S_in``  (j in C_i; similarities are
@@ -61,7 +66,7 @@ from torch import nn
 from reid_core.config import GSLConfig, InstanceLossConfig
 from reid_core.memory import validate_indices
 
-__all__ = ["MemoryClassifierLoss", "credible_neighbours"]
+__all__ = ["MemoryClassifierLoss", "credible_neighbour_lists", "credible_neighbours"]
 
 # Rows of M[cand] @ M^T computed at once in the mutual check: at most ~16M similarities.
 _MAX_CHUNK_ELEMENTS = 1 << 24
@@ -156,6 +161,55 @@ def credible_neighbours(
     return _credible_from_similarity(sim, mem, idx, threshold, topk, mutual, cams)
 
 
+@torch.no_grad()
+def credible_neighbour_lists(
+    bank: torch.Tensor,
+    threshold: float,
+    topk: int,
+    mutual: bool = True,
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's credible set ``C_i`` over ``bank`` (N, d), as lists.
+
+    Returns ``(neighbours, similarities)``, both (N, k) with ``k = min(topk, N - 1)``: row ``i``
+    holds the members of ``C_i`` (:func:`credible_neighbours`), most similar first, padded with
+    -1 (and similarity 0). Computed ``chunk_rows`` rows at a time, never as an N x N matrix.
+    """
+    if bank.dim() != 2:
+        raise ValueError(f"bank must have shape (N, d), got {tuple(bank.shape)}")
+    n = bank.shape[0]
+    k = max(0, min(int(topk), n - 1))
+    neighbours = torch.full((n, k), -1, dtype=torch.long, device=bank.device)
+    similarities = torch.zeros((n, k), dtype=torch.float32, device=bank.device)
+    if k == 0:
+        return neighbours, similarities
+    bank = bank.detach().float()
+    for start in range(0, n, chunk_rows):
+        idx = torch.arange(start, min(n, start + chunk_rows), device=bank.device)
+        mask = credible_neighbours(bank, idx, threshold, topk, mutual)
+        sim = (bank.index_select(0, idx) @ bank.T).masked_fill(~mask, float("-inf"))
+        top_sim, top_idx = sim.topk(k, dim=1)
+        valid = torch.isfinite(top_sim)
+        neighbours[idx] = torch.where(valid, top_idx, -1)
+        similarities[idx] = torch.where(valid, top_sim, 0.0)
+    return neighbours, similarities
+
+
+def _dense_neighbours(
+    neighbours: torch.Tensor, similarities: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) lists padded with -1 -> a (B, N) mask and the (B, N) similarities (0 elsewhere)."""
+    b = neighbours.shape[0]
+    valid = neighbours >= 0
+    # padding goes to an extra column N, cut off afterwards
+    cols = torch.where(valid, neighbours, num_slots)
+    mask = torch.zeros((b, num_slots + 1), dtype=torch.bool, device=neighbours.device)
+    mask.scatter_(1, cols, valid)
+    sim = torch.zeros((b, num_slots + 1), dtype=torch.float32, device=neighbours.device)
+    sim.scatter_(1, cols, torch.where(valid, similarities.float(), 0.0))
+    return mask[:, :num_slots], sim[:, :num_slots]
+
+
 class MemoryClassifierLoss(nn.Module):
     """``L_E`` and ``L_GSL`` of the global branch (see the module docstring for the formulas)."""
 
@@ -184,11 +238,15 @@ class MemoryClassifierLoss(nn.Module):
         memory: torch.Tensor,
         use_gsl: bool,
         slot_cameras: torch.Tensor | None = None,
+        prior: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``features`` (B, d), ``indices`` (B,) into ``memory`` (N, d); returns unweighted
         ``{"instance": L_E, "gsl": L_GSL}`` (float32 scalars; a disabled term is a 0 that is
         still connected to ``features``). ``slot_cameras`` (N,), the camera of each slot, is
-        required by ``negatives = "same_camera"`` and ``neighbours = "other_cameras"``."""
+        required by ``negatives = "same_camera"`` and ``neighbours = "other_cameras"``.
+        ``prior``: the batch's rows of :func:`credible_neighbour_lists` ``(neighbours,
+        similarities)``, each (B, k); when given, GSL's credible sets and weights come from
+        them instead of the memory."""
         _check_memory_and_features(features, memory)
         B = features.shape[0]
         N = memory.shape[0]
@@ -217,7 +275,18 @@ class MemoryClassifierLoss(nn.Module):
                 out["instance"] = -log_p_cam[rows, idx].mean()
             else:
                 out["instance"] = -log_p[rows, idx].mean()
-        if want_gsl:
+        if want_gsl and prior is not None:
+            prior_neighbours, prior_sims = prior
+            if prior_neighbours.shape[0] != B or prior_sims.shape != prior_neighbours.shape:
+                raise ValueError(
+                    f"prior lists of shapes {tuple(prior_neighbours.shape)} and "
+                    f"{tuple(prior_sims.shape)} for a batch of {B}"
+                )
+            mask, sim = _dense_neighbours(
+                prior_neighbours.to(features.device), prior_sims.to(features.device), N
+            )
+            out["gsl"] = self._gsl(scores, log_p, sim, mask, idx)
+        elif want_gsl:
             with torch.no_grad():
                 sim = mem.index_select(0, idx) @ mem.T  # S_ij, (B, N)
                 cross_camera = self.gsl_cfg.neighbours == "other_cameras"
@@ -233,12 +302,20 @@ class MemoryClassifierLoss(nn.Module):
                     self.gsl_cfg.mutual,
                     gsl_cams,
                 )
-            if self.gsl_cfg.weighting == "mmcl_squared":
-                out["gsl"] = self._mmcl_squared(scores, mask, idx)
-            else:
-                weights = self._weights(sim, mask)
-                out["gsl"] = -(weights * log_p).sum(dim=1).mean()
+            out["gsl"] = self._gsl(scores, log_p, sim, mask, idx)
         return out
+
+    def _gsl(
+        self,
+        scores: torch.Tensor,
+        log_p: torch.Tensor,
+        sim: torch.Tensor,
+        mask: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.gsl_cfg.weighting == "mmcl_squared":
+            return self._mmcl_squared(scores, mask, idx)
+        return -(self._weights(sim, mask) * log_p).sum(dim=1).mean()
 
     @staticmethod
     def _slot_cameras(

@@ -12,7 +12,8 @@ updated by the caller from view 0 *before* this loss), ``s`` the scale (``PEDALC
 
 The image's own slot ``j = i`` is excluded from both sums (as PAUL does with its ``position``).
 ``k`` is capped at ``N - 1`` (with ``N - 1 <= k`` the loss is 0). The memory is read without
-gradient. The loss is returned unweighted (the caller multiplies by ``PEDALConfig.weight``).
+gradient. ``neighbours`` (B, P, k), when given, are the sets ``K_i^p`` (from a neighbour prior,
+``loss.prior``) instead of the nearest memory slots. The loss is returned unweighted (the caller multiplies by ``PEDALConfig.weight``).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ class PEDALLoss(nn.Module):
         patch_features: torch.Tensor,
         indices: torch.Tensor,
         patch_memory: torch.Tensor,
+        neighbours: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``patch_features`` (B, P, D), ``indices`` (B,), ``patch_memory`` (N, P, D) ->
-        float32 scalar (a 0 connected to ``patch_features`` when disabled)."""
+        float32 scalar (a 0 connected to ``patch_features`` when disabled). ``neighbours``
+        (B, P, k): given sets K_i^p (indices in [0, N), none equal to i)."""
         if patch_features.dim() != 3:
             raise ValueError(
                 f"patch_features must have shape (B, P, D), got {tuple(patch_features.shape)}"
@@ -72,9 +75,21 @@ class PEDALLoss(nn.Module):
         ).clamp_min(0.0)
         is_self = (torch.arange(N, device=f.device)[None, :] == idx[:, None]).expand(P, B, N)
         logits = (-self.cfg.scale * dist).masked_fill(is_self, float("-inf"))  # -s d, j != i
-        k = min(self.cfg.neighbours, N - 1)
-        with torch.no_grad():
-            near = dist.masked_fill(is_self, float("inf")).topk(k, dim=2, largest=False).indices
+        if neighbours is not None:
+            if neighbours.dim() != 3 or tuple(neighbours.shape[:2]) != (B, P):
+                raise ValueError(
+                    f"neighbours must have shape (B, P, k)=({B}, {P}, k), got "
+                    f"{tuple(neighbours.shape)}"
+                )
+            near = validate_indices(neighbours.flatten(), N, name="neighbours")
+            near = near.to(f.device).view(B, P, -1).transpose(0, 1)  # (P, B, k)
+            if bool((near == idx[None, :, None]).any()):
+                raise ValueError("neighbours must not hold the image's own index")
+        else:
+            k = min(self.cfg.neighbours, N - 1)
+            with torch.no_grad():
+                far = dist.masked_fill(is_self, float("inf"))
+                near = far.topk(k, dim=2, largest=False).indices
         log_num = torch.logsumexp(logits.gather(2, near), dim=2)  # log sum_{j in K} exp(-s d)
         log_den = torch.logsumexp(logits, dim=2)  # log sum_{j != i} exp(-s d)
         return (log_den - log_num).mean()

@@ -277,6 +277,47 @@ def test_resume_with_loader_workers_ends_bit_identical(
     assert_same(b.objective.state_dict(), a.objective.state_dict(), "objective")
 
 
+def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``loss.prior.kind=colour`` for epoch 0 (the memory warm-ups are 2 epochs): GSL and PEDAL
+    are on in epoch 0 only, from the colour prior, which a resume recomputes while prior epochs are
+    left (stop in epoch 0) and skips after them (stop in epoch 1); both end like the
+    uninterrupted run, to the bit."""
+    prior = (
+        "loss.prior.kind=colour",
+        "loss.prior.threshold=-1.0",
+        "loss.gsl.prior_epochs=1",
+        "loss.gsl.warmup_epochs=2",
+        "loss.pedal.prior_epochs=1",
+        "loss.pedal.warmup_epochs=2",
+    )
+    runs: dict[str, Trainer] = {}
+    for name, stop_at in (("a", None), ("in_prior", 2), ("after_prior", STEPS + 1)):
+        cfg = tiny_config(tmp_path / name, synthetic_root, *prior, epochs=2, steps=STEPS)
+        trainer = build(cfg)
+        if stop_at is not None:
+            trainer.register_hooks([StopAfterStep(stop_at)])
+            assert trainer.train() == ExitCode.INTERRUPTED
+            trainer = build(cfg)
+            assert trainer.resumed
+        assert trainer.train() == ExitCode.OK
+        runs[name] = trainer
+    a = runs["a"]
+    for term in ("gsl", "pedal"):
+        losses = [epoch[f"loss/{term}"] for epoch in a.state.history]
+        assert losses[0] > 0.0 and losses[1] == 0.0, (term, losses)
+    assert (a.objective.prior_neighbours >= 0).any()
+    assert (a.objective.prior_patch_neighbours >= 0).all()
+    # the run resumed after the prior epochs never computed the prior
+    assert runs["after_prior"].objective.prior_neighbours.numel() == 0
+    assert runs["after_prior"].objective.prior_patch_neighbours.numel() == 0
+    for name in ("in_prior", "after_prior"):
+        b = runs[name]
+        assert_same(b.model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), name)
+        assert_same(b.objective.state_dict(), a.objective.state_dict(), name)
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGTERM in a real process
 # ----------------------------------------------------------------------------------------------
