@@ -2,6 +2,7 @@
 
 reid train --config configs/smoke.yaml [--set KEY=VALUE ...]
 reid eval  --checkpoint outputs/run/model_final.pt --data market_folder:/data/market [--rerank]
+           [--camera-centred]
 reid embed --checkpoint outputs/run/model_final.pt IMAGE [IMAGE ...] [--output feats.npy]
 reid export --checkpoint outputs/run/model_final.pt --output model.onnx
 reid search --checkpoint outputs/run/model_final.pt --gallery FOLDER|DATASET:ROOT [--index-dir D] QUERY...
@@ -94,6 +95,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         np.array([r.camid for r in splits.query]),
         np.array([r.camid for r in splits.gallery]),
         metric=args.distance or cfg.eval.distance,
+        camera_centred=args.camera_centred or cfg.eval.camera_centred,
         rerank=args.rerank,
         max_rerank_memory_bytes=int(cfg.eval.rerank_max_memory_gb * 2**30),
     )
@@ -234,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATASET:ROOT")
     p.add_argument("--distance", choices=["cosine", "euclidean"], default=None)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    p.add_argument(
+        "--camera-centred",
+        action="store_true",
+        help="remove each camera's mean feature (query + gallery) before the distances",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("embed", help="L2-normalised features of images (rows of norm 1)")

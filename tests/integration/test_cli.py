@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from reid_core.cli import main
-from reid_core.data import build_test_transform
+from reid_core.data import build_dataset, build_eval_loader, build_test_transform
 from reid_core.data.datasets import Synthetic
 from reid_core.engine.exit_codes import ExitCode
+from reid_core.evaluation import centre_per_camera, evaluate_features, extract_features
 from reid_core.model_io import load_model
 from tests.integration.conftest import IDENTITIES, IMAGES_PER_IDENTITY, TrainedRun
 
@@ -72,6 +73,36 @@ def test_eval_matches_the_evaluation_during_training(
     assert during["epoch"] == trained_run.cfg.schedule.epochs
     for key in ("mAP", "mINP", "r1", "r5", "r10"):
         assert metrics[key] == pytest.approx(during[key], abs=1e-3), key
+
+
+def test_eval_camera_centred_equals_evaluating_centred_features(
+    model_final: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--checkpoint", str(model_final), "--device", "cpu"]
+    argv += ["--data", f"market_folder:{tiny_folder}", "--camera-centred"]
+    assert main(argv) == ExitCode.OK
+    metrics = _json_line(capsys.readouterr().out)
+    model, cfg = load_model(model_final)
+    splits = build_dataset("market_folder", tiny_folder)
+    qf, gf = (
+        extract_features(model, build_eval_loader(records, cfg.data, 16), "cpu", feature="concat")
+        for records in (splits.query, splits.gallery)
+    )
+    cams = np.array([r.camid for r in splits.query + splits.gallery])
+    both = centre_per_camera(torch.cat([qf, gf]), cams)
+    want = evaluate_features(
+        both[: len(qf)],
+        both[len(qf) :],
+        np.array([r.pid for r in splits.query]),
+        np.array([r.pid for r in splits.gallery]),
+        cams[: len(qf)],
+        cams[len(qf) :],
+    ).as_dict(percent=True)
+    for key in ("mAP", "mINP", "r1", "r5", "r10"):
+        assert metrics[key] == pytest.approx(want[key], abs=1e-3), key
+    # the flag changes the figures on this data (so the comparison above can tell)
+    assert main(argv[:-1]) == ExitCode.OK
+    assert _json_line(capsys.readouterr().out)["mAP"] != pytest.approx(want["mAP"], abs=1e-3)
 
 
 def test_embed_writes_one_row_per_image(
