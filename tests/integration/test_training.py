@@ -255,24 +255,31 @@ def test_resume_from_epoch_end_ends_bit_identical(
     _assert_same_run(uninterrupted, resumed)
 
 
+def _train_stopping_at(cfg: ExperimentConfig, stop_at: int | None) -> Trainer:
+    """A run to the end; with ``stop_at``, stopped after that global step and resumed."""
+    trainer = build(cfg)
+    if stop_at is not None:
+        trainer.register_hooks([StopAfterStep(stop_at)])
+        assert trainer.train() == ExitCode.INTERRUPTED
+        trainer = build(cfg)
+        assert trainer.resumed
+    assert trainer.train() == ExitCode.OK
+    return trainer
+
+
 def test_resume_with_loader_workers_ends_bit_identical(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
     """The same mid-epoch resume with one DataLoader worker process (the default is 4)."""
-    runs = []
-    for name, stop_at in (("a", None), ("b", STEPS + 1)):
-        cfg = tiny_config(
-            tmp_path / name, synthetic_root, "data.num_workers=1", epochs=2, steps=STEPS
+    a, b = (
+        _train_stopping_at(
+            tiny_config(
+                tmp_path / name, synthetic_root, "data.num_workers=1", epochs=2, steps=STEPS
+            ),
+            stop_at,
         )
-        trainer = build(cfg)
-        if stop_at is not None:
-            trainer.register_hooks([StopAfterStep(stop_at)])
-            assert trainer.train() == ExitCode.INTERRUPTED
-            trainer = build(cfg)
-            assert trainer.resumed
-        assert trainer.train() == ExitCode.OK
-        runs.append(trainer)
-    a, b = runs
+        for name, stop_at in (("a", None), ("b", STEPS + 1))
+    )
     assert_same(b.model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), "model")
     assert_same(b.objective.state_dict(), a.objective.state_dict(), "objective")
 
@@ -292,17 +299,12 @@ def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(
         "loss.pedal.prior_epochs=1",
         "loss.pedal.warmup_epochs=2",
     )
-    runs: dict[str, Trainer] = {}
-    for name, stop_at in (("a", None), ("in_prior", 2), ("after_prior", STEPS + 1)):
-        cfg = tiny_config(tmp_path / name, synthetic_root, *prior, epochs=2, steps=STEPS)
-        trainer = build(cfg)
-        if stop_at is not None:
-            trainer.register_hooks([StopAfterStep(stop_at)])
-            assert trainer.train() == ExitCode.INTERRUPTED
-            trainer = build(cfg)
-            assert trainer.resumed
-        assert trainer.train() == ExitCode.OK
-        runs[name] = trainer
+    runs = {
+        name: _train_stopping_at(
+            tiny_config(tmp_path / name, synthetic_root, *prior, epochs=2, steps=STEPS), stop_at
+        )
+        for name, stop_at in (("a", None), ("in_prior", 2), ("after_prior", STEPS + 1))
+    }
     a = runs["a"]
     for term in ("gsl", "pedal"):
         losses = [epoch[f"loss/{term}"] for epoch in a.state.history]
