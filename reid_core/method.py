@@ -160,7 +160,8 @@ class DualBranchObjective(nn.Module):
         * GSL: the stripes concatenated, each camera's mean removed
           (:func:`reid_core.evaluation.centre_per_camera`), then the mutual top-k rule of
           :func:`reid_core.losses.credible_neighbour_lists` with ``loss.prior.topk`` and
-          ``loss.prior.threshold``.
+          ``loss.prior.threshold`` (among other cameras only with
+          ``loss.gsl.neighbours=other_cameras``).
         * PEDAL: for each stripe p, centred the same way, the ``loss.pedal.neighbours`` most
           similar other images (K_i^p).
         """
@@ -175,8 +176,13 @@ class DualBranchObjective(nn.Module):
         descriptors = descriptors.to(cams.device).float()
         if loss.gsl.enabled and loss.gsl.prior_epochs > 0:
             centred = centre_per_camera(descriptors.flatten(1), cams)
+            other_cameras = loss.gsl.neighbours == "other_cameras"
             neighbours, similarities = credible_neighbour_lists(
-                centred, loss.prior.threshold, loss.prior.topk, mutual=True
+                centred,
+                loss.prior.threshold,
+                loss.prior.topk,
+                mutual=True,
+                slot_cameras=cams if other_cameras else None,
             )
             self.prior_neighbours, self.prior_similarities = neighbours, similarities
             sizes = (neighbours >= 0).sum(dim=1)

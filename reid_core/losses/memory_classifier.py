@@ -168,12 +168,14 @@ def credible_neighbour_lists(
     topk: int,
     mutual: bool = True,
     chunk_rows: int = 1024,
+    slot_cameras: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's credible set ``C_i`` over ``bank`` (N, d), as lists.
 
     Returns ``(neighbours, similarities)``, both (N, k) with ``k = min(topk, N - 1)``: row ``i``
-    holds the members of ``C_i`` (:func:`credible_neighbours`), most similar first, padded with
-    -1 (and similarity 0). Computed ``chunk_rows`` rows at a time, never as an N x N matrix.
+    holds the members of ``C_i`` (:func:`credible_neighbours`, with ``slot_cameras``: among other
+    cameras only), most similar first, padded with -1 (and similarity 0). Computed
+    ``chunk_rows`` rows at a time, never as an N x N matrix.
     """
     if bank.dim() != 2:
         raise ValueError(f"bank must have shape (N, d), got {tuple(bank.shape)}")
@@ -186,7 +188,7 @@ def credible_neighbour_lists(
     bank = bank.detach().float()
     for start in range(0, n, chunk_rows):
         idx = torch.arange(start, min(n, start + chunk_rows), device=bank.device)
-        mask = credible_neighbours(bank, idx, threshold, topk, mutual)
+        mask = credible_neighbours(bank, idx, threshold, topk, mutual, slot_cameras)
         sim = (bank.index_select(0, idx) @ bank.T).masked_fill(~mask, float("-inf"))
         top_sim, top_idx = sim.topk(k, dim=1)
         valid = torch.isfinite(top_sim)

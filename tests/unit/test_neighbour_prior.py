@@ -134,6 +134,19 @@ def test_credible_neighbour_lists_match_the_mask(chunk_rows: int) -> None:
     assert (neighbours >= 0).any() and (neighbours == -1).any()
 
 
+def test_credible_neighbour_lists_among_other_cameras() -> None:
+    g = torch.Generator().manual_seed(2)
+    bank = F.normalize(torch.randn(20, 3, generator=g), dim=1)
+    cams = torch.arange(20) % 3
+    neighbours, _ = credible_neighbour_lists(bank, -1.0, 3, mutual=True, slot_cameras=cams)
+    mask = credible_neighbours(bank, torch.arange(20), -1.0, 3, True, cams)
+    for i in range(20):
+        row = neighbours[i][neighbours[i] >= 0]
+        assert set(row.tolist()) == set(mask[i].nonzero().flatten().tolist())
+        assert bool((cams[row] != cams[i]).all())
+    assert (neighbours >= 0).any()
+
+
 def test_credible_neighbour_lists_of_tiny_banks() -> None:
     neighbours, sims = credible_neighbour_lists(torch.tensor([[1.0, 0.0]]), 0.0, 5)
     assert neighbours.shape == sims.shape == (1, 0)
