@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def features(records: list[ImageRecord]) -> torch.Tensor:
             loader = build_eval_loader(records, cfg.data, 128)
-            return extract_features(model, loader, "cpu", feature=args.feature)
+            cameras = [r.camid for r in records]  # read by a model with camera normalisation
+            return extract_features(model, loader, "cpu", feature=args.feature, cameras=cameras)
 
     train = splits.train
     stats = neighbour_stats(

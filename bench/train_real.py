@@ -38,6 +38,8 @@ VARIANTS: dict[str, list[str]] = {
     "global": ["loss.pedal.enabled=false", "loss.ipfl.enabled=false", "eval.feature=global"],
     "patch": ["loss.instance.enabled=false", "loss.gsl.enabled=false"],
     "instance": [
+        # no term left to read a neighbour prior (the config refuses an unread one)
+        "loss.prior.kind=none",
         "loss.gsl.enabled=false",
         "loss.pedal.enabled=false",
         "loss.ipfl.enabled=false",
@@ -117,13 +119,20 @@ def camera_centred_metrics(out: Path, logged_initial: dict[str, float]) -> dict[
     from reid_core.config import load_config
     from reid_core.data import build_splits
     from reid_core.model_io import load_model
-    from reid_core.train import build_evaluator, build_model, seed_everything
+    from reid_core.train import (
+        build_camera_calibration,
+        build_evaluator,
+        build_model,
+        seed_everything,
+    )
 
     cfg = load_config(out / "config.yaml")
     torch.set_num_threads(cfg.runtime.num_threads or torch.get_num_threads())
     splits = build_splits(cfg.data)
     seed_everything(cfg.runtime.seed, False)
-    initial = build_model(cfg).eval()
+    initial = build_model(cfg, splits.train).eval()
+    if cfg.model.camera_norm:  # as the run's first evaluation saw it
+        build_camera_calibration(cfg, splits.train, torch.device("cpu"))(initial)
     final, _ = load_model(out / "model_final.pt")
     result: dict[str, Any] = {}
     for centred in (False, True):
@@ -131,6 +140,13 @@ def camera_centred_metrics(out: Path, logged_initial: dict[str, float]) -> dict[
         evaluate = build_evaluator(cfg, splits, torch.device("cpu"))
         key = "centred" if centred else "plain"
         result[key] = {"initial": evaluate(initial), "final": evaluate(final)}
+    if cfg.model.camera_norm:  # what the camera statistics add: the same weights without them
+        cfg.eval.camera_centred = False
+        evaluate = build_evaluator(cfg, splits, torch.device("cpu"))
+        result["ordinary"] = {
+            "initial": evaluate(_WithoutCameras(initial)),
+            "final": evaluate(_WithoutCameras(final)),
+        }
     rebuilt = result["plain"]["initial"]["mAP"]
     result["initial_rebuilt_exactly"] = abs(rebuilt - logged_initial["mAP"]) < 5e-3
     if not result["initial_rebuilt_exactly"]:
@@ -140,6 +156,26 @@ def camera_centred_metrics(out: Path, logged_initial: dict[str, float]) -> dict[
             flush=True,
         )
     return result
+
+
+class _WithoutCameras:
+    """A model with ``model.camera_norm`` evaluated with its ordinary BatchNorm statistics only
+    (the cameras it is given are dropped)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.training = model.training
+
+    def extract(self, images: Any, feature: str = "concat", cameras: Any = None) -> Any:
+        return self.model.extract(images, feature)
+
+    def eval(self) -> _WithoutCameras:
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> _WithoutCameras:
+        self.model.train(mode)
+        return self
 
 
 def diagnose_run(out: Path) -> dict[str, dict[str, float]]:
@@ -169,6 +205,22 @@ def _initial_metrics(log_file: Path) -> dict[str, float]:
             pairs = line.split("initial model:", 1)[1].split()
             return {k: float(v) for k, v in (p.split("=") for p in pairs)}
     raise SystemExit(f"no initial evaluation in {log_file}")
+
+
+def _initial_final_table(results: list[dict[str, Any]], key: str) -> list[str]:
+    """Markdown rows of the initial and final metrics under ``result["camera_centred"][key]``."""
+    lines = [
+        "",
+        "| variant | initial mAP | initial R1 | mAP | R1 | R5 | R10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        i, f = r["camera_centred"][key]["initial"], r["camera_centred"][key]["final"]
+        lines.append(
+            f"| {r['variant']} | {i['mAP']:.2f} | {i['r1']:.2f} | {f['mAP']:.2f} "
+            f"| {f['r1']:.2f} | {f['r5']:.2f} | {f['r10']:.2f} |"
+        )
+    return lines
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -204,19 +256,16 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 for r in centred
             )
             + "):",
-            "",
-            "| variant | initial mAP | initial R1 | mAP | R1 | R5 | R10 |",
-            "|---|---|---|---|---|---|---|",
+            *_initial_final_table(centred, "centred"),
         ]
-        for r in centred:
-            i, f = (
-                r["camera_centred"]["centred"]["initial"],
-                r["camera_centred"]["centred"]["final"],
-            )
-            lines.append(
-                f"| {r['variant']} | {i['mAP']:.2f} | {i['r1']:.2f} | {f['mAP']:.2f} "
-                f"| {f['r1']:.2f} | {f['r5']:.2f} | {f['r10']:.2f} |"
-            )
+    ordinary = [r for r in centred if r["camera_centred"].get("ordinary")]
+    if ordinary:
+        lines += [
+            "",
+            "The same models evaluated without their per-camera BatchNorm statistics "
+            "(`model.camera_norm`: the ordinary running statistics for every image), plain:",
+            *_initial_final_table(ordinary, "ordinary"),
+        ]
     lines += ["", "mAP during training (epoch: mAP):", ""]
     for r in results:
         curve = ", ".join(f"{e}: {m:.2f}" for e, m in r["curve"])

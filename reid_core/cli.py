@@ -2,7 +2,7 @@
 
 reid train --config configs/smoke.yaml [--set KEY=VALUE ...]
 reid eval  --checkpoint outputs/run/model_final.pt --data market_folder:/data/market [--rerank]
-           [--camera-centred]
+           [--camera-centred | --no-camera-centred]
 reid embed --checkpoint outputs/run/model_final.pt IMAGE [IMAGE ...] [--output feats.npy]
 reid export --checkpoint outputs/run/model_final.pt --output model.onnx
 reid search --checkpoint outputs/run/model_final.pt --gallery FOLDER|DATASET:ROOT [--index-dir D] QUERY...
@@ -84,7 +84,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             EvalSet(records, transform, on_corrupt="raise"), batch_size=args.batch_size
         )
         batches = tqdm(loader, desc=f"features ({len(records)} images)", leave=False)
-        return extract_features(model, batches, device, feature=feature, flip=args.flip)
+        cameras = [r.camid for r in records]
+        return extract_features(
+            model, batches, device, feature=feature, flip=args.flip, cameras=cameras
+        )
 
     qf, gf = features(splits.query), features(splits.gallery)
     result = evaluate_features(
@@ -95,7 +98,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         np.array([r.camid for r in splits.query]),
         np.array([r.camid for r in splits.gallery]),
         metric=args.distance or cfg.eval.distance,
-        camera_centred=args.camera_centred or cfg.eval.camera_centred,
+        camera_centred=(
+            cfg.eval.camera_centred if args.camera_centred is None else args.camera_centred
+        ),
         rerank=args.rerank,
         max_rerank_memory_bytes=int(cfg.eval.rerank_max_memory_gb * 2**30),
     )
@@ -108,7 +113,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     embedder = _embedder(args, _device(args.device))
     _check_images(args.images)
     paths = tqdm(args.images, desc="features", unit="image", leave=False)
-    array = embedder.embed_files(paths, batch_size=args.batch_size)
+    array = embedder.embed_files(
+        paths, batch_size=args.batch_size, cameras=_cameras(args, len(args.images))
+    )
     if args.output:
         np.save(args.output, array)
         print(f"wrote {array.shape[0]} x {array.shape[1]} features to {args.output}")
@@ -116,6 +123,22 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for path, row in zip(args.images, array, strict=True):
             print(json.dumps({"image": path, "feature": [round(float(x), 6) for x in row]}))
     return int(ExitCode.OK)
+
+
+def _cameras(args: argparse.Namespace, count: int) -> list[int] | None:
+    """``--camera``, once per image, or ``None`` when not given."""
+    return None if args.camera is None else [args.camera] * count
+
+
+def _camera_option(p: argparse.ArgumentParser, images: str) -> None:
+    p.add_argument(
+        "--camera",
+        type=int,
+        metavar="ID",
+        help=f"the camera id of the {images} (as the training data numbers its cameras): a model "
+        "trained with model.camera_norm normalises them with that camera's statistics, the "
+        "pooled ones without it",
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -203,7 +226,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
             index.save(args.index_dir)
             print(f"saved the index of {len(index)} images to {args.index_dir}", file=sys.stderr)
 
-    features = embedder.embed_files(args.queries, batch_size=args.batch_size)
+    features = embedder.embed_files(
+        args.queries, batch_size=args.batch_size, cameras=_cameras(args, len(args.queries))
+    )
     for query, hits in zip(args.queries, index.search(features, k=args.k), strict=True):
         rows = [{**hit.as_dict(), "score": round(hit.score, 6)} for hit in hits]
         print(json.dumps({"query": query, "hits": rows}))
@@ -238,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument(
         "--camera-centred",
-        action="store_true",
-        help="remove each camera's mean feature (query + gallery) before the distances",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove each camera's mean feature (query + gallery) before the distances "
+        "(default: the model's eval.camera_centred)",
     )
     p.set_defaults(func=_cmd_eval)
 
@@ -247,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("images", nargs="+")
     p.add_argument("--output", type=Path, help=".npy file (default: JSON lines on stdout)")
+    _camera_option(p, "images")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser(
@@ -275,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-k", type=int, default=10, help="hits per query")
     p.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
+    _camera_option(p, "query images")
     p.set_defaults(func=_cmd_search)
     return parser
 

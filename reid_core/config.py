@@ -148,6 +148,19 @@ class ModelConfig(_Strict):
     ipfl_dim: int = Field(
         128, ge=4, le=1024, description="Per-patch projection size of the IPFL embedding."
     )
+    camera_norm: bool = Field(
+        False,
+        description="BatchNorm statistics per training camera (reid_core.models.camera_norm), "
+        "estimated from each camera's training images before every evaluation and before the "
+        "final model is written: at test time an image is normalised with its camera's "
+        "statistics. Training itself is unchanged. Needs every training image's camera.",
+    )
+    camera_norm_images: int = Field(
+        1000,
+        ge=1,
+        description="Training images per camera the camera statistics are estimated from (a "
+        "fixed random choice when a camera has more).",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +197,8 @@ class NeighbourPriorConfig(_Strict):
     """Neighbours for the first epochs of a run from scratch, from a hand-crafted descriptor
     instead of the memories (whose neighbours are random until the network has learnt
     something). GSL's credible sets (``loss.gsl.prior_epochs``) and PEDAL's nearest patches
-    (``loss.pedal.prior_epochs``) can each take them."""
+    (``loss.pedal.prior_epochs``) can each take them; a prior that no enabled term reads, and
+    prior epochs without a prior, are refused."""
 
     kind: Literal["none", "colour"] = Field(
         "none",
@@ -219,8 +233,9 @@ class GSLConfig(_Strict):
     prior_epochs: int = Field(
         0,
         ge=0,
-        description="With loss.prior.kind set, C_i comes from the prior in epochs "
-        "[0, prior_epochs), whatever warmup_epochs says; then from the memory, after the warm-up.",
+        description="C_i comes from the prior (loss.prior.kind, which must then be set) in "
+        "epochs [0, prior_epochs), whatever warmup_epochs says; then from the memory, once "
+        "warmup_epochs have passed (GSL is 0 in between when warmup_epochs is later).",
     )
 
 
@@ -241,8 +256,10 @@ class PEDALConfig(_Strict):
     prior_epochs: int = Field(
         0,
         ge=0,
-        description="With loss.prior.kind set, K_i^p is the k nearest stripes of the prior in "
-        "epochs [0, prior_epochs), whatever warmup_epochs says; then from the patch memory.",
+        description="K_i^p is the k nearest stripes of the prior (loss.prior.kind, which must "
+        "then be set) in epochs [0, prior_epochs), whatever warmup_epochs says; then from the "
+        "patch memory, once warmup_epochs have passed (PEDAL is 0 in between when "
+        "warmup_epochs is later).",
     )
 
 
@@ -282,6 +299,8 @@ class LossConfig(_Strict):
         return self.pedal.enabled and self.prior.kind != "none" and epoch < self.pedal.prior_epochs
 
     def pedal_active(self, epoch: int) -> bool:
+        """Whether L_PEDAL is on in ``epoch``: from the prior, or from the patch memory after
+        warm-up."""
         return self.pedal_uses_prior(epoch) or (
             self.pedal.enabled and epoch >= self.pedal.warmup_epochs
         )
@@ -289,6 +308,33 @@ class LossConfig(_Strict):
     def uses_prior(self, epoch: int) -> bool:
         """Whether any term reads the prior in ``epoch`` or later."""
         return self.gsl_uses_prior(epoch) or self.pedal_uses_prior(epoch)
+
+    @model_validator(mode="after")
+    def _prior_settings_used(self) -> LossConfig:
+        """Refuses prior settings that would be ignored: prior epochs of an enabled term without a
+        prior, or a prior that no enabled term reads."""
+        terms: dict[str, GSLConfig | PEDALConfig] = {"gsl": self.gsl, "pedal": self.pedal}
+        kind = self.prior.kind
+        if kind == "none":
+            for name, term in terms.items():
+                if term.enabled and term.prior_epochs > 0:
+                    raise ValueError(
+                        f"loss.{name}.prior_epochs={term.prior_epochs} but "
+                        "loss.prior.kind='none': set loss.prior.kind=colour, or "
+                        f"loss.{name}.prior_epochs=0"
+                    )
+        elif not any(term.enabled and term.prior_epochs > 0 for term in terms.values()):
+            settings = ", ".join(
+                f"loss.{name}.prior_epochs={term.prior_epochs}"
+                + ("" if term.enabled else f" with loss.{name}.enabled=false")
+                for name, term in terms.items()
+            )
+            raise ValueError(
+                f"loss.prior.kind={kind!r} but no loss term reads the prior ({settings}): set "
+                "loss.gsl.prior_epochs or loss.pedal.prior_epochs of an enabled term, or "
+                "loss.prior.kind=none"
+            )
+        return self
 
     @property
     def global_branch(self) -> bool:

@@ -100,11 +100,16 @@ class Embedder(nn.Module):
     def device(self) -> torch.device:
         return self.mean.device
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, cameras: torch.Tensor | Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """``cameras``: each image's camera id, read by a model trained with camera
+        normalisation (``model.camera_norm``); ``None`` or -1 for unknown cameras."""
         x = (images - self.mean) / self.std
-        feats = self.model.extract(x, self.feature).float()
+        feats = self.model.extract(x, self.feature, cameras=cameras).float()
         if self.flip:
-            feats = feats + self.model.extract(x.flip(dims=[-1]), self.feature).float()
+            mirrored = self.model.extract(x.flip(dims=[-1]), self.feature, cameras=cameras)
+            feats = feats + mirrored.float()
         return F.normalize(feats, p=2.0, dim=1)
 
     def train(self, mode: bool = True) -> Embedder:
@@ -119,17 +124,31 @@ class Embedder(nn.Module):
         return TF.pil_to_tensor(image).float().div_(255.0)
 
     @torch.inference_mode()
-    def embed_images(self, images: Iterable[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """Features of PIL images, ``(N, D)`` float32."""
+    def embed_images(
+        self,
+        images: Iterable[Image.Image],
+        batch_size: int = 64,
+        cameras: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Features of PIL images, ``(N, D)`` float32; ``cameras``: see :meth:`forward`, one
+        per image."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out: list[np.ndarray] = []
         batch: list[torch.Tensor] = []
+        done = 0
 
         def flush() -> None:
+            nonlocal done
             if batch:
+                cams = None if cameras is None else list(cameras[done : done + len(batch)])
+                if cameras is not None and cams is not None and len(cams) != len(batch):
+                    raise ValueError(
+                        f"{len(cameras)} cameras given for at least {done + len(batch)} images"
+                    )
                 x = torch.stack(batch).to(self.device)
-                out.append(self(x).cpu().numpy().astype(np.float32))
+                out.append(self(x, cams).cpu().numpy().astype(np.float32))
+                done += len(batch)
                 batch.clear()
 
         for image in images:
@@ -137,12 +156,20 @@ class Embedder(nn.Module):
             if len(batch) == batch_size:
                 flush()
         flush()
+        if cameras is not None and len(cameras) != done:
+            raise ValueError(f"{len(cameras)} cameras given for {done} images")
         if not out:
             return np.zeros((0, self.feature_dim), dtype=np.float32)
         return np.concatenate(out)
 
-    def embed_files(self, paths: Iterable[str | Path], batch_size: int = 64) -> np.ndarray:
-        """Features of image files, ``(N, D)`` float32, in the order given.
+    def embed_files(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 64,
+        cameras: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Features of image files, ``(N, D)`` float32, in the order given; ``cameras``: see
+        :meth:`forward`, one per file.
 
         Raises :class:`ValueError` naming the first file that cannot be read as an image.
         """
@@ -155,4 +182,4 @@ class Embedder(nn.Module):
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read image {path}: {exc}") from exc
 
-        return self.embed_images((load(p) for p in paths), batch_size=batch_size)
+        return self.embed_images((load(p) for p in paths), batch_size=batch_size, cameras=cameras)

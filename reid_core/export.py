@@ -64,7 +64,9 @@ def export_onnx(embedder: Embedder, path: str | Path, opset: int = DEFAULT_OPSET
     The graph has one input ``images`` (N, 3, H, W) with a dynamic batch axis and one output
     ``features`` (N, D), as described in the module docstring. The embedder's input size,
     feature kind, flip setting and feature dimension are written into the model's metadata
-    (``reid_core.*`` keys), so a consumer can read them with ``onnx`` or ONNX Runtime.
+    (``reid_core.*`` keys), so a consumer can read them with ``onnx`` or ONNX Runtime. A model
+    trained with ``model.camera_norm`` is exported with the pooled statistics of its training
+    cameras (what it uses for an image whose camera is not given).
 
     Raises:
         ImportError: ``onnx`` or ``onnxscript`` is missing (the ``onnx`` extra).

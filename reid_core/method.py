@@ -20,6 +20,7 @@ still connected to the graph, and its memory is updated all the same).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,13 @@ from tqdm import tqdm
 from reid_core.config import ExperimentConfig
 from reid_core.engine.distributed import all_gather_cat, get_world_size, is_main_process
 from reid_core.evaluation import centre_per_camera
-from reid_core.losses import IPFLLoss, MemoryClassifierLoss, PEDALLoss, credible_neighbour_lists
+from reid_core.losses import (
+    IPFLLoss,
+    MemoryClassifierLoss,
+    PEDALLoss,
+    credible_neighbour_lists,
+    nearest_other_rows,
+)
 from reid_core.memory import FeatureMemory, momentum_at
 from reid_core.models.reid_model import ReIDModel, ReIDOutput
 
@@ -63,7 +70,7 @@ class DualBranchObjective(nn.Module):
     slot_cameras: torch.Tensor  # (N,) camera of each training image, -1 unknown
     prior_neighbours: torch.Tensor  # (N, k) GSL's credible sets from the prior, -1 padded
     prior_similarities: torch.Tensor  # (N, k) their prior similarities
-    prior_patch_neighbours: torch.Tensor  # (N, P, k) PEDAL's K_i^p from the prior
+    prior_patch_neighbours: torch.Tensor  # (N, P, k) PEDAL's K_i^p from the prior, no padding
 
     def __init__(
         self,
@@ -163,7 +170,8 @@ class DualBranchObjective(nn.Module):
           ``loss.prior.threshold`` (among other cameras only with
           ``loss.gsl.neighbours=other_cameras``).
         * PEDAL: for each stripe p, centred the same way, the ``loss.pedal.neighbours`` most
-          similar other images (K_i^p).
+          similar other images (K_i^p, :func:`reid_core.losses.nearest_other_rows`): always
+          that many (at most N - 1), whatever their similarity, so no padding.
         """
         num_slots = len(self.slot_cameras)
         if descriptors.dim() != 3 or descriptors.shape[0] != num_slots:
@@ -202,12 +210,9 @@ class DualBranchObjective(nn.Module):
                     f"stripes for {self.cfg.model.num_patches} patches"
                 )
             per_stripe = [
-                credible_neighbour_lists(
-                    centre_per_camera(descriptors[:, p], cams),
-                    -1.0,
-                    loss.pedal.neighbours,
-                    mutual=False,
-                )[0]
+                nearest_other_rows(
+                    centre_per_camera(descriptors[:, p], cams), loss.pedal.neighbours
+                )
                 for p in range(descriptors.shape[1])
             ]
             self.prior_patch_neighbours = torch.stack(per_stripe, dim=1)  # (N, P, k)
@@ -215,22 +220,17 @@ class DualBranchObjective(nn.Module):
                 "PEDAL prior (%s): %d neighbours per patch", loss.prior.kind, per_stripe[0].shape[1]
             )
 
-    def _prior_rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prior_neighbours.shape[0] != len(self.slot_cameras):
+    def _prior_rows(self, table: torch.Tensor, indices: torch.Tensor, key: str) -> torch.Tensor:
+        """Rows ``indices`` of a prior ``table`` (one row per slot) that the setting ``key``
+        (e.g. ``loss.gsl.prior_epochs``) asks for; refused while the prior is not set."""
+        if table.shape[0] != len(self.slot_cameras):
+            value = functools.reduce(getattr, key.split("."), self.cfg)
             raise RuntimeError(
-                f"loss.prior.kind={self.cfg.loss.prior.kind!r} but GSL's prior was not set "
-                "(set_neighbour_prior)"
+                f"{key}={value} with loss.prior.kind={self.cfg.loss.prior.kind!r}, but the "
+                "prior's neighbours are not set: call set_neighbour_prior(descriptors) before "
+                "the loss (NeighbourPriorHook does it in training)"
             )
-        idx = indices.to(self.prior_neighbours.device)
-        return self.prior_neighbours[idx], self.prior_similarities[idx]
-
-    def _prior_patch_rows(self, indices: torch.Tensor) -> torch.Tensor:
-        if self.prior_patch_neighbours.shape[0] != len(self.slot_cameras):
-            raise RuntimeError(
-                f"loss.prior.kind={self.cfg.loss.prior.kind!r} but PEDAL's prior was not set "
-                "(set_neighbour_prior)"
-            )
-        return self.prior_patch_neighbours[indices.to(self.prior_patch_neighbours.device)]
+        return table[indices.to(table.device)]
 
     # -- loss ------------------------------------------------------------------------------
 
@@ -245,13 +245,20 @@ class DualBranchObjective(nn.Module):
         all_indices = all_gather_cat(indices) if self.patch_branch_losses else None
         if self.classifier is not None and self.global_memory is not None:
             feats = torch.cat([out0.global_features, out1.global_features]).float()
+            prior = None
+            if loss_cfg.gsl_uses_prior(epoch):
+                key = "loss.gsl.prior_epochs"
+                prior = (
+                    self._prior_rows(self.prior_neighbours, both, key),
+                    self._prior_rows(self.prior_similarities, both, key),
+                )
             g = self.classifier(
                 feats,
                 both,
                 self.global_memory.bank,
                 use_gsl=loss_cfg.gsl_active(epoch),
                 slot_cameras=self.slot_cameras,
-                prior=self._prior_rows(both) if loss_cfg.gsl_uses_prior(epoch) else None,
+                prior=prior,
             )
             if loss_cfg.instance.enabled:
                 terms["instance"] = loss_cfg.instance.weight * g["instance"]
@@ -266,7 +273,13 @@ class DualBranchObjective(nn.Module):
                 keep=1.0 - loss_cfg.pedal.memory_momentum,
             )
             if loss_cfg.pedal_active(epoch):
-                near = self._prior_patch_rows(indices) if loss_cfg.pedal_uses_prior(epoch) else None
+                near = (
+                    self._prior_rows(
+                        self.prior_patch_neighbours, indices, "loss.pedal.prior_epochs"
+                    )
+                    if loss_cfg.pedal_uses_prior(epoch)
+                    else None
+                )
                 terms["pedal"] = loss_cfg.pedal.weight * self.pedal(
                     out0.patch_features.float(), indices, self.patch_memory.bank, neighbours=near
                 )

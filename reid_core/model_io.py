@@ -42,10 +42,16 @@ def save_model(
     return path
 
 
-def _build(cfg: ExperimentConfig, with_patch_branch: bool) -> ReIDModel:
+def _build(
+    cfg: ExperimentConfig, with_patch_branch: bool, state: dict[str, torch.Tensor]
+) -> ReIDModel:
+    """The network that ``state`` (its state dict) fits, weights not loaded yet."""
     # The weights come from the file: never look for ImageNet weights when rebuilding.
     model_cfg = cfg.model.model_copy(update={"pretrained": "none"})
-    return ReIDModel(model_cfg, with_patch_branch=with_patch_branch)
+    model = ReIDModel(model_cfg, with_patch_branch=with_patch_branch)
+    if "camera_ids" in state:  # trained with model.camera_norm: its cameras are in the file
+        model.use_camera_norm(state["camera_ids"].tolist())
+    return model
 
 
 def load_model(
@@ -63,7 +69,7 @@ def load_model(
         payload = torch.load(path, map_location=map_location, weights_only=False)
     if payload.get("format") == MODEL_FORMAT:
         cfg = validate_config(payload["config"], str(path))
-        model = _build(cfg, payload["with_patch_branch"])
+        model = _build(cfg, payload["with_patch_branch"], payload["state_dict"])
         model.load_state_dict(payload["state_dict"])
     elif "model" in payload:
         config_file = path.parent.parent / "config.yaml"
@@ -72,7 +78,7 @@ def load_model(
                 f"{path} is a training checkpoint; its run's config {config_file} is missing"
             )
         cfg = validate_config(yaml.safe_load(config_file.read_text()), str(config_file))
-        model = _build(cfg, cfg.loss.patch_branch)
+        model = _build(cfg, cfg.loss.patch_branch, payload["model"])
         model.load_state_dict(payload["model"])
     else:
         raise ValueError(f"{path} is neither a reid_core model nor a training checkpoint")

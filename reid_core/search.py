@@ -210,10 +210,12 @@ class GalleryIndex:
         dataset = EvalSet(records, embedder.preprocess, on_corrupt="raise")
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         features = np.empty((len(records), embedder.feature_dim), dtype=np.float32)
+        cameras = torch.tensor([r.camid for r in records])  # for camera normalisation
         done = 0
         with torch.inference_mode():
             for images, positions in loader:
-                features[positions.numpy()] = embedder(images.to(embedder.device)).cpu().numpy()
+                feats = embedder(images.to(embedder.device), cameras[positions])
+                features[positions.numpy()] = feats.cpu().numpy()
                 done += len(positions)
                 if progress is not None:
                     progress(done, len(records))

@@ -13,7 +13,7 @@ import errno
 import logging
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, CheckpointError
 from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.hooks import (
+    CameraNormHook,
     CheckpointHook,
     EvaluationHook,
     Evaluator,
@@ -99,8 +100,42 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[ImageRecord], ReIDSplits | 
     return train, splits
 
 
-def build_model(cfg: ExperimentConfig) -> ReIDModel:
-    return ReIDModel(cfg.model, with_patch_branch=cfg.loss.patch_branch)
+def build_model(cfg: ExperimentConfig, train_records: Sequence[ImageRecord] = ()) -> ReIDModel:
+    """The network; with ``model.camera_norm``, normalised per camera of ``train_records``."""
+    model = ReIDModel(cfg.model, with_patch_branch=cfg.loss.patch_branch)
+    if cfg.model.camera_norm:
+        unknown = [r.path for r in train_records if r.camid < 0]
+        if unknown or not train_records:
+            raise DatasetError(
+                f"model.camera_norm=true needs the camera of every training image, but "
+                f"{len(unknown)} of {len(train_records)} have none (first: {unknown[:1]}); "
+                "name files with their camera or set model.camera_norm=false"
+            )
+        model.use_camera_norm([r.camid for r in train_records])
+    return model
+
+
+def build_camera_calibration(
+    cfg: ExperimentConfig, train_records: Sequence[ImageRecord], device: torch.device
+) -> Callable[[torch.nn.Module], dict[int, int]]:
+    """``calibrate(model)`` for ``model.camera_norm``: the per-camera statistics from up to
+    ``model.camera_norm_images`` training images of each camera (the same ones every time, a
+    choice seeded by ``runtime.seed``), through the test transform, a camera at a time."""
+    generator = torch.Generator().manual_seed(cfg.runtime.seed)
+    chosen: list[ImageRecord] = []
+    for camera in sorted({r.camid for r in train_records}):
+        records = [r for r in train_records if r.camid == camera]
+        keep = torch.randperm(len(records), generator=generator)[: cfg.model.camera_norm_images]
+        chosen += [records[i] for i in sorted(keep.tolist())]
+    loader = build_eval_loader(chosen, cfg.data, cfg.eval.batch_size)
+    cameras = torch.tensor([r.camid for r in chosen])
+
+    def calibrate(model: torch.nn.Module) -> dict[int, int]:
+        assert isinstance(model, ReIDModel)
+        batches = ((images.to(device), cameras[idx]) for images, idx in loader)
+        return model.calibrate_camera_norm(batches)
+
+    return calibrate
 
 
 def build_optimizer(cfg: ExperimentConfig, model: ReIDModel) -> torch.optim.Optimizer:
@@ -143,8 +178,12 @@ def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.dev
     e = cfg.eval
 
     def evaluator(model: torch.nn.Module) -> dict[str, float]:
-        qf = extract_features(model, q_loader, device, feature=e.feature, flip=e.flip)
-        gf = extract_features(model, g_loader, device, feature=e.feature, flip=e.flip)
+        qf = extract_features(
+            model, q_loader, device, feature=e.feature, flip=e.flip, cameras=q_cams
+        )
+        gf = extract_features(
+            model, g_loader, device, feature=e.feature, flip=e.flip, cameras=g_cams
+        )
         result = evaluate_features(
             qf,
             gf,
@@ -178,7 +217,7 @@ def build_trainer(
     train_records, eval_splits = load_splits(cfg)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, train_records).to(device)
     if cfg.runtime.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     objective = DualBranchObjective(
@@ -235,14 +274,18 @@ def build_trainer(
                 lambda: stripe_colour_histograms(paths, stripes).view(len(paths), stripes, -1)
             )
         )
+    evaluation = None
     if eval_splits is not None:
-        hooks.append(
-            EvaluationHook(
-                build_evaluator(cfg, eval_splits, device),
-                every_n_epochs=cfg.eval.every_n_epochs,
-                at_start=cfg.eval.at_start,
-            )
+        evaluation = EvaluationHook(
+            build_evaluator(cfg, eval_splits, device),
+            every_n_epochs=cfg.eval.every_n_epochs,
+            at_start=cfg.eval.at_start,
         )
+    if cfg.model.camera_norm:  # before the evaluation and the final model, which use them
+        calibrate = build_camera_calibration(cfg, train_records, device)
+        hooks.append(CameraNormHook(calibrate, evaluation))
+    if evaluation is not None:
+        hooks.append(evaluation)
     hooks += [
         ProgressHook(out, cfg.runtime.log_every_n_steps, cfg.runtime.progress_bar),
         LRSchedulerHook(),

@@ -1,15 +1,16 @@
 """Hand-crafted colour descriptors: a label-free prior for who looks alike before training.
 
-``stripe_colour_histograms``: each image resized to 32 x (16 * stripes) pixels, converted to HSV,
-cut into ``stripes`` horizontal stripes; each stripe's 8 x 4 x 4 (hue x saturation x value)
-histogram is normalised to sum 1 and square-rooted (so the cosine of two descriptors is the
-Bhattacharyya coefficient of their histograms, averaged over stripes). Output: (N, 128 * stripes),
-rows of norm sqrt(stripes).
+``stripe_colour_histograms``: each image resized to 32 x (16 * stripes) pixels (in RGB: hue is
+circular and must not be averaged), converted to HSV, cut into ``stripes`` horizontal stripes;
+each stripe's 8 x 4 x 4 (hue x saturation x value) histogram is normalised to sum 1 and
+square-rooted (so the cosine of two descriptors is the Bhattacharyya coefficient of their
+histograms, averaged over stripes). Output: (N, 128 * stripes), rows of norm sqrt(stripes).
 
 They find the adjacent frames of one walk past a camera well (on cuhk03-pair1's train split the
-nearest other image is the same person 77% of the time, against 2.4% for an untrained network),
-which is what ``loss.gsl.prior`` uses them for: credible neighbours for the first epochs of a run
-that starts from scratch.
+nearest other image is the same person 77% of the time, against 2.4% for an untrained network;
+measured before the fix that resizes before the HSV conversion), which is what the neighbour prior
+``loss.prior`` uses them for: GSL's credible sets (``loss.gsl.prior_epochs``) and PEDAL's nearest
+patches (``loss.pedal.prior_epochs``) in the first epochs of a run that starts from scratch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ _WIDTH = 32
 
 def _descriptor(path: Path | str, stripes: int) -> np.ndarray:
     image = load_image(path)
-    hsv = np.asarray(image.convert("HSV").resize((_WIDTH, _STRIPE_HEIGHT * stripes)))
+    # resized in RGB, then converted: hue is circular (0 and 255 are both red), so averaging it
+    # while resizing would turn neighbouring reds of hue 254 and 3 into cyan (hue ~128)
+    hsv = np.asarray(image.resize((_WIDTH, _STRIPE_HEIGHT * stripes)).convert("HSV"))
     bins = np.asarray(HSV_BINS)
     # 8-bit channel value -> bin index per channel -> one flat bin index per pixel
     per_channel = (hsv.astype(np.int64) * bins) >> 8

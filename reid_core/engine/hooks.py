@@ -22,6 +22,7 @@ from reid_core.engine.trainer import HookBase
 from reid_core.model_io import save_model
 
 __all__ = [
+    "CameraNormHook",
     "CheckpointHook",
     "EvaluationHook",
     "FinalModelHook",
@@ -142,18 +143,70 @@ class EvaluationHook(HookBase):
         assert isinstance(metrics, dict)
         return metrics
 
+    def evaluates_before_training(self) -> bool:
+        return self.at_start and not self.trainer.resumed
+
+    def evaluates_after_epoch(self) -> bool:
+        """Whether :meth:`after_epoch` evaluates at the end of the current epoch."""
+        done = self.trainer.state.epoch + 1
+        return done % self.every_n_epochs == 0 or done == self.trainer.state.max_epochs
+
     def before_train(self) -> None:
-        if self.at_start and not self.trainer.resumed:
+        if self.evaluates_before_training():
             self.initial_metrics = self._evaluate()
             self.trainer.state.metrics = {"epoch": 0, **self.initial_metrics}
             log.info("initial model: %s", _fmt(self.initial_metrics))
 
     def after_epoch(self) -> None:
-        state = self.trainer.state
-        done = state.epoch + 1
-        if done % self.every_n_epochs == 0 or done == state.max_epochs:
+        if self.evaluates_after_epoch():
+            state = self.trainer.state
+            done = state.epoch + 1
             state.metrics = {"epoch": done, **self._evaluate()}
             log.info("epoch %d: %s", done, _fmt(state.metrics))
+
+
+class CameraNormHook(HookBase):
+    """Estimates the per-camera statistics of a model with ``model.camera_norm`` whenever its
+    features are about to be used: before each evaluation of ``evaluation`` (registered after
+    this hook) and, if the weights changed since, before the final model is written (a hook
+    registered after this one). Every rank calibrates its own copy (a deterministic function of
+    the weights and the images).
+
+    ``calibrate(model)`` returns the number of images seen per camera id.
+    """
+
+    def __init__(
+        self,
+        calibrate: Callable[[torch.nn.Module], dict[int, int]],
+        evaluation: EvaluationHook | None = None,
+    ) -> None:
+        self.calibrate = calibrate
+        self.evaluation = evaluation
+        self._calibrated_step: int | None = None
+
+    def _calibrate(self) -> None:
+        step = self.trainer.state.global_step
+        if self._calibrated_step == step:
+            return
+        start = time.perf_counter()
+        seen = self.calibrate(self.trainer.model_without_ddp)
+        self._calibrated_step = step
+        log.info(
+            "camera statistics from %s images in %.1f s",
+            ", ".join(f"camera {cam}: {n}" for cam, n in seen.items()),
+            time.perf_counter() - start,
+        )
+
+    def before_train(self) -> None:
+        if self.evaluation is not None and self.evaluation.evaluates_before_training():
+            self._calibrate()
+
+    def after_epoch(self) -> None:
+        if self.evaluation is not None and self.evaluation.evaluates_after_epoch():
+            self._calibrate()
+
+    def after_train(self) -> None:
+        self._calibrate()
 
 
 class CheckpointHook(HookBase):

@@ -30,10 +30,13 @@ def extract_features(
     device: torch.device | str,
     feature: FeatureKind = "concat",
     flip: bool = False,
+    cameras: Sequence[int] | np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Features of every sample of ``loader``, as a float32 CPU tensor in dataset order.
 
-    ``model.extract(images, feature)`` must return (B, D) features; ``loader`` yields
+    ``model.extract(images, feature)`` must return (B, D) features; with ``cameras`` (the camera
+    id of every dataset position) it is called as ``model.extract(images, feature, cameras=c)``
+    with the batch's cameras, which a model with camera normalisation reads. ``loader`` yields
     ``(images, indices)`` with ``indices`` the positions of the images in the dataset. Row i
     of the result is the feature of dataset position i; every position 0..n-1 must be yielded
     exactly once (n = ``len(loader.dataset)`` when the loader has a dataset, else the largest
@@ -47,8 +50,14 @@ def extract_features(
         raise TypeError(f"{type(model).__name__} has no extract(images, feature) method")
     if feature not in ("concat", "global"):
         raise ValueError(f"feature must be 'concat' or 'global', got {feature!r}")
-    extract = cast(Callable[[torch.Tensor, str], torch.Tensor], model.extract)
     device = torch.device(device)
+    camera_of = None if cameras is None else torch.as_tensor(np.asarray(cameras), dtype=torch.long)
+
+    def extract(images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        run = cast(Callable[..., torch.Tensor], model.extract)
+        if camera_of is None:
+            return run(images, feature)
+        return run(images, feature, cameras=camera_of[indices])
 
     chunks: list[torch.Tensor] = []
     positions: list[torch.Tensor] = []
@@ -59,11 +68,16 @@ def extract_features(
             for batch in loader:
                 images, indices = batch[0], batch[1]
                 images = images.to(device, non_blocking=True)
-                feats = extract(images, feature).float()
-                if flip:
-                    mirrored = extract(images.flip(dims=[-1]), feature).float()
-                    feats = F.normalize((feats + mirrored) / 2, p=2.0, dim=1)
                 idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
+                if camera_of is not None and (idx.min() < 0 or idx.max() >= len(camera_of)):
+                    raise ValueError(
+                        f"{len(camera_of)} cameras given, but the loader yields dataset index "
+                        f"{int(idx.max()) if idx.max() >= len(camera_of) else int(idx.min())}"
+                    )
+                feats = extract(images, idx).float()
+                if flip:
+                    mirrored = extract(images.flip(dims=[-1]), idx).float()
+                    feats = F.normalize((feats + mirrored) / 2, p=2.0, dim=1)
                 if idx.numel() != feats.shape[0]:
                     raise ValueError(
                         f"a batch has {feats.shape[0]} features but {idx.numel()} indices"
@@ -102,6 +116,10 @@ def centre_per_camera(
     ``x_i <- n(n(x_i) - mean_{j: cam_j = cam_i} n(x_j))`` with ``n`` the L2 normalisation; the
     images of an unknown camera (-1) form one group. What is left is how an image differs from
     the rest of its camera's, without the camera's colour cast or viewpoint.
+
+    Returns float32 rows of norm 1, except that an image alone in its camera (its row is its
+    camera's mean; so is any row equal to its camera's mean) becomes a zero row, of cosine 0 to
+    every row.
     """
     x = F.normalize(torch.as_tensor(features).float(), dim=1)
     if isinstance(cameras, torch.Tensor):

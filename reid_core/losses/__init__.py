@@ -10,7 +10,7 @@ from reid_core.losses.memory_classifier import (
     credible_neighbour_lists,
     credible_neighbours,
 )
-from reid_core.losses.pedal import PEDALLoss
+from reid_core.losses.pedal import PEDALLoss, nearest_other_rows
 
 __all__ = [
     "IPFLLoss",
@@ -18,4 +18,5 @@ __all__ = [
     "PEDALLoss",
     "credible_neighbour_lists",
     "credible_neighbours",
+    "nearest_other_rows",
 ]

@@ -25,10 +25,10 @@ With ``GSLConfig.neighbours = "other_cameras"`` both top-k lists run over the sl
 cameras only (``cam_j != cam_i``), so C_i holds only the cross-camera pairs that re-ID has to
 match; an image of unknown camera then has no credible neighbour among the unknown ones.
 
-With a neighbour prior (``GSLConfig.prior``, for the first epochs of a run from scratch) the
-credible sets come from fixed lists instead: :func:`credible_neighbour_lists` applies the same rule
-once to hand-crafted descriptors ``h`` (``S^h = h h^T`` in place of ``S``), and the weights below
-use ``S^h``.
+With a neighbour prior (``LossConfig.prior``, in the first ``GSLConfig.prior_epochs`` epochs of a
+run from scratch) the credible sets come from fixed lists instead: :func:`credible_neighbour_lists`
+applies the same rule once to hand-crafted descriptors ``h`` (``S^h = h h^T`` in place of ``S``),
+and the weights below use ``S^h``.
 
 Global similarity loss, ``GSLConfig.weighting``:
 
@@ -186,11 +186,12 @@ def credible_neighbour_lists(
     if k == 0:
         return neighbours, similarities
     bank = bank.detach().float()
+    cams = None if slot_cameras is None else slot_cameras.to(bank.device)
     for start in range(0, n, chunk_rows):
         idx = torch.arange(start, min(n, start + chunk_rows), device=bank.device)
-        mask = credible_neighbours(bank, idx, threshold, topk, mutual, slot_cameras)
-        sim = (bank.index_select(0, idx) @ bank.T).masked_fill(~mask, float("-inf"))
-        top_sim, top_idx = sim.topk(k, dim=1)
+        sim = bank.index_select(0, idx) @ bank.T  # (chunk, N), once for the mask and the lists
+        mask = _credible_from_similarity(sim, bank, idx, threshold, topk, mutual, cams)
+        top_sim, top_idx = sim.masked_fill(~mask, float("-inf")).topk(k, dim=1)
         valid = torch.isfinite(top_sim)
         neighbours[idx] = torch.where(valid, top_idx, -1)
         similarities[idx] = torch.where(valid, top_sim, 0.0)

@@ -13,7 +13,8 @@ updated by the caller from view 0 *before* this loss), ``s`` the scale (``PEDALC
 The image's own slot ``j = i`` is excluded from both sums (as PAUL does with its ``position``).
 ``k`` is capped at ``N - 1`` (with ``N - 1 <= k`` the loss is 0). The memory is read without
 gradient. ``neighbours`` (B, P, k), when given, are the sets ``K_i^p`` (from a neighbour prior,
-``loss.prior``) instead of the nearest memory slots. The loss is returned unweighted (the caller multiplies by ``PEDALConfig.weight``).
+``loss.prior``: :func:`nearest_other_rows` of each stripe's descriptors) instead of the nearest
+memory slots. The loss is returned unweighted (the caller multiplies by ``PEDALConfig.weight``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,37 @@ from torch import nn
 from reid_core.config import PEDALConfig
 from reid_core.memory import validate_indices
 
-__all__ = ["PEDALLoss"]
+__all__ = ["PEDALLoss", "nearest_other_rows"]
+
+
+@torch.no_grad()
+def nearest_other_rows(bank: torch.Tensor, k: int, chunk_rows: int = 1024) -> torch.Tensor:
+    """(N, min(k, N - 1)) long: for each row ``i`` of ``bank`` (N, d), the ``k`` other rows
+    ``j != i`` with the largest ``bank_i . bank_j``, most similar first.
+
+    Every row gets exactly ``min(k, N - 1)`` indices, none equal to ``i`` and no padding, whatever
+    the similarities are (a zero row, or float cosines just below -1, still count). Computed
+    ``chunk_rows`` rows at a time, never as an N x N matrix.
+    """
+    if bank.dim() != 2:
+        raise ValueError(f"bank must have shape (N, d), got {tuple(bank.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    n = bank.shape[0]
+    k = min(int(k), n - 1)
+    out = torch.empty((n, max(k, 0)), dtype=torch.long, device=bank.device)
+    if k <= 0:
+        return out
+    bank = bank.detach().float()
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        sim = bank[start:stop] @ bank.T  # (chunk, N)
+        rows = torch.arange(stop - start, device=bank.device)
+        sim[rows, rows + start] = float("-inf")  # j != i
+        out[start:stop] = sim.topk(k, dim=1).indices
+    return out
 
 
 class PEDALLoss(nn.Module):
@@ -83,8 +114,13 @@ class PEDALLoss(nn.Module):
                 )
             near = validate_indices(neighbours.flatten(), N, name="neighbours")
             near = near.to(f.device).view(B, P, -1).transpose(0, 1)  # (P, B, k)
-            if bool((near == idx[None, :, None]).any()):
-                raise ValueError("neighbours must not hold the image's own index")
+            own = (near == idx[None, :, None]).nonzero()  # (p, b, column) rows
+            if own.numel():
+                p, b, _ = own[0].tolist()
+                raise ValueError(
+                    f"neighbours[{b}, {p}] holds {int(idx[b])}, the image's own index "
+                    f"(indices[{b}]): K_i^p must not hold i"
+                )
         else:
             k = min(self.cfg.neighbours, N - 1)
             with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +12,11 @@ from torch import nn
 
 from reid_core.config import ModelConfig
 from reid_core.models.backbones import build_backbone
+from reid_core.models.camera_norm import (
+    CameraBatchNorm,
+    camera_context,
+    convert_to_camera_norm,
+)
 from reid_core.models.heads import GlobalHead, PatchEmbedding, PatchHeads
 from reid_core.models.patch_generation import PatchGenerationModule
 
@@ -31,7 +37,16 @@ class ReIDModel(nn.Module):
 
     ``with_patch_branch=False`` (a global-only ablation) skips the patch branch entirely.
     The test feature is ``concat(f, f^1..f^P)`` with every block L2-normalised, or ``f`` alone.
+
+    After :meth:`use_camera_norm` (``model.camera_norm``) the BatchNorm layers also keep
+    statistics per training camera (:mod:`reid_core.models.camera_norm`), estimated by
+    :meth:`calibrate_camera_norm`, and ``forward``/``extract`` take each image's camera id: in
+    evaluation an image from a training camera is normalised with that camera's statistics, any
+    other (camera -1, a new camera, or ``cameras=None``) with the ordinary ones. Training ignores
+    the cameras.
     """
+
+    camera_ids: torch.Tensor | None  # (K,) the training cameras, in slot order
 
     def __init__(self, cfg: ModelConfig, with_patch_branch: bool = True) -> None:
         super().__init__()
@@ -55,6 +70,7 @@ class ReIDModel(nn.Module):
             self.pgm.requires_grad_(cfg.pgm_trainable)
             self.patch_heads = PatchHeads(channels, cfg.num_patches, cfg.patch_dim)
             self.patch_embedding = PatchEmbedding(cfg.num_patches, cfg.patch_dim, cfg.ipfl_dim)
+        self.register_buffer("camera_ids", None)  # set by use_camera_norm
 
     @property
     def global_dim(self) -> int:
@@ -76,7 +92,91 @@ class ReIDModel(nn.Module):
         trunk = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in trunk and p.requires_grad]
 
-    def forward(self, images: torch.Tensor) -> ReIDOutput:
+    def use_camera_norm(self, camera_ids: Sequence[int]) -> None:
+        """Give every trained BatchNorm layer statistics per camera of ``camera_ids`` (the
+        training cameras); a frozen patch generation module keeps its fixed statistics.
+
+        Convert before building an optimiser (the layers' parameters are new objects)."""
+        if self.camera_ids is not None:
+            raise RuntimeError("the model already has camera normalisation")
+        ids = sorted({int(c) for c in camera_ids})
+        if not ids or ids[0] < 0:
+            raise ValueError(
+                f"camera normalisation needs known training cameras (ids >= 0), got {ids[:8]}"
+            )
+        frozen = self.pgm if self.pgm is not None and not self.cfg.pgm_trainable else None
+        for child in self.children():
+            if child is not frozen:
+                convert_to_camera_norm(child, len(ids))
+        device = next(self.parameters()).device
+        self.camera_ids = torch.tensor(ids, dtype=torch.long, device=device)
+
+    def camera_slots(self, cameras: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """(B,) slot of each camera id among the training cameras, -1 for any other."""
+        if self.camera_ids is None:
+            raise RuntimeError("the model has no camera normalisation (model.camera_norm)")
+        cams = torch.as_tensor(cameras, dtype=torch.long, device=self.camera_ids.device)
+        match = cams[:, None] == self.camera_ids[None, :]
+        return torch.where(match.any(dim=1), match.long().argmax(dim=1), -1)
+
+    @torch.no_grad()
+    def calibrate_camera_norm(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | Sequence[int]]]
+    ) -> dict[int, int]:
+        """Estimate every training camera's statistics from ``batches`` of ``(images, camera
+        ids)``, the weights and the ordinary statistics untouched; returns the number of images
+        used per camera id.
+
+        Each batch's images of one training camera go through the network in training mode,
+        and every layer averages their batch statistics over that camera's batches. Batches of
+        one camera give the best estimates; a camera's single image in a batch, and images of
+        other cameras, are left out. A camera with no image keeps the ordinary statistics.
+        """
+        if self.camera_ids is None:
+            raise RuntimeError("the model has no camera normalisation (model.camera_norm)")
+        norms = [m for m in self.modules() if isinstance(m, CameraBatchNorm)]
+        ids = self.camera_ids.tolist()
+        used = dict.fromkeys(ids, 0)
+        was_training = self.training
+        for norm in norms:
+            norm.start_calibration()
+        self.train()
+        try:
+            for images, cameras in batches:
+                slots = self.camera_slots(cameras).to(images.device)
+                for slot in slots.unique().tolist():
+                    rows = (slots == slot).nonzero().squeeze(1)
+                    if slot < 0 or len(rows) < 2:  # one image has no batch statistics
+                        continue
+                    with camera_context(self, slot):
+                        self._forward(images[rows])
+                    used[ids[slot]] += len(rows)
+        finally:
+            for norm in norms:
+                norm.end_calibration()
+            self.train(was_training)
+        return used
+
+    def forward(
+        self, images: torch.Tensor, cameras: torch.Tensor | Sequence[int] | None = None
+    ) -> ReIDOutput:
+        """``cameras`` (B,): each image's camera id, read in evaluation by a model with camera
+        normalisation; training ignores it."""
+        if self.camera_ids is None or cameras is None or self.training:
+            return self._forward(images)
+        slots = self.camera_slots(cameras)
+        if len(slots) != len(images):
+            raise ValueError(f"{len(slots)} cameras given for {len(images)} images")
+        parts: list[tuple[torch.Tensor, ReIDOutput]] = []
+        for slot in slots.unique().tolist():
+            rows = (slots == slot).nonzero().squeeze(1).to(images.device)
+            with camera_context(self, slot if slot >= 0 else None):
+                parts.append((rows, self._forward(images[rows])))
+        if len(parts) == 1:
+            return parts[0][1]
+        return _merge(parts, len(images))
+
+    def _forward(self, images: torch.Tensor) -> ReIDOutput:
         feature_map = self.backbone(images)
         global_features = self.global_head(feature_map)
         if not self.with_patch_branch:
@@ -87,10 +187,33 @@ class ReIDModel(nn.Module):
         return ReIDOutput(global_features, patch_features, self.patch_embedding(patch_features))
 
     @torch.no_grad()
-    def extract(self, images: torch.Tensor, feature: FeatureKind = "concat") -> torch.Tensor:
+    def extract(
+        self,
+        images: torch.Tensor,
+        feature: FeatureKind = "concat",
+        cameras: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Test features, (B, D): see the class docstring."""
-        out = self.forward(images)
+        out = self.forward(images, cameras)
         if feature == "global" or out.patch_features is None:
             return out.global_features.float()
         blocks = [out.global_features, *out.patch_features.unbind(dim=1)]
         return torch.cat([F.normalize(b.float(), dim=1) for b in blocks], dim=1)
+
+
+def _merge(parts: Sequence[tuple[torch.Tensor, ReIDOutput]], batch_size: int) -> ReIDOutput:
+    """One output for the whole batch from outputs of its row subsets (``rows``, output)."""
+
+    def field(name: str) -> torch.Tensor | None:
+        values = [(rows, getattr(out, name)) for rows, out in parts]
+        if values[0][1] is None:
+            return None
+        first = values[0][1]
+        merged = first.new_empty((batch_size, *first.shape[1:]))
+        for rows, value in values:
+            merged = merged.index_copy(0, rows, value)
+        return merged
+
+    global_features = field("global_features")
+    assert global_features is not None
+    return ReIDOutput(global_features, field("patch_features"), field("embeddings"))

@@ -375,12 +375,15 @@ def _ready_index(settings: Settings, gallery: Gallery) -> GalleryIndex:
         ) from None
 
 
-def _search(settings: Settings, gallery: Gallery, query: UploadedImage, k: int) -> GallerySearchOut:
+def _search(
+    settings: Settings, gallery: Gallery, query: UploadedImage, k: int, camera: int | None
+) -> GallerySearchOut:
     index = _ready_index(settings, gallery)
     embedder = cached_embedder(
         ModelRegistry(settings), gallery.owner, gallery.model_name, gallery.model_version
     )
-    features = embedder.embed_images(decode_images([query]))
+    cameras = None if camera is None else [camera]
+    features = embedder.embed_images(decode_images([query]), cameras=cameras)
     hits = index.search(features, k=k)[0]
     return GallerySearchOut(
         gallery_id=gallery.id,
@@ -422,6 +425,16 @@ async def search_gallery(
     session: SessionDep,
     settings: SettingsDep,
     k: Annotated[int, Query(ge=1, le=MAX_K, description="How many hits")] = 10,
+    camera: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="The query's camera id, as the dataset numbers its cameras. A model "
+            "trained with model.camera_norm normalises the query with that camera's statistics "
+            "(the pooled ones when omitted or a camera it was not trained on); other models "
+            "ignore it.",
+        ),
+    ] = None,
 ) -> GallerySearchOut:
     """The query (multipart file part ``image``) is embedded by the gallery's model; scores are
     cosine similarities, hits carry the image's path relative to the dataset's folder, its
@@ -429,7 +442,7 @@ async def search_gallery(
     gallery = await run_in_threadpool(_owned, session, owner, gallery_id)
     _require_ready(gallery)  # before reading the upload
     (query,) = await receive_images(request, "image", max_files=1)
-    return await run_in_threadpool(_search, settings, gallery, query, k)
+    return await run_in_threadpool(_search, settings, gallery, query, k, camera)
 
 
 @router.get(

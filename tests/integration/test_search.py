@@ -210,3 +210,75 @@ def test_search_cli_bad_arguments_exit_2_naming_the_value(
     argv += ["--gallery", f"market_folder:{synthetic.folder()}", *extra, query]
     assert main(argv) == ExitCode.BAD_CONFIG
     assert named in capsys.readouterr().err
+
+
+# ---- a model trained with camera normalisation ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def camera_norm_model(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, splits: ReIDSplits
+) -> Path:
+    """The random ResNet-18 with ``model.camera_norm``, calibrated on its training images."""
+    folder = tmp_path_factory.mktemp("camera-norm-model")
+    cfg = tiny_config(folder, synthetic_root, "model.backbone=resnet18", "model.camera_norm=true")
+    torch.manual_seed(0)
+    model = ReIDModel(cfg.model)
+    model.use_camera_norm([r.camid for r in splits.train])
+    loader = DataLoader(EvalSet(splits.train, build_test_transform(cfg.data)), batch_size=16)
+    cameras = torch.tensor([r.camid for r in splits.train])
+    model.calibrate_camera_norm((images, cameras[positions]) for images, positions in loader)
+    return save_model(model.eval(), cfg, folder / "model_final.pt")
+
+
+def test_camera_norm_gallery_and_queries_use_their_cameras_and_match_reid_eval(
+    camera_norm_model: Path,
+    splits: ReIDSplits,
+    synthetic: Synthetic,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The index embeds each gallery image with its camera's statistics; queries embedded with
+    theirs give the rank-1 that ``reid eval`` (which passes every image's camera) reports."""
+    embedder = Embedder.from_file(camera_norm_model)
+    index = GalleryIndex.build(embedder, splits.gallery, batch_size=5)
+    paths = [r.path for r in splits.gallery]
+    with_cameras = embedder.embed_files(paths, cameras=[r.camid for r in splits.gallery])
+    stored = index.index.reconstruct_n(0, len(paths))
+    np.testing.assert_allclose(stored, with_cameras, atol=1e-5)  # batches grouped otherwise
+    assert not np.allclose(stored, embedder.embed_files(paths), atol=1e-3)  # pooled differs
+
+    q_cams = [r.camid for r in splits.query]
+    qf = embedder.embed_files([r.path for r in splits.query], cameras=q_cams)
+    ours = index.rank1(qf, splits.query)
+    argv = ["eval", "--checkpoint", str(camera_norm_model), "--device", "cpu"]
+    assert main([*argv, "--data", f"market_folder:{synthetic.folder()}"]) == ExitCode.OK
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert printed["r1"] == pytest.approx(100 * ours.r1, abs=1e-3)
+
+    with pytest.raises(ValueError, match="1 cameras given for at least 2 images"):
+        embedder.embed_files(paths[:2], cameras=[0])
+    with pytest.raises(ValueError, match="3 cameras given for 2 images"):
+        embedder.embed_files(paths[:2], cameras=[0, 0, 0])
+
+
+def test_search_cli_camera_option_embeds_the_queries_with_that_camera(
+    camera_norm_model: Path,
+    splits: ReIDSplits,
+    synthetic: Synthetic,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    query = splits.query[0]
+    argv = ["search", "--checkpoint", str(camera_norm_model), "--device", "cpu", "-k", "16"]
+    argv += ["--gallery", f"market_folder:{synthetic.folder()}"]
+    scores = {}
+    for camera in (None, query.camid):
+        option = [] if camera is None else ["--camera", str(camera)]
+        assert main([*argv, *option, str(query.path)]) == ExitCode.OK
+        (row,) = _hits(capsys.readouterr().out)
+        scores[camera] = {h["position"]: h["score"] for h in row["hits"]}
+    embedder = Embedder.from_file(camera_norm_model)
+    gallery = GalleryIndex.build(embedder, splits.gallery)
+    (hits,) = gallery.search(embedder.embed_files([query.path], cameras=[query.camid]), k=16)
+    for hit in hits:
+        assert scores[query.camid][hit.position] == pytest.approx(hit.score, abs=1e-5)
+    assert any(abs(scores[None][p] - scores[query.camid][p]) > 1e-4 for p in scores[query.camid])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from reid_core.engine.checkpoint import LAST_TAG, Checkpointer
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase, Trainer
 from reid_core.model_io import load_model
+from reid_core.models.camera_norm import CameraBatchNorm
 from reid_core.train import build_trainer, main, run, seed_everything
 from tests.integration.conftest import (
     TrainedRun,
@@ -282,6 +284,42 @@ def test_resume_with_loader_workers_ends_bit_identical(
     )
     assert_same(b.model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), "model")
     assert_same(b.objective.state_dict(), a.objective.state_dict(), "objective")
+
+
+def test_camera_norm_run_trains_like_a_plain_run_and_saves_calibrated_cameras(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``model.camera_norm=true`` leaves training as it is (the same weights and ordinary
+    statistics as a plain run, through a mid-epoch resume too); the per-camera statistics are
+    estimated before each evaluation (once per step: not again for the final model), evaluation
+    reads them, and ``model_final.pt`` loads with them."""
+    plain = _train_stopping_at(tiny_config(tmp_path / "plain", synthetic_root, steps=STEPS), None)
+    caplog.set_level(logging.INFO, logger="reid_core.engine.hooks")
+    runs = {
+        name: _train_stopping_at(
+            tiny_config(tmp_path / name, synthetic_root, "model.camera_norm=true", steps=STEPS),
+            stop_at,
+        )
+        for name, stop_at in (("a", None), ("b", STEPS + 1))
+    }
+    a = runs["a"]
+    model = a.model_without_ddp
+    assert_same(runs["b"].model_without_ddp.state_dict(), model.state_dict(), "resumed")
+    ordinary = {k: v for k, v in model.state_dict().items() if "camera_" not in k}
+    assert_same(ordinary, plain.model_without_ddp.state_dict(), "plain run")
+
+    train_cameras = sorted({r.camid for r in build_splits(a.cfg.data).train})
+    assert model.camera_ids is not None and model.camera_ids.tolist() == train_cameras
+    norm = next(m for m in model.modules() if isinstance(m, CameraBatchNorm))
+    assert (norm.camera_batches > 0).all()
+    assert not torch.allclose(norm.camera_mean[0], norm.camera_mean[1])
+    calibrations = [r for r in caplog.records if r.getMessage().startswith("camera statistics")]
+    # run a: one per evaluation (after epochs 1 and 2), none more for the final model; run b
+    # resumed in epoch 2: the same two (its first part calibrated after epoch 1)
+    assert len(calibrations) == 2 + 2
+    assert a.state.metrics["mAP"] != plain.state.metrics["mAP"]  # evaluation reads the cameras
+    loaded, _ = load_model(a.cfg.runtime.output_dir / "model_final.pt")
+    assert_same(loaded.state_dict(), model.state_dict(), "model_final.pt")
 
 
 def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(

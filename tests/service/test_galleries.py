@@ -46,33 +46,40 @@ from worker.tracking import TrackingSpec, TrackingState
 Json = dict[str, Any]
 
 
+def _train_and_register(store: str, tmp: Path, model_name: str, *overrides: str) -> Path:
+    """A tiny training job of alice on synthetic data whose run registers ``model_name``
+    version 1 (alias ``best``) in ``store``; returns the run's ``model_final.pt``."""
+    data = tmp / "data"
+    if not data.exists():
+        build_dataset("synthetic", data, num_identities=8, images_per_identity=4)
+    spec = TrackingSpec(
+        tracking_uri=store,
+        experiment="reid-training",
+        model_name=model_name,
+        job_id=f"job-{model_name}",
+        run_name=f"job-{model_name}",
+        artifact_location=(tmp / "artifacts").as_uri(),
+        tags={"reid.owner": "alice"},
+        final_sync_s=0.0,
+    )
+    out = tmp / f"run-{model_name}"
+    # ResNet-18, not the tiny default MobileNetV3: trained for a few steps from scratch, the
+    # MobileNet's features are all alike (cosine 1.0 to 6 digits), which would make every
+    # ranking below a tie; the residual trunk's are not (an image finds itself first).
+    cfg = tiny_config(out, data, "model.backbone=resnet18", *overrides)
+    with preserved_process_state():
+        assert run(cfg, [MLflowHook(spec, out)]) == ExitCode.OK
+    assert TrackingState.load(out).model_version == "1"
+    return out / "model_final.pt"
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A store where a job of alice registered ``reid-alice`` version 1 (alias ``best``); the
     store's URI and the run's ``model_final.pt``."""
     tmp = tmp_path_factory.mktemp("registry")
     store = f"sqlite:///{tmp / 'mlflow.db'}"
-    data = tmp / "data"
-    build_dataset("synthetic", data, num_identities=8, images_per_identity=4)
-    spec = TrackingSpec(
-        tracking_uri=store,
-        experiment="reid-training",
-        model_name="reid-alice",
-        job_id="job-1",
-        run_name="job-1",
-        artifact_location=(tmp / "artifacts").as_uri(),
-        tags={"reid.owner": "alice"},
-        final_sync_s=0.0,
-    )
-    out = tmp / "run"
-    # ResNet-18, not the tiny default MobileNetV3: trained for a few steps from scratch, the
-    # MobileNet's features are all alike (cosine 1.0 to 6 digits), which would make every
-    # ranking below a tie; the residual trunk's are not (an image finds itself first).
-    cfg = tiny_config(out, data, "model.backbone=resnet18")
-    with preserved_process_state():
-        assert run(cfg, [MLflowHook(spec, out)]) == ExitCode.OK
-    assert TrackingState.load(out).model_version == "1"
-    return store, out / "model_final.pt"
+    return store, _train_and_register(store, tmp, "reid-alice")
 
 
 @pytest.fixture
@@ -117,11 +124,19 @@ def _build(app: FastAPI, settings: Settings, gallery_id: str) -> GalleryState | 
     return build_gallery(settings, app.state.session_factory, uuid.UUID(gallery_id))
 
 
-def _search(client: TestClient, headers: Headers, gallery_id: str, image: Path, k: int = 5) -> Any:
+def _search(
+    client: TestClient,
+    headers: Headers,
+    gallery_id: str,
+    image: Path,
+    k: int = 5,
+    camera: int | None = None,
+) -> Any:
+    params = {"k": k} if camera is None else {"k": k, "camera": camera}
     with image.open("rb") as f:
         files = {"image": (image.name, f, "image/jpeg")}
         return client.post(
-            f"/v1/galleries/{gallery_id}/search", params={"k": k}, files=files, headers=headers
+            f"/v1/galleries/{gallery_id}/search", params=params, files=files, headers=headers
         )
 
 
@@ -273,6 +288,53 @@ def test_built_gallery_answers_searches(
     ]
     np.testing.assert_allclose([h["score"] for h in whole], [h.score for h in expected], atol=1e-5)
     assert [h["position"] for h in whole] == [h.position for h in expected]  # the same rows
+
+
+@pytest.fixture(scope="module")
+def camera_norm_model(registry: tuple[str, Path]) -> Path:
+    """``reid-alice-cameras`` version 1 in the same store: trained with ``model.camera_norm``."""
+    store, first_model = registry
+    return _train_and_register(
+        store, first_model.parent.parent, "reid-alice-cameras", "model.camera_norm=true"
+    )
+
+
+def test_a_camera_norm_models_gallery_and_queries_use_their_cameras(
+    client: TestClient,
+    app: FastAPI,
+    settings: Settings,
+    alice: Headers,
+    market: Json,
+    camera_norm_model: Path,
+) -> None:
+    """The builder embeds each gallery image with its camera's statistics; a search with the
+    query's ``camera`` embeds the query with its own (a gallery image finds itself at score 1),
+    one without it with the pooled statistics."""
+    response = _create(
+        client, alice, dataset_id=market["id"], model_name="reid-alice-cameras", model_version="1"
+    )
+    assert response.status_code == 202, response.text
+    gallery_id = response.json()["id"]
+    assert _build(app, settings, gallery_id) is GalleryState.READY
+    root = Path(market["path"])
+    image = sorted((root / "bounding_box_test").glob("*.jpg"))[3]
+    _, camid = parse_market_name(image.name) or (None, -1)
+    own_path = f"bounding_box_test/{image.name}"
+
+    hits = _search(client, alice, gallery_id, image, k=1000, camera=camid).json()["hits"]
+    assert hits[0]["path"] == own_path
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    embedder = Embedder.from_file(camera_norm_model)
+    reference = GalleryIndex.build(embedder, build_dataset("market_folder", root).gallery)
+    expected = reference.search(embedder.embed_files([image], cameras=[camid]), k=1000)[0]
+    assert [h["position"] for h in hits] == [h.position for h in expected]
+    np.testing.assert_allclose([h["score"] for h in hits], [h.score for h in expected], atol=1e-5)
+
+    pooled = _search(client, alice, gallery_id, image, k=1000).json()["hits"]
+    own = next(h for h in pooled if h["path"] == own_path)
+    assert own["score"] < 1.0 - 1e-4  # the query without its camera is normalised otherwise
+    bad = _search(client, alice, gallery_id, image, camera=-1)
+    assert bad.status_code == 422 and "camera" in bad.text
 
 
 def test_index_is_read_back_from_disk_after_a_restart(
