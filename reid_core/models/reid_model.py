@@ -119,6 +119,15 @@ class ReIDModel(nn.Module):
         match = cams[:, None] == self.camera_ids[None, :]
         return torch.where(match.any(dim=1), match.long().argmax(dim=1), -1)
 
+    def _camera_groups(
+        self, images: torch.Tensor, cameras: torch.Tensor | Sequence[int]
+    ) -> list[tuple[int, torch.Tensor]]:
+        """``(slot, rows)`` for each camera slot among the images (-1: other cameras)."""
+        slots = self.camera_slots(cameras).to(images.device)
+        if len(slots) != len(images):
+            raise ValueError(f"{len(slots)} cameras given for {len(images)} images")
+        return [(slot, (slots == slot).nonzero().squeeze(1)) for slot in slots.unique().tolist()]
+
     @torch.no_grad()
     def calibrate_camera_norm(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor | Sequence[int]]]
@@ -143,9 +152,7 @@ class ReIDModel(nn.Module):
         self.train()
         try:
             for images, cameras in batches:
-                slots = self.camera_slots(cameras).to(images.device)
-                for slot in slots.unique().tolist():
-                    rows = (slots == slot).nonzero().squeeze(1)
+                for slot, rows in self._camera_groups(images, cameras):
                     if slot < 0 or len(rows) < 2:  # one image has no batch statistics
                         continue
                     with camera_context(self, slot):
@@ -164,12 +171,8 @@ class ReIDModel(nn.Module):
         normalisation; training ignores it."""
         if self.camera_ids is None or cameras is None or self.training:
             return self._forward(images)
-        slots = self.camera_slots(cameras)
-        if len(slots) != len(images):
-            raise ValueError(f"{len(slots)} cameras given for {len(images)} images")
         parts: list[tuple[torch.Tensor, ReIDOutput]] = []
-        for slot in slots.unique().tolist():
-            rows = (slots == slot).nonzero().squeeze(1).to(images.device)
+        for slot, rows in self._camera_groups(images, cameras):
             with camera_context(self, slot if slot >= 0 else None):
                 parts.append((rows, self._forward(images[rows])))
         if len(parts) == 1:

@@ -282,3 +282,24 @@ def test_search_cli_camera_option_embeds_the_queries_with_that_camera(
     for hit in hits:
         assert scores[query.camid][hit.position] == pytest.approx(hit.score, abs=1e-5)
     assert any(abs(scores[None][p] - scores[query.camid][p]) > 1e-4 for p in scores[query.camid])
+
+
+def test_camera_norm_model_exports_to_onnx_with_its_ordinary_statistics(
+    camera_norm_model: Path, tmp_path: Path
+) -> None:
+    """The ONNX graph is the embedder without cameras: ONNX Runtime agrees with it, and not with
+    the features of a camera's own statistics."""
+    pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
+    pytest.importorskip("onnxscript", reason="the `onnx` extra is not installed")
+    import onnxruntime as ort
+
+    from reid_core.export import check_onnx, export_onnx
+
+    embedder = Embedder.from_file(camera_norm_model)
+    path = export_onnx(embedder, tmp_path / "model.onnx")
+    assert check_onnx(embedder, path) <= 1e-4
+    images = torch.rand(2, 3, *embedder.input_size)
+    (onnx_features,) = ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})
+    with torch.inference_mode():
+        own_camera = embedder(images, cameras=[0, 0]).numpy()
+    assert not np.allclose(onnx_features, own_camera, atol=1e-3)
