@@ -10,7 +10,9 @@ for the same model (Market-1501 protocol). The whole path runs as a user would:
 3. a short training job with ``configs/cuhk03_cpu.yaml``'s settings as overrides; its model is
    registered as ``reid-bench`` version 1;
 4. a gallery of the dataset (its ``bounding_box_test``) with that version, built by the worker;
-5. every query image searched through the API with ``k`` = the whole gallery; rank-1 (and
+5. every query image searched through the API with ``k`` = the whole gallery and its camera
+   (``camera=``, from its file name: a model trained with ``model.camera_norm`` normalises the
+   query with that camera's statistics, as ``reid eval`` does); rank-1 (and
    rank-5/10, mAP, mINP) computed here from the hits' file names alone
    (:func:`ranking_from_hits`: hits with the query's identity *and* camera are ignored);
 6. the version's weights downloaded from the API and evaluated with ``reid eval --checkpoint
@@ -412,8 +414,10 @@ def main() -> int:
         results: dict[str, list[dict[str, Any]]] = {}
         for query in queries:
             files = {"image": (query.name, query.read_bytes(), "image/jpeg")}
+            _, camera = parse_market_name(query.name) or (-1, -1)
+            params = {"k": k} if camera < 0 else {"k": k, "camera": camera}
             answer = _check(
-                client.post(f"/v1/galleries/{gallery['id']}/search", params={"k": k}, files=files),
+                client.post(f"/v1/galleries/{gallery['id']}/search", params=params, files=files),
                 200,
             )
             results[query.name] = answer["hits"]
