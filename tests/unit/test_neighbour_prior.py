@@ -381,23 +381,17 @@ def test_objective_takes_gsl_from_the_prior_in_the_prior_epochs() -> None:
     # the classifier on both views' features, with the batch's rows of the prior lists
     assert objective.classifier is not None and objective.global_memory is not None
     both, bank = torch.cat([idx, idx]), objective.global_memory.bank
-    want = objective.classifier(
-        torch.cat([feats, feats]),
-        both,
-        bank,
-        use_gsl=True,
-        prior=(torch.tensor([[2], [3], [2], [3]]), torch.ones(4, 1)),
-    )["gsl"]
-    assert float(terms["gsl"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    classifier = objective.classifier
+
+    def gsl_with(lists: list[list[int]]) -> float:
+        prior = (torch.tensor(lists), torch.ones(4, 1))
+        out = classifier(torch.cat([feats, feats]), both, bank, use_gsl=True, prior=prior)
+        return float(out["gsl"].detach())
+
+    want = gsl_with([[2], [3], [2], [3]])
+    assert float(terms["gsl"].detach()) == pytest.approx(want, rel=1e-6)
     # (the other images' lists would give another value)
-    wrong = objective.classifier(
-        torch.cat([feats, feats]),
-        both,
-        bank,
-        use_gsl=True,
-        prior=(torch.tensor([[3], [2], [3], [2]]), torch.ones(4, 1)),
-    )["gsl"]
-    assert float(wrong.detach()) != pytest.approx(float(want.detach()), rel=1e-3)
+    assert gsl_with([[3], [2], [3], [2]]) != pytest.approx(want, rel=1e-3)
     terms["total"].backward()
     # after the prior epochs, GSL waits for the memory warm-up (10 epochs)
     assert float(objective(out, out, idx, epoch=2)["gsl"].detach()) == 0.0
