@@ -6,7 +6,9 @@ updates, not the data pipeline. One "image" is one training image, i.e. both of 
 References, same run, same shapes:
   * trunk only: a plain forward/backward of the backbone on the two views (what any CNN training
     would pay); the ratio says what the method's heads, losses and memories add;
-  * on CUDA: the method's step in fp32 against AMP + channels_last (the ratio is the speed-up).
+  * the method's step in fp32 against the fast precision of the device (the ratio is the
+    speed-up): on CUDA float16 AMP + channels_last, on the CPU bfloat16 autocast + channels_last
+    (``runtime.cpu_bf16``; fast where the CPU has AMX or AVX512-BF16).
 
     python bench/train_throughput.py                         # ResNet-50, 256x128, batch 32
     python bench/train_throughput.py --backbone resnet18 --height 128 --width 64 --batch 64
@@ -28,15 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from reid_core.config import ExperimentConfig, load_config  # noqa: E402
 from reid_core.data.samplers import EpochShuffleSampler  # noqa: E402
-from reid_core.engine.trainer import Trainer  # noqa: E402
+from reid_core.engine.trainer import Precision, Trainer  # noqa: E402
 from reid_core.method import DualBranchObjective  # noqa: E402
 from reid_core.train import build_model, build_optimizer, build_scheduler  # noqa: E402
 
 
 def make_trainer(cfg: ExperimentConfig, num_images: int, device: torch.device) -> Trainer:
-    model = build_model(cfg).to(device)
-    if cfg.runtime.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = Precision.for_device(cfg.runtime, device).prepare(build_model(cfg).to(device))
     objective = DualBranchObjective(cfg, num_images, model).to(device)
     with torch.no_grad():  # memories as after initialisation: random unit vectors
         for mem in (objective.global_memory, objective.patch_memory, objective.agents):
@@ -112,17 +112,25 @@ def main() -> None:
         f"data.batch_size={args.batch}",
         *args.overrides,
     ]
-    fp32 = load_config(overrides=[*base, "runtime.amp=false", "runtime.channels_last=false"])
+    fp32 = load_config(
+        overrides=[
+            *base,
+            "runtime.amp=false",
+            "runtime.channels_last=false",
+            "runtime.cpu_bf16=false",
+        ]
+    )
     rows: list[tuple[str, float]] = []
     trunk = time_trunk(fp32, device, args.steps, args.warmup)
     rows.append((f"trunk only, fp32 ({device.type})", trunk))
     method = time_method(fp32, device, args.steps, args.warmup)
     rows.append((f"full method step, fp32 ({device.type})", method))
-    amp = None
-    if cuda:
-        fast = load_config(overrides=[*base, "runtime.amp=true", "runtime.channels_last=true"])
-        amp = time_method(fast, device, args.steps, args.warmup)
-        rows.append(("full method step, AMP + channels_last (cuda)", amp))
+    fast_name = "AMP float16 + channels_last" if cuda else "bfloat16 autocast + channels_last"
+    fast = load_config(
+        overrides=[*base, "runtime.amp=true", "runtime.channels_last=true", "runtime.cpu_bf16=true"]
+    )
+    amp = time_method(fast, device, args.steps, args.warmup)
+    rows.append((f"full method step, {fast_name} ({device.type})", amp))
 
     where = (
         torch.cuda.get_device_name()
@@ -143,8 +151,7 @@ def main() -> None:
         "",
         f"method / trunk-only: {method / trunk:.2f}x",
     ]
-    if amp is not None:
-        lines.append(f"AMP + channels_last / fp32: {amp / method:.2f}x")
+    lines.append(f"{fast_name} / fp32: {amp / method:.2f}x")
     text = "\n".join(lines) + "\n"
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

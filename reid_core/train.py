@@ -48,7 +48,7 @@ from reid_core.engine.hooks import (
     ProgressHook,
     StopSignalHook,
 )
-from reid_core.engine.trainer import HookBase, Trainer, TrainingDivergedError
+from reid_core.engine.trainer import HookBase, Precision, Trainer, TrainingDivergedError
 from reid_core.evaluation import evaluate_features, extract_features
 from reid_core.method import DualBranchObjective
 from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
@@ -217,9 +217,9 @@ def build_trainer(
     train_records, eval_splits = load_splits(cfg)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
 
-    model = build_model(cfg, train_records).to(device)
-    if cfg.runtime.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = Precision.for_device(cfg.runtime, device).prepare(
+        build_model(cfg, train_records).to(device)
+    )
     objective = DualBranchObjective(
         cfg, len(train_records), model, cameras=[r.camid for r in train_records]
     ).to(device)

@@ -17,20 +17,64 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reid_core.config import ExperimentConfig
+from reid_core.config import ExperimentConfig, RuntimeConfig
 from reid_core.data.samplers import EpochShuffleSampler
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.method import DualBranchObjective, split_views
 
-__all__ = ["HookBase", "TrainState", "Trainer", "TrainingDivergedError"]
+__all__ = ["HookBase", "Precision", "TrainState", "Trainer", "TrainingDivergedError"]
 
 log = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How training steps run on a device: the autocast dtype (None: float32 throughout) and
+    whether images and weights use the channels_last memory format.
+
+    CUDA: float16 autocast with a gradient scaler (``runtime.amp``) and ``runtime.channels_last``.
+    CPU: float32, or with ``runtime.cpu_bf16`` bfloat16 autocast and channels_last (no scaler:
+    bfloat16 has float32's range). Weights, optimiser state, memories and losses stay float32;
+    evaluation and feature extraction always run in float32.
+    """
+
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def for_device(cls, runtime: RuntimeConfig, device: torch.device) -> Precision:
+        if device.type == "cuda":
+            return cls(torch.float16 if runtime.amp else None, runtime.channels_last)
+        if runtime.cpu_bf16:
+            if not _cpu_has_native_bf16():
+                log.warning(
+                    "runtime.cpu_bf16=true on a CPU without AMX or AVX512-BF16: bfloat16 is "
+                    "emulated there and may be slower than float32"
+                )
+            return cls(torch.bfloat16, True)
+        return cls(None, False)
+
+    @property
+    def scales_gradients(self) -> bool:
+        return self.autocast_dtype == torch.float16
+
+    def prepare(self, model: ModuleT) -> ModuleT:
+        """``model`` in the memory format the steps feed it."""
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def _cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16 (torch.cpu's probes; absent in some builds, then False)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -129,9 +173,8 @@ class Trainer:
         self.train_loader = train_loader
         self.sampler = sampler
         self.device = device
-        self.use_amp = cfg.runtime.amp and device.type == "cuda"
-        self.channels_last = cfg.runtime.channels_last and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.precision = Precision.for_device(cfg.runtime, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scales_gradients)
         steps = sampler.batches_per_epoch
         if cfg.schedule.max_steps_per_epoch is not None:
             steps = min(steps, cfg.schedule.max_steps_per_epoch)
@@ -205,10 +248,11 @@ class Trainer:
     def run_step(self, batch: Sequence[torch.Tensor]) -> None:
         view0, view1, indices = batch
         images = torch.cat([view0, view1]).to(self.device, non_blocking=True)
-        if self.channels_last:
+        if self.precision.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         indices = indices.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
+        dtype = self.precision.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             outputs = self.model(images)
         out0, out1 = split_views(outputs)
         losses = self.objective(out0, out1, indices, self.state.epoch)

@@ -52,6 +52,7 @@ SHORT_JOB = {
     "schedule.epochs": 2,
     "schedule.max_steps_per_epoch": 2,
     "eval.every_n_epochs": 1,
+    "model.camera_norm": True,  # the gallery search's camera field changes its hits
 }
 #: Minutes of training on this CPU: running for as long as a test needs before it cancels.
 LONG_JOB = {**TINY_JOB_CONFIG, "schedule.epochs": 150, "eval.every_n_epochs": 150}

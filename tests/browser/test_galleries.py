@@ -88,11 +88,14 @@ def query_image(service: Service) -> Path:
     return sorted((service.data_root / "synthetic" / "query").glob("*.jpg"))[0]
 
 
-def api_search(service: Service, gallery_id: str, image: Path, k: int) -> dict[str, Any]:
+def api_search(
+    service: Service, gallery_id: str, image: Path, k: int, camera: int | None = None
+) -> dict[str, Any]:
+    params = {"k": k} if camera is None else {"k": k, "camera": camera}
     with service.client() as api, image.open("rb") as f:
         response = api.post(
             f"/v1/galleries/{gallery_id}/search",
-            params={"k": k},
+            params=params,
             files={"image": (image.name, f, "image/jpeg")},
         )
     assert response.status_code == 200, response.text
@@ -100,12 +103,16 @@ def api_search(service: Service, gallery_id: str, image: Path, k: int) -> dict[s
     return result
 
 
-def search_from_the_page(page: Page, image: Path, k: int) -> None:
+def search_from_the_page(page: Page, image: Path, k: int, camera: str = "") -> str:
+    """Searches from the page's form (``camera`` as typed in its field); the request's URL."""
     form = page.locator("#search-form")
     form.get_by_label("Query image").set_input_files(image)
     form.get_by_label("Hits (k)").fill(str(k))
-    form.get_by_role("button", name="Search").click()
+    form.get_by_label("Query camera").fill(camera)
+    with page.expect_request(re.compile(r"/search\?")) as request:
+        form.get_by_role("button", name="Search").click()
     page.wait_for_function(_THUMBNAILS_LOADED, timeout=30_000)
+    return request.value.url
 
 
 def check_results(page: Page, expected: dict[str, Any]) -> None:
@@ -304,10 +311,30 @@ def test_a_gallery_is_built_searched_and_deleted_from_the_pages(
     image = query_image(service)
     k = min(10, gallery["images_done"])
     search_from_the_page(page, image, k)
-    check_results(page, api_search(service, gallery_id, image, k))
+    plain = api_search(service, gallery_id, image, k)
+    check_results(page, plain)
     expect(page.locator("#query-figure")).to_contain_text(image.name)
+    expect(page.locator("#query-camera")).to_have_count(0)
+
+    # the query's camera (its file name says c1), typed as the hits name cameras (c1 is camera
+    # id 0): the camera-normalised model embeds the query with that camera's statistics, so the
+    # scores change
+    assert "_c1s" in image.name, image.name
+    url = search_from_the_page(page, image, k, camera="1")
+    assert "camera=0" in url, url
+    with_camera = api_search(service, gallery_id, image, k, camera=0)
+    assert [h["score"] for h in with_camera["hits"]] != [h["score"] for h in plain["hits"]]
+    check_results(page, with_camera)
+    expect(page.locator("#query-camera")).to_have_text("c1")
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     screenshot(page, "gallery-search")
+    form = page.locator("#search-form")
+    form.get_by_label("Query camera").fill("0")
+    form.get_by_role("button", name="Search").click()
+    expect(form.locator(".form-message")).to_have_text(
+        "Query camera: the number after c (1 for c1), or empty."
+    )
+    form.get_by_label("Query camera").fill("")
 
     # leaving the page revokes its object URLs (the query image and the thumbnails)
     urls = page.locator("#search-results img").evaluate_all("images => images.map((i) => i.src)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -356,6 +357,40 @@ def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(
         b = runs[name]
         assert_same(b.model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), name)
         assert_same(b.objective.state_dict(), a.objective.state_dict(), name)
+
+
+def test_cpu_bf16_run_steps_in_bfloat16_evaluates_in_float32_and_resumes_bit_identical(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``runtime.cpu_bf16``: training forwards run in bfloat16 autocast on channels_last weights,
+    evaluation in float32; weights, memories and checkpoints stay float32, and a mid-epoch resume
+    ends like the uninterrupted run, to the bit."""
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def record(module: torch.nn.Module, _: Any, output: torch.Tensor) -> None:
+        seen.append((module.training, output.dtype))
+
+    runs = {}
+    for name, stop_at in (("a", None), ("b", STEPS + 1)):
+        cfg = tiny_config(tmp_path / name, synthetic_root, "runtime.cpu_bf16=true", steps=STEPS)
+        trainer = build(cfg)
+        trainer.model_without_ddp.backbone.register_forward_hook(record)
+        if stop_at is not None:
+            trainer.register_hooks([StopAfterStep(stop_at)])
+            assert trainer.train() == ExitCode.INTERRUPTED
+            trainer = build(cfg)
+        assert trainer.train() == ExitCode.OK
+        runs[name] = trainer
+    a = runs["a"]
+    assert (True, torch.bfloat16) in seen and (False, torch.float32) in seen
+    assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
+    conv = next(m for m in a.model_without_ddp.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for key, value in {**a.model_without_ddp.state_dict(), **a.objective.state_dict()}.items():
+        assert not value.is_floating_point() or value.dtype == torch.float32, key
+    assert_same(runs["b"].model_without_ddp.state_dict(), a.model_without_ddp.state_dict(), "model")
+    assert_same(runs["b"].objective.state_dict(), a.objective.state_dict(), "objective")
+    assert math.isfinite(a.state.metrics["mAP"])
 
 
 # ----------------------------------------------------------------------------------------------

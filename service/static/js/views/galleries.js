@@ -572,6 +572,14 @@ export function renderGallery(root, [galleryId]) {
       value: "10",
       required: true,
     });
+    // the number of the camera as the hits show it (c1 is camera id 0); empty: not given
+    const camera = h("input", {
+      name: "camera",
+      type: "number",
+      min: "1",
+      step: "1",
+      placeholder: "optional: 2 for c2",
+    });
     const message = h("p", { class: "form-message", role: "status", hidden: true });
     const submit = h("button", { type: "submit", class: "primary" }, "Search");
     const form = h(
@@ -579,6 +587,17 @@ export function renderGallery(root, [galleryId]) {
       { class: "inline-form", id: "search-form", novalidate: true },
       h("label", { class: "file-label" }, "Query image (a person crop)", file),
       h("label", { class: "k-label" }, "Hits (k)", k),
+      h(
+        "label",
+        {
+          class: "camera-label",
+          title:
+            "A model trained with camera normalisation normalises the query with this " +
+            "camera's statistics; leave empty when the camera is not known.",
+        },
+        "Query camera",
+        camera,
+      ),
       submit,
       message,
     );
@@ -594,18 +613,25 @@ export function renderGallery(root, [galleryId]) {
         setMessage(message, `Hits (k): a whole number from 1 to ${MAX_K}.`);
         return;
       }
+      if (!camera.checkValidity()) {
+        setMessage(message, "Query camera: the number after c (1 for c1), or empty.");
+        return;
+      }
+      const params = new URLSearchParams({ k: k.value });
+      if (camera.value !== "") params.set("camera", String(Number(camera.value) - 1));
       const body = new FormData();
       body.append("image", query);
       submit.disabled = true;
       setMessage(message, "Searching…", "ok");
       try {
-        const response = await request(
-          `${galleryPath(galleryId)}/search?k=${encodeURIComponent(k.value)}`,
-          { method: "POST", body, signal: closing.signal },
-        );
+        const response = await request(`${galleryPath(galleryId)}/search?${params}`, {
+          method: "POST",
+          body,
+          signal: closing.signal,
+        });
         const result = await response.json();
         setMessage(message, "");
-        showResults(query, result);
+        showResults(query, result, params.has("camera") ? Number(params.get("camera")) : null);
       } catch (error) {
         if (error.name === "AbortError") return;
         setMessage(message, describeError(error));
@@ -626,7 +652,7 @@ export function renderGallery(root, [galleryId]) {
 
   let shown = null; // {urls, abort} of the results on screen
 
-  function showResults(query, result) {
+  function showResults(query, result, queryCamera) {
     if (shown) {
       shown.abort.abort();
       shown.urls.forEach(revoke);
@@ -649,7 +675,15 @@ export function renderGallery(root, [galleryId]) {
           "figure",
           { class: "query-figure", id: "query-figure" },
           h("img", { src: queryUrl, alt: `query image ${result.query}`, id: "query-image" }),
-          h("figcaption", {}, h("span", { class: "muted" }, "query "), result.query),
+          h(
+            "figcaption",
+            {},
+            h("span", { class: "muted" }, "query "),
+            result.query,
+            queryCamera === null
+              ? null
+              : h("span", { class: "chip", id: "query-camera" }, cameraLabel(queryCamera)),
+          ),
         ),
         cameraSummary(hits),
       ),
