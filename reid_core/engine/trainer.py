@@ -54,11 +54,6 @@ class Precision:
         if device.type == "cuda":
             return cls(torch.float16 if runtime.amp else None, runtime.channels_last)
         if runtime.cpu_bf16:
-            if not _cpu_has_native_bf16():
-                log.warning(
-                    "runtime.cpu_bf16=true on a CPU without AMX or AVX512-BF16: bfloat16 is "
-                    "emulated there and may be slower than float32"
-                )
             return cls(torch.bfloat16, True)
         return cls(None, False)
 
@@ -174,6 +169,12 @@ class Trainer:
         self.sampler = sampler
         self.device = device
         self.precision = Precision.for_device(cfg.runtime, device)
+        cpu_bf16 = device.type == "cpu" and self.precision.autocast_dtype is not None
+        if cpu_bf16 and not _cpu_has_native_bf16():
+            log.warning(
+                "runtime.cpu_bf16=true on a CPU without AMX or AVX512-BF16: bfloat16 is "
+                "emulated there and may be slower than float32"
+            )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scales_gradients)
         steps = sampler.batches_per_epoch
         if cfg.schedule.max_steps_per_epoch is not None:

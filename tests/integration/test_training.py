@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import reid_core.engine.checkpoint as checkpoint_module
+import reid_core.engine.trainer as trainer_module
 from reid_core.config import ExperimentConfig, dump_config, load_config
 from reid_core.data import build_eval_loader, build_splits
 from reid_core.engine.checkpoint import LAST_TAG, Checkpointer
@@ -360,11 +361,15 @@ def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(
 
 
 def test_cpu_bf16_run_steps_in_bfloat16_evaluates_in_float32_and_resumes_bit_identical(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``runtime.cpu_bf16``: training forwards run in bfloat16 autocast on channels_last weights,
     evaluation in float32; weights, memories and checkpoints stay float32, and a mid-epoch resume
-    ends like the uninterrupted run, to the bit."""
+    ends like the uninterrupted run, to the bit. On a CPU without native bfloat16 (pretended
+    for the resumed part) a warning says so."""
     seen: list[tuple[bool, torch.dtype]] = []
 
     def record(module: torch.nn.Module, _: Any, output: torch.Tensor) -> None:
@@ -378,9 +383,13 @@ def test_cpu_bf16_run_steps_in_bfloat16_evaluates_in_float32_and_resumes_bit_ide
         if stop_at is not None:
             trainer.register_hooks([StopAfterStep(stop_at)])
             assert trainer.train() == ExitCode.INTERRUPTED
+            monkeypatch.setattr(trainer_module, "_cpu_has_native_bf16", lambda: False)
+            caplog.set_level(logging.WARNING, logger=trainer_module.__name__)
             trainer = build(cfg)
         assert trainer.train() == ExitCode.OK
         runs[name] = trainer
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("without AMX or AVX512-BF16" in m for m in messages) == 1, messages
     a = runs["a"]
     assert (True, torch.bfloat16) in seen and (False, torch.float32) in seen
     assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
