@@ -425,8 +425,8 @@ class RuntimeConfig(_Strict):
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
     cpu_bf16: bool = Field(
         False,
-        description="Training steps on the CPU in bfloat16 autocast with channels_last (about "
-        "2x faster on CPUs with AMX or AVX512-BF16: bench/train_throughput.py); ignored on CUDA.",
+        description="Training steps on the CPU in bfloat16 autocast with channels_last (2-3x "
+        "faster per step on a CPU with AMX: bench/results/train_throughput*.md); ignored on CUDA.",
     )
     seed: int = 0
     deterministic: bool = False
