@@ -617,8 +617,9 @@ export function renderGallery(root, [galleryId]) {
         setMessage(message, "Query camera: the number after c (1 for c1), or empty.");
         return;
       }
+      const queryCamera = camera.value === "" ? null : Number(camera.value) - 1;
       const params = new URLSearchParams({ k: k.value });
-      if (camera.value !== "") params.set("camera", String(Number(camera.value) - 1));
+      if (queryCamera !== null) params.set("camera", String(queryCamera));
       const body = new FormData();
       body.append("image", query);
       submit.disabled = true;
@@ -631,7 +632,7 @@ export function renderGallery(root, [galleryId]) {
         });
         const result = await response.json();
         setMessage(message, "");
-        showResults(query, result, params.has("camera") ? Number(params.get("camera")) : null);
+        showResults(query, result, queryCamera);
       } catch (error) {
         if (error.name === "AbortError") return;
         setMessage(message, describeError(error));
