@@ -20,7 +20,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "CameraProxyConfig",
     "CheckpointConfig",
+    "ClusterConfig",
+    "ClusterLossConfig",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
@@ -277,22 +280,75 @@ class IPFLConfig(_Strict):
     )
 
 
-class LossConfig(_Strict):
-    """L = w_E L_E + w_GSL L_GSL + 2 L_PEDAL + 1 L_IPFL; each term can be switched off."""
+class ClusterLossConfig(_Strict):
+    """Cluster contrast L_cc over pseudo-identity centroids (reid_core.losses.cluster_contrast),
+    the global branch's objective with ``loss.objective=cluster_contrast``."""
 
+    weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="tau of the InfoNCE.")
+    momentum: float = Field(
+        0.1, ge=0.0, le=1.0, description="Weight of the old centroid in its update (mu)."
+    )
+    update: Literal["mean", "hard"] = Field(
+        "mean",
+        description="'mean': every image of the batch updates its centroid; 'hard': only the "
+        "cluster's image least similar to its centroid does.",
+    )
+
+
+class CameraProxyConfig(_Strict):
+    """Camera-aware proxies (reid_core.losses.camera_proxy): one centroid per (cluster, camera),
+    an intra-camera and an inter-camera term beside L_cc. Needs every training image's camera."""
+
+    enabled: bool = False
+    intra_weight: float = Field(1.0, ge=0.0)
+    inter_weight: float = Field(0.5, ge=0.0, description="lambda of L_inter.")
+    temperature: float = Field(0.07, gt=0.0, le=10.0, description="b of both terms.")
+    momentum: float = Field(0.2, ge=0.0, le=1.0, description="Weight of the old proxy (alpha).")
+    hard_negatives: int = Field(50, ge=1, le=10_000, description="|N| of L_inter.")
+    inter_from_epoch: int = Field(
+        5, ge=0, description="L_inter is 0 before this epoch (the proxies are still updated)."
+    )
+
+
+class LossConfig(_Strict):
+    """L = w_E L_E + w_GSL L_GSL + 2 L_PEDAL + 1 L_IPFL; each term can be switched off.
+
+    With ``objective=cluster_contrast`` the global branch's terms are L_cc (``cluster``) and,
+    with ``camera.enabled``, L_intra and L_inter instead of L_E and L_GSL (whose settings are
+    then unused); the patch branch is the same.
+    """
+
+    objective: Literal["instance_memory", "cluster_contrast"] = Field(
+        "instance_memory",
+        description="The global branch's objective: the paper's instance memory with GSL, or "
+        "cluster contrast on pseudo labels (the `cluster` section says how they are made).",
+    )
     instance: InstanceLossConfig = InstanceLossConfig()
     gsl: GSLConfig = GSLConfig()
     pedal: PEDALConfig = PEDALConfig()
     ipfl: IPFLConfig = IPFLConfig()
     prior: NeighbourPriorConfig = NeighbourPriorConfig()
+    cluster: ClusterLossConfig = ClusterLossConfig()
+    camera: CameraProxyConfig = CameraProxyConfig()
+
+    @property
+    def clusters(self) -> bool:
+        """Whether the run trains on pseudo labels (``objective=cluster_contrast``)."""
+        return self.objective == "cluster_contrast"
+
+    @property
+    def gsl_on(self) -> bool:
+        """Whether L_GSL is part of the objective at all."""
+        return self.gsl.enabled and not self.clusters
 
     def gsl_uses_prior(self, epoch: int) -> bool:
         """Whether GSL's credible sets of ``epoch`` (0-based) come from the prior."""
-        return self.gsl.enabled and self.prior.kind != "none" and epoch < self.gsl.prior_epochs
+        return self.gsl_on and self.prior.kind != "none" and epoch < self.gsl.prior_epochs
 
     def gsl_active(self, epoch: int) -> bool:
         """Whether L_GSL is on in ``epoch``: from the prior, or from the memory after warm-up."""
-        return self.gsl_uses_prior(epoch) or (self.gsl.enabled and epoch >= self.gsl.warmup_epochs)
+        return self.gsl_uses_prior(epoch) or (self.gsl_on and epoch >= self.gsl.warmup_epochs)
 
     def pedal_uses_prior(self, epoch: int) -> bool:
         """Whether PEDAL's neighbours of ``epoch`` come from the prior."""
@@ -313,7 +369,9 @@ class LossConfig(_Strict):
     def _prior_settings_used(self) -> LossConfig:
         """Refuses prior settings that would be ignored: prior epochs of an enabled term without a
         prior, or a prior that no enabled term reads."""
-        terms: dict[str, GSLConfig | PEDALConfig] = {"gsl": self.gsl, "pedal": self.pedal}
+        terms: dict[str, GSLConfig | PEDALConfig] = {"pedal": self.pedal}
+        if not self.clusters:
+            terms = {"gsl": self.gsl, **terms}
         kind = self.prior.kind
         if kind == "none":
             for name, term in terms.items():
@@ -336,9 +394,18 @@ class LossConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _camera_proxies_need_clusters(self) -> LossConfig:
+        if self.camera.enabled and not self.clusters:
+            raise ValueError(
+                "loss.camera.enabled=true needs pseudo labels: set "
+                "loss.objective=cluster_contrast, or loss.camera.enabled=false"
+            )
+        return self
+
     @property
     def global_branch(self) -> bool:
-        return self.instance.enabled or self.gsl.enabled
+        return self.clusters or self.instance.enabled or self.gsl.enabled
 
     @property
     def patch_branch(self) -> bool:
@@ -437,6 +504,61 @@ class RuntimeConfig(_Strict):
     progress_bar: bool = True
 
 
+class ClusterConfig(_Strict):
+    """How pseudo labels are made for ``loss.objective=cluster_contrast``
+    (reid_core.clustering): at the start of every ``every_n_epochs``, features of all training
+    images, their sparse k-reciprocal Jaccard distance and DBSCAN on it."""
+
+    every_n_epochs: int = Field(1, ge=1)
+    colour_epochs: int = Field(
+        1,
+        ge=0,
+        description="Clusterings at epochs before this one cluster camera-centred colour "
+        "stripes (reid_core.data.colour) instead of the network's features: from scratch the "
+        "untrained network's neighbours are random. The memories always take the network's "
+        "features.",
+    )
+    k1: int = Field(30, ge=1, le=1000, description="k1 of the k-reciprocal sets.")
+    k2: int = Field(6, ge=1, le=1000, description="k2 of the local query expansion.")
+    eps: float | Literal["auto"] = Field(
+        0.6,
+        description="DBSCAN's eps on the Jaccard distance, or 'auto': chosen from the data at "
+        "every clustering (eps_quantile) and logged.",
+    )
+    eps_quantile: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="eps=auto: this quantile of the images' distance to their min_samples-1-th "
+        "nearest neighbour.",
+    )
+    min_samples: int = Field(4, ge=2, le=1000)
+    camera_centred: bool = Field(
+        True, description="Remove each camera's mean feature before the Jaccard distance."
+    )
+    flip: bool = Field(True, description="Average each image's features with its mirror's.")
+    outliers: Literal["drop", "instances"] = Field(
+        "drop",
+        description="Images DBSCAN leaves unclustered: out of the epoch ('drop'), or each its "
+        "own cluster ('instances').",
+    )
+    max_cluster_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="A clustering whose largest cluster holds more of the images is refused "
+        "(warning; the previous labels are kept), as is one that finds no cluster.",
+    )
+    instances_per_cluster: int = Field(
+        4, ge=1, le=64, description="K of the P x K sampler (data.batch_size = P K)."
+    )
+    sampler: Literal["cross_camera", "random"] = Field(
+        "cross_camera",
+        description="How the P x K sampler draws a cluster's K images: 'cross_camera' cycles "
+        "through the cluster's cameras (it reads the cameras), 'random' ignores them.",
+    )
+
+
 class ExperimentConfig(_Strict):
     """The whole configuration of one training run."""
 
@@ -445,12 +567,24 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     memory: MemoryConfig = MemoryConfig()
     loss: LossConfig = LossConfig()
+    cluster: ClusterConfig = ClusterConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _batch_of_whole_clusters(self) -> ExperimentConfig:
+        k = self.cluster.instances_per_cluster
+        if self.loss.clusters and self.data.batch_size % k:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is not a multiple of "
+                f"cluster.instances_per_cluster={k}: the P x K sampler fills a batch with whole "
+                "clusters"
+            )
+        return self
 
     @model_validator(mode="after")
     def _some_loss_enabled(self) -> ExperimentConfig:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from reid_core.cluster_contrast import ClusterContrastBranch
 from reid_core.config import ExperimentConfig
 from reid_core.engine.distributed import all_gather_cat, get_world_size, is_main_process
 from reid_core.evaluation import centre_per_camera
@@ -106,7 +107,10 @@ class DualBranchObjective(nn.Module):
         self.classifier: MemoryClassifierLoss | None = None
         self.pedal: PEDALLoss | None = None
         self.ipfl: IPFLLoss | None = None
-        if loss.global_branch:
+        self.clusters: ClusterContrastBranch | None = None
+        if loss.clusters:
+            self.clusters = ClusterContrastBranch(loss, num_images, model.global_dim, cameras)
+        elif loss.global_branch:
             self.global_memory = FeatureMemory(num_images, model.global_dim)
             self.classifier = MemoryClassifierLoss(loss.instance, loss.gsl)
         if loss.patch_branch and not model.with_patch_branch:
@@ -136,6 +140,9 @@ class DualBranchObjective(nn.Module):
         every rank holds the full, identical memories. With ``memory.init=zeros`` the global
         memory stays zero (its slots take the first feature they see).
         """
+        fills_global = self.global_memory is not None and self.cfg.memory.init == "forward"
+        if not (fills_global or self.patch_memory is not None or self.agents is not None):
+            return  # nothing to fill (cluster contrast without a patch branch)
         was_training = model.training
         model.eval()
         batches = tqdm(
@@ -149,7 +156,8 @@ class DualBranchObjective(nn.Module):
             out = model(images.to(device))
             idx = all_gather_cat(indices.to(device))
             seen += len(idx)
-            if self.global_memory is not None and self.cfg.memory.init == "forward":
+            if fills_global:
+                assert self.global_memory is not None
                 self.global_memory.set(idx, all_gather_cat(out.global_features.float()))
             if self.patch_memory is not None and out.patch_features is not None:
                 self.patch_memory.set(idx, all_gather_cat(out.patch_features.float()))
@@ -182,7 +190,7 @@ class DualBranchObjective(nn.Module):
         loss = self.cfg.loss
         cams = self.slot_cameras
         descriptors = descriptors.to(cams.device).float()
-        if loss.gsl.enabled and loss.gsl.prior_epochs > 0:
+        if loss.gsl_on and loss.gsl.prior_epochs > 0:
             centred = centre_per_camera(descriptors.flatten(1), cams)
             other_cameras = loss.gsl.neighbours == "other_cameras"
             neighbours, similarities = credible_neighbour_lists(
@@ -264,6 +272,9 @@ class DualBranchObjective(nn.Module):
                 terms["instance"] = loss_cfg.instance.weight * g["instance"]
             if loss_cfg.gsl.enabled:
                 terms["gsl"] = loss_cfg.gsl.weight * g["gsl"]
+        if self.clusters is not None:
+            feats = torch.cat([out0.global_features, out1.global_features]).float()
+            terms.update(self.clusters(feats, both, epoch))
         if self.pedal is not None and self.patch_memory is not None:
             assert out0.patch_features is not None and out1.patch_features is not None
             assert all_indices is not None
@@ -310,6 +321,11 @@ class DualBranchObjective(nn.Module):
         self, out0: ReIDOutput, out1: ReIDOutput, indices: torch.Tensor, epoch: int
     ) -> None:
         """Global memory update with this step's features (gathered from every rank)."""
+        if self.clusters is not None:
+            feats = torch.cat([out0.global_features, out1.global_features]).float()
+            self.clusters.update(
+                all_gather_cat(feats), all_gather_cat(torch.cat([indices, indices]))
+            )
         if self.global_memory is None:
             return
         mean = F.normalize(out0.global_features.float() + out1.global_features.float(), dim=1)

@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
+from reid_core.clustering.labeller import PseudoLabeller
 from reid_core.config import ConfigError, ExperimentConfig, dump_config, load_config
 from reid_core.data import (
     DatasetError,
@@ -46,6 +47,7 @@ from reid_core.engine.hooks import (
     MemoryInitHook,
     NeighbourPriorHook,
     ProgressHook,
+    PseudoLabelHook,
     StopSignalHook,
 )
 from reid_core.engine.trainer import HookBase, Precision, Trainer, TrainingDivergedError
@@ -226,8 +228,22 @@ def build_trainer(
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
+    if cfg.loss.camera.enabled:
+        unknown = [r.path for r in train_records if r.camid < 0]
+        if unknown:
+            raise DatasetError(
+                f"loss.camera.enabled=true needs the camera of every training image, but "
+                f"{len(unknown)} of {len(train_records)} images of dataset {cfg.data.dataset!r} "
+                f"have none (first: {unknown[0]}); name files with their camera or set "
+                "loss.camera.enabled=false"
+            )
     train_loader = build_train_loader(
-        train_records, cfg.data, cfg.runtime.seed, rank=rank, world_size=world
+        train_records,
+        cfg.data,
+        cfg.runtime.seed,
+        rank=rank,
+        world_size=world,
+        clusters=cfg.cluster if cfg.loss.clusters else None,
     )
     assert isinstance(train_loader.sampler, EpochShuffleSampler)
     # memory initialisation: every rank embeds its share, the memories gather all of them
@@ -281,8 +297,13 @@ def build_trainer(
             every_n_epochs=cfg.eval.every_n_epochs,
             at_start=cfg.eval.at_start,
         )
-    if cfg.model.camera_norm:  # before the evaluation and the final model, which use them
-        calibrate = build_camera_calibration(cfg, train_records, device)
+    calibrate = (
+        build_camera_calibration(cfg, train_records, device) if cfg.model.camera_norm else None
+    )
+    if cfg.loss.clusters:
+        labeller = PseudoLabeller(cfg, train_records, device, calibrate)
+        hooks.append(PseudoLabelHook(labeller, cfg.cluster.every_n_epochs))
+    if calibrate is not None:  # before the evaluation and the final model, which use them
         hooks.append(CameraNormHook(calibrate, evaluation))
     if evaluation is not None:
         hooks.append(evaluation)

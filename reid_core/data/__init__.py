@@ -49,7 +49,7 @@ from reid_core.data.registry import (
     dataset_names,
     register_dataset,
 )
-from reid_core.data.samplers import EpochShuffleSampler
+from reid_core.data.samplers import ClusterSampler, EpochShuffleSampler
 from reid_core.data.synthetic import generate_synthetic_market
 from reid_core.data.transforms import (
     AspectPreservingRandomResizedCrop,
@@ -65,6 +65,7 @@ __all__ = [
     "UNKNOWN",
     "AspectPreservingRandomResizedCrop",
     "BaseDataset",
+    "ClusterSampler",
     "CorruptImageError",
     "DatasetError",
     "DukeMTMC",

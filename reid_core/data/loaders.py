@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from reid_core.config import DataConfig
+from reid_core.config import ClusterConfig, DataConfig
 from reid_core.data.image_io import CorruptImageError, TooManyCorruptImagesError, load_image
 from reid_core.data.records import ImageRecord
 from reid_core.data.registry import DatasetError
-from reid_core.data.samplers import EpochShuffleSampler
+from reid_core.data.samplers import ClusterSampler, EpochShuffleSampler
 from reid_core.data.transforms import (
     TwoViewTransform,
     build_test_transform,
@@ -170,8 +170,12 @@ def build_train_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
+    clusters: ClusterConfig | None = None,
 ) -> DataLoader[tuple[torch.Tensor, torch.Tensor, int]]:
     """Loader of ``(view0, view1, index)`` batches of ``data.batch_size``.
+
+    With ``clusters`` (``loss.objective=cluster_contrast``) the batches are P x K over pseudo
+    labels (:class:`ClusterSampler`, whose ``set_labels`` must be called before the first epoch).
 
     The order comes from :class:`EpochShuffleSampler` (a function of seed and epoch; each of
     ``world_size`` processes takes its own whole batches); call ``loader.sampler.set_epoch(e)``
@@ -180,7 +184,19 @@ def build_train_loader(
     """
     dataset = TrainSet(records, build_train_transform(cfg), cfg.max_bad_fraction)
     try:
-        sampler = EpochShuffleSampler(len(dataset), cfg.batch_size, seed, rank, world_size)
+        sampler: EpochShuffleSampler
+        if clusters is None:
+            sampler = EpochShuffleSampler(len(dataset), cfg.batch_size, seed, rank, world_size)
+        else:
+            sampler = ClusterSampler(
+                len(dataset),
+                cfg.batch_size,
+                clusters.instances_per_cluster,
+                seed,
+                rank,
+                world_size,
+                cross_camera=clusters.sampler == "cross_camera",
+            )
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
     gen = torch.Generator()

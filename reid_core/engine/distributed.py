@@ -16,6 +16,7 @@ __all__ = [
     "all_gather_cat",
     "barrier",
     "broadcast_object",
+    "broadcast_tensor",
     "cleanup",
     "get_rank",
     "get_world_size",
@@ -95,3 +96,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``tensor`` as rank ``src`` holds it, on every rank (same shape and dtype everywhere)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.contiguous()
+    dist.broadcast(out, src=src)
+    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryInitHook",
     "NeighbourPriorHook",
     "ProgressHook",
+    "PseudoLabelHook",
     "StopSignalHook",
 ]
 
@@ -109,6 +111,84 @@ class NeighbourPriorHook(HookBase):
         if not self.trainer.cfg.loss.uses_prior(self.trainer.state.epoch):
             return
         self.trainer.objective.set_neighbour_prior(self.descriptors())
+
+
+class PseudoLabelHook(HookBase):
+    """Pseudo labels for ``loss.objective=cluster_contrast``: at the start of every
+    ``every_n_epochs`` (and of the first epoch a run trains) rank 0 runs ``labeller(model,
+    epoch, previous_labels) -> (features, clustering)`` (:class:`reid_core.clustering.PseudoLabeller`); every
+    rank receives the features and labels, rebuilds its memories from them
+    (:meth:`reid_core.cluster_contrast.ClusterContrastBranch.relabel`) and gives the sampler the
+    labels, so memories and batches are identical on every rank. The clustering's signals go
+    to ``state.clustering`` (``cluster/*`` in metrics.jsonl and progress.json).
+
+    A degenerate clustering (no cluster, or one holding more than
+    ``cluster.max_cluster_fraction`` of the images) is not trained on: a warning says why and
+    the previous labels stay; when there are none yet, every image is its own cluster for the
+    epoch (instance discrimination). A resumed run takes its labels from the checkpoint.
+    """
+
+    def __init__(
+        self,
+        labeller: Callable[[torch.nn.Module, int, np.ndarray | None], tuple[torch.Tensor, Any]],
+        every_n_epochs: int,
+    ) -> None:
+        self.labeller = labeller
+        self.every_n_epochs = every_n_epochs
+
+    @property
+    def _branch(self) -> Any:
+        branch = self.trainer.objective.clusters
+        assert branch is not None, "PseudoLabelHook needs loss.objective=cluster_contrast"
+        return branch
+
+    def _give_sampler(self, labels: np.ndarray) -> None:
+        set_labels = getattr(self.trainer.sampler, "set_labels", None)
+        if set_labels is not None:
+            set_labels(labels, self._branch.slot_cameras.cpu().numpy())
+
+    def before_train(self) -> None:
+        if self.trainer.resumed and self._branch.has_labels:
+            self._give_sampler(self._branch.labels.cpu().numpy())
+
+    def before_epoch(self) -> None:
+        state = self.trainer.state
+        due = state.epoch % self.every_n_epochs == 0 and state.step_in_epoch == 0
+        if not (due or not self._branch.has_labels):
+            return
+        result: Any = None
+        features = None
+        if dist_utils.is_main_process():
+            rng = capture_rng_state()
+            previous = self._branch.labels.cpu().numpy() if self._branch.has_labels else None
+            model = self.trainer.model_without_ddp
+            features, clustering = self.labeller(model, state.epoch, previous)
+            restore_rng_state(rng)
+            result = (clustering.labels, clustering.stats.as_metrics(), clustering.degenerate)
+        received = dist_utils.broadcast_object(result)
+        assert isinstance(received, tuple)
+        labels: np.ndarray = received[0]
+        stats: dict[str, float] = received[1]
+        degenerate: str | None = received[2]
+        num, dim = len(labels), self._branch.memory.dim
+        if features is None:
+            features = torch.empty((num, dim))
+        features = dist_utils.broadcast_tensor(features.to(self.trainer.device)).cpu()
+        if degenerate is not None:
+            kept = self._branch.has_labels
+            log.warning(
+                "epoch %d: %s; %s",
+                state.epoch + 1,
+                degenerate,
+                "training on the previous pseudo labels"
+                if kept
+                else "no previous labels: every image is its own cluster this epoch",
+            )
+            stats = {**stats, "cluster/degenerate": 1.0}
+            labels = self._branch.labels.cpu().numpy() if kept else np.arange(num)
+        self._branch.relabel(features, labels)
+        self._give_sampler(np.asarray(labels))
+        state.clustering = stats
 
 
 class LRSchedulerHook(HookBase):
@@ -308,6 +388,7 @@ class ProgressHook(HookBase):
                 "progress": round(state.fraction_done, 6),
                 "losses": state.losses,
                 "metrics": state.metrics,
+                "clustering": state.clustering,
                 "images_per_second": round(self._images_per_second(), 3)
                 if self._epoch_steps
                 else None,
@@ -366,6 +447,7 @@ class ProgressHook(HookBase):
             "images_per_second": self._images_per_second(),
             "epoch_seconds": time.perf_counter() - self._epoch_start,
         }
+        record.update(state.clustering)  # the pseudo labels this epoch trained on
         if state.metrics and state.metrics.get("epoch") == state.epoch + 1:
             record.update({f"eval/{k}": v for k, v in state.metrics.items() if k != "epoch"})
         state.history.append(record)

@@ -88,6 +88,7 @@ class TrainState:
     losses: dict[str, float] = field(default_factory=dict)  # last step
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
+    clustering: dict[str, float] = field(default_factory=dict)  # last clustering's signals
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
 
     @property
@@ -110,6 +111,7 @@ class TrainState:
             "global_step": self.global_step,
             "epoch_loss_sums": dict(self.epoch_loss_sums),
             "metrics": dict(self.metrics),
+            "clustering": dict(self.clustering),
             "history": list(self.history),
         }
 
@@ -119,6 +121,7 @@ class TrainState:
         self.global_step = state["global_step"]
         self.epoch_loss_sums = dict(state["epoch_loss_sums"])
         self.metrics = dict(state["metrics"])
+        self.clustering = dict(state.get("clustering", {}))
         self.history = list(state["history"])
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at an epoch's end
             self.epoch += 1

@@ -428,15 +428,96 @@ def _check_parameters(k1: int, k2: int, lambda_value: float) -> None:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
 
 
-def _re_rank(pool: _Pool, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+#: V in CSR form: (indptr (N+1,), column indices, float32 values).
+SparseRows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _k_reciprocal_vectors(
+    pool: _Pool, k1: int, k2: int, knn: np.ndarray | None = None
+) -> tuple[np.ndarray, SparseRows]:
+    """Steps 1-4: (row maxima, V after query expansion). ``knn``: the nearest samples of each
+    row, self first, at least ``max(k1 + 1, k2)`` wide (found here when None)."""
     n = pool.n
     half = min(_half(k1), n - 1)  # k1/2 of the requested k1, both capped by the sample count
     k1 = min(k1, n - 1)
     k2 = min(k2, n)
-    row_max, knn = _nearest_neighbours(pool, max(k1 + 1, k2))
+    width = max(k1 + 1, k2)
+    if knn is None:
+        row_max, knn = _nearest_neighbours(pool, width)
+    else:
+        if knn.shape != (n, knn.shape[1]) or knn.shape[1] < width:
+            raise ValueError(f"knn of shape {knn.shape}: expected ({n}, >= {width})")
+        row_max = _row_maxima(pool)
     v = _encode(pool, knn, row_max, k1, half)
-    v = _query_expansion(v, knn, k2)
+    return row_max, _query_expansion(v, knn, k2)
+
+
+def _row_maxima(pool: _Pool) -> np.ndarray:
+    """The largest distance of every row (1 where a row is all zeros)."""
+    row_max = np.empty(pool.n, dtype=np.float32)
+    for a, b in pool.row_chunks(max(1, _CHUNK_ELEMENTS // pool.n)):
+        row_max[a:b] = pool.rows(a, b).max(axis=1)
+    row_max[row_max <= 0] = 1.0
+    return row_max
+
+
+def _re_rank(pool: _Pool, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+    row_max, v = _k_reciprocal_vectors(pool, k1, k2)
     return _jaccard_final(pool, v, row_max, lambda_value)
+
+
+def k_reciprocal_jaccard(
+    features: ArrayLike,
+    *,
+    metric: Metric = "cosine",
+    k1: int = 30,
+    k2: int = 6,
+    knn: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse Jaccard distances d_J (step 5) among the N rows of ``features`` (N, D).
+
+    Only pairs whose encodings V overlap (``sum_l min(V[i, l], V[j, l]) > 0``) have a distance
+    below 1; they are returned as ``(rows, cols, d_J)``, self pairs (distance 0) included,
+    every row's pairs in increasing column order. Memory is O(N D) for the features, O(N m)
+    for V and the pairs (m the mean number of overlapping rows, a few hundred at k1 = 30),
+    with row chunks of a fixed size in between: never N x N. ``knn`` as in the re-ranking:
+    each row's nearest rows, self first (a faiss search, say); found here when None.
+    """
+    check_metric(metric)
+    _check_parameters(k1, k2, 0.0)
+    pool = _FeatureDistances(features, as_float_tensor(features, "features")[:0], metric)
+    _, (indptr, indices, values) = _k_reciprocal_vectors(pool, k1, k2, knn)
+    n = pool.n
+    row_of = np.repeat(np.arange(n), np.diff(indptr))
+    row_sum = np.bincount(row_of, weights=values, minlength=n)
+    # inverted index: for every column l, the rows j with V[j, l] != 0
+    order = np.argsort(indices, kind="stable")
+    inv_rows, inv_vals = row_of[order], values[order]
+    col_len = np.bincount(indices, minlength=n)
+    col_ptr = np.concatenate([[0], np.cumsum(col_len)])
+    out_rows: list[np.ndarray] = []
+    out_cols: list[np.ndarray] = []
+    out_dist: list[np.ndarray] = []
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // n)
+    for a in range(0, n, rows_per_chunk):
+        b = min(a + rows_per_chunk, n)
+        e0, e1 = indptr[a], indptr[b]
+        cols, vals = indices[e0:e1], values[e0:e1]
+        owner, pos = _expand_ranges(col_ptr[cols], col_len[cols])
+        keys = (row_of[e0:e1][owner] - a) * n + inv_rows[pos]
+        mins = np.minimum(vals[owner], inv_vals[pos])
+        num = np.bincount(keys, weights=mins, minlength=(b - a) * n).reshape(b - a, n)
+        r, c = np.nonzero(num)
+        overlap = num[r, c]
+        r += a
+        out_rows.append(r)
+        out_cols.append(c)
+        out_dist.append(
+            np.clip(1.0 - overlap / (row_sum[r] + row_sum[c] - overlap), 0.0, 1.0).astype(
+                np.float32
+            )
+        )
+    return np.concatenate(out_rows), np.concatenate(out_cols), np.concatenate(out_dist)
 
 
 def re_rank_features(

@@ -1,0 +1,92 @@
+"""Pseudo labels of the training images from a model (or, early on, from colour stripes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from reid_core.clustering.pseudo_labels import Clustering, cluster_features
+from reid_core.config import ExperimentConfig
+from reid_core.data import ImageRecord, build_eval_loader
+from reid_core.data.colour import stripe_colour_histograms
+from reid_core.evaluation import extract_features
+
+__all__ = ["PseudoLabeller"]
+
+log = logging.getLogger(__name__)
+
+
+class PseudoLabeller:
+    """``labeller(model, epoch, previous) -> (features, clustering)`` over ``records`` (the
+    training images, in memory-slot order).
+
+    ``features`` (N, d): the model's global features of every image (through the test
+    transform, mirror-averaged with ``cluster.flip``, each camera's BatchNorm statistics with
+    ``model.camera_norm``, estimated first by ``calibrate``); the memories are built from them.
+    The clustering reads them too, except at epochs before ``cluster.colour_epochs``, where it
+    reads the images' colour stripes (computed once). ``previous`` labels (the ones trained on
+    so far, or None) feed the adjusted Rand index of the stats.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        records: Sequence[ImageRecord],
+        device: torch.device,
+        calibrate: Callable[[torch.nn.Module], object] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.records = list(records)
+        self.device = device
+        self.calibrate = calibrate
+        self.cameras = np.array([r.camid for r in self.records], dtype=np.int64)
+        self.loader = build_eval_loader(self.records, cfg.data, cfg.eval.batch_size)
+        self._colour: torch.Tensor | None = None
+
+    def colour(self) -> torch.Tensor:
+        if self._colour is None:
+            paths = [r.path for r in self.records]
+            self._colour = stripe_colour_histograms(paths, self.cfg.model.num_patches)
+        return self._colour
+
+    def features(self, model: torch.nn.Module) -> torch.Tensor:
+        if self.calibrate is not None:
+            self.calibrate(model)
+        return extract_features(
+            model,
+            self.loader,
+            self.device,
+            feature="global",
+            flip=self.cfg.cluster.flip,
+            cameras=self.cameras if self.cfg.model.camera_norm else None,
+        ).cpu()
+
+    def __call__(
+        self, model: torch.nn.Module, epoch: int, previous: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, Clustering]:
+        c = self.cfg.cluster
+        features = self.features(model)
+        from_colour = epoch < c.colour_epochs
+        basis = self.colour() if from_colour else features
+        clustering = cluster_features(
+            basis,
+            self.cameras,
+            k1=c.k1,
+            k2=c.k2,
+            eps=c.eps,
+            eps_quantile=c.eps_quantile,
+            min_samples=c.min_samples,
+            camera_centred=c.camera_centred,
+            outliers=c.outliers,
+            max_cluster_fraction=c.max_cluster_fraction,
+            previous=previous,
+        )
+        log.info(
+            "epoch %d: pseudo labels from %s",
+            epoch,
+            "colour stripes" if from_colour else "the model",
+        )
+        return features, clustering
