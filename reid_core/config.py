@@ -519,6 +519,12 @@ class ClusterConfig(_Strict):
         "features.",
     )
     k1: int = Field(30, ge=1, le=1000, description="k1 of the k-reciprocal sets.")
+    knn: Literal["auto", "faiss", "exact"] = Field(
+        "auto",
+        description="Neighbour search of the Jaccard step: faiss (the GPU when it has one, the "
+        "CPU index with a warning when that fails), exact torch top-k, or auto (faiss when "
+        "installed).",
+    )
     k2: int = Field(6, ge=1, le=1000, description="k2 of the local query expansion.")
     eps: float | Literal["auto"] = Field(
         0.6,
@@ -535,6 +541,11 @@ class ClusterConfig(_Strict):
     min_samples: int = Field(4, ge=2, le=1000)
     camera_centred: bool = Field(
         True, description="Remove each camera's mean feature before the Jaccard distance."
+    )
+    scope: Literal["global", "per_camera"] = Field(
+        "global",
+        description="Cluster all images together, or each camera's images alone (every cluster "
+        "one camera's: purer, for the intra-camera proxy term; reads the cameras).",
     )
     flip: bool = Field(True, description="Average each image's features with its mirror's.")
     outliers: Literal["drop", "instances"] = Field(

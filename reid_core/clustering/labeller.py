@@ -12,6 +12,7 @@ from reid_core.clustering.pseudo_labels import Clustering, cluster_features
 from reid_core.config import ExperimentConfig
 from reid_core.data import ImageRecord, build_eval_loader
 from reid_core.data.colour import stripe_colour_histograms
+from reid_core.engine.trainer import Precision
 from reid_core.evaluation import extract_features
 
 __all__ = ["PseudoLabeller"]
@@ -55,14 +56,18 @@ class PseudoLabeller:
     def features(self, model: torch.nn.Module) -> torch.Tensor:
         if self.calibrate is not None:
             self.calibrate(model)
-        return extract_features(
-            model,
-            self.loader,
-            self.device,
-            feature="global",
-            flip=self.cfg.cluster.flip,
-            cameras=self.cameras if self.cfg.model.camera_norm else None,
-        ).cpu()
+        # bfloat16 where the training steps use it: neighbours need no float32 precision
+        dtype = Precision.for_device(self.cfg.runtime, self.device).autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            features = extract_features(
+                model,
+                self.loader,
+                self.device,
+                feature="global",
+                flip=self.cfg.cluster.flip,
+                cameras=self.cameras if self.cfg.model.camera_norm else None,
+            )
+        return features.float().cpu()
 
     def __call__(
         self, model: torch.nn.Module, epoch: int, previous: np.ndarray | None = None
@@ -81,6 +86,8 @@ class PseudoLabeller:
             min_samples=c.min_samples,
             camera_centred=c.camera_centred,
             outliers=c.outliers,
+            scope=c.scope,
+            knn=c.knn,
             max_cluster_fraction=c.max_cluster_fraction,
             previous=previous,
         )

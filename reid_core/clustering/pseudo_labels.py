@@ -10,6 +10,10 @@ At every clustering, with the training images' features ``f`` (N, d) and cameras
 3. DBSCAN (scikit-learn) on d_J as a precomputed sparse graph, ``eps`` and ``min_samples``: a pair
    missing from the graph (no shared reciprocal neighbour) is never within ``eps``.
 
+``scope="per_camera"`` runs steps 2-3 on each camera's images alone: every cluster is then one
+camera's (a person's frames in that camera are far more alike than the person across cameras, so
+these clusters are much purer), for the intra-camera term of the camera proxies.
+
 ``eps="auto"`` chooses it from the data without labels: the ``eps_quantile`` quantile of every
 image's distance to its ``min_samples - 1``-th nearest other image (the k-distance that DBSCAN's
 core condition reads), so that that share of images can be core points.
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from reid_core.clustering.knn import KnnBackend, nearest_neighbours
 from reid_core.evaluation import centre_per_camera
 from reid_core.evaluation.rerank import k_reciprocal_jaccard
 
@@ -119,24 +124,42 @@ def cluster_features(
     min_samples: int = 4,
     camera_centred: bool = True,
     outliers: Literal["drop", "instances"] = "drop",
+    scope: Literal["global", "per_camera"] = "global",
     max_cluster_fraction: float = 0.5,
     previous: np.ndarray | None = None,
-    knn: np.ndarray | None = None,
+    knn: KnnBackend = "auto",
 ) -> Clustering:
     """Pseudo labels of the N images whose ``features`` (N, d) are given; see the module
-    docstring. ``previous``: the last clustering's labels, for the adjusted Rand index."""
+    docstring. ``previous``: the last clustering's labels, for the adjusted Rand index;
+    ``knn``: how the neighbours are searched (:mod:`reid_core.clustering.knn`)."""
     from sklearn.cluster import DBSCAN
 
     start = time.monotonic()
-    cams = np.asarray(cameras)
+    cams = np.asarray(cameras, dtype=np.int64)
     x = features.float()
     x = centre_per_camera(x, cams) if camera_centred else torch.nn.functional.normalize(x, dim=1)
-    graph = jaccard_graph(x, k1, k2, knn)
-    chosen_eps = choose_eps(graph, min_samples, eps_quantile) if eps == "auto" else float(eps)
-    labels = DBSCAN(eps=chosen_eps, min_samples=min_samples, metric="precomputed").fit_predict(
-        graph
+    groups = (
+        [np.arange(len(cams))]
+        if scope == "global"
+        else [np.flatnonzero(cams == c) for c in np.unique(cams)]
     )
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.full(len(cams), -1, dtype=np.int64)
+    chosen = []
+    for rows in groups:
+        if len(rows) < 2:
+            continue
+        part = x[torch.from_numpy(rows)]
+        width = max(min(k1, len(rows) - 1) + 1, min(k2, len(rows)))
+        graph = jaccard_graph(part, k1, k2, nearest_neighbours(part, width, knn))
+        group_eps = choose_eps(graph, min_samples, eps_quantile) if eps == "auto" else float(eps)
+        found = DBSCAN(eps=group_eps, min_samples=min_samples, metric="precomputed").fit_predict(
+            graph
+        )
+        found = np.asarray(found, dtype=np.int64)
+        found[found >= 0] += int(labels.max()) + 1
+        labels[rows] = found
+        chosen.append(group_eps)
+    chosen_eps = float(np.mean(chosen)) if chosen else float("nan")
     n = len(labels)
     num_clusters = int(labels.max()) + 1 if n else 0
     sizes = np.bincount(labels[labels >= 0], minlength=num_clusters)
