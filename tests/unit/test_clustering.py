@@ -129,7 +129,7 @@ def test_per_camera_clusters_never_cross_cameras() -> None:
 
 
 def test_outliers_as_instances_and_degenerate_clusterings() -> None:
-    x, truth = blobs(spread=0.05, dim=64)
+    x, _ = blobs(spread=0.05, dim=64)
     far = F.normalize(torch.randn(3, x.shape[1], generator=torch.Generator().manual_seed(9)), dim=1)
     x = torch.cat([x, far])  # three lone directions, nearly orthogonal to everything
     cameras = np.zeros(len(x), dtype=np.int64)
