@@ -313,6 +313,7 @@ class Supervisor:
             "status": p.get("status"),
             "losses": p.get("losses") or {},
             "eval": p.get("metrics") or {},
+            "clustering": p.get("clustering") or {},
             "epochs": p.get("epochs"),
             "steps_per_epoch": p.get("steps_per_epoch"),
             "step_in_epoch": p.get("step_in_epoch"),

@@ -189,3 +189,44 @@ def test_memories_identical_on_both_ranks_and_fed_by_both(
     assert bool((a["global_memory.bank"][~filled] == 0).all())
     # patch memory and agents were initialised from every image (both ranks' shares)
     assert bool(a["patch_memory.filled"].all()) and bool(a["agents.filled"].all())
+
+
+def test_cluster_contrast_labels_and_memories_identical_on_both_ranks(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``loss.objective=cluster_contrast`` with camera proxies: rank 0 clusters, both ranks hold
+    the same pseudo labels, centroids and proxies (updated from both ranks' batches) and
+    weights; the ranks trained on different P x K batches."""
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        out,
+        synthetic_root,
+        "distributed.backend=gloo",
+        "loss.objective=cluster_contrast",
+        "loss.camera.enabled=true",
+        "loss.camera.inter_from_epoch=1",
+        "cluster.eps=auto",
+        "cluster.min_samples=2",
+        "cluster.k1=6",
+        "cluster.k2=2",
+        "cluster.instances_per_cluster=2",
+        epochs=2,
+        steps=2,
+    )
+    config = write_config(cfg, tmp_path / "tiny.yaml")
+    script = tmp_path / "rank_state.py"
+    script.write_text(RANK_SCRIPT)
+    result = torchrun(str(script), str(config), str(tmp_path), cwd=tmp_path)
+    assert result.returncode == ExitCode.OK, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    a, b = ranks[0]["objective"], ranks[1]["objective"]
+    assert {"clusters.labels", "clusters.memory.centroids", "clusters.proxies.proxies"} <= set(a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for key in ranks[0]["parameters"]:
+        assert torch.equal(ranks[0]["parameters"][key], ranks[1]["parameters"][key]), key
+    assert bool((a["clusters.labels"] >= 0).any())
+    assert ranks[0]["indices"] != ranks[1]["indices"]
+    saved = load_objective(out)
+    for key in a:
+        assert torch.equal(saved[key], a[key]), key
