@@ -7,6 +7,9 @@ the train split without labels, then is evaluated on the query/gallery split (Ma
     global       memory classifier + GSL only (the patch branch is not built; global feature)
     patch        PEDAL + IPFL only (no global losses; the global head stays at its initial state)
     instance     the memory classifier alone (L_E): plain instance discrimination, no neighbours
+    cc_intra     loss.objective=cluster_contrast, configs/cuhk03_cc_cpu.yaml: clusters of each
+                 camera, the camera proxies' intra-camera term
+    cc_camera    the same config with clusters over both cameras, L_cc and CAP's inter-camera term
 
 The reference in the same run is each variant's own initial model (evaluated before its first step).
 After each variant, its final memories are checked against the hidden train labels
@@ -46,6 +49,26 @@ VARIANTS: dict[str, list[str]] = {
         "eval.feature=global",
     ],
 }
+
+
+#: Variants that train another config than ``--config`` (the cluster-contrast objective).
+VARIANT_CONFIGS: dict[str, Path] = {
+    "cc_intra": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
+    "cc_camera": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
+}
+VARIANTS.update(
+    {
+        # configs/cuhk03_cc_cpu.yaml: per-camera clusters, the intra-camera proxy term alone
+        "cc_intra": [],
+        # clusters over both cameras, L_cc + L_intra + 0.5 L_inter (CAP) from epoch 2
+        "cc_camera": [
+            "cluster.scope=global",
+            "loss.cluster.weight=1.0",
+            "loss.camera.inter_weight=0.5",
+            "loss.camera.inter_from_epoch=2",
+        ],
+    }
+)
 
 
 DIAG_KEYS = ("p@1", "p@10", "xcam p@10", "cos", "|C|", "covered %", "precision %")
@@ -336,7 +359,8 @@ def main() -> None:
     done: dict[str, dict[str, Any]] = {}
 
     def one(name: str) -> None:
-        done[name] = run_variant(name, args.config, args.data, args.work_dir / name, overrides)
+        config = VARIANT_CONFIGS.get(name, args.config)
+        done[name] = run_variant(name, config, args.data, args.work_dir / name, overrides)
         # rewritten after every variant, in the order asked: partial results survive
         text = report([done[n] for n in names if n in done], args)
         args.output.parent.mkdir(parents=True, exist_ok=True)
