@@ -12,13 +12,17 @@ import pytest
 import torch
 
 from reid_core.clustering import Clustering
-from reid_core.config import ConfigError, load_config
+from reid_core.config import ConfigError, ExperimentConfig, load_config
 from reid_core.data import ClusterSampler, DatasetError
-from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import Trainer
-from reid_core.train import build_trainer, seed_everything
+from reid_core.train import build_trainer
 from tests.integration.conftest import preserved_process_state, tiny_config, tiny_overrides
-from tests.integration.test_training import StopAfterStep, assert_same, read_jsonl, without_timing
+from tests.integration.test_training import (
+    _train_stopping_at,
+    assert_same,
+    read_jsonl,
+    without_timing,
+)
 
 STEPS = 3
 
@@ -35,21 +39,9 @@ CLUSTER = (
 )
 
 
-def build(cfg) -> Trainer:  # type: ignore[no-untyped-def]
-    seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
-    return build_trainer(cfg)
-
-
-def train(cfg, stop_at: int | None = None) -> Trainer:  # type: ignore[no-untyped-def]
+def train(cfg: ExperimentConfig, stop_at: int | None = None) -> Trainer:
     with preserved_process_state():
-        trainer = build(cfg)
-        if stop_at is not None:
-            trainer.register_hooks([StopAfterStep(stop_at)])
-            assert trainer.train() == ExitCode.INTERRUPTED
-            trainer = build(cfg)
-            assert trainer.resumed
-        assert trainer.train() == ExitCode.OK
-    return trainer
+        return _train_stopping_at(cfg, stop_at)
 
 
 def test_cluster_run_labels_every_epoch_and_logs_the_signals(
@@ -144,7 +136,7 @@ def test_camera_proxies_refuse_images_without_a_camera(tmp_path: Path) -> None:
     overrides = [o for o in overrides if not o.startswith("data.dataset=")]
     cfg = load_config(None, [*overrides, "data.dataset=image_folder", "eval.enabled=false"])
     with pytest.raises(DatasetError, match=r"loss\.camera\.enabled=true needs the camera"):
-        build(cfg)
+        build_trainer(cfg)
     # without the camera terms the same data trains (one camera group, -1)
     cfg = load_config(
         None,
@@ -155,7 +147,7 @@ def test_camera_proxies_refuse_images_without_a_camera(tmp_path: Path) -> None:
             "loss.camera.enabled=false",
         ],
     )
-    assert build(cfg).objective.clusters is not None
+    assert build_trainer(cfg).objective.clusters is not None
 
 
 def test_cluster_settings_are_checked(synthetic_root: Path, tmp_path: Path) -> None:

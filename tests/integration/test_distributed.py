@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from reid_core.config import ExperimentConfig
 from reid_core.engine.checkpoint import Checkpointer
 from reid_core.engine.exit_codes import ExitCode
 from tests.integration.conftest import (
@@ -21,6 +22,7 @@ from tests.integration.conftest import (
     tiny_config,
     write_config,
 )
+from tests.integration.test_cluster_training import CLUSTER
 
 pytestmark = pytest.mark.distributed
 
@@ -137,6 +139,16 @@ def test_torchrun_two_ranks_trains_and_saves(synthetic_root: Path, tmp_path: Pat
     assert_unit_rows(patches, objective["patch_memory.filled"], "patch memory")
 
 
+def train_two_ranks(cfg: ExperimentConfig, tmp_path: Path) -> list[dict[str, Any]]:
+    """Train ``cfg`` with torchrun on two ranks; what each rank held at the end."""
+    config = write_config(cfg, tmp_path / "tiny.yaml")
+    script = tmp_path / "rank_state.py"
+    script.write_text(RANK_SCRIPT)
+    result = torchrun(str(script), str(config), str(tmp_path), cwd=tmp_path)
+    assert result.returncode == ExitCode.OK, result.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
 def test_memories_identical_on_both_ranks_and_fed_by_both(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -151,13 +163,7 @@ def test_memories_identical_on_both_ranks_and_fed_by_both(
         epochs=2,
         steps=1,
     )
-    config = write_config(cfg, tmp_path / "tiny.yaml")
-    script = tmp_path / "rank_state.py"
-    script.write_text(RANK_SCRIPT)
-    result = torchrun(str(script), str(config), str(tmp_path), cwd=tmp_path)
-    assert result.returncode == ExitCode.OK, result.stderr[-4000:]
-
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = train_two_ranks(cfg, tmp_path)
     assert [s["code"] for s in ranks] == [0, 0]
     assert [s["world_size"] for s in ranks] == [2, 2]
 
@@ -202,23 +208,11 @@ def test_cluster_contrast_labels_and_memories_identical_on_both_ranks(
         out,
         synthetic_root,
         "distributed.backend=gloo",
-        "loss.objective=cluster_contrast",
-        "loss.camera.enabled=true",
-        "loss.camera.inter_from_epoch=1",
-        "cluster.eps=auto",
-        "cluster.min_samples=2",
-        "cluster.k1=6",
-        "cluster.k2=2",
-        "cluster.instances_per_cluster=2",
+        *CLUSTER,
         epochs=2,
         steps=2,
     )
-    config = write_config(cfg, tmp_path / "tiny.yaml")
-    script = tmp_path / "rank_state.py"
-    script.write_text(RANK_SCRIPT)
-    result = torchrun(str(script), str(config), str(tmp_path), cwd=tmp_path)
-    assert result.returncode == ExitCode.OK, result.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = train_two_ranks(cfg, tmp_path)
     a, b = ranks[0]["objective"], ranks[1]["objective"]
     assert {"clusters.labels", "clusters.memory.centroids", "clusters.proxies.proxies"} <= set(a)
     for key in a:
