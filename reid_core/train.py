@@ -297,14 +297,18 @@ def build_trainer(
             every_n_epochs=cfg.eval.every_n_epochs,
             at_start=cfg.eval.at_start,
         )
-    calibrate = (
-        build_camera_calibration(cfg, train_records, device) if cfg.model.camera_norm else None
-    )
+    camera_norm = None
+    if cfg.model.camera_norm:
+        calibrate = build_camera_calibration(cfg, train_records, device)
+        camera_norm = CameraNormHook(calibrate, evaluation)
     if cfg.loss.clusters:
-        labeller = PseudoLabeller(cfg, train_records, device, calibrate)
+        # the clustering's features need the statistics too; calibrated once per weights, so an
+        # evaluation at an epoch's end and the clustering at the next one's start share it
+        ensure = None if camera_norm is None else camera_norm.ensure_calibrated
+        labeller = PseudoLabeller(cfg, train_records, device, ensure)
         hooks.append(PseudoLabelHook(labeller, cfg.cluster.every_n_epochs))
-    if calibrate is not None:  # before the evaluation and the final model, which use them
-        hooks.append(CameraNormHook(calibrate, evaluation))
+    if camera_norm is not None:  # before the evaluation and the final model, which use them
+        hooks.append(camera_norm)
     if evaluation is not None:
         hooks.append(evaluation)
     hooks += [

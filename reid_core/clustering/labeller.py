@@ -26,7 +26,7 @@ class PseudoLabeller:
 
     ``features`` (N, d): the model's global features of every image (through the test
     transform, mirror-averaged with ``cluster.flip``, each camera's BatchNorm statistics with
-    ``model.camera_norm``, estimated first by ``calibrate``); the memories are built from them.
+    ``model.camera_norm``, made current first by ``calibrate()``); the memories are built from them.
     The clustering reads them too, except at epochs before ``cluster.colour_epochs``, where it
     reads the images' colour stripes (computed once). ``previous`` labels (the ones trained on
     so far, or None) feed the adjusted Rand index of the stats.
@@ -37,7 +37,7 @@ class PseudoLabeller:
         cfg: ExperimentConfig,
         records: Sequence[ImageRecord],
         device: torch.device,
-        calibrate: Callable[[torch.nn.Module], object] | None = None,
+        calibrate: Callable[[], object] | None = None,
     ) -> None:
         self.cfg = cfg
         self.records = list(records)
@@ -55,7 +55,7 @@ class PseudoLabeller:
 
     def features(self, model: torch.nn.Module) -> torch.Tensor:
         if self.calibrate is not None:
-            self.calibrate(model)
+            self.calibrate()
         # bfloat16 where the training steps use it: neighbours need no float32 precision
         dtype = Precision.for_device(self.cfg.runtime, self.device).autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):

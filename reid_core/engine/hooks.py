@@ -154,7 +154,7 @@ class PseudoLabelHook(HookBase):
     def before_epoch(self) -> None:
         state = self.trainer.state
         due = state.epoch % self.every_n_epochs == 0 and state.step_in_epoch == 0
-        if not (due or not self._branch.has_labels):
+        if not due and self._branch.has_labels:
             return
         result: Any = None
         features = None
@@ -264,7 +264,9 @@ class CameraNormHook(HookBase):
         self.evaluation = evaluation
         self._calibrated_step: int | None = None
 
-    def _calibrate(self) -> None:
+    def ensure_calibrated(self) -> None:
+        """Calibrate unless the weights are those of the last calibration (same global step);
+        other hooks that need the statistics (the clustering's features) call this too."""
         step = self.trainer.state.global_step
         if self._calibrated_step == step:
             return
@@ -279,14 +281,14 @@ class CameraNormHook(HookBase):
 
     def before_train(self) -> None:
         if self.evaluation is not None and self.evaluation.evaluates_before_training():
-            self._calibrate()
+            self.ensure_calibrated()
 
     def after_epoch(self) -> None:
         if self.evaluation is not None and self.evaluation.evaluates_after_epoch():
-            self._calibrate()
+            self.ensure_calibrated()
 
     def after_train(self) -> None:
-        self._calibrate()
+        self.ensure_calibrated()
 
 
 class CheckpointHook(HookBase):
