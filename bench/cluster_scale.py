@@ -57,9 +57,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     data = np.load(args.work / "inputs.npz")
     features, cams = torch.from_numpy(data["features"]), data["cams"]
     if args.child == "knn":
-        from reid_core.clustering.knn import nearest_neighbours
+        from reid_core.evaluation.search import build_index, knn_search
 
-        _, m = measure(lambda: nearest_neighbours(features, args.k1 + 1, "faiss"))
+        def search() -> Any:
+            return knn_search(build_index(features, "cosine"), features, args.k1 + 1)
+
+        _, m = measure(search)
         return m
     from reid_core.clustering import cluster_features
 

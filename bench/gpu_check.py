@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reid_core.clustering.knn import _faiss_search, _self_first  # noqa: E402
+from reid_core.clustering.knn import _self_first, nearest_neighbours  # noqa: E402
 from reid_core.config import load_config  # noqa: E402
 from reid_core.data import build_splits  # noqa: E402
 from reid_core.embedder import Embedder  # noqa: E402
@@ -89,10 +89,16 @@ def knn_check(args: argparse.Namespace) -> dict[str, Any]:
     x = rng.standard_normal((n, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     t = time.perf_counter()
-    gpu = _self_first(_faiss_search(x, k))  # GPU when faiss sees one (CPU fallback, warned)
+    # the clustering's search: neighbours and farthest rows, on the GPU when faiss sees one
+    # (CPU fallback, warned)
+    found = nearest_neighbours(torch.from_numpy(x), k, "faiss")
+    assert found is not None
+    gpu = found.ids
     gpu_s = time.perf_counter() - t
     t = time.perf_counter()
-    _, ids = knn_search(build_index(x, "cosine", use_gpu=False), x, k)
+    cpu_index = build_index(x, "cosine", use_gpu=False)
+    _, ids = knn_search(cpu_index, x, k)
+    knn_search(cpu_index, -x, 1)
     cpu = _self_first(ids)
     cpu_s = time.perf_counter() - t
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(gpu, cpu, strict=True)])

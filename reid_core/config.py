@@ -522,8 +522,9 @@ class ClusterConfig(_Strict):
     knn: Literal["auto", "faiss", "exact"] = Field(
         "auto",
         description="Neighbour search of the Jaccard step: faiss (the GPU when it has one, the "
-        "CPU index with a warning when that fails), exact torch top-k, or auto (faiss when "
-        "installed).",
+        "CPU index with a warning when that fails), exact (one pass over the cosine distances "
+        "finds the neighbours and each row's farthest distance together), or auto (faiss where "
+        "it sees a GPU, else exact: on a CPU the exact pass is the cheaper).",
     )
     k2: int = Field(6, ge=1, le=1000, description="k2 of the local query expansion.")
     eps: float | Literal["auto"] = Field(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from reid_core.clustering.knn import KnnBackend, nearest_neighbours
+from reid_core.clustering.knn import KnnBackend, Neighbours, nearest_neighbours
 from reid_core.evaluation import centre_per_camera
 from reid_core.evaluation.rerank import k_reciprocal_jaccard
 
@@ -76,13 +76,20 @@ class Clustering:
 
 
 def jaccard_graph(
-    features: torch.Tensor, k1: int, k2: int, knn: np.ndarray | None = None
+    features: torch.Tensor, k1: int, k2: int, neighbours: Neighbours | None = None
 ) -> sparse.csr_matrix:
     """The sparse Jaccard distances as an (N, N) CSR graph for DBSCAN (explicit entries only;
     self pairs are stored as a tiny positive distance so sparse zero handling never drops
-    them)."""
+    them). ``neighbours``: from :func:`nearest_neighbours`, or None to search here."""
     n = features.shape[0]
-    rows, cols, dist = k_reciprocal_jaccard(features, metric="cosine", k1=k1, k2=k2, knn=knn)
+    rows, cols, dist = k_reciprocal_jaccard(
+        features,
+        metric="cosine",
+        k1=k1,
+        k2=k2,
+        knn=None if neighbours is None else neighbours.ids,
+        row_max=None if neighbours is None else neighbours.row_max,
+    )
     dist = np.maximum(dist, 1e-6)
     return sparse.csr_matrix((dist, (rows, cols)), shape=(n, n))
 

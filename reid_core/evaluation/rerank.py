@@ -52,8 +52,13 @@ DEFAULT_RERANK_MAX_MEMORY_BYTES = 4 * 1024**3
 
 #: Elements per chunk of the temporary arrays (row blocks, membership tests, Jaccard scatter).
 _CHUNK_ELEMENTS = 1 << 22
-#: Bytes of chunk workspace counted by the estimate (a few arrays of _CHUNK_ELEMENTS each).
-_WORKSPACE_BYTES = 8 * 8 * _CHUNK_ELEMENTS
+#: The passes over the pooled distances (neighbours, row maxima) read blocks this many times
+#: larger: a matrix product of a few thousand rows runs near the BLAS peak, one of a hundred
+#: rows does not (about 2x slower at 32k x 2048 on two cores).
+_SEARCH_BLOCK_FACTOR = 16
+#: Bytes of chunk workspace counted by the estimate: a few int64/float64 arrays of
+#: _CHUNK_ELEMENTS, and a float32 search block with its finiteness mask.
+_WORKSPACE_BYTES = (8 * 8 + 5 * _SEARCH_BLOCK_FACTOR) * _CHUNK_ELEMENTS
 
 _GIB = float(1024**3)
 
@@ -228,12 +233,17 @@ class _FeatureDistances(_Pool):
         return out
 
 
+def _search_rows(n: int) -> int:
+    """Rows per block of a pass over the pooled (N x N) distances."""
+    return max(1, _SEARCH_BLOCK_FACTOR * _CHUNK_ELEMENTS // n)
+
+
 def _nearest_neighbours(pool: _Pool, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(row maxima (N,), the ``width`` nearest samples of every row (N, width), self first)."""
     n = pool.n
     row_max = np.empty(n, dtype=np.float32)
     knn = np.empty((n, width), dtype=np.int64)
-    for a, b in pool.row_chunks(max(1, _CHUNK_ELEMENTS // n)):
+    for a, b in pool.row_chunks(_search_rows(n)):
         block = pool.rows(a, b)
         if not np.isfinite(block).all():
             bad = a + int(np.argwhere(~np.isfinite(block))[0, 0])
@@ -433,10 +443,16 @@ SparseRows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _k_reciprocal_vectors(
-    pool: _Pool, k1: int, k2: int, knn: np.ndarray | None = None
+    pool: _Pool,
+    k1: int,
+    k2: int,
+    knn: np.ndarray | None = None,
+    row_max: np.ndarray | None = None,
 ) -> tuple[np.ndarray, SparseRows]:
     """Steps 1-4: (row maxima, V after query expansion). ``knn``: the nearest samples of each
-    row, self first, at least ``max(k1 + 1, k2)`` wide (found here when None)."""
+    row, self first, at least ``max(k1 + 1, k2)`` wide; ``row_max``: each row's largest
+    distance, with ``knn`` only. One pass over the pooled distances finds what is not given
+    (both at once when neither is)."""
     n = pool.n
     half = min(_half(k1), n - 1)  # k1/2 of the requested k1, both capped by the sample count
     k1 = min(k1, n - 1)
@@ -447,7 +463,12 @@ def _k_reciprocal_vectors(
     else:
         if knn.shape != (n, knn.shape[1]) or knn.shape[1] < width:
             raise ValueError(f"knn of shape {knn.shape}: expected ({n}, >= {width})")
-        row_max = _row_maxima(pool)
+        if row_max is None:
+            row_max = _row_maxima(pool)
+        elif row_max.shape != (n,):
+            raise ValueError(f"row_max of shape {row_max.shape}: expected ({n},)")
+        else:  # a zero row (all samples identical) must not divide by zero
+            row_max = np.where(row_max > 0, row_max, 1.0).astype(np.float32)
     v = _encode(pool, knn, row_max, k1, half)
     return row_max, _query_expansion(v, knn, k2)
 
@@ -455,7 +476,7 @@ def _k_reciprocal_vectors(
 def _row_maxima(pool: _Pool) -> np.ndarray:
     """The largest distance of every row (1 where a row is all zeros)."""
     row_max = np.empty(pool.n, dtype=np.float32)
-    for a, b in pool.row_chunks(max(1, _CHUNK_ELEMENTS // pool.n)):
+    for a, b in pool.row_chunks(_search_rows(pool.n)):
         row_max[a:b] = pool.rows(a, b).max(axis=1)
     row_max[row_max <= 0] = 1.0
     return row_max
@@ -473,6 +494,7 @@ def k_reciprocal_jaccard(
     k1: int = 30,
     k2: int = 6,
     knn: np.ndarray | None = None,
+    row_max: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse Jaccard distances d_J (step 5) among the N rows of ``features`` (N, D).
 
@@ -481,12 +503,13 @@ def k_reciprocal_jaccard(
     every row's pairs in increasing column order. Memory is O(N D) for the features, O(N m)
     for V and the pairs (m the mean number of overlapping rows, a few hundred at k1 = 30),
     with row chunks of a fixed size in between: never N x N. ``knn`` as in the re-ranking:
-    each row's nearest rows, self first (a faiss search, say); found here when None.
+    each row's nearest rows, self first (a faiss search, say), and ``row_max`` each row's
+    largest distance; found here, in one pass, when not given.
     """
     check_metric(metric)
     _check_parameters(k1, k2, 0.0)
     pool = _FeatureDistances(features, as_float_tensor(features, "features")[:0], metric)
-    _, (indptr, indices, values) = _k_reciprocal_vectors(pool, k1, k2, knn)
+    _, (indptr, indices, values) = _k_reciprocal_vectors(pool, k1, k2, knn, row_max)
     n = pool.n
     row_of = np.repeat(np.arange(n), np.diff(indptr))
     row_sum = np.bincount(row_of, weights=values, minlength=n)

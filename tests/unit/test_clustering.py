@@ -72,10 +72,13 @@ def test_sparse_jaccard_equals_the_brute_force_reference(k1: int, k2: int) -> No
 
 def test_precomputed_knn_gives_the_same_jaccard() -> None:
     x, _ = blobs(seed=3)
-    knn = nearest_neighbours(x, 11, "faiss")
-    assert knn is not None and (knn[:, 0] == np.arange(len(x))).all()
+    found = nearest_neighbours(x, 11, "faiss")
+    assert found is not None and (found.ids[:, 0] == np.arange(len(x))).all()
+    unit = torch.nn.functional.normalize(x, dim=1)
+    farthest = (1.0 - unit @ unit.T).max(dim=1).values.numpy()
+    np.testing.assert_allclose(found.row_max, farthest, atol=1e-5)
     a = jaccard_graph(x, 8, 3).toarray()
-    b = jaccard_graph(x, 8, 3, knn).toarray()
+    b = jaccard_graph(x, 8, 3, found).toarray()
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert nearest_neighbours(x, 11, "exact") is None  # the re-ranking code searches itself
 
@@ -93,8 +96,8 @@ def test_faiss_gpu_failure_falls_back_to_the_cpu_with_a_warning(
     monkeypatch.setattr(knn_module, "build_index", gpu_fails)
     x, _ = blobs()
     with caplog.at_level(logging.WARNING, logger="reid_core.clustering.knn"):
-        knn = nearest_neighbours(x, 5, "faiss")
-    assert knn is not None and knn.shape == (len(x), 5)
+        found = nearest_neighbours(x, 5, "faiss")
+    assert found is not None and found.ids.shape == (len(x), 5)
     assert "searching on the CPU instead" in caplog.text and "simulated" in caplog.text
 
 
@@ -169,3 +172,12 @@ def test_eps_from_the_data_is_the_quantile_of_the_k_distance() -> None:
     assert c.stats.eps == pytest.approx(
         choose_eps(jaccard_graph(F.normalize(x, dim=1), 6, 2), 4, 0.5)
     )
+
+
+def test_auto_backend_uses_faiss_only_where_it_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, _ = blobs(seed=4)
+    monkeypatch.setattr(knn_module, "faiss_sees_gpu", lambda: False)
+    assert nearest_neighbours(x, 6, "auto") is None  # one exact pass finds ids and maxima
+    monkeypatch.setattr(knn_module, "faiss_sees_gpu", lambda: True)  # a CPU index stands in
+    found = nearest_neighbours(x, 6, "auto")
+    assert found is not None and found.ids.shape == (len(x), 6)
