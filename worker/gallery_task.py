@@ -19,10 +19,11 @@ process group, and watches it:
    the gallery FAILED with its exit and the log's last error line; a deleted gallery's folder
    is removed.
 
-The API sends the message (:func:`send_gallery`): a gallery id, on queue ``cpu`` (``gpus=0``) or
-``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the default one, as for jobs),
-at the highest priority: a build takes minutes and should not wait behind queued
-training jobs (a worker runs one task at a time, so it still waits for a running one).
+The API sends the message (:func:`service.core.broker.send_gallery`): a gallery id, on queue
+``cpu`` (``gpus=0``) or ``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the
+default one, as for jobs), at the highest priority: a build takes minutes and should not wait
+behind queued training jobs (a worker runs one task at a time, so it still waits for a running
+one).
 """
 
 from __future__ import annotations
@@ -39,32 +40,24 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import session_scope
-from service.galleries import BUILD_LOG, change_gallery_state, gallery_dir, lock_gallery
-from service.models import Gallery, GalleryState, utcnow
-from service.settings import Settings, get_settings
-from worker.celery_app import celery_app_for, celery_priority, resource_queue
+from service.core.broker import BUILD_GALLERY_TASK
+from service.core.db import session_scope
+from service.core.folders import BUILD_LOG, gallery_dir
+from service.core.gallery_states import change_gallery_state, is_stale, lock_gallery
+from service.core.models import GalleryState, utcnow
+from service.core.settings import Settings, get_settings
 from worker.outcome import last_error_line
 
-__all__ = [
-    "BUILD_GALLERY_TASK",
-    "GallerySupervisor",
-    "build_gallery_task",
-    "builder_command",
-    "send_gallery",
-]
+__all__ = ["GallerySupervisor", "build_gallery_task", "builder_command"]
 
 log = logging.getLogger("worker.gallery_task")
-
-#: Name of the task (what the API sends).
-BUILD_GALLERY_TASK = "worker.build_gallery"
 
 #: Start of the line the supervisor writes in the build log before each attempt.
 _HEADER = "--- "
@@ -76,27 +69,6 @@ CommandFn = Callable[[uuid.UUID], list[str]]
 def builder_command(gallery_id: uuid.UUID) -> list[str]:
     """``python -m worker.build_gallery <id>``."""
     return [sys.executable, "-m", "worker.build_gallery", str(gallery_id)]
-
-
-def send_gallery(settings: Settings, gallery: Gallery) -> str | None:
-    """Publish ``gallery``'s id to its queue; None when the broker took it, else the error."""
-    queue = resource_queue(gallery.gpus, gallery.queue, settings.queues[0])
-    max_priority = settings.job_bounds.max_priority
-    try:
-        celery_app_for(settings).send_task(
-            BUILD_GALLERY_TASK,
-            args=[str(gallery.id)],
-            queue=queue,
-            priority=celery_priority(max_priority, max_priority),
-            retry=False,
-        )
-    except Exception as exc:  # any broker error: the caller records it on the gallery
-        log.warning(
-            "gallery %s: the broker did not take it: %s: %s", gallery.id, type(exc).__name__, exc
-        )
-        return f"{type(exc).__name__}: {exc}"
-    log.info("gallery %s sent to queue %s", gallery.id, queue)
-    return None
 
 
 @dataclass(frozen=True)
@@ -133,9 +105,8 @@ class GallerySupervisor:
                 return f"already {gallery.state}"
             now = self.clock()
             if gallery.state is GalleryState.BUILDING:
-                timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
-                last = gallery.heartbeat_at or gallery.updated_at
-                if now - last < timeout and gallery.worker_id != self.worker_id:
+                timeout = self.settings.worker.heartbeat_timeout_s
+                if not is_stale(gallery, timeout, now) and gallery.worker_id != self.worker_id:
                     return f"BUILDING on {gallery.worker_id} (fresh heartbeat): left alone"
                 reason = (
                     f"built again by {self.worker_id}: {gallery.worker_id} stopped heartbeating"

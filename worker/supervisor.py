@@ -24,7 +24,7 @@ One job, start to end, in a solo-pool worker (no torch in this process):
    FAILED (reason + the log's last error line) or RETRYING, which is sent to the broker again.
    On a final state the MLflow run is marked FINISHED, FAILED or KILLED.
 
-Every state change goes through :func:`service.job_states.change_state` with a reason.
+Every state change goes through :func:`service.core.job_states.change_state` with a reason.
 """
 
 from __future__ import annotations
@@ -53,25 +53,18 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_session_factory, session_scope
-from service.job_states import change_state, lock_job
-from service.models import Job, JobState, utcnow
-from service.settings import Settings, get_settings
-from worker.celery_app import RUN_JOB_TASK, app
-from worker.dispatcher import mark_dispatched, send_job
-from worker.outcome import (
-    ACTIVE_STATES,
-    WAITING_STATES,
-    decide_outcome,
-    last_error_line,
-    reap_stale_job,
-)
+from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE, PROGRESS_FILE
+from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
+from service.core.models import Job, JobState, utcnow
+from service.core.registry import DATASET_TAG, OWNER_TAG
+from service.core.settings import Settings, get_settings
+from worker.celery_app import app
+from worker.outcome import decide_outcome, last_error_line, reap_stale_job
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
 __all__ = [
-    "CONFIG_FILE",
-    "LOG_FILE",
-    "PID_FILE",
     "Supervisor",
     "run_job",
     "trainer_command",
@@ -81,11 +74,6 @@ log = logging.getLogger("worker.supervisor")
 
 #: What a database that cannot be reached (or is restarting) raises.
 DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
-
-#: Files the supervisor writes in the job's output folder.
-CONFIG_FILE = "job_config.yaml"
-LOG_FILE = "process.log"
-PID_FILE = "trainer.pid"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -250,9 +238,9 @@ class Supervisor:
 
     def _write_tracking(self, claim: _Claim) -> Path:
         m = self.settings.mlflow
-        tags = {"reid.owner": claim.owner}
+        tags = {OWNER_TAG: claim.owner}
         if claim.dataset_id is not None:
-            tags["reid.dataset_id"] = str(claim.dataset_id)
+            tags[DATASET_TAG] = str(claim.dataset_id)
         spec = TrackingSpec(
             tracking_uri=self.settings.mlflow_tracking_uri,
             experiment=m.experiment,
@@ -304,7 +292,7 @@ class Supervisor:
 
     def _progress_values(self, output_dir: Path) -> dict[str, Any] | None:
         try:
-            p = json.loads((output_dir / "progress.json").read_text(encoding="utf-8"))
+            p = json.loads((output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if not isinstance(p, dict):
