@@ -81,7 +81,7 @@ print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-depe
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself, editable: service.migrate finds migrations/ next to the packages.
+# The project itself, editable: service.core.migrate finds migrations/ next to the packages.
 COPY alembic.ini ./
 COPY migrations ./migrations
 COPY configs ./configs

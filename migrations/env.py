@@ -1,8 +1,8 @@
 """Alembic environment: the database URL comes from the service settings unless one is given.
 
-Callers (``service.migrate``, tests) pass ``config.attributes["database_url"]`` or an open
+Callers (``service.core.migrate``, tests) pass ``config.attributes["database_url"]`` or an open
 ``config.attributes["connection"]``; ``alembic`` on the command line reads ``REID_DATABASE_URL``
-(or ``.env``) through :class:`service.settings.Settings`.
+(or ``.env``) through :class:`service.core.settings.Settings`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from service.db import make_engine
-from service.models import Base
+from service.core.db import make_engine
+from service.core.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -27,7 +27,7 @@ def _database_url() -> str:
     url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
     if url:
         return str(url)
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     return Settings().database_url
 

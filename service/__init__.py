@@ -1,4 +1,5 @@
-"""The training service's HTTP API: FastAPI app, settings, database models, routers, API keys.
+"""The training service: its rules (``service.core``) and its HTTP API (``service.api``, wired by
+``service.app.create_app``).
 
 Start it with ``python -m service serve`` (embedded defaults: SQLite under ``var/``, migrations
 applied first); ``python -m service --help`` lists the other commands. It imports ``reid_core`` for

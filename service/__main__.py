@@ -15,11 +15,11 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import migrate
-from service.auth import create_api_key, revoke_api_key
-from service.db import make_engine, make_session_factory, session_scope
-from service.models import ApiKey
-from service.settings import Settings
+from service.core import migrate
+from service.core.api_keys import create_api_key, revoke_api_key
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.models import ApiKey
+from service.core.settings import Settings
 
 _LOG = logging.getLogger("service")
 
@@ -126,7 +126,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = 30.
 def _prepare_mlflow(settings: Settings) -> str:
     """Create the jobs' MLflow experiment (and, embedded, its SQLite store) before any worker
     uses it; returns a line for the start-up banner. MLflow being down does not stop the API."""
-    from service.registry import ensure_experiment
+    from service.core.registry import ensure_experiment
 
     uri = settings.mlflow_tracking_uri
     try:

@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 import service
-from service import migrate
-from service.db import make_engine, make_session_factory
-from service.errors import install_error_handlers
-from service.routers import admin, dashboard, datasets, galleries, health, jobs, models
-from service.settings import Settings, get_settings
+from service.api import admin, dashboard, datasets, galleries, health, jobs, models
+from service.api.errors import install_error_handlers
+from service.core import migrate
+from service.core.db import make_engine, make_session_factory
+from service.core.settings import Settings, get_settings
 
 __all__ = ["create_app"]
 

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 compose_spec = pytest.importorskip("compose_spec", reason="pip install compose-spec (dev extra)")
 
-from service.settings import Settings, WorkerSettings  # noqa: E402
+from service.core.settings import Settings, WorkerSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

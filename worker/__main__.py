@@ -23,8 +23,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from service.db import make_engine, make_session_factory
-from service.settings import get_settings
+from service.core.db import make_engine, make_session_factory
+from service.core.settings import get_settings
 
 log = logging.getLogger("worker")
 
@@ -79,9 +79,9 @@ def _run_worker(args: argparse.Namespace) -> int:
     else:
         count = len([d for d in (pinned or "").split(",") if d.strip()])
         queues = f"gpu{count}" if count else "cpu"
-    from worker.celery_app import celery_app_for
+    from worker.celery_app import worker_app
 
-    app = celery_app_for(settings)
+    app = worker_app(settings)
     hostname = args.hostname or f"reid-{queues.replace(',', '-')}@{socket.gethostname()}"
     argv = [
         "worker",

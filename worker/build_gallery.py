@@ -37,12 +37,13 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reid_core.engine.exit_codes import exit_process
-from service.db import make_engine, make_session_factory, session_scope
-from service.errors import APIError
-from service.galleries import change_gallery_state, gallery_dir, lock_gallery, model_ref
-from service.models import Gallery, GalleryState, utcnow
-from service.registry import ModelRegistry
-from service.settings import Settings, get_settings
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.errors import ServiceError
+from service.core.folders import gallery_dir
+from service.core.gallery_states import change_gallery_state, lock_gallery
+from service.core.models import Gallery, GalleryState, utcnow
+from service.core.registry import ModelRegistry, model_uri
+from service.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from reid_core.data import ImageRecord
@@ -168,7 +169,7 @@ def _finish(
 
 
 def _why(exc: BaseException) -> str:
-    text = exc.message if isinstance(exc, APIError) else str(exc)
+    text = exc.message if isinstance(exc, ServiceError) else str(exc)
     return " ".join(text.split()) or type(exc).__name__
 
 
@@ -250,7 +251,7 @@ def _build(
     index = GalleryIndex.build(
         embedder,
         records,
-        model_ref=model_ref(spec.model_name, spec.model_version),
+        model_ref=model_uri(spec.model_name, spec.model_version),
         batch_size=batch_size,
         num_workers=0 if device.type == "cpu" else min(4, os.cpu_count() or 1),
         progress=progress,

@@ -1,9 +1,8 @@
-"""Sending jobs to the broker, re-sending the ones it lost, and reaping dead workers' jobs.
+"""Re-sending the jobs the broker lost, and reaping dead workers' jobs.
 
 The database is the source of truth; a message only says "look at job X". So:
 
-* :func:`send_job` publishes a job id to its queue (:func:`worker.celery_app.resource_queue`) and
-  never raises: if the broker is down, the job stays QUEUED in the database and is sent later.
+* :func:`service.core.broker.send_job` publishes a job id to its queue and never raises: if the broker is down, the job stays QUEUED in the database and is sent later.
   A successful send is recorded in ``heartbeat_at`` (for a waiting job it means "last sent to
   the broker"; a worker overwrites it with its own heartbeats once it picks the job).
 * :meth:`Dispatcher.requeue_lost` sends waiting jobs (QUEUED, RETRYING) that were never sent
@@ -30,77 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
 
-from service.db import session_scope
-from service.job_states import lock_job
-from service.models import Job, JobState, utcnow
-from service.settings import Settings
-from worker.celery_app import RUN_JOB_TASK, celery_app_for, celery_priority, resource_queue
-from worker.outcome import ACTIVE_STATES, WAITING_STATES, reap_stale_job
+from service.core.broker import mark_dispatched, send_job
+from service.core.db import session_scope
+from service.core.job_states import ACTIVE_STATES, WAITING_STATES, lock_job
+from service.core.models import Job, JobState, utcnow
+from service.core.settings import Settings
+from worker.outcome import reap_stale_job
 
-__all__ = ["DispatchReport", "Dispatcher", "mark_dispatched", "send_and_mark", "send_job"]
+__all__ = ["DispatchReport", "Dispatcher"]
 
 log = logging.getLogger("worker.dispatcher")
 
 #: ``send(job) -> bool``: publish one job; True when the broker took it.
 SendFn = Callable[[Job], bool]
-
-
-def send_job(settings: Settings, job: Job) -> bool:
-    """Publish ``job``'s id to its queue; False (and a warning) when the broker refuses."""
-    queue = resource_queue(job.gpus, job.queue, settings.queues[0])
-    try:
-        celery_app_for(settings).send_task(
-            RUN_JOB_TASK,
-            args=[str(job.id)],
-            queue=queue,
-            priority=celery_priority(job.priority, settings.job_bounds.max_priority),
-            retry=False,
-        )
-    except Exception as exc:  # any broker error: the database keeps the job
-        log.warning(
-            "job %s: the broker did not take it (%s: %s); it stays %s and the dispatcher "
-            "sends it later",
-            job.id,
-            type(exc).__name__,
-            exc,
-            job.state,
-        )
-        return False
-    log.info("job %s sent to queue %s", job.id, queue)
-    return True
-
-
-def mark_dispatched(session: Session, job_id: uuid.UUID, now: datetime | None = None) -> bool:
-    """Record a send in ``heartbeat_at`` if the job still waits (no worker took it meanwhile);
-    True when it did."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(WAITING_STATES))
-        .values(heartbeat_at=now or utcnow(), updated_at=Job.updated_at)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
-
-
-def send_and_mark(settings: Settings, session: Session, job: Job) -> bool:
-    """:func:`send_job`, then :func:`mark_dispatched` committed in ``session`` (used by the API
-    after it committed the new job). Never raises for a broker or database problem."""
-    if not send_job(settings, job):
-        return False
-    now = utcnow()
-    try:
-        marked = mark_dispatched(session, job.id, now)
-        session.commit()
-        if marked:  # the caller's object shows what the database holds (not a pending change)
-            set_committed_value(job, "heartbeat_at", now)
-    except Exception:
-        session.rollback()
-        log.warning("job %s was sent, but recording the send failed", job.id, exc_info=True)
-    return True
 
 
 @dataclass

@@ -9,7 +9,7 @@ process group, and watches it:
    BUILDING with a fresh heartbeat from another worker is left alone (a redelivered message);
    one whose heartbeat is stale (its worker died) is built again here. READY and FAILED
    galleries are left alone.
-2. **Build**: the child's stdout and stderr go to ``<data_dir>/galleries/<id>/build.log``;
+2. **Build** (:mod:`worker.child`): stdout and stderr go to ``<data_dir>/galleries/<id>/build.log``;
    ``CUDA_VISIBLE_DEVICES`` is pinned from ``REID_WORKER__GPUS``; on Linux the child gets SIGTERM
    if this process dies.
 3. **Watch**, every ``poll_interval_s``: heartbeat every ``heartbeat_interval_s``; a gallery
@@ -19,15 +19,15 @@ process group, and watches it:
    the gallery FAILED with its exit and the log's last error line; a deleted gallery's folder
    is removed.
 
-The API sends the message (:func:`send_gallery`): a gallery id, on queue ``cpu`` (``gpus=0``) or
-``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the default one, as for jobs),
-at the highest priority: a build takes minutes and should not wait behind queued
-training jobs (a worker runs one task at a time, so it still waits for a running one).
+The API sends the message (:func:`service.core.broker.send_gallery`): a gallery id, on queue
+``cpu`` (``gpus=0``) or ``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the
+default one, as for jobs), at the highest priority: a build takes minutes and should not wait
+behind queued training jobs (a worker runs one task at a time, so it still waits for a running
+one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -35,36 +35,28 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import session_scope
-from service.galleries import BUILD_LOG, change_gallery_state, gallery_dir, lock_gallery
-from service.models import Gallery, GalleryState, utcnow
-from service.settings import Settings, get_settings
-from worker.celery_app import celery_app_for, celery_priority, resource_queue
+from service.core.broker import BUILD_GALLERY_TASK
+from service.core.db import session_scope
+from service.core.folders import BUILD_LOG, gallery_dir
+from service.core.gallery_states import change_gallery_state, is_stale, lock_gallery
+from service.core.models import GalleryState, utcnow
+from service.core.settings import Settings, get_settings
+from worker.child import spawn, stop_now, watch
 from worker.outcome import last_error_line
 
-__all__ = [
-    "BUILD_GALLERY_TASK",
-    "GallerySupervisor",
-    "build_gallery_task",
-    "builder_command",
-    "send_gallery",
-]
+__all__ = ["GallerySupervisor", "build_gallery_task", "builder_command"]
 
 log = logging.getLogger("worker.gallery_task")
-
-#: Name of the task (what the API sends).
-BUILD_GALLERY_TASK = "worker.build_gallery"
 
 #: Start of the line the supervisor writes in the build log before each attempt.
 _HEADER = "--- "
@@ -76,27 +68,6 @@ CommandFn = Callable[[uuid.UUID], list[str]]
 def builder_command(gallery_id: uuid.UUID) -> list[str]:
     """``python -m worker.build_gallery <id>``."""
     return [sys.executable, "-m", "worker.build_gallery", str(gallery_id)]
-
-
-def send_gallery(settings: Settings, gallery: Gallery) -> str | None:
-    """Publish ``gallery``'s id to its queue; None when the broker took it, else the error."""
-    queue = resource_queue(gallery.gpus, gallery.queue, settings.queues[0])
-    max_priority = settings.job_bounds.max_priority
-    try:
-        celery_app_for(settings).send_task(
-            BUILD_GALLERY_TASK,
-            args=[str(gallery.id)],
-            queue=queue,
-            priority=celery_priority(max_priority, max_priority),
-            retry=False,
-        )
-    except Exception as exc:  # any broker error: the caller records it on the gallery
-        log.warning(
-            "gallery %s: the broker did not take it: %s: %s", gallery.id, type(exc).__name__, exc
-        )
-        return f"{type(exc).__name__}: {exc}"
-    log.info("gallery %s sent to queue %s", gallery.id, queue)
-    return None
 
 
 @dataclass(frozen=True)
@@ -133,9 +104,8 @@ class GallerySupervisor:
                 return f"already {gallery.state}"
             now = self.clock()
             if gallery.state is GalleryState.BUILDING:
-                timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
-                last = gallery.heartbeat_at or gallery.updated_at
-                if now - last < timeout and gallery.worker_id != self.worker_id:
+                timeout = self.settings.worker.heartbeat_timeout_s
+                if not is_stale(gallery, timeout, now) and gallery.worker_id != self.worker_id:
                     return f"BUILDING on {gallery.worker_id} (fresh heartbeat): left alone"
                 reason = (
                     f"built again by {self.worker_id}: {gallery.worker_id} stopped heartbeating"
@@ -149,13 +119,6 @@ class GallerySupervisor:
             gallery.images_done = 0
             return _Claim(gallery.id, gallery_dir(self.settings, gallery.id))
 
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.settings.worker.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.settings.worker.gpus
-        return env
-
     def _tick(self, claim: _Claim, heartbeat: bool) -> bool:
         """Heartbeat (if due); False when the gallery is no longer ours to build."""
         with session_scope(self.factory) as session:
@@ -168,34 +131,11 @@ class GallerySupervisor:
                 gallery.heartbeat_at = self.clock()
             return True
 
-    def _signal(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
     def _watch(self, claim: _Claim, proc: subprocess.Popen[bytes]) -> None:
-        w = self.settings.worker
-        last_heartbeat = time.monotonic()
-        term_at: float | None = None
-        while proc.poll() is None:
-            now = time.monotonic()
-            heartbeat = now - last_heartbeat >= w.heartbeat_interval_s
-            try:
-                ours = self._tick(claim, heartbeat)
-                if heartbeat:
-                    last_heartbeat = now
-            except Exception:  # the database is away: let the builder go on, try again
-                log.warning("gallery %s: could not heartbeat", claim.gallery_id, exc_info=True)
-                ours = True
-            if not ours and term_at is None:
-                log.info(
-                    "gallery %s was deleted or taken over: stopping its builder", claim.gallery_id
-                )
-                self._signal(proc, signal.SIGTERM)
-                term_at = now
-            if term_at is not None and now - term_at >= w.kill_grace_s:
-                self._signal(proc, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=w.poll_interval_s)
+        def tick(heartbeat: bool) -> str | None:
+            return None if self._tick(claim, heartbeat) else "deleted or taken over"
+
+        watch(proc, self.settings.worker, tick, f"gallery {claim.gallery_id}")
 
     def _finish(self, claim: _Claim, failure: str) -> str:
         """The gallery's final word: as the builder recorded it, else FAILED for ``failure``."""
@@ -224,39 +164,22 @@ class GallerySupervisor:
 
     def run(self, gallery_id: uuid.UUID) -> str:
         """Build the gallery to its end; returns its final state, or why nothing was built."""
-        # The job supervisor's parent-death signal (imported here: that module builds the
-        # process's Celery app on import, which the API, sending galleries, must not do).
-        from worker.supervisor import _parent_death_signal
-
         claim = self._claim(gallery_id)
         if isinstance(claim, str):
             log.info("gallery %s: %s", gallery_id, claim)
             return claim
         claim.folder.mkdir(parents=True, exist_ok=True)
-        argv = self.command(gallery_id)
         header = f"{_HEADER}{self.clock():%Y-%m-%dT%H:%M:%S}Z on {self.worker_id}: "
         with (claim.folder / BUILD_LOG).open("ab") as log_file:
-            log_file.write(f"{header}{' '.join(argv)}\n".encode())
-            log_file.flush()
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=self._environment(),
-                    start_new_session=True,
-                    preexec_fn=_parent_death_signal(),
-                )
+                proc = spawn(self.command(gallery_id), log_file, self.settings, header)
             except OSError as exc:
                 return self._finish(claim, f"cannot start the gallery builder: {exc}")
             try:
                 self._watch(claim, proc)
             except BaseException:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait()
+                stop_now(proc, self.settings.worker.kill_grace_s)
                 raise
-        self._signal(proc, signal.SIGKILL)  # anything it left behind in its group
         outcome = self._finish(claim, self._exit_failure(claim, proc.returncode))
         log.info("gallery %s: %s", gallery_id, outcome)
         return outcome

@@ -36,16 +36,15 @@ from reid_core.config import config_to_dict, flatten
 from reid_core.embedder import Embedder
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.trainer import HookBase
-from worker.tracking import (
+from service.core.folders import STATE_FILE
+from service.core.registry import (
     BEST_ALIAS,
     JOB_TAG,
     METRIC_TAG_PREFIX,
     OWNER_TAG,
-    TrackingSpec,
-    TrackingState,
     configure_http,
-    short_error,
 )
+from worker.tracking import TrackingSpec, TrackingState, short_error
 
 __all__ = ["MLflowHook", "model_requirements"]
 
@@ -184,7 +183,7 @@ class MLflowHook(HookBase):
         try:
             self.state.save(self.output_dir)
         except OSError as exc:  # a full disk must not end the training
-            log.warning("cannot write %s: %s", self.output_dir / "mlflow.json", exc)
+            log.warning("cannot write %s: %s", self.output_dir / STATE_FILE, exc)
 
     def _epochs_done(self) -> int:
         return len(self.trainer.state.history)

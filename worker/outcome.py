@@ -30,23 +30,16 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from reid_core.engine.exit_codes import ExitCode
-from service.job_states import change_state
-from service.models import Job, JobState
+from service.core.job_states import change_state
+from service.core.models import Job, JobState
 
 __all__ = [
-    "ACTIVE_STATES",
-    "WAITING_STATES",
     "Outcome",
     "decide_outcome",
     "last_error_line",
     "reap_stale_job",
     "retry_or_fail",
 ]
-
-#: States in which a worker owns the job and heartbeats.
-ACTIVE_STATES = frozenset({JobState.STARTING, JobState.RUNNING, JobState.CANCELLING})
-#: States in which the job waits for a worker.
-WAITING_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
 
 #: Exit codes a rerun would hit again.
 _PERMANENT = {

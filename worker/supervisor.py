@@ -9,7 +9,7 @@ One job, start to end, in a solo-pool worker (no torch in this process):
 2. **Spawn**: the resolved config goes to ``<output_dir>/job_config.yaml`` (``checkpoint.resume``
    forced to ``auto`` on a retry) and the MLflow tracking spec to ``tracking.json`` (see
    :mod:`worker.tracking`), then ``python -m worker.train_job --config <it>`` (torchrun for
-   ``gpus > 1``) starts in its own process group (``start_new_session``), with
+   ``gpus > 1``) starts (:mod:`worker.child`) in its own process group (``start_new_session``), with
    ``CUDA_VISIBLE_DEVICES`` pinned from ``REID_WORKER__GPUS``, stdout and stderr appended to
    ``<output_dir>/process.log`` and its pid in ``<output_dir>/trainer.pid``. On Linux it gets
    SIGTERM if this process dies (``PR_SET_PDEATHSIG``), so no orphan trains on unseen.
@@ -24,13 +24,12 @@ One job, start to end, in a solo-pool worker (no torch in this process):
    FAILED (reason + the log's last error line) or RETRYING, which is sent to the broker again.
    On a final state the MLflow run is marked FINISHED, FAILED or KILLED.
 
-Every state change goes through :func:`service.job_states.change_state` with a reason.
+Every state change goes through :func:`service.core.job_states.change_state` with a reason.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -53,25 +52,19 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, make_session_factory, session_scope
-from service.job_states import change_state, lock_job
-from service.models import Job, JobState, utcnow
-from service.settings import Settings, get_settings
-from worker.celery_app import RUN_JOB_TASK, app
-from worker.dispatcher import mark_dispatched, send_job
-from worker.outcome import (
-    ACTIVE_STATES,
-    WAITING_STATES,
-    decide_outcome,
-    last_error_line,
-    reap_stale_job,
-)
+from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE, PROGRESS_FILE
+from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
+from service.core.models import Job, JobState, utcnow
+from service.core.registry import DATASET_TAG, OWNER_TAG
+from service.core.settings import Settings, get_settings
+from worker.celery_app import app
+from worker.child import signal_group, spawn, stop_now, watch
+from worker.outcome import decide_outcome, last_error_line, reap_stale_job
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
 __all__ = [
-    "CONFIG_FILE",
-    "LOG_FILE",
-    "PID_FILE",
     "Supervisor",
     "run_job",
     "trainer_command",
@@ -81,13 +74,6 @@ log = logging.getLogger("worker.supervisor")
 
 #: What a database that cannot be reached (or is restarting) raises.
 DB_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError)
-
-#: Files the supervisor writes in the job's output folder.
-CONFIG_FILE = "job_config.yaml"
-LOG_FILE = "process.log"
-PID_FILE = "trainer.pid"
-
-_PR_SET_PDEATHSIG = 1
 
 #: ``(gpus, config_path) -> argv`` of the trainer.
 CommandFn = Callable[[int, Path], list[str]]
@@ -100,22 +86,6 @@ def trainer_command(gpus: int, config_path: Path) -> list[str]:
         run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
         return [sys.executable, *run, *train]
     return [sys.executable, *train]
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn giving the child SIGTERM when this thread's process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-    return preexec
 
 
 @dataclass
@@ -250,9 +220,9 @@ class Supervisor:
 
     def _write_tracking(self, claim: _Claim) -> Path:
         m = self.settings.mlflow
-        tags = {"reid.owner": claim.owner}
+        tags = {OWNER_TAG: claim.owner}
         if claim.dataset_id is not None:
-            tags["reid.dataset_id"] = str(claim.dataset_id)
+            tags[DATASET_TAG] = str(claim.dataset_id)
         spec = TrackingSpec(
             tracking_uri=self.settings.mlflow_tracking_uri,
             experiment=m.experiment,
@@ -269,32 +239,14 @@ class Supervisor:
         )
         return spec.write(claim.output_dir)
 
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.settings.worker.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.settings.worker.gpus
-        return env
-
     def _spawn(
         self, claim: _Claim, config_path: Path, log_file: IO[bytes]
     ) -> subprocess.Popen[bytes]:
-        argv = self.command(claim.gpus, config_path)
         header = (
             f"\n--- {self.clock():%Y-%m-%dT%H:%M:%S}Z attempt {claim.retries + 1} on "
-            f"{self.worker_id}: {' '.join(argv)}\n"
+            f"{self.worker_id}: "
         )
-        log_file.write(header.encode())
-        log_file.flush()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=self._environment(),
-            start_new_session=True,  # its own process group: signals reach every rank
-            preexec_fn=_parent_death_signal(),
-        )
+        proc = spawn(self.command(claim.gpus, config_path), log_file, self.settings, header)
         (claim.output_dir / PID_FILE).write_text(f"{proc.pid}\n")
         return proc
 
@@ -304,7 +256,7 @@ class Supervisor:
 
     def _progress_values(self, output_dir: Path) -> dict[str, Any] | None:
         try:
-            p = json.loads((output_dir / "progress.json").read_text(encoding="utf-8"))
+            p = json.loads((output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if not isinstance(p, dict):
@@ -380,55 +332,23 @@ class Supervisor:
             job.heartbeat_at = self.clock()
             return True
 
-    def _signal_group(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
     def _watch(self, claim: _Claim, proc: subprocess.Popen[bytes]) -> str | None:
         """Wait for the trainer; returns why it was stopped (a ``_Stop`` value) or None."""
-        w = self.settings.worker
-        started = time.monotonic()
-        deadline = started + claim.timeout_minutes * self.seconds_per_minute
-        last_heartbeat = started
-        stopped: str | None = None
-        term_at: float | None = None
-        killed = False
-        while proc.poll() is None:
-            now = time.monotonic()
-            heartbeat = now - last_heartbeat >= w.heartbeat_interval_s
-            try:
-                ours, cancel = self._tick(claim, heartbeat)
-                if heartbeat:
-                    last_heartbeat = now
-            except Exception:  # the database is away: keep training, try again next poll
-                log.warning("job %s: could not update the database", claim.job_id, exc_info=True)
-                ours, cancel = True, False
-            if stopped is None:
-                if not ours:
-                    stopped = _Stop.LOST
-                elif cancel:
-                    stopped = _Stop.CANCEL
-                elif now >= deadline:
-                    stopped = _Stop.TIMEOUT
-                elif self.stop_event.is_set():
-                    stopped = _Stop.SHUTDOWN
-                if stopped is not None:
-                    log.info("job %s: stopping the trainer (%s): SIGTERM", claim.job_id, stopped)
-                    self._signal_group(proc, signal.SIGTERM)
-                    term_at = now
-            if term_at is not None and not killed and now - term_at >= w.kill_grace_s:
-                log.warning(
-                    "job %s: trainer still running %.0f s after SIGTERM: SIGKILL",
-                    claim.job_id,
-                    w.kill_grace_s,
-                )
-                self._signal_group(proc, signal.SIGKILL)
-                killed = True
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=w.poll_interval_s)
-        # Ranks left behind by a dead torchrun.
-        self._signal_group(proc, signal.SIGKILL)
-        return stopped
+        deadline = time.monotonic() + claim.timeout_minutes * self.seconds_per_minute
+
+        def tick(heartbeat: bool) -> str | None:
+            ours, cancel = self._tick(claim, heartbeat)
+            if not ours:
+                return _Stop.LOST
+            return _Stop.CANCEL if cancel else None
+
+        def should_stop() -> str | None:
+            if time.monotonic() >= deadline:
+                return _Stop.TIMEOUT
+            return _Stop.SHUTDOWN if self.stop_event.is_set() else None
+
+        name = f"job {claim.job_id}"
+        return watch(proc, self.settings.worker, tick, name, should_stop=should_stop)
 
     # ------------------------------------------------------------------------------------------
     # finish
@@ -521,11 +441,11 @@ class Supervisor:
             try:
                 if not self._mark_running(claim, proc.pid):
                     log.warning("job %s: claim lost before it ran: stopping it", job_id)
-                    self._signal_group(proc, signal.SIGTERM)
+                    signal_group(proc, signal.SIGTERM)
                 stopped = self._watch(claim, proc)
             except BaseException:
                 # The supervisor itself fails (or the worker is killed): never leave an orphan.
-                self._stop_now(proc)
+                stop_now(proc, self.settings.worker.kill_grace_s)
                 raise
         if stopped == _Stop.LOST:
             log.warning("job %s: another worker or the reaper took it; trainer stopped", job_id)
@@ -556,16 +476,6 @@ class Supervisor:
     def _open_log(self, claim: _Claim) -> Iterator[IO[bytes]]:
         with (claim.output_dir / LOG_FILE).open("ab") as f:
             yield f
-
-    def _stop_now(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is not None:
-            return
-        self._signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.settings.worker.kill_grace_s)
-        except subprocess.TimeoutExpired:
-            self._signal_group(proc, signal.SIGKILL)
-            proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------

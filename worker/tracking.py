@@ -14,38 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "BEST_ALIAS",
-    "JOB_TAG",
-    "METRIC_TAG_PREFIX",
-    "OWNER_TAG",
-    "SPEC_FILE",
-    "STATE_FILE",
-    "TrackingSpec",
-    "TrackingState",
-    "configure_http",
-    "short_error",
-    "terminate_run",
-]
+from service.core.folders import SPEC_FILE, STATE_FILE
+from service.core.registry import configure_http
+
+__all__ = ["TrackingSpec", "TrackingState", "short_error", "terminate_run"]
 
 log = logging.getLogger("worker.tracking")
-
-SPEC_FILE = "tracking.json"
-STATE_FILE = "mlflow.json"
-
-#: The run tag that names the job (how a run is found again when its state file is gone).
-JOB_TAG = "reid.job_id"
-#: Tag of a registered model and its versions naming the owner (only they see and change it).
-OWNER_TAG = "reid.owner"
-#: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
-METRIC_TAG_PREFIX = "metric."
-#: The alias that follows the highest mAP of a registered model.
-BEST_ALIAS = "best"
 
 #: Most warnings kept on a job (the oldest are dropped).
 MAX_WARNINGS = 20
@@ -125,15 +103,6 @@ class TrackingState:
             return False
         self.warnings = [*self.warnings, message][-MAX_WARNINGS:]
         return True
-
-
-def configure_http(timeout_s: float) -> None:
-    """Bound MLflow's HTTP calls in this process: one request waits ``timeout_s`` at most and is
-    retried once, so a tracking server that is down costs seconds, never minutes."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def terminate_run(tracking_uri: str, run_id: str, status: str, timeout_s: float) -> str | None:

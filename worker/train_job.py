@@ -17,7 +17,8 @@ from reid_core.config import ConfigError, load_config
 from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.trainer import HookBase
 from reid_core.train import run
-from worker.tracking import SPEC_FILE, TrackingSpec
+from service.core.folders import SPEC_FILE
+from worker.tracking import TrackingSpec
 
 __all__ = ["main"]
 

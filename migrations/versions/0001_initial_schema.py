@@ -16,7 +16,7 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Types frozen here (not imported from service.models): a revision must not change afterwards.
+# Types frozen here (not imported from service.core.models): a revision must not change afterwards.
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 JOB_STATES = (
     "QUEUED",

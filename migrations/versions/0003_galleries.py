@@ -15,7 +15,7 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Frozen here (not imported from service.models): a revision must not change afterwards.
+# Frozen here (not imported from service.core.models): a revision must not change afterwards.
 GALLERY_STATES = ("QUEUED", "BUILDING", "READY", "FAILED")
 
 

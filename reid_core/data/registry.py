@@ -88,7 +88,8 @@ class BaseDataset(ABC):
         """Read the folder and return the splits (paths, pids, 0-based cameras)."""
 
 
-#: Registry name -> dataset class. Filled by :func:`register_dataset`.
+#: Registry name -> dataset class. Filled by :func:`register_dataset`; the built-in datasets
+#: (:mod:`reid_core.data.datasets`) register themselves when the package imports them.
 DATASETS: dict[str, type[BaseDataset]] = {}
 
 _D = TypeVar("_D", bound=type[BaseDataset])
@@ -118,14 +119,8 @@ def register_dataset(name: str) -> Callable[[_D], _D]:
     return decorate
 
 
-def _ensure_builtin() -> None:
-    # The built-in datasets register themselves on import; imported lazily to avoid a cycle.
-    import reid_core.data.datasets  # noqa: F401
-
-
 def dataset_names() -> list[str]:
     """Sorted registry names."""
-    _ensure_builtin()
     return sorted(DATASETS)
 
 
@@ -135,7 +130,6 @@ def build_dataset(name: str, root: Path | str | None, **kwargs: Any) -> ReIDSpli
     Raises :class:`DatasetError` for an unknown name (listing the known ones), an unknown option,
     a missing root, or a root without the expected sub-folders.
     """
-    _ensure_builtin()
     key = _normalise(name)
     cls = DATASETS.get(key)
     if cls is None:

@@ -18,9 +18,10 @@ import reid_core.train as train_module
 from reid_core.embedder import Embedder
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase
+from service.core.registry import JOB_TAG
 from tests.integration.conftest import tiny_config
 from worker.mlflow_hook import MLflowHook
-from worker.tracking import JOB_TAG, TrackingSpec, TrackingState
+from worker.tracking import TrackingSpec, TrackingState
 
 MODEL = "tiny-reid"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service import migrate
+from service.core import migrate
 from tests.reliability.servers import PostgresServer, RedisServer
 
 

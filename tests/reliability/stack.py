@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 
 from reid_core.data import generate_synthetic_market
-from service.auth import create_api_key
-from service.db import make_engine, make_session_factory, session_scope
-from service.settings import JobBounds, Settings, TrackingSettings
+from service.core.api_keys import create_api_key
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.settings import JobBounds, Settings, TrackingSettings
 from tests.helpers import TINY_JOB_CONFIG
 from tests.reliability.servers import wait_until
 from tests.worker.conftest import fast_worker_settings

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-import service.db
+import service.core.db
+from service.api.errors import DATABASE_RETRY_AFTER_S
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.errors import DATABASE_RETRY_AFTER_S
-from service.settings import WorkerSettings
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.settings import WorkerSettings
 from tests.reliability.servers import PostgresServer
 from tests.service.conftest import TestClient, make_settings, write_image_folder
 
@@ -121,7 +121,7 @@ def test_database_down_is_503_then_the_api_recovers_by_itself(
 def test_a_database_that_never_answers_times_out_as_503(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service.db, "PG_CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(service.core.db, "PG_CONNECT_TIMEOUT_S", 1)
     # A port that accepts TCP connections (the kernel does) but never speaks: a hung server.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))

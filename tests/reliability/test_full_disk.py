@@ -27,10 +27,10 @@ from fastapi import FastAPI
 from reid_core.data import generate_synthetic_market
 from reid_core.engine.checkpoint import LAST_TAG
 from reid_core.model_io import load_model
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
 from tests.helpers import TINY_JOB_CONFIG
 from tests.reliability.stack import REPO_ROOT
 from tests.service.conftest import TestClient, make_settings

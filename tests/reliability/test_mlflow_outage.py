@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.app import create_app
-from service.settings import TrackingSettings
+from service.core.settings import TrackingSettings
 from tests.helpers import free_port, mlflow_server
 from tests.reliability.servers import RedisServer
 from tests.reliability.stack import FINAL_STATES, job_body, service_stack, wait_for_job

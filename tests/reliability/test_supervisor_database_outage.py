@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import make_engine, session_scope
-from service.job_states import change_state
-from service.models import Job, JobState
-from service.settings import Settings
+from service.core.db import make_engine, session_scope
+from service.core.folders import PID_FILE
+from service.core.job_states import change_state
+from service.core.models import Job, JobState
+from service.core.settings import Settings
 from tests.reliability.gated_trainer import RELEASE_FILE
 from tests.reliability.servers import PostgresServer, wait_until
 from tests.worker.conftest import event_states, fast_worker_settings, load_job
-from worker.supervisor import PID_FILE, Supervisor
+from worker.supervisor import Supervisor
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,11 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.settings import JobBounds, Settings, UploadLimits
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.settings import JobBounds, Settings, UploadLimits
 from tests.helpers import require_postgres
 
 with warnings.catch_warnings():

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from service.archives import (
+from service.core.archives import (
     ArchiveError,
     ArchiveLimits,
     check_archive,

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.service.conftest import Headers, write_image_folder, write_jpeg, write_market_folder
 
 

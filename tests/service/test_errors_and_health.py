@@ -64,7 +64,7 @@ def test_healthz_and_readyz(client: TestClient) -> None:
 
 
 def test_readyz_reports_an_unreachable_mlflow_but_stays_ready(tmp_path: Path) -> None:
-    from service.settings import TrackingSettings
+    from service.core.settings import TrackingSettings
 
     settings = make_settings(
         tmp_path,
@@ -80,7 +80,7 @@ def test_readyz_reports_an_unreachable_mlflow_but_stays_ready(tmp_path: Path) ->
 
 
 def test_readyz_reports_an_unreachable_broker_but_stays_ready(tmp_path: Path) -> None:
-    from service.settings import WorkerSettings
+    from service.core.settings import WorkerSettings
 
     settings = make_settings(
         tmp_path,

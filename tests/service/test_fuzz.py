@@ -32,13 +32,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.job_states import change_state, lock_job
-from service.models import JobState
-from service.settings import Settings, WorkerSettings
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.job_states import change_state, lock_job
+from service.core.models import JobState
+from service.core.settings import Settings, WorkerSettings
 from tests.service.conftest import TestClient, make_settings, write_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -27,16 +27,13 @@ from reid_core.engine.exit_codes import ExitCode
 from reid_core.search import GalleryIndex
 from reid_core.train import run
 from service.app import create_app
-from service.db import session_scope
-from service.galleries import (
-    MAX_EMBED_IMAGES,
-    LoadingLRU,
-    change_gallery_state,
-    forget_index,
-    gallery_dir,
-)
-from service.models import Gallery, GalleryState, utcnow
-from service.settings import Settings, TrackingSettings, WorkerSettings
+from service.core.db import session_scope
+from service.core.folders import gallery_dir
+from service.core.gallery_states import change_gallery_state
+from service.core.images import MAX_EMBED_IMAGES
+from service.core.model_cache import LoadingLRU, forget_index
+from service.core.models import Gallery, GalleryState, utcnow
+from service.core.settings import Settings, TrackingSettings, WorkerSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
 from tests.service.conftest import Headers, make_settings, write_image_folder
 from worker.build_gallery import build_gallery
@@ -653,7 +650,7 @@ def test_broker_down_fails_the_gallery_at_once(
         width=48,
     )
     app = create_app(settings)
-    from service.auth import create_api_key
+    from service.core.api_keys import create_api_key
 
     with session_scope(app.state.session_factory) as session:
         _, token = create_api_key(session, "alice")

@@ -11,15 +11,15 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db import session_scope
-from service.job_states import (
+from service.core.db import session_scope
+from service.core.job_states import (
     FINAL_STATES,
     TRANSITIONS,
     InvalidTransitionError,
     change_state,
     lock_job,
 )
-from service.models import Dataset, DatasetKind, Job, JobEvent, JobState
+from service.core.models import Dataset, DatasetKind, Job, JobEvent, JobState
 
 S = JobState
 

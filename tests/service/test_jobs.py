@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.job_states import change_state, lock_job
-from service.models import JobState
-from service.settings import JobBounds, Settings
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.job_states import change_state, lock_job
+from service.core.models import JobState
+from service.core.settings import JobBounds, Settings
 from tests.service.conftest import Headers, write_image_folder
 
 
@@ -405,9 +405,9 @@ def test_the_memory_banks_are_bounded(tmp_path: Path, migrated_sqlite: Path) -> 
 
     from reid_core.config import ExperimentConfig
     from service.app import create_app
-    from service.auth import create_api_key
-    from service.job_config import memory_bank_bytes
-    from service.settings import JobBounds
+    from service.core.api_keys import create_api_key
+    from service.core.job_config import memory_bank_bytes
+    from service.core.settings import JobBounds
     from tests.service.conftest import make_settings, write_image_folder
 
     cfg = ExperimentConfig()  # ResNet-50: 2048 channels; the paper's patch sizes

@@ -11,9 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service import migrate
-from service.db import make_engine
-from service.models import Base
+from service.core import migrate
+from service.core.db import make_engine
+from service.core.models import Base
 
 TABLES = {"api_keys", "datasets", "jobs", "job_events", "galleries"}
 
@@ -45,7 +45,7 @@ def _round_trip(url: str) -> None:
         assert migrate.current_revision(engine) == migrate.head_revision()
     finally:
         engine.dispose()
-    assert _drift(url) == [], "service/models.py and migrations/ disagree: add a revision"
+    assert _drift(url) == [], "service/core/models.py and migrations/ disagree: add a revision"
     migrate.downgrade(url, "base")
     assert _tables(url) == set()
     migrate.upgrade(url)

@@ -15,7 +15,7 @@ from reid_core.data import build_dataset
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.train import run
 from service.app import create_app
-from service.settings import Settings, TrackingSettings
+from service.core.settings import Settings, TrackingSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
 from tests.service.conftest import Headers, make_settings
 from worker.mlflow_hook import MLflowHook
@@ -140,8 +140,8 @@ def test_registry_down_is_503_naming_it(
         mlflow=TrackingSettings(tracking_uri="http://127.0.0.1:9", request_timeout_s=1),
     )
     app = create_app(settings)
-    from service.auth import create_api_key
-    from service.db import session_scope
+    from service.core.api_keys import create_api_key
+    from service.core.db import session_scope
 
     with session_scope(app.state.session_factory) as session:
         _, token = create_api_key(session, "alice")

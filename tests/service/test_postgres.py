@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.job_states import change_state, lock_job
-from service.models import JobState
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.job_states import change_state, lock_job
+from service.core.models import JobState
 from tests.service.conftest import TestClient, make_settings, write_image_folder
 
 pytestmark = pytest.mark.integration

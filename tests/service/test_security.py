@@ -27,10 +27,10 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from service.app import create_app
-from service.auth import hash_key, revoke_api_key
-from service.db import session_scope
-from service.models import ApiKey
-from service.settings import Settings
+from service.core.api_keys import hash_key, revoke_api_key
+from service.core.db import session_scope
+from service.core.models import ApiKey
+from service.core.settings import Settings
 from tests.service.conftest import Headers, TestClient, make_settings
 
 ADMIN_TOKEN = "security-admin-token-0123456789"

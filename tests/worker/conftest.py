@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import migrate
-from service.db import make_engine, make_session_factory, session_scope
-from service.job_states import change_state
-from service.models import Job, JobState, utcnow
-from service.settings import JobBounds, Settings, WorkerSettings
+from service.core import migrate
+from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.job_states import change_state
+from service.core.models import Job, JobState, utcnow
+from service.core.settings import JobBounds, Settings, WorkerSettings
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 

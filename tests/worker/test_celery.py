@@ -25,11 +25,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from reid_core.data import generate_synthetic_market
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.settings import JobBounds, Settings, TrackingSettings
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.settings import JobBounds, Settings, TrackingSettings
 from tests.helpers import TINY_JOB_CONFIG, mlflow_server, postgres_database, require_postgres
 from tests.worker.conftest import fast_worker_settings
 

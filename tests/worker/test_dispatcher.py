@@ -11,9 +11,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import session_scope
-from service.models import Job, JobState
-from service.settings import Settings
+from service.core.db import session_scope
+from service.core.models import Job, JobState
+from service.core.settings import Settings
 from tests.worker.conftest import FakeClock, MakeJob, event_states, load_job
 from worker.dispatcher import Dispatcher
 

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 
 from reid_core.data import generate_synthetic_market
-from service import migrate
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.galleries import BUILD_LOG, gallery_dir
-from service.settings import JobBounds, Settings, TrackingSettings
+from service.core import migrate
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.folders import BUILD_LOG, gallery_dir
+from service.core.settings import JobBounds, Settings, TrackingSettings
 from tests.helpers import TINY_JOB_CONFIG, mlflow_server, postgres_database
 from tests.worker.conftest import fast_worker_settings
 from tests.worker.test_celery import REDIS_URL, _check_redis, _drop_queue_keys

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import session_scope
-from service.galleries import BUILD_LOG, change_gallery_state, gallery_dir
-from service.models import Gallery, GalleryState
-from service.settings import Settings
+from service.core.db import session_scope
+from service.core.folders import BUILD_LOG, gallery_dir
+from service.core.gallery_states import change_gallery_state
+from service.core.models import Gallery, GalleryState
+from service.core.settings import Settings
 from tests.worker.conftest import FakeClock
 from worker.gallery_task import GallerySupervisor
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.models import JobState
-from worker.celery_app import celery_priority, resource_queue
+from service.core.broker import celery_priority, resource_queue
+from service.core.models import JobState
 from worker.outcome import decide_outcome, last_error_line
 
 S = JobState

@@ -12,10 +12,10 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.app import create_app
-from service.auth import create_api_key
-from service.db import session_scope
-from service.models import Job, JobState
-from service.settings import Settings
+from service.core.api_keys import create_api_key
+from service.core.db import session_scope
+from service.core.models import Job, JobState
+from service.core.settings import Settings
 from tests.worker.conftest import load_job
 from worker.dispatcher import Dispatcher
 

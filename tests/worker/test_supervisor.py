@@ -11,12 +11,13 @@ from pathlib import Path
 import yaml
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import session_scope
-from service.job_states import change_state, lock_job
-from service.models import Job, JobState
-from service.settings import Settings
+from service.core.db import session_scope
+from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE
+from service.core.job_states import change_state, lock_job
+from service.core.models import Job, JobState
+from service.core.settings import Settings
 from tests.worker.conftest import FakeClock, MakeJob, event_states, fake_command, load_job
-from worker.supervisor import CONFIG_FILE, LOG_FILE, PID_FILE, Supervisor
+from worker.supervisor import Supervisor
 
 S = JobState
 

@@ -9,8 +9,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from reid_core.config import ExperimentConfig
-from service.models import DatasetKind, DatasetStatus, GalleryState, JobState
-from service.settings import MODEL_NAME_PATTERN
+from service.core.models import DatasetKind, DatasetStatus, GalleryState, JobState
+from service.core.settings import MODEL_NAME_PATTERN
 
 __all__ = [
     "DATASET_NAME_PATTERN",

@@ -3,6 +3,7 @@ features a version computes for uploaded images."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from typing import Annotated
 
@@ -12,19 +13,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from service.auth import CurrentOwner
-from service.deps import SettingsDep
-from service.galleries import (
-    MAX_EMBED_IMAGES,
-    MAX_IMAGE_BYTES,
-    UploadedImage,
-    cached_embedder,
-    decode_images,
-    receive_images,
-    resolve_version,
-)
-from service.registry import ModelRegistry
-from service.schemas import (
+from service.api.auth import CurrentOwner
+from service.api.deps import SettingsDep
+from service.api.schemas import (
     COMMON_ERRORS,
     AliasUpdate,
     EmbedOut,
@@ -33,7 +24,11 @@ from service.schemas import (
     ModelVersionOut,
     error_responses,
 )
-from service.settings import MODEL_NAME_PATTERN, Settings
+from service.api.uploads import receive_images
+from service.core.images import MAX_EMBED_IMAGES, MAX_IMAGE_BYTES, UploadedImage, decode_images
+from service.core.model_cache import cached_embedder
+from service.core.registry import ModelRegistry, ModelVersion, RegisteredModel, mlflow_ui_url
+from service.core.settings import MODEL_NAME_PATTERN, Settings
 
 router = APIRouter(
     prefix="/v1/models",
@@ -56,16 +51,33 @@ class VersionList(BaseModel):
     items: list[ModelVersionOut]
 
 
+def _model_out(settings: Settings, model: RegisteredModel) -> ModelOut:
+    return ModelOut(
+        **dataclasses.asdict(model), mlflow_url=mlflow_ui_url(settings, f"models/{model.name}")
+    )
+
+
+def _version_out(settings: Settings, version: ModelVersion) -> ModelVersionOut:
+    name, number = version.name, version.version
+    return ModelVersionOut(
+        **dataclasses.asdict(version),
+        load_uri=version.load_uri,
+        download_url=f"/v1/models/{name}/versions/{number}/weights",
+        mlflow_url=mlflow_ui_url(settings, f"models/{name}/versions/{number}"),
+    )
+
+
 @router.get("", summary="Your registered models")
 def list_models(owner: CurrentOwner, settings: SettingsDep) -> ModelList:
-    return ModelList(items=ModelRegistry(settings).list_models(owner))
+    models = ModelRegistry(settings).list_models(owner)
+    return ModelList(items=[_model_out(settings, m) for m in models])
 
 
 @router.get(
     "/{name}", summary="One registered model", responses=error_responses(e404="Unknown model")
 )
 def get_model(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -> ModelOut:
-    return ModelRegistry(settings).get_model(owner, name)
+    return _model_out(settings, ModelRegistry(settings).get_model(owner, name))
 
 
 @router.get(
@@ -74,7 +86,8 @@ def get_model(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -> Mo
     responses=error_responses(e404="Unknown model"),
 )
 def list_versions(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -> VersionList:
-    return VersionList(items=ModelRegistry(settings).list_versions(owner, name))
+    versions = ModelRegistry(settings).list_versions(owner, name)
+    return VersionList(items=[_version_out(settings, v) for v in versions])
 
 
 @router.get(
@@ -85,7 +98,7 @@ def list_versions(name: ModelName, owner: CurrentOwner, settings: SettingsDep) -
 def get_version(
     name: ModelName, version: VersionRef, owner: CurrentOwner, settings: SettingsDep
 ) -> ModelVersionOut:
-    return ModelRegistry(settings).get_version(owner, name, version)
+    return _version_out(settings, ModelRegistry(settings).get_version(owner, name, version))
 
 
 @router.put(
@@ -100,7 +113,8 @@ def set_alias(
     owner: CurrentOwner,
     settings: SettingsDep,
 ) -> ModelVersionOut:
-    return ModelRegistry(settings).set_alias(owner, name, alias, body.version)
+    changed = ModelRegistry(settings).set_alias(owner, name, alias, body.version)
+    return _version_out(settings, changed)
 
 
 @router.get(
@@ -156,7 +170,7 @@ def _embed(
     settings: Settings, owner: str, name: str, version: str, images: list[UploadedImage]
 ) -> EmbedOut:
     registry = ModelRegistry(settings)
-    number = resolve_version(registry, owner, name, version).version  # the owner's
+    number = registry.get_version(owner, name, version).version  # the owner's
     embedder = cached_embedder(registry, owner, name, number)
     features = embedder.embed_images(decode_images(images))
     return EmbedOut(

@@ -8,17 +8,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from service.auth import AdminDep, create_api_key, revoke_api_key
-from service.deps import SessionDep
-from service.errors import APIError
-from service.models import ApiKey
-from service.schemas import (
+from service.api.auth import AdminDep
+from service.api.deps import SessionDep
+from service.api.errors import APIError
+from service.api.schemas import (
     COMMON_ERRORS,
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
     error_responses,
 )
+from service.core.api_keys import create_api_key, revoke_api_key
+from service.core.models import ApiKey
 
 router = APIRouter(
     prefix="/v1/admin/keys",

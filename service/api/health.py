@@ -11,7 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.migrate import schema_revision
+from service.core.errors import UnavailableError
+from service.core.migrate import schema_revision
 
 router = APIRouter(tags=["health"])
 _LOG = logging.getLogger("service.health")
@@ -38,14 +39,13 @@ def broker_status(url: str, timeout_s: float = 2.0) -> str:
 
 def mlflow_status(request: Request) -> str:
     """``ok``, or why MLflow (runs and the model registry) does not answer."""
-    from service.errors import APIError
-    from service.registry import ModelRegistry
+    from service.core.registry import ModelRegistry
 
     try:
         ModelRegistry(request.app.state.settings).ping()
     except ImportError:
         return "not configured (mlflow is not installed)"
-    except APIError as exc:
+    except UnavailableError as exc:
         return f"error: {exc.message}"
     return "ok"
 

@@ -11,7 +11,7 @@
 
     FAILED | CANCELLED -> RETRYING   (retried by its owner: POST /v1/jobs/{id}/retry, resumes)
 
-Every change writes a :class:`~service.models.JobEvent` row with the reason in the caller's
+Every change writes a :class:`~service.core.models.JobEvent` row with the reason in the caller's
 transaction, so the state and its history are committed (or rolled back) together. A worker uses::
 
     with session_scope(factory) as session:
@@ -27,11 +27,13 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import Job, JobEvent, JobState, utcnow
+from service.core.models import Job, JobEvent, JobState, utcnow
 
 __all__ = [
+    "ACTIVE_STATES",
     "FINAL_STATES",
     "TRANSITIONS",
+    "WAITING_STATES",
     "InvalidTransitionError",
     "change_state",
     "lock_job",
@@ -55,6 +57,10 @@ TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = {
 }
 
 FINAL_STATES = frozenset(s for s in JobState if s.is_final)
+#: States in which a worker owns the job and heartbeats.
+ACTIVE_STATES = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
+#: States in which the job waits for a worker.
+WAITING_STATES = frozenset({S.QUEUED, S.RETRYING})
 
 
 class InvalidTransitionError(ValueError):

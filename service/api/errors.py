@@ -1,6 +1,8 @@
 """Errors as JSON, everywhere: ``{"error": {"code": ..., "message": ..., "details": [...]}}``.
 
-Routers raise :class:`APIError`; validation errors name the field and the value; a database that
+The core's refusals (:mod:`service.core.errors`) get their HTTP status here, the only place that
+knows it (:data:`STATUS_OF`); the API's own (authentication, a body it cannot parse) raise
+:class:`APIError` with one. Validation errors name the field and the value; a database that
 cannot be reached is a 503 (``database_unavailable``) the client may retry, a value it refuses (out
 of range, a NUL character) a 422; anything unexpected is logged with its traceback and answered
 with a plain 500, never the traceback.
@@ -20,9 +22,19 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["APIError", "error_body", "install_error_handlers", "not_found", "validation_details"]
+from service.core.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    RejectedInputError,
+    ServiceError,
+    TooLargeError,
+    UnavailableError,
+)
 
-_LOG = logging.getLogger("service.errors")
+__all__ = ["STATUS_OF", "APIError", "error_body", "install_error_handlers", "validation_details"]
+
+_LOG = logging.getLogger("service.api.errors")
 _MAX_VALUE_CHARS = 200
 #: What FastAPI answers (400) for a body it cannot decode before validation, e.g. non-UTF-8 JSON.
 _BODY_PARSE_ERROR = "There was an error parsing the body"
@@ -51,9 +63,15 @@ class APIError(Exception):
         self.headers = headers
 
 
-def not_found(kind: str, ident: object) -> APIError:
-    """404 for a resource that does not exist *or belongs to another owner* (no difference)."""
-    return APIError(404, f"{kind.replace(' ', '_')}_not_found", f"{kind} {ident} not found")
+#: The HTTP status of each kind of refusal of the core.
+STATUS_OF: dict[type[ServiceError], int] = {
+    RejectedInputError: 400,
+    NotFoundError: 404,  # or another owner's: no difference
+    ConflictError: 409,
+    TooLargeError: 413,
+    InvalidInputError: 422,
+    UnavailableError: 503,
+}
 
 
 def error_body(
@@ -100,6 +118,14 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
         status_code=exc.status_code,
         headers=exc.headers,
     )
+
+
+async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = next((STATUS_OF[kind] for kind in type(exc).__mro__ if kind in STATUS_OF), 500)
+    # the core names the input's fields; the input was the request's body
+    details = [{**d, "field": f"body.{d['field']}"} for d in exc.details or []]
+    return JSONResponse(error_body(exc.code, exc.message, details), status_code=status)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -198,6 +224,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for database_error in (OperationalError, InterfaceError, PoolTimeoutError):

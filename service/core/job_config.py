@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from reid_core.config import ConfigError, ExperimentConfig, apply_overrides
-from service.settings import JobBounds
+from service.core.settings import JobBounds
 
 __all__ = [
     "JobConfigError",

@@ -87,7 +87,7 @@ class Base(DeclarativeBase):
 
 class JobState(enum.StrEnum):
     """QUEUED -> STARTING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, with CANCELLING and
-    RETRYING in between. Transitions: :data:`service.job_states.TRANSITIONS`."""
+    RETRYING in between. Transitions: :data:`service.core.job_states.TRANSITIONS`."""
 
     QUEUED = "QUEUED"
     STARTING = "STARTING"
@@ -168,7 +168,7 @@ class Dataset(Base):
 
 
 class Job(Base):
-    """A training job. Its ``state`` changes only through :func:`service.job_states.change_state`."""
+    """A training job. Its ``state`` changes only through :func:`service.core.job_states.change_state`."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -245,7 +245,7 @@ class JobEvent(Base):
 
 class GalleryState(enum.StrEnum):
     """QUEUED -> BUILDING -> READY | FAILED; changed by
-    :func:`service.galleries.change_gallery_state`."""
+    :func:`service.core.gallery_states.change_gallery_state`."""
 
     QUEUED = "QUEUED"
     BUILDING = "BUILDING"
@@ -260,7 +260,7 @@ class GalleryState(enum.StrEnum):
 class Gallery(Base):
     """A searchable index of a dataset's gallery images, embedded by one registered model version.
 
-    The index itself lives in ``<data_dir>/galleries/<id>/`` (:mod:`service.galleries`); the row
+    The index itself lives in ``<data_dir>/galleries/<id>/`` (:mod:`service.core.folders`); the row
     keeps what it was built from, its state and progress. ``dataset_path`` is the dataset's folder
     when the gallery was created: search hits are given relative to it, and the gallery stays
     searchable after its dataset is deleted (``dataset_id`` then becomes NULL).

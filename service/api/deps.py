@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 __all__ = ["SessionDep", "SettingsDep", "get_session", "get_settings_dep"]
 

@@ -1,27 +1,52 @@
-"""The model registry as the API sees it: MLflow's registered models, filtered by owner.
+"""The model registry: MLflow's registered models, filtered by owner, and the tags that say whose.
 
 Jobs register their final models (see :mod:`worker.mlflow_hook`); a registered model and its
-versions carry the tag ``reid.owner``, and an owner sees and changes only their own models.
-Every call here is synchronous (FastAPI runs the routes in its thread pool) and bounded by
-``mlflow.request_timeout_s``; an MLflow that does not answer is a 503 naming it.
+versions carry the tag :data:`OWNER_TAG`, and an owner sees and changes only their own models.
+Every call here is synchronous (the API runs it in a thread) and bounded by
+``mlflow.request_timeout_s`` (:func:`configure_http`); an MLflow that does not answer is an
+:class:`~service.core.errors.UnavailableError` naming it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.errors import APIError, not_found
-from service.schemas import ModelOut, ModelVersionOut
-from service.settings import Settings
-from worker.tracking import JOB_TAG, METRIC_TAG_PREFIX, OWNER_TAG, configure_http
+from service.core.errors import UnavailableError, not_found
+from service.core.settings import Settings
 
-__all__ = ["ModelRegistry", "ensure_experiment"]
+__all__ = [
+    "BEST_ALIAS",
+    "DATASET_TAG",
+    "JOB_TAG",
+    "METRIC_TAG_PREFIX",
+    "OWNER_TAG",
+    "ModelRegistry",
+    "ModelVersion",
+    "RegisteredModel",
+    "configure_http",
+    "ensure_experiment",
+    "mlflow_ui_url",
+    "model_uri",
+]
+
+#: The run tag that names the job (how a run is found again when its state file is gone).
+JOB_TAG = "reid.job_id"
+#: Tag of a registered model and its versions naming the owner (only they see and change it).
+OWNER_TAG = "reid.owner"
+#: Run tag naming the dataset a job trained on.
+DATASET_TAG = "reid.dataset_id"
+#: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
+METRIC_TAG_PREFIX = "metric."
+#: The alias that follows the highest mAP of a registered model.
+BEST_ALIAS = "best"
 
 #: Inside a logged model: the plain weights + config file (reid_core.model_io format).
 WEIGHTS_PATH = "extra_files/model_final.pt"
@@ -29,8 +54,55 @@ WEIGHTS_PATH = "extra_files/model_final.pt"
 T = TypeVar("T")
 
 
+def configure_http(timeout_s: float) -> None:
+    """Bound MLflow's HTTP calls in this process: one request waits ``timeout_s`` at most and is
+    retried once, so a tracking server that is down costs seconds, never minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def model_uri(name: str, version: str) -> str:
+    """``models:/<name>/<version>``: what ``mlflow.pytorch.load_model`` loads, and the name a
+    gallery's features carry (:attr:`reid_core.search.GalleryIndex.model_ref`)."""
+    return f"models:/{name}/{version}"
+
+
+def mlflow_ui_url(settings: Settings, path: str) -> str | None:
+    """``path`` (``models/<name>``, ``runs/<id>``) in the MLflow UI, when one is configured."""
+    base = settings.mlflow.ui_url
+    return f"{base.rstrip('/')}/#/{path}" if base else None
+
+
 def _when(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=UTC) if ms else None
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str | None
+    latest_version: str | None
+    aliases: dict[str, str]  # alias -> version
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: str
+    status: str
+    run_id: str | None
+    job_id: str | None  # the job that trained it
+    metrics: dict[str, float]  # its last evaluation (from the METRIC_TAG_PREFIX tags)
+    aliases: list[str]
+    created_at: datetime | None
+
+    @property
+    def load_uri(self) -> str:
+        return model_uri(self.name, self.version)
 
 
 def ensure_experiment(settings: Settings) -> str:
@@ -67,7 +139,7 @@ class ModelRegistry:
         return MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri)
 
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run an MLflow call; unreachable -> 503, unknown resource -> None-like 404 upstream."""
+        """Run an MLflow call: unreachable -> UnavailableError, unknown -> _MissingError."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -79,17 +151,16 @@ class ModelRegistry:
         except (OSError, ConnectionError) as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: BaseException) -> APIError:
+    def _unavailable(self, exc: BaseException) -> UnavailableError:
         text = " ".join(str(exc).split())[:300] or type(exc).__name__
-        return APIError(
-            503,
+        return UnavailableError(
             "model_registry_unavailable",
             f"the model registry (MLflow at {self.settings.mlflow_tracking_uri}) did not answer: "
             f"{text}; try again later",
         )
 
     def ping(self) -> None:
-        """Raise (503 APIError) unless MLflow answers."""
+        """Raise :class:`UnavailableError` unless MLflow answers."""
         self._call(lambda: self.client.search_experiments(max_results=1))
 
     # -- reads -------------------------------------------------------------------------------
@@ -103,57 +174,18 @@ class ModelRegistry:
             raise not_found("model", name)
         return model
 
-    def _out(self, model: Any) -> ModelOut:
-        latest = [int(v.version) for v in (model.latest_versions or [])]
-        return ModelOut(
-            name=model.name,
-            description=model.description or None,
-            latest_version=str(max(latest)) if latest else None,
-            aliases={alias: str(v) for alias, v in (model.aliases or {}).items()},
-            created_at=_when(model.creation_timestamp),
-            updated_at=_when(model.last_updated_timestamp),
-            mlflow_url=self._ui(f"models/{model.name}"),
-        )
-
-    def _ui(self, path: str) -> str | None:
-        base = self.settings.mlflow.ui_url
-        return f"{base.rstrip('/')}/#/{path}" if base else None
-
-    def _version_out(self, version: Any, aliases: dict[str, str]) -> ModelVersionOut:
-        metrics: dict[str, float] = {}
-        for key, value in (version.tags or {}).items():
-            if key.startswith(METRIC_TAG_PREFIX):
-                try:
-                    metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
-                except ValueError:
-                    continue
-        name, number = version.name, str(version.version)
-        return ModelVersionOut(
-            name=name,
-            version=number,
-            status=str(version.status),
-            run_id=version.run_id,
-            job_id=(version.tags or {}).get(JOB_TAG),
-            metrics=metrics,
-            aliases=sorted(a for a, v in aliases.items() if v == number),
-            created_at=_when(version.creation_timestamp),
-            load_uri=f"models:/{name}/{number}",
-            download_url=f"/v1/models/{name}/versions/{number}/weights",
-            mlflow_url=self._ui(f"models/{name}/versions/{number}"),
-        )
-
-    def list_models(self, owner: str) -> list[ModelOut]:
+    def list_models(self, owner: str) -> list[RegisteredModel]:
         models = self._call(
             lambda: self.client.search_registered_models(
                 filter_string=f"tags.`{OWNER_TAG}` = '{_quote(owner)}'", max_results=1000
             )
         )
-        return sorted((self._out(m) for m in models), key=lambda m: m.name)
+        return sorted((_model(m) for m in models), key=lambda m: m.name)
 
-    def get_model(self, owner: str, name: str) -> ModelOut:
-        return self._out(self._owned_model(owner, name))
+    def get_model(self, owner: str, name: str) -> RegisteredModel:
+        return _model(self._owned_model(owner, name))
 
-    def list_versions(self, owner: str, name: str) -> list[ModelVersionOut]:
+    def list_versions(self, owner: str, name: str) -> list[ModelVersion]:
         model = self._owned_model(owner, name)
         aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
         versions = self._call(
@@ -161,10 +193,12 @@ class ModelRegistry:
                 f"name = '{_quote(name)}'", max_results=10_000
             )
         )
-        outs = [self._version_out(v, aliases) for v in versions]
+        outs = [_version(v, aliases) for v in versions]
         return sorted(outs, key=lambda v: int(v.version), reverse=True)
 
-    def get_version(self, owner: str, name: str, version: str) -> ModelVersionOut:
+    def get_version(self, owner: str, name: str, version: str) -> ModelVersion:
+        """``owner``'s version ``version`` (a number or an alias) of model ``name``; not found for
+        a model, version or alias that does not exist (or is not the owner's)."""
         model = self._owned_model(owner, name)
         aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
         if not version.isdigit():  # an alias names a version too
@@ -175,12 +209,12 @@ class ModelRegistry:
             found = self._call(lambda: self.client.get_model_version(name, version))
         except _MissingError:
             raise not_found("model version", f"{name}/{version}") from None
-        return self._version_out(found, aliases)
+        return _version(found, aliases)
 
     # -- changes -----------------------------------------------------------------------------
 
-    def set_alias(self, owner: str, name: str, alias: str, version: str) -> ModelVersionOut:
-        self.get_version(owner, name, version)  # 404 unless it exists and is the owner's
+    def set_alias(self, owner: str, name: str, alias: str, version: str) -> ModelVersion:
+        self.get_version(owner, name, version)  # not found unless it exists and is the owner's
         self._call(lambda: self.client.set_registered_model_alias(name, alias, version))
         return self.get_version(owner, name, version)
 
@@ -194,10 +228,10 @@ class ModelRegistry:
         def download() -> str:
             # the registry resolves the version to its model's artifacts (``models:/`` URIs
             # would go through the process-wide registry URI, not this service's)
-            model_uri = self.client.get_model_version_download_uri(name, out.version)
+            artifacts = self.client.get_model_version_download_uri(name, out.version)
             return str(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{model_uri.rstrip('/')}/{WEIGHTS_PATH}",
+                    artifact_uri=f"{artifacts.rstrip('/')}/{WEIGHTS_PATH}",
                     dst_path=str(folder),
                     tracking_uri=self.settings.mlflow_tracking_uri,
                 )
@@ -219,6 +253,40 @@ class ModelRegistry:
 
 class _MissingError(Exception):
     """MLflow said the resource does not exist."""
+
+
+def _model(model: Any) -> RegisteredModel:
+    latest = [int(v.version) for v in (model.latest_versions or [])]
+    return RegisteredModel(
+        name=model.name,
+        description=model.description or None,
+        latest_version=str(max(latest)) if latest else None,
+        aliases={alias: str(v) for alias, v in (model.aliases or {}).items()},
+        created_at=_when(model.creation_timestamp),
+        updated_at=_when(model.last_updated_timestamp),
+    )
+
+
+def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
+    tags = version.tags or {}
+    metrics: dict[str, float] = {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
+            except ValueError:
+                continue
+    number = str(version.version)
+    return ModelVersion(
+        name=version.name,
+        version=number,
+        status=str(version.status),
+        run_id=version.run_id,
+        job_id=tags.get(JOB_TAG),
+        metrics=metrics,
+        aliases=sorted(a for a, v in aliases.items() if v == number),
+        created_at=_when(version.creation_timestamp),
+    )
 
 
 def _quote(value: str) -> str:

@@ -1,0 +1,62 @@
+"""Who is asking: every ``/v1`` route takes an API key (:mod:`service.core.api_keys`) as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and acts for the key's owner; the admin
+routes take ``REID_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import APIError
+from service.core.api_keys import find_api_key
+
+__all__ = ["AdminDep", "CurrentOwner", "current_owner"]
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_owner(
+    session: SessionDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_header)],
+) -> str:
+    """The owner of the presented API key; 401 when it is missing, unknown or revoked."""
+    token = bearer.credentials if bearer is not None else header_key
+    if not token:
+        raise _unauthorized(
+            "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
+            "(create one with `python -m service create-key --owner <name>`)"
+        )
+    key = find_api_key(session, token)
+    if key is None:
+        raise _unauthorized("invalid API key")
+    if key.revoked_at is not None:
+        raise _unauthorized(f"API key {key.prefix}... was revoked; ask for a new one")
+    return key.owner
+
+
+def require_admin(
+    settings: SettingsDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """The admin routes: off (404) unless REID_ADMIN_TOKEN is set; then that token as Bearer."""
+    if settings.admin_token is None:
+        raise APIError(404, "not_found", "admin routes are off (REID_ADMIN_TOKEN is not set)")
+    expected = settings.admin_token.get_secret_value().encode("utf-8")
+    given = (bearer.credentials if bearer is not None else "").encode("utf-8")
+    if not expected or not hmac.compare_digest(given, expected):
+        raise _unauthorized("admin routes need `Authorization: Bearer <REID_ADMIN_TOKEN>`")
+
+
+CurrentOwner = Annotated[str, Depends(current_owner)]
+AdminDep = Depends(require_admin)

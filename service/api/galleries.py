@@ -1,0 +1,246 @@
+"""/v1/galleries: index a dataset's images with a registered model, then search it with images.
+
+``POST /v1/galleries`` creates the gallery (:func:`service.core.galleries.create_gallery`) and the
+workers build its index; ``GET`` shows the state and progress; ``POST /{id}/search`` answers the
+nearest gallery images of a query image, each with its ``position`` in the index, which
+``GET /{id}/images/{position}`` answers as the image file (for thumbnails).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from service.api.auth import CurrentOwner
+from service.api.deps import SessionDep, SettingsDep
+from service.api.schemas import (
+    COMMON_ERRORS,
+    GalleryCreate,
+    GalleryOut,
+    GallerySearchOut,
+    Page,
+    SearchHitOut,
+    error_responses,
+)
+from service.api.uploads import receive_images
+from service.core import galleries
+from service.core.images import UploadedImage
+from service.core.models import Gallery
+from service.core.settings import Settings
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=COMMON_ERRORS)
+
+#: Most hits one search returns.
+MAX_K = 1000
+
+_QUERY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The query: a person crop (JPEG, PNG, BMP, WebP).",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _out(gallery: Gallery) -> GalleryOut:
+    return GalleryOut.model_validate(gallery)
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Build a gallery: a searchable index of a dataset's images, with a model version",
+    responses=error_responses(
+        e404="Unknown dataset, model or version",
+        e409="The dataset is not ready or has no image to index",
+        e503="MLflow (the model registry) is down",
+    ),
+)
+def create_gallery(
+    body: GalleryCreate,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+) -> GalleryOut:
+    """A Market-layout dataset contributes its gallery split (``bounding_box_test``), an image
+    folder every image. The build runs on a worker (queue ``cpu`` with ``gpus=0``, ``gpu1``
+    otherwise); follow it with ``GET /v1/galleries/{id}`` until READY."""
+    request = galleries.GalleryRequest(**body.model_dump())
+    gallery = galleries.create_gallery(session, settings, owner, request)
+    response.headers["Location"] = f"/v1/galleries/{gallery.id}"
+    return _out(gallery)
+
+
+@router.get("", summary="Your galleries, newest first")
+def list_galleries(
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[GalleryOut]:
+    rows, total = galleries.list_galleries(session, settings, owner, limit, offset)
+    return Page[GalleryOut](items=[_out(g) for g in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/{gallery_id}",
+    summary="One gallery: state, progress, counts",
+    responses=error_responses(e404="Unknown gallery"),
+)
+def get_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> GalleryOut:
+    return _out(galleries.get_gallery(session, settings, owner, gallery_id))
+
+
+@router.delete(
+    "/{gallery_id}",
+    status_code=204,
+    summary="Delete a gallery and its index (a build in progress is stopped)",
+    responses=error_responses(e404="Unknown gallery"),
+)
+def delete_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    galleries.delete_gallery(session, settings, owner, gallery_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{gallery_id}/retry",
+    status_code=202,
+    summary="Build a FAILED gallery again, from scratch",
+    responses=error_responses(
+        e404="Unknown gallery",
+        e409="The gallery is not FAILED, or its dataset is gone or not ready",
+    ),
+)
+def retry_gallery(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> GalleryOut:
+    """The gallery goes back to QUEUED with the same id, dataset, model version and queue, and
+    is sent to the workers again (e.g. after its worker died, or the broker was down). A builder
+    that may still run for it (a worker that stopped heartbeating) is told to stop: the gallery
+    is no longer its to build."""
+    return _out(galleries.retry_gallery(session, settings, owner, gallery_id))
+
+
+def _search(
+    settings: Settings, gallery: Gallery, query: UploadedImage, k: int, camera: int | None
+) -> GallerySearchOut:
+    hits = galleries.search(settings, gallery, query, k, camera)
+    return GallerySearchOut(
+        gallery_id=gallery.id,
+        model_name=gallery.model_name,
+        model_version=gallery.model_version,
+        query=query.name,
+        k=k,
+        hits=[
+            SearchHitOut(
+                rank=rank,
+                path=galleries.relative_path(hit.path, gallery.dataset_path),
+                score=hit.score,
+                camera_id=hit.camid if hit.camid >= 0 else None,
+                person_id=hit.pid if hit.pid >= 0 else None,
+                position=hit.position,
+            )
+            for rank, hit in enumerate(hits, start=1)
+        ],
+    )
+
+
+@router.post(
+    "/{gallery_id}/search",
+    summary="The gallery images closest to a query image, best first",
+    openapi_extra=_QUERY_BODY,
+    responses=error_responses(
+        e400="Malformed multipart body",
+        e404="Unknown gallery",
+        e409="The gallery is not READY",
+        e413="The image is too large",
+        e415="Not multipart/form-data",
+        e503="MLflow (the model registry) is down",
+    ),
+)
+async def search_gallery(
+    request: Request,
+    gallery_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="How many hits")] = 10,
+    camera: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="The query's camera id, as the dataset numbers its cameras. A model "
+            "trained with model.camera_norm normalises the query with that camera's statistics "
+            "(the pooled ones when omitted or a camera it was not trained on); other models "
+            "ignore it.",
+        ),
+    ] = None,
+) -> GallerySearchOut:
+    """The query (multipart file part ``image``) is embedded by the gallery's model; scores are
+    cosine similarities, hits carry the image's path relative to the dataset's folder, its
+    camera and, for a labelled dataset, its identity."""
+    gallery = await run_in_threadpool(galleries.owned_gallery, session, owner, gallery_id)
+    galleries.require_ready(gallery)  # before reading the upload
+    (query,) = await receive_images(request, "image", max_files=1)
+    return await run_in_threadpool(_search, settings, gallery, query, k, camera)
+
+
+@router.get(
+    "/{gallery_id}/images/{position}",
+    summary="One indexed image of the gallery (a search hit's position), as its file",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The image file, with a content type from its suffix.",
+            "content": {"image/*": {}, "application/octet-stream": {}},
+        },
+        **error_responses(
+            e404="Unknown gallery, no image at that position, or the file is gone from disk",
+            e409="The gallery is not READY (or its index is missing)",
+        ),
+    },
+)
+def gallery_image(
+    gallery_id: uuid.UUID,
+    position: Annotated[
+        int, PathParam(ge=0, description="A search hit's `position`: its row in the index.")
+    ],
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> FileResponse:
+    """The file the gallery indexed at ``position`` (0 to the number of indexed images - 1), read
+    from the dataset's folder as it is now: for thumbnails of search hits."""
+    gallery = galleries.owned_gallery(session, owner, gallery_id)
+    path, status = galleries.image_file(settings, gallery, position)
+    return FileResponse(
+        path,
+        media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+        stat_result=status,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

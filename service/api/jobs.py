@@ -1,0 +1,262 @@
+"""/v1/jobs: submit a training job, list, show (with ETag), its events, metrics, logs (tail or
+followed as server-sent events), cancel, retry (the rules: :mod:`service.core.jobs`)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from reid_core.config import ExperimentConfig
+from service.api.auth import CurrentOwner
+from service.api.deps import SessionDep, SettingsDep
+from service.api.log_stream import follow_log, tail_offset
+from service.api.schemas import (
+    COMMON_ERRORS,
+    JobCreate,
+    JobEventOut,
+    JobOut,
+    Page,
+    error_responses,
+)
+from service.core import jobs
+from service.core.models import Job, JobState
+from service.core.registry import mlflow_ui_url
+from service.core.settings import Settings
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
+config_router = APIRouter(prefix="/v1/config", tags=["jobs"], responses=COMMON_ERRORS)
+
+
+def _job_out(job: Job, settings: Settings) -> JobOut:
+    out = JobOut.model_validate(job)
+    if out.mlflow_run_id:
+        out.mlflow_run_url = mlflow_ui_url(settings, f"runs/{out.mlflow_run_id}")
+    return out
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    summary="Submit a training job (it starts QUEUED)",
+    responses={
+        200: {"model": JobOut, "description": "Same idempotency_key: the job it created"},
+        **error_responses(
+            e404="Unknown dataset",
+            e409="idempotency_key reused for a different request",
+            e422="Bad config key or value, or above the service's bounds",
+        ),
+    },
+)
+def create_job(
+    body: JobCreate, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    job, created = jobs.submit_job(session, settings, owner, jobs.JobRequest(**body.model_dump()))
+    if not created:
+        return _job_response(job, settings, status_code=200)
+    return _job_response(job, settings, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _job_body(job: Job, settings: Settings) -> tuple[bytes, str]:
+    """The job as JSON, and its ETag: a hash of the canonical form (sorted keys), so the same
+    job has the same ETag whatever order the database returns its JSON columns in."""
+    data = _job_out(job, settings).model_dump(mode="json")
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    canonical = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return body, '"' + hashlib.sha256(canonical).hexdigest()[:32] + '"'
+
+
+def _job_response(
+    job: Job, settings: Settings, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    body, etag = _job_body(job, settings)
+    return Response(
+        content=body,
+        status_code=status_code,
+        media_type="application/json",
+        headers={"ETag": etag, **(headers or {})},
+    )
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    # If-None-Match uses the weak comparison (RFC 9110 13.1.2): W/ prefixes are ignored.
+    candidates = [c.strip() for c in header.split(",")]
+    return any(c == "*" or c.removeprefix("W/") == etag for c in candidates)
+
+
+@router.get("", summary="Your jobs, newest first")
+def list_jobs(
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    state: Annotated[list[JobState] | None, Query(description="Only these states")] = None,
+    dataset_id: Annotated[uuid.UUID | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[JobOut]:
+    rows, total = jobs.list_jobs(
+        session, owner, states=state, dataset_id=dataset_id, limit=limit, offset=offset
+    )
+    return Page[JobOut](
+        items=[_job_out(j, settings) for j in rows], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/{job_id}",
+    summary="One job: state, progress, epoch, metrics (ETag; If-None-Match answers 304)",
+    response_model=JobOut,
+    responses={
+        304: {"description": "Not modified since the ETag given"},
+        **error_responses(e404="Unknown job"),
+    },
+)
+def get_job(
+    job_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body, etag = _job_body(jobs.owned_job(session, owner, job_id), settings)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(content=body, media_type="application/json", headers=headers)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="The job's state changes, oldest first",
+    responses=error_responses(e404="Unknown job"),
+)
+def list_job_events(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep
+) -> list[JobEventOut]:
+    events = jobs.job_events(session, owner, job_id)
+    return [JobEventOut.model_validate(e) for e in events]
+
+
+@router.get(
+    "/{job_id}/metrics",
+    summary="Per-epoch history: mean loss per term, learning rates, images/s, evaluation",
+    responses=error_responses(e404="Unknown job"),
+)
+def job_metrics(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> list[dict[str, Any]]:
+    """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
+    ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); empty before the first
+    epoch ends."""
+    return jobs.job_metrics(settings, jobs.owned_job(session, owner, job_id))
+
+
+@router.get(
+    "/{job_id}/logs",
+    summary="The job's log (trainer output and supervisor notes): the last lines, or followed",
+    # No default media type: the 200 is text (below), the errors JSON as everywhere else.
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {}, "text/event-stream": {}},
+            "description": "The last `tail` lines; with `follow=true`, server-sent events: one "
+            "`data:` event per line (its `id` is a byte offset: `Last-Event-ID` resumes there), "
+            "and an `end` event with the final state once the job finished.",
+        },
+        **error_responses(e404="Unknown job"),
+    },
+)
+def job_logs(
+    request: Request,
+    job_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    tail: Annotated[int, Query(ge=1, le=10_000, description="How many lines")] = 200,
+    follow: Annotated[
+        bool, Query(description="Stream new lines as server-sent events until the job ends")
+    ] = False,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    job = jobs.owned_job(session, owner, job_id)
+    path = jobs.log_path(settings, job)
+    if follow:
+        return _follow_logs(request, job.id, path, tail, last_event_id)
+    if not path.is_file():
+        return PlainTextResponse("")
+    with path.open("rb") as f:
+        lines = collections.deque(f, maxlen=tail)
+    return PlainTextResponse(b"".join(lines).decode("utf-8", errors="replace"))
+
+
+def _follow_logs(
+    request: Request, job_id: uuid.UUID, path: Path, tail: int, last_event_id: str | None
+) -> StreamingResponse:
+    start = tail_offset(path, tail)
+    resume = (last_event_id or "").strip()
+    if resume.isascii() and resume.isdigit():
+        # Never past the end: an offset from another file (or made up) resumes at its end.
+        start = min(int(resume), path.stat().st_size if path.is_file() else 0)
+    factory = request.app.state.session_factory
+
+    def final_state() -> str | None:
+        with factory() as session:
+            return jobs.final_state(session, job_id)
+
+    return StreamingResponse(
+        follow_log(path, start, final_state),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a job: at once if it has not started, else via CANCELLING",
+    response_model=JobOut,
+    responses={
+        200: {"description": "Cancelled (it had not started)"},
+        202: {"model": JobOut, "description": "CANCELLING: the worker stops the trainer"},
+        **error_responses(e404="Unknown job", e409="The job already finished"),
+    },
+)
+def cancel_job(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    job = jobs.cancel_job(session, owner, job_id)
+    return _job_response(
+        job, settings, status_code=202 if job.state is JobState.CANCELLING else 200
+    )
+
+
+@router.post(
+    "/{job_id}/retry",
+    summary="Run a FAILED or CANCELLED job again; it resumes from its last checkpoint",
+    response_model=JobOut,
+    status_code=202,
+    responses=error_responses(
+        e404="Unknown job",
+        e409="The job is not FAILED or CANCELLED, or its dataset is gone",
+    ),
+)
+def retry_job(
+    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> Response:
+    """The job goes to RETRYING with the same id, output folder and MLflow run; the trainer
+    continues from the newest checkpoint in that folder (from scratch when there is none)."""
+    job = jobs.retry_job(session, settings, owner, job_id)
+    return _job_response(job, settings, status_code=202)
+
+
+@config_router.get("/defaults", summary="The default training configuration")
+def config_defaults(_owner: CurrentOwner) -> ExperimentConfig:
+    """reid_core's defaults (the paper's settings); a job's ``config`` overrides any of them,
+    except the dataset, its folder and the output folder, which the service sets."""
+    return ExperimentConfig()

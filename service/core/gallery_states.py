@@ -1,0 +1,124 @@
+"""The gallery state machine: :func:`change_gallery_state` is the one place a gallery's state changes.
+
+A **gallery** is a faiss index of a dataset's gallery images, embedded by one registered model
+version (:class:`service.core.models.Gallery`). A worker builds it (:mod:`worker.gallery_task`
+supervises ``python -m worker.build_gallery``). States::
+
+    QUEUED -> BUILDING -> READY
+       \\         \\-> FAILED (a reason: the model, the data, the builder's last error line)
+        \\-> FAILED (the broker did not take it)
+    BUILDING -> BUILDING    (a worker takes over a build whose worker stopped heartbeating)
+    FAILED -> QUEUED        (retried by its owner)
+
+:func:`change_gallery_state` keeps ``reason``, ``started_at``, ``finished_at`` and ``updated_at``
+with the state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.core.models import Gallery, GalleryState, utcnow
+
+__all__ = [
+    "GALLERY_TRANSITIONS",
+    "InvalidGalleryTransitionError",
+    "change_gallery_state",
+    "fail_if_stale",
+    "is_stale",
+    "lock_gallery",
+]
+
+G = GalleryState
+
+#: Allowed changes: from-state (None: a gallery being created) -> the states it may go to.
+GALLERY_TRANSITIONS: Mapping[GalleryState | None, frozenset[GalleryState]] = {
+    None: frozenset({G.QUEUED}),
+    G.QUEUED: frozenset({G.BUILDING, G.FAILED}),
+    G.BUILDING: frozenset({G.BUILDING, G.READY, G.FAILED}),
+    G.READY: frozenset(),
+    G.FAILED: frozenset({G.QUEUED}),  # retried
+}
+
+
+class InvalidGalleryTransitionError(ValueError):
+    """A state change :data:`GALLERY_TRANSITIONS` does not allow (someone else moved it first)."""
+
+    def __init__(self, gallery_id: uuid.UUID | None, from_state: G | None, to_state: G) -> None:
+        super().__init__(
+            f"gallery {gallery_id} cannot go from {from_state or '(new)'} to {to_state}"
+        )
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+def change_gallery_state(
+    session: Session, gallery: Gallery, to_state: GalleryState, reason: str
+) -> None:
+    """Move ``gallery`` to ``to_state`` for ``reason``; the caller commits.
+
+    Also sets ``started_at`` (each BUILDING), ``finished_at`` (READY, FAILED) and ``updated_at``.
+    """
+    from_state: GalleryState | None = (
+        GalleryState(gallery.state) if gallery.state is not None else None
+    )
+    to_state = GalleryState(to_state)
+    if to_state not in GALLERY_TRANSITIONS[from_state]:
+        raise InvalidGalleryTransitionError(gallery.id, from_state, to_state)
+    if not reason.strip():
+        raise ValueError("a state change needs a reason")
+    now = utcnow()
+    gallery.state = to_state
+    gallery.reason = reason
+    gallery.updated_at = now
+    if to_state is G.BUILDING:
+        gallery.started_at = now
+        gallery.finished_at = None
+    elif to_state.is_final:
+        gallery.finished_at = now
+    if from_state is None:
+        session.add(gallery)
+    session.flush()
+
+
+def lock_gallery(
+    session: Session, gallery_id: uuid.UUID, owner: str | None = None
+) -> Gallery | None:
+    """Load a gallery for a change, its row locked (``FOR UPDATE``) where the database can;
+    ``owner`` restricts the lookup to that owner's galleries (the API)."""
+    query = select(Gallery).where(Gallery.id == gallery_id).with_for_update()
+    if owner is not None:
+        query = query.where(Gallery.owner == owner)
+    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
+
+
+def is_stale(gallery: Gallery, timeout_s: float, now: datetime) -> bool:
+    """True when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``: its worker
+    and builder died."""
+    last = gallery.heartbeat_at or gallery.updated_at
+    return (
+        gallery.state is G.BUILDING
+        and last is not None
+        and now - last >= timedelta(seconds=timeout_s)
+    )
+
+
+def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: datetime) -> bool:
+    """FAILED (True) when ``gallery`` :func:`is_stale`; the caller commits."""
+    if not is_stale(gallery, timeout_s, now):
+        return False
+    last = gallery.heartbeat_at or gallery.updated_at
+    change_gallery_state(
+        session,
+        gallery,
+        G.FAILED,
+        f"the build stopped: worker {gallery.worker_id or '?'} sent no heartbeat since "
+        f"{last:%Y-%m-%d %H:%M:%S} UTC (more than {timeout_s:.0f} s); retry it (POST "
+        f"/v1/galleries/{gallery.id}/retry)",
+    )
+    return True

@@ -1,0 +1,306 @@
+"""Training jobs: submit (idempotent), list, show, follow, cancel, retry.
+
+A job is committed QUEUED, then its id is sent to the workers (:mod:`service.core.broker`); a job
+the broker did not take stays QUEUED and the dispatcher (``python -m worker dispatcher``) sends it
+later. Every state change goes through :func:`service.core.job_states.change_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.core.broker import send_and_mark
+from service.core.datasets import check_ready, train_images
+from service.core.errors import ConflictError, InvalidInputError, not_found
+from service.core.folders import LOG_FILE, METRICS_FILE, job_dir
+from service.core.job_config import JobConfigError, resolve_job_config
+from service.core.job_states import FINAL_STATES, change_state, lock_job
+from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
+from service.core.owned import owned, owned_page
+from service.core.settings import Settings
+
+__all__ = [
+    "JobRequest",
+    "cancel_job",
+    "check_queue",
+    "final_state",
+    "job_events",
+    "job_metrics",
+    "list_jobs",
+    "log_path",
+    "owned_job",
+    "retry_job",
+    "submit_job",
+]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a client asks for (the API's ``JobCreate``, field for field)."""
+
+    dataset_id: uuid.UUID
+    config: dict[str, Any] = field(default_factory=dict)
+    gpus: int | None = None
+    priority: int = 0
+    queue: str | None = None
+    max_retries: int = 0
+    timeout_minutes: int | None = None
+    idempotency_key: str | None = None
+    model_name: str | None = None
+
+    def digest(self) -> str:
+        """SHA-256 of the request's canonical JSON: the same key with another request is refused."""
+        data = {**dataclasses.asdict(self), "dataset_id": str(self.dataset_id)}
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_queue(settings: Settings, queue: str | None) -> str:
+    """``queue``, or the service's first queue; refused when the service has no such queue."""
+    queue = queue or settings.queues[0]
+    if queue not in settings.queues:
+        raise InvalidInputError(
+            f"unknown queue {queue!r}; this service has: {', '.join(settings.queues)}",
+            "queue",
+            queue,
+        )
+    return queue
+
+
+def _check_resources(request: JobRequest, settings: Settings) -> tuple[int, str, int]:
+    """(gpus, queue, timeout_minutes) after the defaults; refused above the service's bounds."""
+    bounds = settings.job_bounds
+    gpus = bounds.gpus_or_default(request.gpus)
+    if gpus > bounds.max_gpus:
+        raise InvalidInputError(
+            f"gpus={gpus} is above this service's limit of {bounds.max_gpus}", "gpus", gpus
+        )
+    if request.priority > bounds.max_priority:
+        raise InvalidInputError(
+            f"priority={request.priority} is above the highest priority {bounds.max_priority}",
+            "priority",
+            request.priority,
+        )
+    if request.max_retries > bounds.max_retries:
+        raise InvalidInputError(
+            f"max_retries={request.max_retries} is above this service's limit of "
+            f"{bounds.max_retries}",
+            "max_retries",
+            request.max_retries,
+        )
+    timeout = request.timeout_minutes or bounds.default_timeout_minutes
+    if timeout > bounds.max_timeout_minutes:
+        raise InvalidInputError(
+            f"timeout_minutes={timeout} is above this service's limit of "
+            f"{bounds.max_timeout_minutes}",
+            "timeout_minutes",
+            timeout,
+        )
+    return gpus, check_queue(settings, request.queue), timeout
+
+
+def _existing_for_key(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
+    job = session.execute(
+        select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+    ).scalar_one_or_none()
+    if job is not None and job.request_hash != request_hash:
+        raise ConflictError(
+            "idempotency_key_reused",
+            f"idempotency_key {key!r} was used for a different request (job {job.id}); "
+            "use a new key for a new job",
+        )
+    return job
+
+
+def submit_job(
+    session: Session, settings: Settings, owner: str, request: JobRequest
+) -> tuple[Job, bool]:
+    """``(job, created)``: a new QUEUED job, committed and sent to the workers, or (created
+    False) the job an earlier request with the same idempotency key created."""
+    request_hash = request.digest()
+    key = request.idempotency_key
+    if key is not None:
+        existing = _existing_for_key(session, owner, key, request_hash)
+        if existing is not None:
+            return existing, False
+    # FOR SHARE: a concurrent DELETE of the dataset waits for this job to be committed.
+    dataset = session.execute(
+        select(Dataset)
+        .where(Dataset.id == request.dataset_id, Dataset.owner == owner)
+        .with_for_update(read=True)
+    ).scalar_one_or_none()
+    if dataset is None:
+        raise not_found("dataset", request.dataset_id)
+    check_ready(dataset)
+    gpus, queue, timeout = _check_resources(request, settings)
+    job_id = uuid.uuid4()
+    try:
+        cfg = resolve_job_config(
+            request.config,
+            dataset_format=dataset.format,
+            dataset_root=Path(dataset.path),
+            output_dir=job_dir(settings, job_id),
+            gpus=gpus,
+            bounds=settings.job_bounds,
+            weights_path=settings.weights_path,
+            num_train_images=train_images(dataset),
+        )
+    except JobConfigError as exc:
+        raise InvalidInputError(exc.message, details=exc.details) from None
+    job = Job(
+        id=job_id,
+        owner=owner,
+        dataset_id=dataset.id,
+        config_overrides=request.config,
+        resolved_config=cfg.model_dump(mode="json"),
+        gpus=gpus,
+        priority=request.priority,
+        queue=queue,
+        max_retries=request.max_retries,
+        retries=0,
+        timeout_minutes=timeout,
+        idempotency_key=key,
+        request_hash=request_hash,
+        progress=0.0,
+        metrics={},
+        warnings=[],
+        model_name=request.model_name or settings.mlflow.model_name_for(owner),
+        cancel_requested=False,
+    )
+    try:
+        change_state(session, job, JobState.QUEUED, f"submitted by {owner}")  # flushes
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same idempotency key raced; the other one won.
+        session.rollback()
+        if key is None:
+            raise
+        existing = _existing_for_key(session, owner, key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
+    if settings.worker.enqueue_on_submit:
+        send_and_mark(settings, session, job)
+    return job, True
+
+
+def list_jobs(
+    session: Session,
+    owner: str,
+    *,
+    states: list[JobState] | None,
+    dataset_id: uuid.UUID | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Job], int]:
+    """``owner``'s jobs (in ``states``, of ``dataset_id``), newest first, and how many in all."""
+    conditions: list[Any] = []
+    if states:
+        conditions.append(Job.state.in_(states))
+    if dataset_id is not None:
+        conditions.append(Job.dataset_id == dataset_id)
+    order = (Job.created_at.desc(), Job.id.desc())
+    return owned_page(session, Job, owner, *conditions, order_by=order, limit=limit, offset=offset)
+
+
+def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
+    return owned(session, Job, owner, job_id, "job")
+
+
+def job_events(session: Session, owner: str, job_id: uuid.UUID) -> list[JobEvent]:
+    """The job's state changes, oldest first."""
+    job = owned_job(session, owner, job_id)
+    return list(
+        session.execute(
+            select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+        ).scalars()
+    )
+
+
+def job_metrics(settings: Settings, job: Job) -> list[dict[str, Any]]:
+    """One record per finished epoch, oldest first (``metrics.jsonl``); empty before the first
+    epoch ends."""
+    path = job_dir(settings, job.id) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return records
+
+
+def log_path(settings: Settings, job: Job) -> Path:
+    """The job's log: the trainer's output and the supervisor's notes."""
+    return job_dir(settings, job.id) / LOG_FILE
+
+
+def final_state(session: Session, job_id: uuid.UUID) -> str | None:
+    """The job's state when it is final, else None."""
+    state = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
+    return str(state) if state in FINAL_STATES else None
+
+
+def cancel_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
+    """CANCELLED at once when it has not started, else CANCELLING (the worker stops the
+    trainer); refused for a finished job."""
+    job = lock_job(session, job_id, owner=owner)
+    if job is None:
+        raise not_found("job", job_id)
+    if job.state in FINAL_STATES:
+        raise ConflictError(
+            "job_finished", f"job {job_id} is already {job.state}; nothing to cancel"
+        )
+    if job.state in (JobState.QUEUED, JobState.RETRYING):
+        change_state(session, job, JobState.CANCELLED, f"cancelled by {owner} before it ran")
+    elif job.state in (JobState.STARTING, JobState.RUNNING):
+        change_state(session, job, JobState.CANCELLING, f"cancel requested by {owner}")
+    session.commit()
+    return job
+
+
+def retry_job(session: Session, settings: Settings, owner: str, job_id: uuid.UUID) -> Job:
+    """A FAILED or CANCELLED job to RETRYING with the same id, output folder and MLflow run; the
+    trainer continues from the newest checkpoint in that folder (from scratch when none)."""
+    job = lock_job(session, job_id, owner=owner)
+    if job is None:
+        raise not_found("job", job_id)
+    if job.state not in (JobState.FAILED, JobState.CANCELLED):
+        hint = "cancel it first" if job.state not in FINAL_STATES else "submit a new job"
+        raise ConflictError(
+            "job_not_retryable",
+            f"job {job_id} is {job.state}; only FAILED or CANCELLED jobs can be retried ({hint})",
+        )
+    dataset = None
+    if job.dataset_id is not None:
+        dataset = session.execute(
+            select(Dataset).where(Dataset.id == job.dataset_id).with_for_update(read=True)
+        ).scalar_one_or_none()
+    if dataset is None or dataset.status is not DatasetStatus.READY:
+        raise ConflictError(
+            "dataset_gone",
+            f"job {job_id} cannot be retried: its dataset {job.dataset_id} was deleted or is "
+            "not ready",
+        )
+    change_state(
+        session,
+        job,
+        JobState.RETRYING,
+        f"retry requested by {owner} (was {job.state}): resumes from its last checkpoint",
+    )
+    session.commit()
+    if settings.worker.enqueue_on_submit:
+        send_and_mark(settings, session, job)
+    return job

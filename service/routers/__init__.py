@@ -1,1 +1,0 @@
-"""One router per resource: health, datasets, jobs, config, admin (API keys)."""
