@@ -501,7 +501,7 @@ def bulk_insert_jobs(engine: Engine, template_id: str, count: int) -> float:
     """``count`` copies of job ``template_id`` in one INSERT ... SELECT over generate_series:
     new ids, one minute apart going back in time, states 10% RUNNING, 5% QUEUED, 5% FAILED,
     80% SUCCEEDED with finished-job metrics; then ANALYZE. Returns the seconds it took."""
-    from service.models import Job
+    from service.core.models import Job
 
     metrics = json.dumps(
         {
@@ -548,7 +548,7 @@ def explain_list_queries(engine: Engine, owner: str) -> dict[str, str]:
     from sqlalchemy import func, select
     from sqlalchemy.dialects import postgresql
 
-    from service.models import Job, JobState
+    from service.core.models import Job, JobState
 
     plans: dict[str, str] = {}
     for label, conditions in (
@@ -579,7 +579,7 @@ def explain_with_index(engine: Engine, owner: str) -> str:
     from sqlalchemy import select
     from sqlalchemy.dialects import postgresql
 
-    from service.models import Job
+    from service.core.models import Job
 
     stmt = (
         select(Job)
@@ -737,9 +737,9 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs")
     from reid_core.data import generate_synthetic_market
-    from service import migrate
-    from service.auth import create_api_key
-    from service.db import make_session_factory, session_scope
+    from service.core import migrate
+    from service.core.api_keys import create_api_key
+    from service.core.db import make_session_factory, session_scope
 
     results: dict[str, LoadResult] = {}
     plans: dict[str, str] = {}

@@ -386,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs")
     from reid_core.data import generate_synthetic_market
-    from service import migrate
     from service.app import create_app
-    from service.auth import create_api_key
-    from service.db import session_scope
-    from service.settings import JobBounds, Settings, TrackingSettings, WorkerSettings
+    from service.core import migrate
+    from service.core.api_keys import create_api_key
+    from service.core.db import session_scope
+    from service.core.settings import JobBounds, Settings, TrackingSettings, WorkerSettings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*httpx2.*")

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reid_core.data import parse_market_name  # noqa: E402
-from service.job_config import flatten_overrides, service_owned_keys  # noqa: E402
+from service.core.job_config import flatten_overrides, service_owned_keys  # noqa: E402
 
 MODEL_NAME = "reid-bench"
 #: ``k`` the API allows (service/routers/galleries.py MAX_K).
