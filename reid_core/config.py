@@ -518,6 +518,15 @@ class ClusterConfig(_Strict):
         "untrained network's neighbours are random. The memories always take the network's "
         "features.",
     )
+    colour_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="From cluster.colour_epochs on, cluster the network's features with the "
+        "colour stripes beside them, weighted by this (each part camera-centred and of unit "
+        "length; 0: the network's features alone). Early networks cluster a camera's images "
+        "less purely than colour does; together they do better than either.",
+    )
     k1: int = Field(30, ge=1, le=1000, description="k1 of the k-reciprocal sets.")
     knn: Literal["auto", "faiss", "exact"] = Field(
         "auto",

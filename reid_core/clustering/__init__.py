@@ -5,7 +5,15 @@ from reid_core.clustering.pseudo_labels import (
     ClusteringStats,
     choose_eps,
     cluster_features,
+    fuse_features,
     jaccard_graph,
 )
 
-__all__ = ["Clustering", "ClusteringStats", "choose_eps", "cluster_features", "jaccard_graph"]
+__all__ = [
+    "Clustering",
+    "ClusteringStats",
+    "choose_eps",
+    "cluster_features",
+    "fuse_features",
+    "jaccard_graph",
+]

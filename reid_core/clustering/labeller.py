@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from reid_core.clustering.pseudo_labels import Clustering, cluster_features
+from reid_core.clustering.pseudo_labels import Clustering, cluster_features, fuse_features
 from reid_core.config import ExperimentConfig
 from reid_core.data import ImageRecord, build_eval_loader
 from reid_core.data.colour import stripe_colour_histograms
@@ -28,7 +28,8 @@ class PseudoLabeller:
     transform, mirror-averaged with ``cluster.flip``, each camera's BatchNorm statistics with
     ``model.camera_norm``, made current first by ``calibrate()``); the memories are built from them.
     The clustering reads them too, except at epochs before ``cluster.colour_epochs``, where it
-    reads the images' colour stripes (computed once). ``previous`` labels (the ones trained on
+    reads the images' colour stripes (computed once), and with ``cluster.colour_weight`` > 0,
+    where it reads both side by side (:func:`fuse_features`). ``previous`` labels (the ones trained on
     so far, or None) feed the adjusted Rand index of the stats.
     """
 
@@ -75,7 +76,14 @@ class PseudoLabeller:
         c = self.cfg.cluster
         features = self.features(model)
         from_colour = epoch < c.colour_epochs
-        basis = self.colour() if from_colour else features
+        if from_colour:
+            basis, source = self.colour(), "colour stripes"
+        elif c.colour_weight > 0:
+            parts = [(features, 1.0), (self.colour(), c.colour_weight)]
+            basis = fuse_features(parts, self.cameras, c.camera_centred)
+            source = f"the model with colour stripes (weight {c.colour_weight:g})"
+        else:
+            basis, source = features, "the model"
         clustering = cluster_features(
             basis,
             self.cameras,
@@ -91,9 +99,5 @@ class PseudoLabeller:
             max_cluster_fraction=c.max_cluster_fraction,
             previous=previous,
         )
-        log.info(
-            "epoch %d: pseudo labels from %s",
-            epoch,
-            "colour stripes" if from_colour else "the model",
-        )
+        log.info("epoch %d: pseudo labels from %s", epoch, source)
         return features, clustering

@@ -29,18 +29,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import sparse
 
 from reid_core.clustering.knn import KnnBackend, Neighbours, nearest_neighbours
 from reid_core.evaluation import centre_per_camera
 from reid_core.evaluation.rerank import k_reciprocal_jaccard
 
-__all__ = ["Clustering", "ClusteringStats", "choose_eps", "cluster_features", "jaccard_graph"]
+__all__ = [
+    "Clustering",
+    "ClusteringStats",
+    "choose_eps",
+    "cluster_features",
+    "fuse_features",
+    "jaccard_graph",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,25 @@ class Clustering:
     @property
     def num_clusters(self) -> int:
         return self.stats.clusters
+
+
+def fuse_features(
+    parts: Sequence[tuple[torch.Tensor, float]],
+    cameras: np.ndarray,
+    camera_centred: bool = True,
+) -> torch.Tensor:
+    """``[w_1 u(f_1), ..., w_m u(f_m)]`` of (N, d_p) features ``f_p`` with weights ``w_p``:
+    ``u`` removes each camera's mean (with ``camera_centred``) and scales rows to unit length,
+    so the cosine of two fused rows is ``sum_p w_p^2 cos_p / sum_p w_p^2``, a weighted mean of
+    each part's cosine."""
+    kept = [(f.float(), float(w)) for f, w in parts if w > 0]
+    if not kept:
+        raise ValueError("fuse_features needs at least one part with a positive weight")
+    unit = [
+        (centre_per_camera(f, cameras) if camera_centred else F.normalize(f, dim=1)) * w
+        for f, w in kept
+    ]
+    return torch.cat(unit, dim=1)
 
 
 def jaccard_graph(

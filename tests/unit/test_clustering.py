@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reid_core.clustering import choose_eps, cluster_features, jaccard_graph
+from reid_core.clustering import (
+    Clustering,
+    choose_eps,
+    cluster_features,
+    fuse_features,
+    jaccard_graph,
+)
 from reid_core.clustering import knn as knn_module
 from reid_core.clustering.knn import nearest_neighbours
 from reid_core.evaluation.rerank import k_reciprocal_jaccard
@@ -181,3 +187,64 @@ def test_auto_backend_uses_faiss_only_where_it_sees_a_gpu(monkeypatch: pytest.Mo
     monkeypatch.setattr(knn_module, "faiss_sees_gpu", lambda: True)  # a CPU index stands in
     found = nearest_neighbours(x, 6, "auto")
     assert found is not None and found.ids.shape == (len(x), 6)
+
+
+def test_fused_features_weigh_each_part_cosine() -> None:
+    rng = np.random.default_rng(0)
+    a, b = (
+        torch.from_numpy(rng.standard_normal((12, 5))),
+        torch.from_numpy(rng.standard_normal((12, 3))),
+    )
+    cams = np.tile([0, 1, 2], 4)
+    fused = fuse_features([(a, 1.0), (b, 2.0), (b, 0.0)], cams, camera_centred=False)
+    assert fused.shape == (12, 8)  # a part of weight 0 is left out
+    cos = F.normalize(fused, dim=1) @ F.normalize(fused, dim=1).T
+    ca, cb = (F.normalize(x.float(), dim=1) @ F.normalize(x.float(), dim=1).T for x in (a, b))
+    torch.testing.assert_close(cos, (ca + 4 * cb) / 5, atol=1e-5, rtol=0)
+    centred = fuse_features([(a, 1.0), (b, 1.0)], cams)
+    for c in range(3):  # each part's camera mean removed before the weighting
+        assert centred[cams == c, :5].mean(0).abs().max() < 0.2
+    with pytest.raises(ValueError, match="positive weight"):
+        fuse_features([(a, 0.0)], cams)
+
+
+def test_colour_weight_clusters_the_model_with_the_colour_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Uninformative network features beside informative colour: the fused clustering finds
+    the colour's groups, the network's alone finds none of them."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from reid_core.clustering import labeller as labeller_module
+    from reid_core.config import load_config
+
+    x, truth = blobs(spread=0.05)
+    noise = torch.from_numpy(np.random.default_rng(1).standard_normal((len(truth), 16)))
+    cams = np.tile([0, 1], len(truth) // 2)
+    seen: dict[str, torch.Tensor] = {}
+    real = labeller_module.cluster_features
+
+    def spy(basis: torch.Tensor, cameras: np.ndarray, **kwargs: object) -> Clustering:
+        seen["basis"] = basis
+        return real(basis, cameras, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(labeller_module, "cluster_features", spy)
+    labeller = labeller_module.PseudoLabeller.__new__(labeller_module.PseudoLabeller)
+    labeller.cameras = cams
+    labeller._colour = x.float()
+    labeller.features = lambda model: noise.float()  # type: ignore[method-assign]
+    settings = "cluster.k1=6 cluster.k2=2 cluster.eps=0.5 cluster.min_samples=3"
+    for weight, groups in ((0.0, None), (3.0, 4)):
+        labeller.cfg = load_config(
+            None,
+            [*settings.split(), "cluster.camera_centred=false", f"cluster.colour_weight={weight}"],
+        )
+        _, clustering = labeller(torch.nn.Identity(), epoch=1)
+        if groups is None:
+            assert seen["basis"].shape[1] == 16
+            assert adjusted_rand_score(truth, clustering.labels) < 0.5
+        else:
+            assert seen["basis"].shape[1] == 16 + x.shape[1]
+            assert clustering.num_clusters == groups
+            for k in range(groups):
+                assert len(set(clustering.labels[truth == k].tolist())) == 1
