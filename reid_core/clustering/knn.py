@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from reid_core.evaluation.search import build_index, knn_search
+from reid_core.evaluation.search import _num_gpus, build_index, knn_search
 
 __all__ = ["KnnBackend", "Neighbours", "nearest_neighbours"]
 
@@ -53,13 +53,9 @@ def _faiss_or_none() -> Any:
     return faiss
 
 
-def faiss_available() -> bool:
-    return _faiss_or_none() is not None
-
-
 def faiss_sees_gpu() -> bool:
     faiss = _faiss_or_none()
-    return faiss is not None and int(getattr(faiss, "get_num_gpus", lambda: 0)()) > 0
+    return faiss is not None and _num_gpus(faiss) > 0
 
 
 def _self_first(ids: np.ndarray) -> np.ndarray:
