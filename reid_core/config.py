@@ -158,12 +158,28 @@ class ModelConfig(_Strict):
         "final model is written: at test time an image is normalised with its camera's "
         "statistics. Training itself is unchanged. Needs every training image's camera.",
     )
+    camera_norm_train: bool = Field(
+        False,
+        description="Training batches normalised per camera too (camera-based batch "
+        "normalisation, Zhuang et al., ECCV 2020): each step's images of one camera go through "
+        "the network together, with their own batch statistics, so the network learns in the "
+        "per-camera normalised space that evaluation uses. Needs model.camera_norm.",
+    )
     camera_norm_images: int = Field(
         1000,
         ge=1,
         description="Training images per camera the camera statistics are estimated from (a "
         "fixed random choice when a camera has more).",
     )
+
+    @model_validator(mode="after")
+    def _camera_norm_train_needs_camera_norm(self) -> ModelConfig:
+        if self.camera_norm_train and not self.camera_norm:
+            raise ValueError(
+                "model.camera_norm_train=true needs model.camera_norm=true (the per-camera "
+                "statistics that evaluation normalises with)"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

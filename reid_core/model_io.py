@@ -50,7 +50,7 @@ def _build(
     model_cfg = cfg.model.model_copy(update={"pretrained": "none"})
     model = ReIDModel(model_cfg, with_patch_branch=with_patch_branch)
     if "camera_ids" in state:  # trained with model.camera_norm: its cameras are in the file
-        model.use_camera_norm(state["camera_ids"].tolist())
+        model.use_camera_norm(state["camera_ids"].tolist(), in_training=cfg.model.camera_norm_train)
     return model
 
 

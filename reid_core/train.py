@@ -113,7 +113,9 @@ def build_model(cfg: ExperimentConfig, train_records: Sequence[ImageRecord] = ()
                 f"{len(unknown)} of {len(train_records)} have none (first: {unknown[:1]}); "
                 "name files with their camera or set model.camera_norm=false"
             )
-        model.use_camera_norm([r.camid for r in train_records])
+        model.use_camera_norm(
+            [r.camid for r in train_records], in_training=cfg.model.camera_norm_train
+        )
     return model
 
 
@@ -276,6 +278,7 @@ def build_trainer(
         train_loader.sampler,
         device,
         model_without_ddp=model,
+        cameras=[r.camid for r in train_records] if cfg.model.camera_norm_train else None,
     )
     checkpoint_hook = CheckpointHook(
         Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last),

@@ -147,7 +147,8 @@ class Trainer:
     """Runs the unsupervised objective over the training loader.
 
     ``model`` may be wrapped in DistributedDataParallel; ``model_without_ddp`` is what hooks
-    evaluate and save.
+    evaluate and save. ``cameras`` (the camera of each training image, in memory-slot order),
+    when given, goes with every batch into the model (``model.camera_norm_train``).
     """
 
     def __init__(
@@ -161,8 +162,10 @@ class Trainer:
         sampler: EpochShuffleSampler,
         device: torch.device,
         model_without_ddp: nn.Module | None = None,
+        cameras: Sequence[int] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.cameras = None if cameras is None else torch.as_tensor(list(cameras), device=device)
         self.model = model
         self.model_without_ddp = model_without_ddp if model_without_ddp is not None else model
         self.objective = objective
@@ -257,7 +260,10 @@ class Trainer:
         indices = indices.to(self.device, non_blocking=True)
         dtype = self.precision.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self.model(images)
+            if self.cameras is None:
+                outputs = self.model(images)
+            else:  # the two views' cameras, in the order of ``images``
+                outputs = self.model(images, self.cameras[torch.cat([indices, indices])])
         out0, out1 = split_views(outputs)
         losses = self.objective(out0, out1, indices, self.state.epoch)
         total = losses["total"]

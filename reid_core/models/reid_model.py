@@ -43,7 +43,9 @@ class ReIDModel(nn.Module):
     :meth:`calibrate_camera_norm`, and ``forward``/``extract`` take each image's camera id: in
     evaluation an image from a training camera is normalised with that camera's statistics, any
     other (camera -1, a new camera, or ``cameras=None``) with the ordinary ones. Training ignores
-    the cameras.
+    the cameras unless ``per_camera_training`` (``model.camera_norm_train``): then each camera's
+    images of a training batch go through the network together, normalised with their own batch
+    statistics.
     """
 
     camera_ids: torch.Tensor | None  # (K,) the training cameras, in slot order
@@ -71,6 +73,7 @@ class ReIDModel(nn.Module):
             self.patch_heads = PatchHeads(channels, cfg.num_patches, cfg.patch_dim)
             self.patch_embedding = PatchEmbedding(cfg.num_patches, cfg.patch_dim, cfg.ipfl_dim)
         self.register_buffer("camera_ids", None)  # set by use_camera_norm
+        self.per_camera_training = False  # set by use_camera_norm
 
     @property
     def global_dim(self) -> int:
@@ -92,9 +95,11 @@ class ReIDModel(nn.Module):
         trunk = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if id(p) not in trunk and p.requires_grad]
 
-    def use_camera_norm(self, camera_ids: Sequence[int]) -> None:
+    def use_camera_norm(self, camera_ids: Sequence[int], in_training: bool = False) -> None:
         """Give every trained BatchNorm layer statistics per camera of ``camera_ids`` (the
-        training cameras); a frozen patch generation module keeps its fixed statistics.
+        training cameras); a frozen patch generation module keeps its fixed statistics. With
+        ``in_training``, training batches are normalised per camera too (see the class
+        docstring).
 
         Convert before building an optimiser (the layers' parameters are new objects)."""
         if self.camera_ids is not None:
@@ -110,6 +115,7 @@ class ReIDModel(nn.Module):
                 convert_to_camera_norm(child, len(ids))
         device = next(self.parameters()).device
         self.camera_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.per_camera_training = in_training
 
     def camera_slots(self, cameras: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """(B,) slot of each camera id among the training cameras, -1 for any other."""
@@ -168,12 +174,16 @@ class ReIDModel(nn.Module):
         self, images: torch.Tensor, cameras: torch.Tensor | Sequence[int] | None = None
     ) -> ReIDOutput:
         """``cameras`` (B,): each image's camera id, read in evaluation by a model with camera
-        normalisation; training ignores it."""
-        if self.camera_ids is None or cameras is None or self.training:
+        normalisation, and in training by one with ``per_camera_training``."""
+        if self.camera_ids is None or cameras is None:
+            return self._forward(images)
+        if self.training and not self.per_camera_training:
             return self._forward(images)
         parts: list[tuple[torch.Tensor, ReIDOutput]] = []
         for slot, rows in self._camera_groups(images, cameras):
-            with camera_context(self, slot if slot >= 0 else None):
+            # in training every group is normalised with its own batch statistics
+            selected = None if self.training or slot < 0 else slot
+            with camera_context(self, selected):
                 parts.append((rows, self._forward(images[rows])))
         if len(parts) == 1:
             return parts[0][1]

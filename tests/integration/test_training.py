@@ -324,6 +324,42 @@ def test_camera_norm_run_trains_like_a_plain_run_and_saves_calibrated_cameras(
     assert_same(loaded.state_dict(), model.state_dict(), "model_final.pt")
 
 
+def test_per_camera_training_run_resumes_bit_identical_and_differs_from_plain_training(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``model.camera_norm_train=true``: the training steps read each image's camera (the
+    weights differ from a ``model.camera_norm`` run's), a mid-epoch resume ends like the
+    uninterrupted run, and ``model_final.pt`` loads with the per-camera training flag."""
+    test_only = _train_stopping_at(
+        tiny_config(tmp_path / "test_only", synthetic_root, "model.camera_norm=true", steps=STEPS),
+        None,
+    )
+    runs = {
+        name: _train_stopping_at(
+            tiny_config(
+                tmp_path / name,
+                synthetic_root,
+                "model.camera_norm=true",
+                "model.camera_norm_train=true",
+                steps=STEPS,
+            ),
+            stop_at,
+        )
+        for name, stop_at in (("a", None), ("b", STEPS + 1))
+    }
+    model = runs["a"].model_without_ddp
+    assert_same(runs["b"].model_without_ddp.state_dict(), model.state_dict(), "resumed")
+    trained = model.state_dict()
+    assert any(
+        not torch.equal(value, trained[key])
+        for key, value in test_only.model_without_ddp.state_dict().items()
+        if key.endswith("weight")
+    ), "per-camera training gave the same weights as training without cameras"
+    loaded, cfg = load_model(runs["a"].cfg.runtime.output_dir / "model_final.pt")
+    assert cfg.model.camera_norm_train and loaded.per_camera_training
+    assert_same(loaded.state_dict(), model.state_dict(), "model_final.pt")
+
+
 def test_colour_prior_run_resumes_in_and_after_the_prior_epochs_bit_identical(
     synthetic_root: Path, tmp_path: Path
 ) -> None:

@@ -159,6 +159,38 @@ def test_training_ignores_the_cameras() -> None:
     assert first.camera_batches.tolist() == [0, 0]
 
 
+def test_per_camera_training_normalises_each_cameras_images_with_their_own_statistics() -> None:
+    """``model.camera_norm_train``: a training batch's output is, row for row, the plain
+    network's output on that camera's images alone (their own batch statistics); gradients
+    reach the weights through every group."""
+    cameras = [5, 2]
+    torch.manual_seed(0)
+    plain = ReIDModel(ModelConfig(**SMALL))
+    model = copy.deepcopy(plain)
+    model.use_camera_norm(cameras, in_training=True)
+    torch.manual_seed(1)
+    images = torch.randn(6, 3, 128, 64)
+    cams = torch.tensor([2, 5, 5, 2, 2, 5])
+    out = model.train()(images, cams)
+    plain.train()
+    for camera in (2, 5):
+        rows = (cams == camera).nonzero().squeeze(1)
+        expected = plain(images[rows])
+        torch.testing.assert_close(out.global_features[rows], expected.global_features)
+        assert out.patch_features is not None and expected.patch_features is not None
+        torch.testing.assert_close(out.patch_features[rows], expected.patch_features)
+    # a batch without cameras is still one group, as in plain training
+    torch.testing.assert_close(model(images).global_features, plain(images).global_features)
+    out.global_features.sum().backward()
+    assert model.backbone.body[0].weight.grad is not None
+
+
+def test_per_camera_training_needs_camera_norm() -> None:
+    with pytest.raises(ValueError, match=r"model.camera_norm_train=true needs model.camera_norm"):
+        ModelConfig(**SMALL, camera_norm_train=True)
+    assert ModelConfig(**SMALL, camera_norm=True, camera_norm_train=True).camera_norm_train
+
+
 def test_calibration_gives_each_camera_the_averaged_statistics_of_its_images() -> None:
     """After calibration a camera's statistics are what a plain copy gathers, in training mode
     with a cumulative average, from that camera's images in the same batches; the weights and
