@@ -10,8 +10,8 @@ The database is the source of truth; a message only says "look at job X". So:
   without a worker picking them up. A duplicate message is harmless: the supervisor only starts
   a waiting job, so the second copy finds it running or finished and does nothing.
 * :meth:`Dispatcher.reap` moves jobs whose worker stopped heartbeating (``heartbeat_timeout_s``):
-  STARTING/RUNNING -> RETRYING (sent again, resumes from its checkpoint) or FAILED past
-  ``max_retries``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
+  STARTING/RUNNING -> RETRYING (a restart: sent again, resumes from its checkpoint) or FAILED
+  past ``max_restarts``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
   reaps nothing for ``heartbeat_timeout_s``: supervisors could not heartbeat during the outage
   either, so an old heartbeat then says nothing about a dead worker until they had the time to
   write a new one.

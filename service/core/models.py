@@ -192,8 +192,13 @@ class Job(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=1)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     queue: Mapped[str] = mapped_column(String(64), default="default")
+    #: Automatic reruns after the trainer failed by itself (a crash): allowed, made.
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=0)
+    #: Automatic reruns after the trainer or its worker was killed from outside (the OOM
+    #: killer's SIGKILL, a lost machine): allowed, made. The owner's retry resets both counts.
+    max_restarts: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
     timeout_minutes: Mapped[int] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -57,7 +57,7 @@ def test_sqlite_up_down_up(tmp_path: Path) -> None:
 
 
 def test_one_head() -> None:
-    assert migrate.head_revision() == "0004"
+    assert migrate.head_revision() == "0005"
 
 
 @pytest.mark.integration

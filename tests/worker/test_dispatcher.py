@@ -37,13 +37,17 @@ def _dispatcher(
     return Dispatcher(settings, factory, clock=clock, send=broker)
 
 
-def test_reaper_retries_then_fails(
+def test_reaper_restarts_then_fails(
     settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
 ) -> None:
     broker = FakeBroker()
     dispatcher = _dispatcher(settings, factory, clock, broker)
     job_id = make_job(
-        states=(S.STARTING, S.RUNNING), max_retries=1, worker_id="w1:1", heartbeat_at=clock()
+        states=(S.STARTING, S.RUNNING),
+        max_restarts=1,
+        max_retries=2,
+        worker_id="w1:1",
+        heartbeat_at=clock(),
     )
     clock.advance(30)  # fresh (timeout 60 s): left alone
     assert dispatcher.run_once().reaped == {}
@@ -55,24 +59,26 @@ def test_reaper_retries_then_fails(
     assert broker.sent == [job_id]  # sent again at once, and marked as sent
     job = load_job(factory, job_id)
     assert job.state is S.RETRYING
-    assert job.retries == 1
+    # a dead worker is a kill from outside: a restart, not a retry
+    assert (job.restarts, job.retries) == (1, 0)
     assert job.worker_id is None
     assert job.heartbeat_at == clock()
     assert "w1:1 stopped heartbeating" in (job.reason or "")
-    assert "retry 1 of 1" in (job.reason or "")
+    assert "restart 1 of 1" in (job.reason or "")
 
-    # Its second run dies too: no retries left.
+    # Its second run dies too: no restarts left (its retries are for crashes).
     other = make_job(
         states=(S.STARTING, S.RUNNING),
-        max_retries=1,
-        retries=1,
+        max_restarts=1,
+        restarts=1,
+        max_retries=2,
         worker_id="w2:1",
         heartbeat_at=clock(),
     )
     clock.advance(120)
     report = dispatcher.run_once()
     assert report.reaped[other] is S.FAILED
-    assert "no retries left" in (load_job(factory, other).reason or "")
+    assert (load_job(factory, other).reason or "").endswith("; no restarts left (1 of 1 used)")
     assert event_states(factory, other)[-1] == "FAILED"
 
 
@@ -153,5 +159,5 @@ def test_reaper_waits_a_heartbeat_timeout_after_a_database_outage(
     assert dispatcher.run_once().reaped == {}  # 50 s after the outage: still holding
     clock.advance(20)
     # a heartbeat timeout after the outage: the job whose worker is silent is reaped
-    assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_retries 0
+    assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_restarts 0
     assert load_job(factory, alive).state is S.RUNNING

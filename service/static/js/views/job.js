@@ -155,7 +155,22 @@ export function renderJob(root, [jobId]) {
         ["Finished", fmt.dateTime(job.finished_at)],
         ["GPUs", job.gpus],
         ["Queue · priority", `${job.queue} · ${job.priority}`],
-        ["Retries", `${job.retries} of ${job.max_retries}`],
+        [
+          "Restarts",
+          h(
+            "span",
+            { title: "after the trainer or its worker was killed (the OOM killer, a lost worker)" },
+            `${job.restarts} of ${job.max_restarts}`,
+          ),
+        ],
+        [
+          "Retries",
+          h(
+            "span",
+            { title: "after the trainer crashed; a Retry of yours starts both counts again" },
+            `${job.retries} of ${job.max_retries}`,
+          ),
+        ],
         ["Timeout", fmt.duration(job.timeout_minutes * 60)],
         ["Worker", job.worker_id || fmt.DASH],
         ["MLflow run", run],
