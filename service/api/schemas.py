@@ -404,6 +404,16 @@ class GalleryOut(_Out):
         return self
 
 
+class GalleryEventOut(_Out):
+    """One state change of a gallery, with its reason."""
+
+    id: int
+    from_state: GalleryState | None = Field(description="None for the gallery's creation.")
+    to_state: GalleryState
+    reason: str
+    at: datetime
+
+
 class SearchHitOut(BaseModel):
     rank: int = Field(description="1 for the closest image.")
     path: str = Field(description="The gallery image, relative to the dataset's folder.")

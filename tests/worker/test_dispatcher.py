@@ -12,12 +12,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import session_scope
-from service.core.models import Job, JobState
+from service.core.models import Gallery, GalleryState, Job, JobState
 from service.core.settings import Settings
+from tests.helpers import make_gallery
 from tests.worker.conftest import FakeClock, MakeJob, event_states, load_job
 from worker.dispatcher import Dispatcher
 
 S = JobState
+G = GalleryState
 
 
 class FakeBroker:
@@ -161,3 +163,55 @@ def test_reaper_waits_a_heartbeat_timeout_after_a_database_outage(
     # a heartbeat timeout after the outage: the job whose worker is silent is reaped
     assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_restarts 0
     assert load_job(factory, alive).state is S.RUNNING
+
+
+def test_reaper_fails_a_gallery_build_whose_worker_died(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    dispatcher = _dispatcher(settings, factory, clock, FakeBroker())
+    building = make_gallery(
+        factory, state=G.BUILDING, worker_id="w1:1", heartbeat_at=clock(), updated_at=clock()
+    )
+    waiting = make_gallery(factory, updated_at=clock())  # QUEUED: no worker to lose yet
+    ready = make_gallery(factory, state=G.READY, updated_at=clock())
+    clock.advance(30)  # fresh (timeout 60 s): left alone
+    assert dispatcher.run_once().failed_galleries == []
+
+    clock.advance(31)
+    report = dispatcher.run_once()
+    assert report.failed_galleries == [building]
+    assert report.reaped == {}
+    with factory() as session:
+        gallery = session.get(Gallery, building)
+        assert gallery is not None
+        assert gallery.state is G.FAILED and gallery.finished_at is not None
+        assert (gallery.reason or "").startswith(
+            "the build stopped: worker w1:1 sent no heartbeat since "
+        )
+        assert f"retry it (POST /v1/galleries/{building}/retry)" in (gallery.reason or "")
+        assert [(e.from_state, e.to_state) for e in gallery.events][-1] == (G.BUILDING, G.FAILED)
+        assert gallery.events[-1].reason == gallery.reason
+        others = [session.get(Gallery, g) for g in (waiting, ready)]
+        assert [g.state for g in others if g is not None] == [G.QUEUED, G.READY]
+    assert dispatcher.run_once().failed_galleries == []  # FAILED is final: reaped once
+
+
+def test_gallery_reaping_waits_after_a_database_outage(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    database = FlakyDatabase(factory)
+    dispatcher = Dispatcher(
+        settings, cast(sessionmaker[Session], database), clock=clock, send=FakeBroker()
+    )
+    building = make_gallery(
+        factory, state=G.BUILDING, worker_id="w1:1", heartbeat_at=clock(), updated_at=clock()
+    )
+    database.down = True
+    clock.advance(120)
+    with pytest.raises(OperationalError):
+        dispatcher.run_once()
+    database.down = False
+    clock.advance(30)
+    assert dispatcher.run_once().failed_galleries == []  # its builder had no way to heartbeat
+    clock.advance(61)
+    assert dispatcher.run_once().failed_galleries == [building]
