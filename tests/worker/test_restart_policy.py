@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,10 @@ from service.core.folders import LOG_FILE, PID_FILE
 from service.core.models import Job
 from service.core.settings import JobBounds, Settings
 from tests.helpers import TINY_JOB_CONFIG
+from tests.reliability.test_restarts import Api
+from tests.service.conftest import TestClient
 from tests.worker.conftest import fast_worker_settings
 from worker.supervisor import Supervisor, trainer_command
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*httpx2.*")
-    from fastapi.testclient import TestClient
 
 pytestmark = pytest.mark.slow
 
@@ -51,30 +48,13 @@ RUN = {**TINY_JOB_CONFIG, "schedule.epochs": 4, "schedule.max_steps_per_epoch": 
 @dataclass
 class Service:
     settings: Settings
-    client: TestClient
-    headers: dict[str, str]
+    api: Api
     dataset_id: str
     supervisor: Supervisor
     sent: list[uuid.UUID]
 
     def submit(self, **fields: Any) -> str:
-        body = {"dataset_id": self.dataset_id, "config": RUN, "gpus": 0, **fields}
-        response = self.client.post("/v1/jobs", json=body, headers=self.headers)
-        assert response.status_code == 201, response.text
-        job_id: str = response.json()["id"]
-        return job_id
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/v1/jobs/{job_id}", headers=self.headers)
-        assert response.status_code == 200, response.text
-        job: dict[str, Any] = response.json()
-        return job
-
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        response = self.client.get(f"/v1/jobs/{job_id}/events", headers=self.headers)
-        assert response.status_code == 200, response.text
-        events: list[dict[str, Any]] = response.json()
-        return events
+        return self.api.submit({"dataset_id": self.dataset_id, "config": RUN, "gpus": 0, **fields})
 
     def run(self, job_id: str) -> str:
         """One attempt, as a worker runs it when the job's message arrives."""
@@ -105,7 +85,6 @@ def service(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Service]:
     factory: sessionmaker[Session] = app.state.session_factory
     with session_scope(factory) as session:
         _, token = create_api_key(session, "alice")
-    headers = {"Authorization": f"Bearer {token}"}
     no_tracking = tmp_path / "no-tracking.json"  # never written: the trainer logs to no MLflow
     sent: list[uuid.UUID] = []
 
@@ -118,11 +97,8 @@ def service(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Service]:
 
     supervisor = Supervisor(settings, factory, "test:1", command=command, send=send)
     with TestClient(app) as client:
-        response = client.post(
-            "/v1/datasets", json={"name": "synthetic", "path": str(data)}, headers=headers
-        )
-        assert response.status_code == 201, response.text
-        yield Service(settings, client, headers, response.json()["id"], supervisor, sent)
+        api = Api(client, {"Authorization": f"Bearer {token}"})
+        yield Service(settings, api, api.register(data), supervisor, sent)
 
 
 def _in_background(action: Callable[[], None]) -> threading.Thread:
@@ -170,12 +146,12 @@ def _resumed(folder: Path) -> Callable[[], bool]:
 
 def test_a_trainer_killed_mid_run_is_restarted_and_resumes(service: Service) -> None:
     job_id = service.submit()  # max_restarts omitted: the service's default
-    assert (service.job(job_id)["max_restarts"], service.job(job_id)["restarts"]) == (3, 0)
+    assert (service.api.job(job_id)["max_restarts"], service.api.job(job_id)["restarts"]) == (3, 0)
     folder = service.folder(job_id)
     killer = _in_background(lambda: _sigkill_when(folder, _checkpointed(folder)))
     assert service.run(job_id) == "RETRYING"
     killer.join()
-    job = service.job(job_id)
+    job = service.api.job(job_id)
     assert (job["restarts"], job["retries"]) == (1, 0)
     assert job["reason"] == (
         "the trainer was killed by SIGKILL (the kernel's OOM killer sends it when memory runs "
@@ -184,7 +160,7 @@ def test_a_trainer_killed_mid_run_is_restarted_and_resumes(service: Service) -> 
     assert service.sent == [uuid.UUID(job_id)]  # sent again to the workers
 
     assert service.run(job_id) == "SUCCEEDED"
-    job = service.job(job_id)
+    job = service.api.job(job_id)
     assert (job["state"], job["restarts"], job["max_restarts"], job["retries"]) == (
         "SUCCEEDED",
         1,
@@ -192,7 +168,7 @@ def test_a_trainer_killed_mid_run_is_restarted_and_resumes(service: Service) -> 
         0,
     )
     assert job["progress"] == 1.0 and job["epoch"] == 4
-    events = service.events(job_id)
+    events = service.api.events(job_id)
     assert [e["to_state"] for e in events] == [
         "QUEUED", "STARTING", "RUNNING", "RETRYING", "STARTING", "RUNNING", "SUCCEEDED",
     ]  # fmt: skip
@@ -206,17 +182,17 @@ def test_a_cancel_is_not_restarted(service: Service) -> None:
     job_id = service.submit(config={**RUN, "schedule.epochs": 60})
 
     def cancel() -> None:
-        _wait_for(lambda: (service.job(job_id)["step"] or 0) >= 1, "the first step")
-        response = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
+        _wait_for(lambda: (service.api.job(job_id)["step"] or 0) >= 1, "the first step")
+        response = service.api.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.api.headers)
         assert response.status_code == 202, response.text
 
     canceller = _in_background(cancel)
     assert service.run(job_id) == "CANCELLED"
     canceller.join()
-    job = service.job(job_id)
+    job = service.api.job(job_id)
     assert job["reason"] == "cancelled: the trainer saved a checkpoint and stopped"
     assert (job["restarts"], job["retries"]) == (0, 0)
-    assert [e["to_state"] for e in service.events(job_id)][-2:] == ["CANCELLING", "CANCELLED"]
+    assert service.api.states(job_id)[-2:] == ["CANCELLING", "CANCELLED"]
     assert service.sent == []
 
 
@@ -231,22 +207,22 @@ def test_restarts_run_out_then_the_owner_s_retry_counts_afresh(service: Service)
     killer = _in_background(lambda: _sigkill_when(folder, _resumed(folder), not_pid=pids[0]))
     assert service.run(job_id) == "FAILED"
     killer.join()
-    job = service.job(job_id)
+    job = service.api.job(job_id)
     assert (job["restarts"], job["max_restarts"], job["retries"]) == (1, 1, 0)
     assert job["reason"] == (
         "the trainer was killed by SIGKILL (the kernel's OOM killer sends it when memory runs "
         "out); no restarts left (1 of 1 used)"
     )
 
-    response = service.client.post(f"/v1/jobs/{job_id}/retry", headers=service.headers)
+    response = service.api.client.post(f"/v1/jobs/{job_id}/retry", headers=service.api.headers)
     assert response.status_code == 202, response.text
     job = response.json()
     assert (job["state"], job["restarts"], job["max_restarts"]) == ("RETRYING", 0, 1)
     assert (job["retries"], job["max_retries"]) == (0, 0)
     assert service.run(job_id) == "SUCCEEDED"
-    job = service.job(job_id)
+    job = service.api.job(job_id)
     assert (job["restarts"], job["retries"]) == (0, 0)
-    states = [e["to_state"] for e in service.events(job_id)]
+    states = service.api.states(job_id)
     assert states == [
         "QUEUED", "STARTING", "RUNNING", "RETRYING", "STARTING", "RUNNING", "FAILED",
         "RETRYING", "STARTING", "RUNNING", "SUCCEEDED",
