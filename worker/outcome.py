@@ -2,24 +2,25 @@
 
 Exit codes (:class:`reid_core.engine.exit_codes.ExitCode`) and the job state they lead to:
 
-=======================================  ==========  ==================  ========================
-how the trainer ended                    cancel      worker shutdown     otherwise
-                                         requested   (the supervisor
-                                                     stopped it)
-=======================================  ==========  ==================  ========================
-0 OK                                     SUCCEEDED   SUCCEEDED           SUCCEEDED
-75 INTERRUPTED (SIGTERM, checkpointed)   CANCELLED   retry (preempted)   restart
-killed by a signal from outside          CANCELLED   retry (preempted)   restart
-(SIGKILL of the OOM killer, SIGTERM...)
-killed by its own fault (SIGSEGV,        CANCELLED   retry (preempted)   retry
-SIGABRT, SIGBUS, SIGFPE, SIGILL)
-1 CRASHED, any other code                CANCELLED   retry (preempted)   retry
-2 BAD_CONFIG, 3 BAD_DATA, 5 DIVERGED     FAILED      FAILED              FAILED (a rerun fails
-                                                                         again)
-4 NO_SPACE                               FAILED      FAILED              FAILED
-past the job's timeout                   (n/a)       (n/a)               FAILED (unless 0)
-its worker stopped heartbeating          CANCELLED   (n/a)               restart
-=======================================  ==========  ==================  ========================
+===========================================  ==========  ===========  ========================
+how the trainer ended                        cancel      worker       otherwise
+                                             requested   shutdown
+===========================================  ==========  ===========  ========================
+0 OK                                         SUCCEEDED   SUCCEEDED    SUCCEEDED
+75 INTERRUPTED (SIGTERM, checkpointed)       CANCELLED   retry        restart
+killed from outside (SIGKILL, SIGTERM, ...)  CANCELLED   retry        restart
+killed by its own fault (SIGSEGV, SIGABRT)   CANCELLED   retry        retry
+1 CRASHED, any other code                    CANCELLED   retry        retry
+2 BAD_CONFIG, 3 BAD_DATA, 5 DIVERGED         FAILED      FAILED       FAILED (reruns fail too)
+4 NO_SPACE                                   FAILED      FAILED       FAILED
+past the job's timeout                       (n/a)       (n/a)        FAILED (unless 0)
+its worker stopped heartbeating              CANCELLED   (n/a)        restart
+===========================================  ==========  ===========  ========================
+
+"Worker shutdown": the supervisor stopped the trainer (SIGTERM, SIGKILL after the grace period)
+because its worker shuts down: the job is preempted. "Killed from outside": the kernel's OOM
+killer (SIGKILL), an operator's ``kill``; a fault of its own: SIGSEGV, SIGABRT, SIGBUS, SIGFPE,
+SIGILL, SIGSYS.
 
 Both **restart** and **retry** are RETRYING: the job is sent again and the trainer resumes from
 its last checkpoint. They draw on two budgets of the job: a restart (the trainer or its worker

@@ -179,7 +179,8 @@ class JobCreate(_In):
         description="Restarts (resuming from the last checkpoint) after the trainer or its worker "
         "was killed from outside: the kernel's OOM killer (SIGKILL), a signal nobody of the "
         "service sent, a worker that stopped heartbeating. A cancel or the timeout never "
-        "restarts. Default: the service's job_bounds.default_restarts (3).",
+        "restarts. Default: the service's job_bounds.default_restarts "
+        "(REID_JOB_BOUNDS__DEFAULT_RESTARTS, 3 unless configured).",
     )
     timeout_minutes: StrictInt | None = Field(
         None, ge=1, description="Stop the job after this long; default from the service."
