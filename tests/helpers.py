@@ -1,5 +1,5 @@
-"""Shared by the service and worker tests: the real servers they use, and a job that trains in
-seconds."""
+"""Shared by the service and worker tests: the real servers they use, a job that trains in
+seconds, gallery rows."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.db import session_scope
+from service.core.gallery_states import change_gallery_state
+from service.core.models import Gallery, GalleryState
 
 PG_URL = os.environ.get(
     "REID_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -124,3 +129,36 @@ def mlflow_server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def make_gallery(
+    factory: sessionmaker[Session],
+    *,
+    owner: str = "alice",
+    state: GalleryState = GalleryState.QUEUED,
+    **fields: object,
+) -> uuid.UUID:
+    """A gallery row (no model, no build), QUEUED, then moved to ``state`` (READY through
+    BUILDING) as the workers move it, with ``fields`` set."""
+    gallery = Gallery(
+        id=uuid.uuid4(),
+        owner=owner,
+        dataset_path="/data/market",
+        dataset_format="market_folder",
+        model_name=f"reid-{owner}",
+        model_version="1",
+        gpus=0,
+        queue="default",
+        progress=0.0,
+        images_done=0,
+        skipped_count=0,
+    )
+    with session_scope(factory) as session:
+        change_gallery_state(session, gallery, GalleryState.QUEUED, f"requested by {owner}")
+        if state is GalleryState.READY:  # only a build makes a gallery READY
+            change_gallery_state(session, gallery, GalleryState.BUILDING, "test")
+        if state is not GalleryState.QUEUED:
+            change_gallery_state(session, gallery, state, "test")
+        for name, value in fields.items():
+            setattr(gallery, name, value)
+    return gallery.id

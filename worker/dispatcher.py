@@ -1,4 +1,4 @@
-"""Re-sending the jobs the broker lost, and reaping dead workers' jobs.
+"""Re-sending the jobs the broker lost, and reaping what dead workers left: jobs, gallery builds.
 
 The database is the source of truth; a message only says "look at job X". So:
 
@@ -10,11 +10,14 @@ The database is the source of truth; a message only says "look at job X". So:
   without a worker picking them up. A duplicate message is harmless: the supervisor only starts
   a waiting job, so the second copy finds it running or finished and does nothing.
 * :meth:`Dispatcher.reap` moves jobs whose worker stopped heartbeating (``heartbeat_timeout_s``):
-  STARTING/RUNNING -> RETRYING (sent again, resumes from its checkpoint) or FAILED past
-  ``max_retries``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
+  STARTING/RUNNING -> RETRYING (a restart: sent again, resumes from its checkpoint) or FAILED
+  past ``max_restarts``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
   reaps nothing for ``heartbeat_timeout_s``: supervisors could not heartbeat during the outage
   either, so an old heartbeat then says nothing about a dead worker until they had the time to
   write a new one.
+* :meth:`Dispatcher.reap_galleries` does the same for gallery builds: BUILDING with a stale
+  heartbeat -> FAILED (:func:`service.core.gallery_states.fail_if_stale`; its owner may retry
+  it), under the same hold after an outage.
 
 ``python -m worker dispatcher`` runs both every ``dispatcher_interval_s``; tests call
 :meth:`Dispatcher.run_once` with a fake clock.
@@ -25,17 +28,19 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.broker import mark_dispatched, send_job
 from service.core.db import session_scope
+from service.core.gallery_states import fail_if_stale, lock_gallery
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, lock_job
-from service.core.models import Job, JobState, utcnow
+from service.core.models import Gallery, GalleryState, Job, JobState, utcnow
 from service.core.settings import Settings
 from worker.outcome import reap_stale_job
 
@@ -49,10 +54,12 @@ SendFn = Callable[[Job], bool]
 
 @dataclass
 class DispatchReport:
-    """What one pass did: job ids sent again, and reaped jobs with their new state."""
+    """What one pass did: job ids sent again, reaped jobs with their new state, and the ids of
+    the gallery builds it failed."""
 
     requeued: list[uuid.UUID] = field(default_factory=list)
     reaped: dict[uuid.UUID, JobState] = field(default_factory=dict)
+    failed_galleries: list[uuid.UUID] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -114,10 +121,8 @@ class Dispatcher:
         last = job.heartbeat_at or job.updated_at
         return last is not None and last < cutoff
 
-    def reap(self) -> dict[uuid.UUID, JobState]:
-        """Jobs whose worker stopped heartbeating: CANCELLED, RETRYING (sent again) or FAILED."""
-        now = self.clock()
-        timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+    def _holding(self, now: datetime, timeout: timedelta) -> bool:
+        """True while reaping waits after an outage of the database (see the module)."""
         if self._last_pass_failed:
             self._back_at = now  # moves with every pass until one gets through
         if self._back_at is not None and now - self._back_at < timeout:
@@ -125,16 +130,30 @@ class Dispatcher:
                 "not reaping until %s: the database was away, heartbeats could not be written",
                 f"{self._back_at + timeout:%H:%M:%S}",
             )
+            return True
+        return False
+
+    def _stale_ids(
+        self, model: type[Job] | type[Gallery], states: Iterable[Any], cutoff: datetime
+    ) -> list[uuid.UUID]:
+        """Rows in ``states`` whose last heartbeat (or change, without one) is older than
+        ``cutoff``."""
+        stale = or_(
+            model.heartbeat_at < cutoff,
+            and_(model.heartbeat_at.is_(None), model.updated_at < cutoff),
+        )
+        query = select(model.id).where(model.state.in_(states), stale)
+        with self.session_factory() as session:
+            return list(session.execute(query).scalars())
+
+    def reap(self) -> dict[uuid.UUID, JobState]:
+        """Jobs whose worker stopped heartbeating: CANCELLED, RETRYING (sent again) or FAILED."""
+        now = self.clock()
+        timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+        if self._holding(now, timeout):
             return {}
         cutoff = now - timeout
-        stale = or_(
-            Job.heartbeat_at < cutoff,
-            and_(Job.heartbeat_at.is_(None), Job.updated_at < cutoff),
-        )
-        with self.session_factory() as session:
-            ids = list(
-                session.execute(select(Job.id).where(Job.state.in_(ACTIVE_STATES), stale)).scalars()
-            )
+        ids = self._stale_ids(Job, ACTIVE_STATES, cutoff)
         reaped: dict[uuid.UUID, JobState] = {}
         for job_id in ids:
             with session_scope(self.session_factory) as session:
@@ -147,11 +166,29 @@ class Dispatcher:
                 self._send_and_mark(job)
         return reaped
 
+    def reap_galleries(self) -> list[uuid.UUID]:
+        """Gallery builds whose worker stopped heartbeating: FAILED (their owner may retry)."""
+        now = self.clock()
+        timeout_s = self.settings.worker.heartbeat_timeout_s
+        if self._holding(now, timedelta(seconds=timeout_s)):
+            return []
+        ids = self._stale_ids(Gallery, [GalleryState.BUILDING], now - timedelta(seconds=timeout_s))
+        failed = []
+        for gallery_id in ids:
+            with session_scope(self.session_factory) as session:
+                gallery = lock_gallery(session, gallery_id)
+                # it may have heartbeated, finished or been deleted since
+                if gallery is not None and fail_if_stale(session, gallery, timeout_s, now):
+                    failed.append(gallery_id)
+                    log.warning("gallery %s reaped: %s", gallery_id, gallery.reason)
+        return failed
+
     def run_once(self) -> DispatchReport:
-        """One pass: reap, then re-send (a reaped job is sent at once)."""
+        """One pass: reap jobs and gallery builds, then re-send (a reaped job is sent at once)."""
         report = DispatchReport()
         try:
             report.reaped = self.reap()
+            report.failed_galleries = self.reap_galleries()
             report.requeued = self.requeue_lost()
         except Exception:
             self._last_pass_failed = True
@@ -168,9 +205,12 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 report = self.run_once()
-                if report.reaped or report.requeued:
+                if report.reaped or report.requeued or report.failed_galleries:
                     log.info(
-                        "pass: %d reaped, %d re-sent", len(report.reaped), len(report.requeued)
+                        "pass: %d reaped, %d re-sent, %d gallery build(s) failed",
+                        len(report.reaped),
+                        len(report.requeued),
+                        len(report.failed_galleries),
                     )
             except Exception:
                 log.exception("dispatcher pass failed; trying again in %.0f s", interval)

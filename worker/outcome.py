@@ -1,22 +1,34 @@
-"""What a trainer's exit means for its job, and the retry-or-fail rule; pure functions.
+"""What a trainer's exit means for its job, and the restart-or-retry rule; pure functions.
 
 Exit codes (:class:`reid_core.engine.exit_codes.ExitCode`) and the job state they lead to:
 
-======================================  ===================  =====================================
-how the trainer ended                   cancel requested     otherwise
-======================================  ===================  =====================================
-0 OK                                    SUCCEEDED            SUCCEEDED
-75 INTERRUPTED (SIGTERM, checkpointed)  CANCELLED            retry (preempted: worker shutdown)
-killed by a signal (OOM killer, ...)    CANCELLED            retry
-1 CRASHED, any other code               CANCELLED            retry
-2 BAD_CONFIG, 3 BAD_DATA, 5 DIVERGED    FAILED               FAILED (a rerun would fail again)
-4 NO_SPACE                              FAILED               FAILED (as reid_core documents it)
-past the job's timeout                  (n/a)                FAILED (unless it exited 0)
-======================================  ===================  =====================================
+===========================================  ==========  ===========  ========================
+how the trainer ended                        cancel      worker       otherwise
+                                             requested   shutdown
+===========================================  ==========  ===========  ========================
+0 OK                                         SUCCEEDED   SUCCEEDED    SUCCEEDED
+75 INTERRUPTED (SIGTERM, checkpointed)       CANCELLED   retry        restart
+killed from outside (SIGKILL, SIGTERM, ...)  CANCELLED   retry        restart
+killed by its own fault (SIGSEGV, SIGABRT)   CANCELLED   retry        retry
+1 CRASHED, any other code                    CANCELLED   retry        retry
+2 BAD_CONFIG, 3 BAD_DATA, 5 DIVERGED         FAILED      FAILED       FAILED (reruns fail too)
+4 NO_SPACE                                   FAILED      FAILED       FAILED
+past the job's timeout                       (n/a)       (n/a)        FAILED (unless 0)
+its worker stopped heartbeating              CANCELLED   (n/a)        restart
+===========================================  ==========  ===========  ========================
 
-"Retry" is RETRYING (and the job is sent again; the trainer resumes from its last checkpoint)
-while ``retries < max_retries``, else FAILED; the reason says which. Reasons of failures end with
-the last error line of the trainer's log.
+"Worker shutdown": the supervisor stopped the trainer (SIGTERM, SIGKILL after the grace period)
+because its worker shuts down: the job is preempted. "Killed from outside": the kernel's OOM
+killer (SIGKILL), an operator's ``kill``; a fault of its own: SIGSEGV, SIGABRT, SIGBUS, SIGFPE,
+SIGILL, SIGSYS.
+
+Both **restart** and **retry** are RETRYING: the job is sent again and the trainer resumes from
+its last checkpoint. They draw on two budgets of the job: a restart (the trainer or its worker
+was killed by something outside the job, as Determined's ``max_restarts``) while ``restarts <
+max_restarts``, a retry (the trainer itself failed) while ``retries < max_retries``; past its
+budget the job is FAILED, and the reason says which budget ran out. Signals the service sends
+itself (a cancel, the timeout, a worker shutdown) never count as restarts. Reasons of failures
+end with the last error line of the trainer's log.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import signal
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.orm import Session
 
@@ -35,10 +48,10 @@ from service.core.models import Job, JobState
 
 __all__ = [
     "Outcome",
+    "apply_outcome",
     "decide_outcome",
     "last_error_line",
     "reap_stale_job",
-    "retry_or_fail",
 ]
 
 #: Exit codes a rerun would hit again.
@@ -49,16 +62,29 @@ _PERMANENT = {
     ExitCode.DIVERGED: "the loss diverged",
 }
 
+#: Signals a process raises on itself (a fault of its own): a crash, not a kill from outside.
+_FAULTS = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSYS}
+)
+
 _LOG_PREFIX = re.compile(r"^\S+ \S+ (?:ERROR|CRITICAL) \[rank\d+\] [\w.]+: ")
 _MAX_ERROR_CHARS = 500
+
+#: The two budgets of a job that send it again: ``restart`` (killed from outside) and
+#: ``retry`` (it failed by itself); each is counted in the job's ``<plural>`` field and bounded
+#: by ``max_<plural>``.
+Budget = Literal["restart", "retry"]
+_PLURAL: dict[Budget, str] = {"restart": "restarts", "retry": "retries"}
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """The job state a trainer's exit leads to; ``state`` is RETRYING when it will run again."""
+    """The job state a trainer's exit leads to; ``state`` is RETRYING when it will run again,
+    ``restart`` says that rerun draws on the restart budget (else on the retry budget)."""
 
     state: JobState
     reason: str
+    restart: bool = False
 
     @property
     def retry(self) -> bool:
@@ -72,6 +98,13 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
+def _killed_from_outside(returncode: int) -> bool:
+    """Killed by a signal the trainer did not raise on itself (or stopped by one: exit 75)."""
+    if returncode == ExitCode.INTERRUPTED:
+        return True
+    return returncode < 0 and -returncode not in _FAULTS
+
+
 def _with_error(text: str, last_error: str | None) -> str:
     return f"{text}: {last_error}" if last_error else text
 
@@ -81,15 +114,19 @@ def decide_outcome(
     *,
     cancel_requested: bool = False,
     timed_out: bool = False,
+    preempted: bool = False,
     timeout_minutes: int | None = None,
     retries: int = 0,
     max_retries: int = 0,
+    restarts: int = 0,
+    max_restarts: int = 0,
     last_error: str | None = None,
 ) -> Outcome:
     """Map how the trainer ended to the job's next state (see the module's table).
 
-    ``retries`` is the number of retries already made (before this one), ``returncode`` is
-    :attr:`subprocess.Popen.returncode` (negative: killed by that signal).
+    ``returncode`` is :attr:`subprocess.Popen.returncode` (negative: killed by that signal);
+    ``preempted``: the supervisor stopped the trainer for a worker shutdown; ``retries`` and
+    ``restarts`` are those already made (before this one).
     """
     if returncode == ExitCode.OK:
         return Outcome(JobState.SUCCEEDED, "training finished (exit code 0)")
@@ -98,39 +135,63 @@ def decide_outcome(
         text = f"{_PERMANENT[code]} (exit code {returncode} {code.name})"
         return Outcome(JobState.FAILED, _with_error(text, last_error))
     if cancel_requested:
-        if returncode == ExitCode.INTERRUPTED:
-            return Outcome(
-                JobState.CANCELLED, "cancelled: the trainer saved a checkpoint and stopped"
-            )
-        if returncode < 0:
-            how = f"was killed by {_signal_name(returncode)}"
-        else:
-            how = f"exited with code {returncode}"
-        return Outcome(JobState.CANCELLED, f"cancelled: the trainer {how}")
+        return Outcome(JobState.CANCELLED, f"cancelled: the trainer {_how_stopped(returncode)}")
     if timed_out:
         limit = f"{timeout_minutes} minutes" if timeout_minutes is not None else "its time limit"
         return Outcome(
             JobState.FAILED,
             f"timed out after {limit} (the trainer was stopped; exit code {returncode})",
         )
-    if returncode == ExitCode.INTERRUPTED:
-        why = "preempted: the trainer was interrupted and saved a checkpoint (exit code 75)"
-    elif returncode < 0:
+    if preempted:
+        why = f"preempted: the worker shut down, the trainer {_how_stopped(returncode)}"
+        return _run_again(why, "retry", retries, max_retries)
+    if _killed_from_outside(returncode):
+        # no error line: the trainer was stopped where it stood, its log's last line says nothing
+        if returncode == ExitCode.INTERRUPTED:
+            why = (
+                "the trainer was stopped by a signal from outside the service and saved a "
+                "checkpoint (exit code 75)"
+            )
+        else:
+            why = _killed_text(returncode)
+        return _run_again(why, "restart", restarts, max_restarts)
+    if returncode < 0:
         why = _with_error(f"the trainer was killed by {_signal_name(returncode)}", last_error)
     else:
         name = ExitCode(returncode).name if returncode in ExitCode._value2member_map_ else ""
         code_text = f"exit code {returncode}" + (f" {name}" if name else "")
         why = _with_error(f"the trainer crashed ({code_text})", last_error)
-    return _retry_outcome(why, retries, max_retries)
+    return _run_again(why, "retry", retries, max_retries)
 
 
-def _retry_outcome(why: str, retries: int, max_retries: int) -> Outcome:
-    if retries < max_retries:
+def _how_stopped(returncode: int) -> str:
+    """How a trainer the service stopped (a cancel, a worker shutdown) ended."""
+    if returncode == ExitCode.INTERRUPTED:
+        return "saved a checkpoint and stopped"
+    if returncode < 0:
+        return f"was killed by {_signal_name(returncode)}"
+    return f"exited with code {returncode}"
+
+
+def _killed_text(returncode: int) -> str:
+    text = f"the trainer was killed by {_signal_name(returncode)}"
+    if returncode == -signal.SIGKILL:
+        text += " (the kernel's OOM killer sends it when memory runs out)"
+    return text
+
+
+def _run_again(why: str, budget: Budget, used: int, allowed: int) -> Outcome:
+    """RETRYING while ``used < allowed`` of ``budget``, else FAILED; the reason says which."""
+    plural = _PLURAL[budget]
+    if used < allowed:
         return Outcome(
             JobState.RETRYING,
-            f"{why}; retry {retries + 1} of {max_retries}, resuming from the last checkpoint",
+            f"{why}; {budget} {used + 1} of {allowed}, resuming from the last checkpoint",
+            restart=budget == "restart",
         )
-    return Outcome(JobState.FAILED, f"{why}; no retries left ({retries} of {max_retries} used)")
+    if allowed == 0:
+        return Outcome(JobState.FAILED, f"{why}; the job allows no {plural} (max_{plural} is 0)")
+    return Outcome(JobState.FAILED, f"{why}; no {plural} left ({used} of {allowed} used)")
 
 
 def last_error_line(log_path: Path, max_bytes: int = 64 * 1024) -> str | None:
@@ -161,23 +222,25 @@ def last_error_line(log_path: Path, max_bytes: int = 64 * 1024) -> str | None:
     return chosen
 
 
-def retry_or_fail(session: Session, job: Job, why: str) -> JobState:
-    """RETRYING (``retries`` + 1) while the job has retries left, else FAILED; the caller sends a
-    RETRYING job to the broker after its commit."""
-    outcome = _retry_outcome(why, job.retries or 0, job.max_retries or 0)
-    change_state(session, job, outcome.state, outcome.reason)
+def apply_outcome(session: Session, job: Job, outcome: Outcome) -> None:
+    """Move ``job`` as ``outcome`` says (a rerun counted in its budget); a RETRYING job is also
+    let go (no worker, "not sent yet"): the caller sends it to the broker after its commit, else
+    the dispatcher does."""
+    change_state(session, job, outcome.state, outcome.reason, restart=outcome.restart)
     if outcome.retry:
         job.worker_id = None
-        job.heartbeat_at = None  # "not sent yet": the dispatcher sends it if nobody does
-    return outcome.state
+        job.heartbeat_at = None
 
 
 def reap_stale_job(session: Session, job: Job, now: datetime) -> JobState:
-    """A job whose worker stopped heartbeating: CANCELLING -> CANCELLED, else retry or fail."""
+    """A job whose worker stopped heartbeating: CANCELLING -> CANCELLED, else a restart (the
+    worker was killed, or its machine lost) while the job has restarts left, else FAILED."""
     last = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
     who = job.worker_id or "its worker"
     why = f"{who} stopped heartbeating (last heartbeat {last}, reaped {now:%Y-%m-%dT%H:%M:%S}Z)"
     if job.state is JobState.CANCELLING:
         change_state(session, job, JobState.CANCELLED, f"cancelled: {why}")
         return JobState.CANCELLED
-    return retry_or_fail(session, job, why)
+    outcome = _run_again(why, "restart", job.restarts or 0, job.max_restarts or 0)
+    apply_outcome(session, job, outcome)
+    return outcome.state

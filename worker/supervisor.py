@@ -4,10 +4,10 @@ One job, start to end, in a solo-pool worker (no torch in this process):
 
 1. **Claim** (row locked): a QUEUED/RETRYING job goes to STARTING with this worker's id and a
    heartbeat. A job STARTING/RUNNING/CANCELLING with a fresh heartbeat from another worker is left
-   alone (a redelivered message); one whose heartbeat is stale is reaped first (retry or fail). A
+   alone (a redelivered message); one whose heartbeat is stale is reaped first (restart or fail). A
    finished job is left alone.
 2. **Spawn**: the resolved config goes to ``<output_dir>/job_config.yaml`` (``checkpoint.resume``
-   forced to ``auto`` on a retry) and the MLflow tracking spec to ``tracking.json`` (see
+   forced to ``auto`` on a rerun) and the MLflow tracking spec to ``tracking.json`` (see
    :mod:`worker.tracking`), then ``python -m worker.train_job --config <it>`` (torchrun for
    ``gpus > 1``) starts (:mod:`worker.child`) in its own process group (``start_new_session``), with
    ``CUDA_VISIBLE_DEVICES`` pinned from ``REID_WORKER__GPUS``, stdout and stderr appended to
@@ -21,7 +21,9 @@ One job, start to end, in a solo-pool worker (no torch in this process):
    the reaper took the job): SIGTERM to the process group (the trainer checkpoints and exits 75),
    SIGKILL after ``kill_grace_s``.
 4. **Finish**: :func:`worker.outcome.decide_outcome` maps the exit to SUCCEEDED, CANCELLED,
-   FAILED (reason + the log's last error line) or RETRYING, which is sent to the broker again.
+   FAILED (reason + the log's last error line) or RETRYING (a restart after a kill from outside,
+   e.g. the OOM killer, or a retry after a crash, each within its budget), which is sent to the
+   broker again.
    On a final state the MLflow run is marked FINISHED, FAILED or KILLED.
 
 Every state change goes through :func:`service.core.job_states.change_state` with a reason.
@@ -48,6 +50,7 @@ from typing import IO, Any
 
 import yaml
 from celery.signals import worker_shutting_down
+from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
@@ -56,12 +59,12 @@ from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
 from service.core.db import make_engine, make_session_factory, session_scope
 from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE, PROGRESS_FILE
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
-from service.core.models import Job, JobState, utcnow
+from service.core.models import Job, JobEvent, JobState, utcnow
 from service.core.registry import DATASET_TAG, OWNER_TAG
 from service.core.settings import Settings, get_settings
 from worker.celery_app import app
 from worker.child import signal_group, spawn, stop_now, watch
-from worker.outcome import decide_outcome, last_error_line, reap_stale_job
+from worker.outcome import apply_outcome, decide_outcome, last_error_line, reap_stale_job
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
 __all__ = [
@@ -88,6 +91,14 @@ def trainer_command(gpus: int, config_path: Path) -> list[str]:
     return [sys.executable, *train]
 
 
+def _attempts(session: Session, job_id: uuid.UUID) -> int:
+    """How many times the job was picked up so far: its STARTING events."""
+    query = select(func.count()).where(
+        JobEvent.job_id == job_id, JobEvent.to_state == JobState.STARTING
+    )
+    return int(session.execute(query).scalar_one())
+
+
 @dataclass
 class _Claim:
     """What the supervisor needs of a job it claimed (read once, in the claiming transaction)."""
@@ -95,7 +106,7 @@ class _Claim:
     job_id: uuid.UUID
     config: dict[str, Any]
     gpus: int
-    retries: int
+    attempt: int  # 1 for the job's first run; every rerun (restart, retry) resumes
     timeout_minutes: int
     owner: str
     dataset_id: uuid.UUID | None
@@ -163,7 +174,7 @@ class Supervisor:
                     return f"reaped: {job.state}"
             if job.state not in WAITING_STATES:
                 return f"{job.state}: nothing to run"
-            attempt = (job.retries or 0) + 1
+            attempt = _attempts(session, job.id) + 1
             change_state(
                 session,
                 job,
@@ -187,7 +198,7 @@ class Supervisor:
                 job_id=job.id,
                 config=json.loads(json.dumps(job.resolved_config)),
                 gpus=job.gpus,
-                retries=job.retries or 0,
+                attempt=attempt,
                 timeout_minutes=job.timeout_minutes,
                 owner=job.owner,
                 dataset_id=job.dataset_id,
@@ -208,8 +219,8 @@ class Supervisor:
 
     def _write_config(self, claim: _Claim) -> Path:
         config = claim.config
-        if claim.retries > 0:
-            # A retry continues from the job's own last checkpoint.
+        if claim.attempt > 1:
+            # A rerun continues from the job's own last checkpoint.
             config.setdefault("checkpoint", {})["resume"] = "auto"
         claim.output_dir.mkdir(parents=True, exist_ok=True)
         path = claim.output_dir / CONFIG_FILE
@@ -243,8 +254,7 @@ class Supervisor:
         self, claim: _Claim, config_path: Path, log_file: IO[bytes]
     ) -> subprocess.Popen[bytes]:
         header = (
-            f"\n--- {self.clock():%Y-%m-%dT%H:%M:%S}Z attempt {claim.retries + 1} on "
-            f"{self.worker_id}: "
+            f"\n--- {self.clock():%Y-%m-%dT%H:%M:%S}Z attempt {claim.attempt} on {self.worker_id}: "
         )
         proc = spawn(self.command(claim.gpus, config_path), log_file, self.settings, header)
         (claim.output_dir / PID_FILE).write_text(f"{proc.pid}\n")
@@ -366,9 +376,12 @@ class Supervisor:
                 returncode,
                 cancel_requested=cancel,
                 timed_out=stopped == _Stop.TIMEOUT,
+                preempted=stopped == _Stop.SHUTDOWN,
                 timeout_minutes=claim.timeout_minutes,
                 retries=job.retries or 0,
                 max_retries=job.max_retries or 0,
+                restarts=job.restarts or 0,
+                max_restarts=job.max_restarts or 0,
                 last_error=last_error_line(claim.output_dir / LOG_FILE),
             )
             target = outcome.state
@@ -379,11 +392,9 @@ class Supervisor:
                     job.warnings = [*(job.warnings or []), warning]
             if job.state is JobState.STARTING and target is JobState.SUCCEEDED:
                 change_state(session, job, JobState.RUNNING, "trainer started")
-            change_state(session, job, target, outcome.reason)
             job.heartbeat_at = self.clock()
+            apply_outcome(session, job, outcome)
             if outcome.retry:
-                job.worker_id = None
-                job.heartbeat_at = None  # not sent yet (see worker.dispatcher)
                 resend = job
         if resend is not None and self.send(resend):
             with session_scope(self.factory) as session:

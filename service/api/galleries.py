@@ -1,7 +1,8 @@
 """/v1/galleries: index a dataset's images with a registered model, then search it with images.
 
 ``POST /v1/galleries`` creates the gallery (:func:`service.core.galleries.create_gallery`) and the
-workers build its index; ``GET`` shows the state and progress; ``POST /{id}/search`` answers the
+workers build its index; ``GET`` shows the state and progress (and only reads), ``GET
+/{id}/events`` its state changes with reasons; ``POST /{id}/search`` answers the
 nearest gallery images of a query image, each with its ``position`` in the index, which
 ``GET /{id}/images/{position}`` answers as the image file (for thumbnails).
 """
@@ -22,6 +23,7 @@ from service.api.deps import SessionDep, SettingsDep
 from service.api.schemas import (
     COMMON_ERRORS,
     GalleryCreate,
+    GalleryEventOut,
     GalleryOut,
     GallerySearchOut,
     Page,
@@ -95,11 +97,10 @@ def create_gallery(
 def list_galleries(
     owner: CurrentOwner,
     session: SessionDep,
-    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[GalleryOut]:
-    rows, total = galleries.list_galleries(session, settings, owner, limit, offset)
+    rows, total = galleries.list_galleries(session, owner, limit, offset)
     return Page[GalleryOut](items=[_out(g) for g in rows], total=total, limit=limit, offset=offset)
 
 
@@ -108,10 +109,23 @@ def list_galleries(
     summary="One gallery: state, progress, counts",
     responses=error_responses(e404="Unknown gallery"),
 )
-def get_gallery(
-    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
-) -> GalleryOut:
-    return _out(galleries.get_gallery(session, settings, owner, gallery_id))
+def get_gallery(gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) -> GalleryOut:
+    return _out(galleries.owned_gallery(session, owner, gallery_id))
+
+
+@router.get(
+    "/{gallery_id}/events",
+    summary="The gallery's state changes, oldest first",
+    responses=error_responses(e404="Unknown gallery"),
+)
+def list_gallery_events(
+    gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep
+) -> list[GalleryEventOut]:
+    """Each change with its reason: requested, building (and on which worker), READY, or
+    FAILED with what went wrong (a build whose worker stopped heartbeating is failed by the
+    reaper), retried."""
+    events = galleries.gallery_events(session, owner, gallery_id)
+    return [GalleryEventOut.model_validate(e) for e in events]
 
 
 @router.delete(

@@ -166,7 +166,22 @@ class JobCreate(_In):
     )
     priority: StrictInt = Field(0, ge=0, description="0 (lowest) up to the service's max_priority.")
     queue: str | None = Field(None, description="Queue to run on; default: the first queue.")
-    max_retries: StrictInt = Field(0, ge=0, description="Retries (with resume) after a failure.")
+    max_retries: StrictInt = Field(
+        0,
+        ge=0,
+        description="Retries (resuming from the last checkpoint) after the trainer failed by "
+        "itself: it crashed (exit code 1 or another unexpected one, a fault such as SIGSEGV) or "
+        "its worker shut down under it.",
+    )
+    max_restarts: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="Restarts (resuming from the last checkpoint) after the trainer or its worker "
+        "was killed from outside: the kernel's OOM killer (SIGKILL), a signal nobody of the "
+        "service sent, a worker that stopped heartbeating. A cancel or the timeout never "
+        "restarts. Default: the service's job_bounds.default_restarts "
+        "(REID_JOB_BOUNDS__DEFAULT_RESTARTS, 3 unless configured).",
+    )
     timeout_minutes: StrictInt | None = Field(
         None, ge=1, description="Stop the job after this long; default from the service."
     )
@@ -208,8 +223,10 @@ class JobOut(_Out):
     gpus: int
     priority: int
     queue: str
-    max_retries: int
-    retries: int
+    max_retries: int = Field(description="Retries allowed after the trainer failed by itself.")
+    retries: int = Field(description="Retries made since the job started (or its owner's retry).")
+    max_restarts: int = Field(description="Restarts allowed after a kill from outside (OOM).")
+    restarts: int = Field(description="Restarts made since the job started (or its owner's retry).")
     timeout_minutes: int
     idempotency_key: str | None
     progress: float = Field(description="0 to 1.")
@@ -386,6 +403,16 @@ class GalleryOut(_Out):
     def _error_when_failed(self) -> GalleryOut:
         self.error = self.reason if self.state is GalleryState.FAILED else None
         return self
+
+
+class GalleryEventOut(_Out):
+    """One state change of a gallery, with its reason."""
+
+    id: int
+    from_state: GalleryState | None = Field(description="None for the gallery's creation.")
+    to_state: GalleryState
+    reason: str
+    at: datetime
 
 
 class SearchHitOut(BaseModel):

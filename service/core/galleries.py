@@ -26,11 +26,11 @@ from service.core.broker import send_gallery
 from service.core.datasets import check_ready, gallery_images
 from service.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
 from service.core.folders import gallery_dir
-from service.core.gallery_states import change_gallery_state, fail_if_stale, lock_gallery
+from service.core.gallery_states import change_gallery_state, lock_gallery
 from service.core.images import UploadedImage, decode_images
 from service.core.jobs import check_queue
 from service.core.model_cache import cached_embedder, cached_index, forget_index
-from service.core.models import Dataset, Gallery, GalleryState, utcnow
+from service.core.models import Dataset, Gallery, GalleryEvent, GalleryState
 from service.core.owned import owned, owned_page
 from service.core.registry import ModelRegistry
 from service.core.settings import Settings
@@ -42,7 +42,7 @@ __all__ = [
     "GalleryRequest",
     "create_gallery",
     "delete_gallery",
-    "get_gallery",
+    "gallery_events",
     "image_file",
     "list_galleries",
     "owned_gallery",
@@ -139,35 +139,18 @@ def owned_gallery(session: Session, owner: str, gallery_id: uuid.UUID) -> Galler
     return owned(session, Gallery, owner, gallery_id, "gallery")
 
 
-def _fail_stale(session: Session, settings: Settings, galleries: list[Gallery]) -> None:
-    """Builds whose worker stopped heartbeating are FAILED when someone looks (no reaper runs
-    for galleries)."""
-    timeout = settings.worker.heartbeat_timeout_s
-    now = utcnow()
-    changed = False
-    for gallery in galleries:
-        if gallery.state is not GalleryState.BUILDING:
-            continue
-        locked = lock_gallery(session, gallery.id)
-        changed |= locked is not None and fail_if_stale(session, locked, timeout, now)
-    if changed:
-        session.commit()
-
-
 def list_galleries(
-    session: Session, settings: Settings, owner: str, limit: int, offset: int
+    session: Session, owner: str, limit: int, offset: int
 ) -> tuple[list[Gallery], int]:
-    """``owner``'s galleries, newest first, and how many there are in all."""
+    """``owner``'s galleries, newest first, and how many there are in all. Only reads: a build
+    whose worker died is turned FAILED by the reaper (``python -m worker dispatcher``)."""
     order = (Gallery.created_at.desc(), Gallery.id)
-    rows, total = owned_page(session, Gallery, owner, order_by=order, limit=limit, offset=offset)
-    _fail_stale(session, settings, rows)
-    return rows, total
+    return owned_page(session, Gallery, owner, order_by=order, limit=limit, offset=offset)
 
 
-def get_gallery(session: Session, settings: Settings, owner: str, gallery_id: uuid.UUID) -> Gallery:
-    gallery = owned_gallery(session, owner, gallery_id)
-    _fail_stale(session, settings, [gallery])
-    return gallery
+def gallery_events(session: Session, owner: str, gallery_id: uuid.UUID) -> list[GalleryEvent]:
+    """The gallery's state changes, oldest first."""
+    return list(owned_gallery(session, owner, gallery_id).events)
 
 
 def delete_gallery(session: Session, settings: Settings, owner: str, gallery_id: uuid.UUID) -> None:

@@ -11,7 +11,10 @@ supervises ``python -m worker.build_gallery``). States::
     FAILED -> QUEUED        (retried by its owner)
 
 :func:`change_gallery_state` keeps ``reason``, ``started_at``, ``finished_at`` and ``updated_at``
-with the state.
+with the state, and writes the :class:`~service.core.models.GalleryEvent` row with the reason in
+the caller's transaction (``GET /v1/galleries/{id}/events`` reads them). A build whose worker
+stopped heartbeating (:func:`is_stale`) is turned FAILED by the reaper (``python -m worker
+dispatcher``, :func:`fail_if_stale`), never by a read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.core.models import Gallery, GalleryState, utcnow
+from service.core.models import Gallery, GalleryEvent, GalleryState, utcnow
 
 __all__ = [
     "GALLERY_TRANSITIONS",
@@ -59,8 +62,8 @@ class InvalidGalleryTransitionError(ValueError):
 
 def change_gallery_state(
     session: Session, gallery: Gallery, to_state: GalleryState, reason: str
-) -> None:
-    """Move ``gallery`` to ``to_state`` for ``reason``; the caller commits.
+) -> GalleryEvent:
+    """Move ``gallery`` to ``to_state`` for ``reason`` and record it; the caller commits.
 
     Also sets ``started_at`` (each BUILDING), ``finished_at`` (READY, FAILED) and ``updated_at``.
     """
@@ -73,6 +76,8 @@ def change_gallery_state(
     if not reason.strip():
         raise ValueError("a state change needs a reason")
     now = utcnow()
+    if gallery.id is None:
+        gallery.id = uuid.uuid4()
     gallery.state = to_state
     gallery.reason = reason
     gallery.updated_at = now
@@ -83,7 +88,12 @@ def change_gallery_state(
         gallery.finished_at = now
     if from_state is None:
         session.add(gallery)
+    event = GalleryEvent(
+        gallery_id=gallery.id, from_state=from_state, to_state=to_state, reason=reason, at=now
+    )
+    session.add(event)
     session.flush()
+    return event
 
 
 def lock_gallery(

@@ -11,6 +11,10 @@
 
     FAILED | CANCELLED -> RETRYING   (retried by its owner: POST /v1/jobs/{id}/retry, resumes)
 
+RETRYING from a running job is an automatic rerun, counted in one of the job's two budgets:
+``restarts`` (bounded by ``max_restarts``) or ``retries`` (``max_retries``); which one is
+:mod:`worker.outcome`'s decision. The owner's retry counts in neither and gives both back.
+
 Every change writes a :class:`~service.core.models.JobEvent` row with the reason in the caller's
 transaction, so the state and its history are committed (or rolled back) together. A worker uses::
 
@@ -78,14 +82,20 @@ class InvalidTransitionError(ValueError):
         self.to_state = to_state
 
 
-def change_state(session: Session, job: Job, to_state: JobState, reason: str) -> JobEvent:
+def change_state(
+    session: Session, job: Job, to_state: JobState, reason: str, *, restart: bool = False
+) -> JobEvent:
     """Move ``job`` to ``to_state`` and record why; the caller commits.
 
     Also keeps the fields that follow the state: ``reason`` (the last reason), ``cancel_requested``
     (set on CANCELLING), ``started_at`` (first RUNNING), ``finished_at`` (final states),
-    ``retries`` (+1 on RETRYING; a retried final job also loses ``finished_at``, its cancel
-    request and its worker) and ``updated_at``. Raises :class:`InvalidTransitionError` for a
-    change :data:`TRANSITIONS` does not allow, before touching anything.
+    ``updated_at`` and the two budgets of automatic reruns: RETRYING from a running job counts
+    one ``restarts`` (``restart``: the trainer or its worker was killed from outside) or one
+    ``retries`` (the trainer failed by itself). RETRYING from a final job is its owner's retry:
+    it counts in neither, and the job gets both budgets afresh (``restarts`` and ``retries``
+    back to 0), and loses ``finished_at``, its cancel request and its worker. Raises
+    :class:`InvalidTransitionError` for a change :data:`TRANSITIONS` does not allow, before
+    touching anything.
     """
     # A job being created has no state yet (None), whatever the type annotation says.
     from_state: JobState | None = JobState(job.state) if job.state is not None else None
@@ -104,13 +114,16 @@ def change_state(session: Session, job: Job, to_state: JobState, reason: str) ->
         job.cancel_requested = True
     elif to_state is S.RUNNING and job.started_at is None:
         job.started_at = now
+    elif to_state is S.RETRYING and from_state is not None and from_state.is_final:
+        job.retries = job.restarts = 0
+        job.finished_at = None
+        job.cancel_requested = False
+        job.worker_id = None
+        job.heartbeat_at = None
+    elif to_state is S.RETRYING and restart:
+        job.restarts = (job.restarts or 0) + 1
     elif to_state is S.RETRYING:
         job.retries = (job.retries or 0) + 1
-        if from_state is not None and from_state.is_final:
-            job.finished_at = None
-            job.cancel_requested = False
-            job.worker_id = None
-            job.heartbeat_at = None
     if to_state.is_final:
         job.finished_at = now
     if from_state is None:

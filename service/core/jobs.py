@@ -57,10 +57,14 @@ class JobRequest:
     timeout_minutes: int | None = None
     idempotency_key: str | None = None
     model_name: str | None = None
+    max_restarts: int | None = None
 
     def digest(self) -> str:
         """SHA-256 of the request's canonical JSON: the same key with another request is refused."""
         data = {**dataclasses.asdict(self), "dataset_id": str(self.dataset_id)}
+        if self.max_restarts is None:
+            # as before the field existed: a request repeated across the upgrade is the same one
+            del data["max_restarts"]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -77,36 +81,40 @@ def check_queue(settings: Settings, queue: str | None) -> str:
     return queue
 
 
-def _check_resources(request: JobRequest, settings: Settings) -> tuple[int, str, int]:
-    """(gpus, queue, timeout_minutes) after the defaults; refused above the service's bounds."""
+@dataclass(frozen=True)
+class _Resources:
+    """What a job gets once the service's defaults filled what the request left out."""
+
+    gpus: int
+    queue: str
+    timeout_minutes: int
+    max_restarts: int
+
+
+def _check_above(name: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise InvalidInputError(
+            f"{name}={value} is above this service's limit of {limit}", name, value
+        )
+
+
+def _check_resources(request: JobRequest, settings: Settings) -> _Resources:
+    """The request's resources after the defaults; refused above the service's bounds."""
     bounds = settings.job_bounds
     gpus = bounds.gpus_or_default(request.gpus)
-    if gpus > bounds.max_gpus:
-        raise InvalidInputError(
-            f"gpus={gpus} is above this service's limit of {bounds.max_gpus}", "gpus", gpus
-        )
+    _check_above("gpus", gpus, bounds.max_gpus)
     if request.priority > bounds.max_priority:
         raise InvalidInputError(
             f"priority={request.priority} is above the highest priority {bounds.max_priority}",
             "priority",
             request.priority,
         )
-    if request.max_retries > bounds.max_retries:
-        raise InvalidInputError(
-            f"max_retries={request.max_retries} is above this service's limit of "
-            f"{bounds.max_retries}",
-            "max_retries",
-            request.max_retries,
-        )
+    _check_above("max_retries", request.max_retries, bounds.max_retries)
+    max_restarts = bounds.default_restarts if request.max_restarts is None else request.max_restarts
+    _check_above("max_restarts", max_restarts, bounds.max_restarts)
     timeout = request.timeout_minutes or bounds.default_timeout_minutes
-    if timeout > bounds.max_timeout_minutes:
-        raise InvalidInputError(
-            f"timeout_minutes={timeout} is above this service's limit of "
-            f"{bounds.max_timeout_minutes}",
-            "timeout_minutes",
-            timeout,
-        )
-    return gpus, check_queue(settings, request.queue), timeout
+    _check_above("timeout_minutes", timeout, bounds.max_timeout_minutes)
+    return _Resources(gpus, check_queue(settings, request.queue), timeout, max_restarts)
 
 
 def _existing_for_key(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
@@ -142,7 +150,7 @@ def submit_job(
     if dataset is None:
         raise not_found("dataset", request.dataset_id)
     check_ready(dataset)
-    gpus, queue, timeout = _check_resources(request, settings)
+    resources = _check_resources(request, settings)
     job_id = uuid.uuid4()
     try:
         cfg = resolve_job_config(
@@ -150,7 +158,7 @@ def submit_job(
             dataset_format=dataset.format,
             dataset_root=Path(dataset.path),
             output_dir=job_dir(settings, job_id),
-            gpus=gpus,
+            gpus=resources.gpus,
             bounds=settings.job_bounds,
             weights_path=settings.weights_path,
             num_train_images=train_images(dataset),
@@ -163,12 +171,14 @@ def submit_job(
         dataset_id=dataset.id,
         config_overrides=request.config,
         resolved_config=cfg.model_dump(mode="json"),
-        gpus=gpus,
+        gpus=resources.gpus,
         priority=request.priority,
-        queue=queue,
+        queue=resources.queue,
         max_retries=request.max_retries,
         retries=0,
-        timeout_minutes=timeout,
+        max_restarts=resources.max_restarts,
+        restarts=0,
+        timeout_minutes=resources.timeout_minutes,
         idempotency_key=key,
         request_hash=request_hash,
         progress=0.0,
@@ -273,7 +283,8 @@ def cancel_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
 
 def retry_job(session: Session, settings: Settings, owner: str, job_id: uuid.UUID) -> Job:
     """A FAILED or CANCELLED job to RETRYING with the same id, output folder and MLflow run; the
-    trainer continues from the newest checkpoint in that folder (from scratch when none)."""
+    trainer continues from the newest checkpoint in that folder (from scratch when none). The
+    owner's retry is not an automatic one: the job gets its restarts and retries afresh."""
     job = lock_job(session, job_id, owner=owner)
     if job is None:
         raise not_found("job", job_id)
@@ -298,7 +309,9 @@ def retry_job(session: Session, settings: Settings, owner: str, job_id: uuid.UUI
         session,
         job,
         JobState.RETRYING,
-        f"retry requested by {owner} (was {job.state}): resumes from its last checkpoint",
+        f"retry requested by {owner} (was {job.state}): resumes from its last checkpoint; "
+        f"restarts and retries count from 0 again ({job.max_restarts} and {job.max_retries} "
+        "allowed)",
     )
     session.commit()
     if settings.worker.enqueue_on_submit:

@@ -192,8 +192,13 @@ class Job(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=1)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     queue: Mapped[str] = mapped_column(String(64), default="default")
+    #: Automatic reruns after the trainer failed by itself (a crash): allowed, made.
     max_retries: Mapped[int] = mapped_column(Integer, default=0)
     retries: Mapped[int] = mapped_column(Integer, default=0)
+    #: Automatic reruns after the trainer or its worker was killed from outside (the OOM
+    #: killer's SIGKILL, a lost machine): allowed, made. The owner's retry resets both counts.
+    max_restarts: Mapped[int] = mapped_column(Integer, default=0)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
     timeout_minutes: Mapped[int] = mapped_column(Integer)
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -226,19 +231,25 @@ class Job(Base):
     )
 
 
-class JobEvent(Base):
+class _StateChange:
+    """What a state change records besides whose it is and its two states: its order, why and
+    when (``job_events``, ``gallery_events``)."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobEvent(_StateChange, Base):
     """One state change of a job, written in the transaction that makes it."""
 
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID] = mapped_column(
         Uuid(), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
     )
     from_state: Mapped[JobState | None] = mapped_column(_enum(JobState, "job_event_from_state"))
     to_state: Mapped[JobState] = mapped_column(_enum(JobState, "job_event_to_state"))
-    reason: Mapped[str] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="events")
 
@@ -297,5 +308,28 @@ class Gallery(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    events: Mapped[list[GalleryEvent]] = relationship(
+        back_populates="gallery",
+        order_by="GalleryEvent.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
 
-__all__ += ["Gallery", "GalleryState"]
+
+class GalleryEvent(_StateChange, Base):
+    """One state change of a gallery, written in the transaction that makes it."""
+
+    __tablename__ = "gallery_events"
+
+    gallery_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid(), ForeignKey("galleries.id", ondelete="CASCADE"), index=True
+    )
+    from_state: Mapped[GalleryState | None] = mapped_column(
+        _enum(GalleryState, "gallery_event_from_state")
+    )
+    to_state: Mapped[GalleryState] = mapped_column(_enum(GalleryState, "gallery_event_to_state"))
+
+    gallery: Mapped[Gallery] = relationship(back_populates="events")
+
+
+__all__ += ["Gallery", "GalleryEvent", "GalleryState"]

@@ -70,6 +70,14 @@ class JobBounds(BaseModel):
         "what is submitted reaches that worker.",
     )
     max_retries: int = Field(5, ge=0)
+    default_restarts: int = Field(
+        3,
+        ge=0,
+        description="max_restarts of a job that does not say: how many times a trainer killed "
+        "from outside (the OOM killer's SIGKILL, a worker that died) is resumed from its last "
+        "checkpoint before the job fails",
+    )
+    max_restarts: int = Field(10, ge=0, description="The largest max_restarts a job may ask for.")
     max_timeout_minutes: int = Field(7 * 24 * 60, ge=1)
     default_timeout_minutes: int = Field(24 * 60, ge=1)
     max_priority: int = Field(9, ge=0, description="Priorities run from 0 (lowest) to this.")
@@ -91,6 +99,11 @@ class JobBounds(BaseModel):
             )
         if self.default_gpus is not None and self.default_gpus > self.max_gpus:
             raise ValueError(f"default_gpus={self.default_gpus} is above max_gpus={self.max_gpus}")
+        if self.default_restarts > self.max_restarts:
+            raise ValueError(
+                f"default_restarts={self.default_restarts} is above "
+                f"max_restarts={self.max_restarts}"
+            )
         return self
 
     def gpus_or_default(self, gpus: int | None) -> int:

@@ -308,6 +308,10 @@ def test_a_gallery_is_built_searched_and_deleted_from_the_pages(
     expect(facts).to_contain_text(f"{model} version {gallery['model_version']}")
     expect(facts).to_contain_text(f"{gallery['images_done']} of {gallery['image_count']}")
     expect(facts).to_contain_text("synthetic")
+    # the timeline: every state change, as GET /v1/galleries/{id}/events has them
+    timeline = page.locator("#gallery-timeline li")
+    expect(timeline).to_have_count(3)  # requested, building, READY
+    expect(timeline.last).to_contain_text(gallery["reason"])
     image = query_image(service)
     k = min(10, gallery["images_done"])
     search_from_the_page(page, image, k)

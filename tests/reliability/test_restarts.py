@@ -62,9 +62,14 @@ class Api:
         job: dict[str, Any] = response.json()
         return job
 
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        response = self.client.get(f"/v1/jobs/{job_id}/events", headers=self.headers)
+        assert response.status_code == 200, response.text
+        events: list[dict[str, Any]] = response.json()
+        return events
+
     def states(self, job_id: str) -> list[str]:
-        events = self.client.get(f"/v1/jobs/{job_id}/events", headers=self.headers).json()
-        return [e["to_state"] for e in events]
+        return [e["to_state"] for e in self.events(job_id)]
 
     def register(self, folder: Path) -> str:
         response = self.client.post(

@@ -37,6 +37,7 @@ from service.core.settings import Settings, TrackingSettings, WorkerSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
 from tests.service.conftest import Headers, make_settings, write_image_folder
 from worker.build_gallery import build_gallery
+from worker.dispatcher import Dispatcher
 from worker.mlflow_hook import MLflowHook
 from worker.tracking import TrackingSpec, TrackingState
 
@@ -536,7 +537,13 @@ def test_a_build_that_cannot_read_its_data_fails_with_the_reason(
     assert _build(app, settings, gallery["id"]) is None
 
 
-def test_a_build_whose_worker_died_fails_when_read(
+def _reaper_pass(app: FastAPI, settings: Settings) -> list[uuid.UUID]:
+    """One pass of ``python -m worker dispatcher``: the gallery builds it failed."""
+    dispatcher = Dispatcher(settings, app.state.session_factory, send=lambda _job: False)
+    return dispatcher.run_once().failed_galleries
+
+
+def test_a_build_whose_worker_died_is_failed_by_the_reaper(
     client: TestClient, app: FastAPI, settings: Settings, alice: Headers, market: Json
 ) -> None:
     gallery = _create(
@@ -549,10 +556,16 @@ def test_a_build_whose_worker_died_fails_when_read(
             .where(Gallery.id == uuid.UUID(gallery["id"]))
             .values(state=GalleryState.BUILDING, worker_id="w9:42", heartbeat_at=long_ago)
         )
-    shown = client.get(f"/v1/galleries/{gallery['id']}", headers=alice).json()
+    url = f"/v1/galleries/{gallery['id']}"
+    assert client.get(url, headers=alice).json()["state"] == "BUILDING"  # a read only reads
+    assert _reaper_pass(app, settings) == [uuid.UUID(gallery["id"])]
+    shown = client.get(url, headers=alice).json()
     assert shown["state"] == "FAILED"
     assert shown["reason"].startswith("the build stopped: worker w9:42 sent no heartbeat since")
     assert client.get("/v1/galleries", headers=alice).json()["items"][0]["state"] == "FAILED"
+    events = client.get(f"{url}/events", headers=alice).json()
+    assert (events[-1]["from_state"], events[-1]["to_state"]) == ("BUILDING", "FAILED")
+    assert events[-1]["reason"] == shown["reason"]
 
 
 def test_a_failed_gallery_is_retried_and_built(
@@ -572,7 +585,7 @@ def test_a_failed_gallery_is_retried_and_built(
     assert refused.status_code == 409, refused.text
     assert refused.json()["error"]["code"] == "gallery_not_failed"
     assert "is QUEUED: only a FAILED gallery" in refused.json()["error"]["message"]
-    # its worker died mid-build: FAILED when read
+    # its worker died mid-build: FAILED by the reaper
     long_ago = utcnow() - timedelta(seconds=settings.worker.heartbeat_timeout_s + 1)
     with session_scope(app.state.session_factory) as session:
         session.execute(
@@ -586,6 +599,7 @@ def test_a_failed_gallery_is_retried_and_built(
                 progress=0.4,
             )
         )
+    assert _reaper_pass(app, settings) == [uuid.UUID(gallery["id"])]
     failed = client.get(url, headers=alice).json()
     assert failed["state"] == "FAILED"
     assert f"retry it (POST /v1/galleries/{gallery['id']}/retry)" in failed["reason"]
@@ -605,6 +619,17 @@ def test_a_failed_gallery_is_retried_and_built(
     assert _build(app, settings, gallery["id"]) is GalleryState.READY
     built = client.get(url, headers=alice).json()
     assert (built["state"], built["progress"]) == ("READY", 1.0)
+    events = client.get(f"{url}/events", headers=alice).json()
+    assert [(e["from_state"], e["to_state"]) for e in events] == [
+        (None, "QUEUED"),
+        ("BUILDING", "FAILED"),  # set BUILDING above behind the state machine's back
+        ("FAILED", "QUEUED"),
+        ("QUEUED", "BUILDING"),
+        ("BUILDING", "READY"),
+    ]
+    assert events[2]["reason"] == body["reason"]
+    assert events[-1]["reason"] == built["reason"]
+    assert client.get(f"{url}/events", headers=bob).status_code == 404
     query = next((Path(market["path"]) / "query").glob("*.jpg"))
     assert _search(client, alice, gallery["id"], query).status_code == 200
     again = client.post(f"{url}/retry", headers=alice)

@@ -70,6 +70,22 @@ def test_a_whole_life_with_a_retry(session: Session) -> None:
     assert all(e[0] is prev for e, prev in zip(events[1:], [S.QUEUED, *path], strict=False))
 
 
+def test_restarts_and_retries_are_counted_apart_and_the_owner_s_retry_resets_them(
+    session: Session,
+) -> None:
+    job = _new_job(session)
+    change_state(session, job, S.STARTING, "picked up")
+    change_state(session, job, S.RETRYING, "killed by SIGKILL", restart=True)
+    change_state(session, job, S.STARTING, "picked up")
+    change_state(session, job, S.RETRYING, "crashed")
+    assert (job.restarts, job.retries) == (1, 1)
+    change_state(session, job, S.STARTING, "picked up")
+    change_state(session, job, S.FAILED, "crashed again")
+    change_state(session, job, S.RETRYING, "retry requested by alice")
+    session.commit()
+    assert (job.restarts, job.retries, job.finished_at) == (0, 0, None)
+
+
 def test_cancelling_sets_the_flag_workers_poll(session: Session) -> None:
     job = _new_job(session)
     change_state(session, job, S.STARTING, "picked up")

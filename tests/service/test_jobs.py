@@ -59,6 +59,8 @@ def test_create_resolves_the_whole_config(
     assert job["state"] == "QUEUED"
     assert job["reason"] == "submitted by alice"
     assert (job["gpus"], job["priority"], job["max_retries"], job["retries"]) == (1, 5, 2, 0)
+    # restarts after a kill from outside: the service's default, none made yet
+    assert (job["max_restarts"], job["restarts"]) == (settings.job_bounds.default_restarts, 0)
     assert job["queue"] == "default"
     assert job["timeout_minutes"] == settings.job_bounds.default_timeout_minutes
     assert job["config_overrides"]["schedule.epochs"] == 3
@@ -149,6 +151,8 @@ def test_bad_config_is_422_naming_the_key(
         ({"gpus": 3}, "body.gpus", "limit of 2"),
         ({"priority": 10}, "body.priority", "highest priority 9"),
         ({"max_retries": 4}, "body.max_retries", "limit of 3"),
+        ({"max_restarts": 11}, "body.max_restarts", "limit of 10"),
+        ({"max_restarts": -1}, "body.max_restarts", "greater than or equal to 0"),
         ({"timeout_minutes": 10**6}, "body.timeout_minutes", "limit of"),
         ({"queue": "gpu-big"}, "body.queue", "unknown queue"),
         ({"gpus": -1}, "body.gpus", "greater than or equal to 0"),
@@ -368,8 +372,13 @@ def test_retry_a_failed_or_cancelled_job(
     response = client.post(url, headers=alice)
     assert response.status_code == 202, response.text
     body = response.json()
-    assert (body["state"], body["retries"], body["finished_at"]) == ("RETRYING", 1, None)
-    assert "resumes from its last checkpoint" in body["reason"]
+    # the owner's retry is not an automatic one: both budgets are whole again
+    assert (body["state"], body["retries"], body["restarts"]) == ("RETRYING", 0, 0)
+    assert body["finished_at"] is None
+    assert body["reason"] == (
+        "retry requested by alice (was FAILED): resumes from its last checkpoint; restarts and "
+        "retries count from 0 again (3 and 0 allowed)"
+    )
     # cancelled while waiting, then retried again
     assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
     assert client.post(url, headers=alice).status_code == 202

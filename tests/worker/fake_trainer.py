@@ -1,7 +1,7 @@
 """A stand-in for ``python -m reid_core.train`` in the supervisor's unit tests (no torch).
 
 Reads ``--config`` (the job's YAML) and its ``fake`` section: ``exit_codes`` (one per attempt,
-the last repeats), ``steps``, ``step_s``, ``error`` (a line logged before a non-zero exit) and
+the last repeats; a negative one: killed by that signal), ``steps``, ``step_s``, ``error`` (a line logged before a non-zero exit) and
 ``ignore_sigterm``. Writes ``progress.json`` like the real trainer and, on SIGTERM, a
 ``checkpoints/step_*.pt`` before exiting 75.
 """
@@ -73,6 +73,8 @@ def main() -> int:
         time.sleep(float(fake.get("step_s", 0.02)))
         step += 1
         write("running")
+    if code < 0:  # killed by that signal, as the OOM killer kills (SIGKILL)
+        os.kill(os.getpid(), -int(code))
     if code != 0:
         error = fake.get("error", "something broke")
         print(f"2026-01-01 00:00:00,000 ERROR [rank0] reid_core.train: {error}", flush=True)

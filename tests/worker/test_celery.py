@@ -317,8 +317,9 @@ def test_cancel_a_running_job(stack: Stack) -> None:
     assert run.info.status == "KILLED"
 
 
-def test_killed_trainer_is_retried_and_resumes(stack: Stack) -> None:
-    job_id = stack.submit({"schedule.epochs": 4, "schedule.max_steps_per_epoch": 4}, max_retries=1)
+def test_killed_trainer_is_restarted_and_resumes(stack: Stack) -> None:
+    # no max_retries, no max_restarts: the service's default restart policy
+    job_id = stack.submit({"schedule.epochs": 4, "schedule.max_steps_per_epoch": 4})
     out = stack.output_dir(job_id)
     _wait_for_file(out / "checkpoints" / "last_checkpoint")  # epoch 1 saved
     pid = int((out / "trainer.pid").read_text())
@@ -329,8 +330,8 @@ def test_killed_trainer_is_retried_and_resumes(stack: Stack) -> None:
         "QUEUED", "STARTING", "RUNNING", "RETRYING", "STARTING", "RUNNING", "SUCCEEDED",
     ]  # fmt: skip
     retrying = stack.events(job_id)[3]["reason"]
-    assert "killed by SIGKILL" in retrying and "retry 1 of 1" in retrying
-    assert job["retries"] == 1
+    assert "killed by SIGKILL" in retrying and "restart 1 of 3" in retrying
+    assert (job["restarts"], job["max_restarts"], job["retries"]) == (1, 3, 0)
     assert "resumed from" in (out / "train.log").read_text()
     assert (out / "model_final.pt").is_file()
     # two attempts, one MLflow run, every epoch in it

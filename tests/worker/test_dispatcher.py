@@ -12,12 +12,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import session_scope
-from service.core.models import Job, JobState
+from service.core.models import Gallery, GalleryState, Job, JobState
 from service.core.settings import Settings
+from tests.helpers import make_gallery
 from tests.worker.conftest import FakeClock, MakeJob, event_states, load_job
 from worker.dispatcher import Dispatcher
 
 S = JobState
+G = GalleryState
 
 
 class FakeBroker:
@@ -37,13 +39,17 @@ def _dispatcher(
     return Dispatcher(settings, factory, clock=clock, send=broker)
 
 
-def test_reaper_retries_then_fails(
+def test_reaper_restarts_then_fails(
     settings: Settings, factory: sessionmaker[Session], clock: FakeClock, make_job: MakeJob
 ) -> None:
     broker = FakeBroker()
     dispatcher = _dispatcher(settings, factory, clock, broker)
     job_id = make_job(
-        states=(S.STARTING, S.RUNNING), max_retries=1, worker_id="w1:1", heartbeat_at=clock()
+        states=(S.STARTING, S.RUNNING),
+        max_restarts=1,
+        max_retries=2,
+        worker_id="w1:1",
+        heartbeat_at=clock(),
     )
     clock.advance(30)  # fresh (timeout 60 s): left alone
     assert dispatcher.run_once().reaped == {}
@@ -55,24 +61,26 @@ def test_reaper_retries_then_fails(
     assert broker.sent == [job_id]  # sent again at once, and marked as sent
     job = load_job(factory, job_id)
     assert job.state is S.RETRYING
-    assert job.retries == 1
+    # a dead worker is a kill from outside: a restart, not a retry
+    assert (job.restarts, job.retries) == (1, 0)
     assert job.worker_id is None
     assert job.heartbeat_at == clock()
     assert "w1:1 stopped heartbeating" in (job.reason or "")
-    assert "retry 1 of 1" in (job.reason or "")
+    assert "restart 1 of 1" in (job.reason or "")
 
-    # Its second run dies too: no retries left.
+    # Its second run dies too: no restarts left (its retries are for crashes).
     other = make_job(
         states=(S.STARTING, S.RUNNING),
-        max_retries=1,
-        retries=1,
+        max_restarts=1,
+        restarts=1,
+        max_retries=2,
         worker_id="w2:1",
         heartbeat_at=clock(),
     )
     clock.advance(120)
     report = dispatcher.run_once()
     assert report.reaped[other] is S.FAILED
-    assert "no retries left" in (load_job(factory, other).reason or "")
+    assert (load_job(factory, other).reason or "").endswith("; no restarts left (1 of 1 used)")
     assert event_states(factory, other)[-1] == "FAILED"
 
 
@@ -153,5 +161,57 @@ def test_reaper_waits_a_heartbeat_timeout_after_a_database_outage(
     assert dispatcher.run_once().reaped == {}  # 50 s after the outage: still holding
     clock.advance(20)
     # a heartbeat timeout after the outage: the job whose worker is silent is reaped
-    assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_retries 0
+    assert dispatcher.run_once().reaped == {dead: S.FAILED}  # max_restarts 0
     assert load_job(factory, alive).state is S.RUNNING
+
+
+def test_reaper_fails_a_gallery_build_whose_worker_died(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    dispatcher = _dispatcher(settings, factory, clock, FakeBroker())
+    building = make_gallery(
+        factory, state=G.BUILDING, worker_id="w1:1", heartbeat_at=clock(), updated_at=clock()
+    )
+    waiting = make_gallery(factory, updated_at=clock())  # QUEUED: no worker to lose yet
+    ready = make_gallery(factory, state=G.READY, updated_at=clock())
+    clock.advance(30)  # fresh (timeout 60 s): left alone
+    assert dispatcher.run_once().failed_galleries == []
+
+    clock.advance(31)
+    report = dispatcher.run_once()
+    assert report.failed_galleries == [building]
+    assert report.reaped == {}
+    with factory() as session:
+        gallery = session.get(Gallery, building)
+        assert gallery is not None
+        assert gallery.state is G.FAILED and gallery.finished_at is not None
+        assert (gallery.reason or "").startswith(
+            "the build stopped: worker w1:1 sent no heartbeat since "
+        )
+        assert f"retry it (POST /v1/galleries/{building}/retry)" in (gallery.reason or "")
+        assert [(e.from_state, e.to_state) for e in gallery.events][-1] == (G.BUILDING, G.FAILED)
+        assert gallery.events[-1].reason == gallery.reason
+        others = [session.get(Gallery, g) for g in (waiting, ready)]
+        assert [g.state for g in others if g is not None] == [G.QUEUED, G.READY]
+    assert dispatcher.run_once().failed_galleries == []  # FAILED is final: reaped once
+
+
+def test_gallery_reaping_waits_after_a_database_outage(
+    settings: Settings, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    database = FlakyDatabase(factory)
+    dispatcher = Dispatcher(
+        settings, cast(sessionmaker[Session], database), clock=clock, send=FakeBroker()
+    )
+    building = make_gallery(
+        factory, state=G.BUILDING, worker_id="w1:1", heartbeat_at=clock(), updated_at=clock()
+    )
+    database.down = True
+    clock.advance(120)
+    with pytest.raises(OperationalError):
+        dispatcher.run_once()
+    database.down = False
+    clock.advance(30)
+    assert dispatcher.run_once().failed_galleries == []  # its builder had no way to heartbeat
+    clock.advance(61)
+    assert dispatcher.run_once().failed_galleries == [building]

@@ -16,33 +16,9 @@ from service.core.folders import BUILD_LOG, gallery_dir
 from service.core.gallery_states import change_gallery_state
 from service.core.models import Gallery, GalleryState
 from service.core.settings import Settings
+from tests.helpers import make_gallery
 from tests.worker.conftest import FakeClock
 from worker.gallery_task import GallerySupervisor
-
-
-def _gallery(
-    factory: sessionmaker[Session], *, state: GalleryState = GalleryState.QUEUED, **fields: object
-) -> uuid.UUID:
-    gallery = Gallery(
-        id=uuid.uuid4(),
-        owner="alice",
-        dataset_path="/data/market",
-        dataset_format="market_folder",
-        model_name="reid-alice",
-        model_version="1",
-        gpus=0,
-        queue="default",
-        progress=0.0,
-        images_done=0,
-        skipped_count=0,
-    )
-    with session_scope(factory) as session:
-        change_gallery_state(session, gallery, GalleryState.QUEUED, "test")
-        if state is not GalleryState.QUEUED:
-            change_gallery_state(session, gallery, state, "test")
-        for name, value in fields.items():
-            setattr(gallery, name, value)
-    return gallery.id
 
 
 def _load(factory: sessionmaker[Session], gallery_id: uuid.UUID) -> Gallery | None:
@@ -60,7 +36,7 @@ def _python(code: str) -> list[str]:
 def test_a_builder_that_dies_leaves_the_gallery_failed_with_its_last_error(
     settings: Settings, factory: sessionmaker[Session]
 ) -> None:
-    gallery_id = _gallery(factory)
+    gallery_id = make_gallery(factory)
     crash = "import sys; print('loading the model'); sys.exit('RuntimeError: out of memory')"
     supervisor = GallerySupervisor(settings, factory, "w1:1", command=lambda _id: _python(crash))
     assert supervisor.run(gallery_id) == "FAILED"
@@ -78,7 +54,7 @@ def test_a_builder_that_dies_leaves_the_gallery_failed_with_its_last_error(
 def test_a_builder_killed_by_a_signal_is_named(
     settings: Settings, factory: sessionmaker[Session]
 ) -> None:
-    gallery_id = _gallery(factory)
+    gallery_id = make_gallery(factory)
     killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     supervisor = GallerySupervisor(settings, factory, "w1:1", command=lambda _id: _python(killed))
     assert supervisor.run(gallery_id) == "FAILED"
@@ -91,7 +67,7 @@ def test_a_builder_killed_by_a_signal_is_named(
 def test_deleting_the_gallery_stops_its_builder_and_removes_its_folder(
     settings: Settings, factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    gallery_id = _gallery(factory)
+    gallery_id = make_gallery(factory)
     started = tmp_path / "started"
     # writes into the gallery's folder, then would build for a minute
     folder = gallery_dir(settings, gallery_id)
@@ -124,7 +100,7 @@ def test_deleting_the_gallery_stops_its_builder_and_removes_its_folder(
 def test_a_fresh_build_of_another_worker_is_left_alone_and_a_stale_one_taken_over(
     settings: Settings, factory: sessionmaker[Session], clock: FakeClock
 ) -> None:
-    gallery_id = _gallery(
+    gallery_id = make_gallery(
         factory, state=GalleryState.BUILDING, worker_id="w0:9", heartbeat_at=clock()
     )
     ran: list[uuid.UUID] = []
@@ -152,7 +128,7 @@ def test_a_fresh_build_of_another_worker_is_left_alone_and_a_stale_one_taken_ove
 def test_a_finished_gallery_is_not_built_again(
     settings: Settings, factory: sessionmaker[Session], state: GalleryState
 ) -> None:
-    gallery_id = _gallery(factory, state=GalleryState.BUILDING)
+    gallery_id = make_gallery(factory, state=GalleryState.BUILDING)
     with session_scope(factory) as session:
         gallery = session.get(Gallery, gallery_id)
         assert gallery is not None

@@ -21,12 +21,16 @@ S = JobState
         (75, True, 0, 3, S.CANCELLED, "checkpoint"),
         (-9, True, 0, 3, S.CANCELLED, "SIGKILL"),
         (1, True, 0, 3, S.CANCELLED, "code 1"),
-        (75, False, 0, 2, S.RETRYING, "preempted"),
-        (75, False, 2, 2, S.FAILED, "no retries left"),
         (1, False, 0, 1, S.RETRYING, "crashed (exit code 1 CRASHED)"),
         (1, False, 1, 1, S.FAILED, "no retries left (1 of 1 used)"),
-        (-9, False, 0, 1, S.RETRYING, "killed by SIGKILL"),
+        (1, False, 0, 0, S.FAILED, "the job allows no retries (max_retries is 0)"),
+        # killed from outside: the restart budget (none here), whatever the retries
+        (-9, False, 0, 1, S.FAILED, "killed by SIGKILL"),
+        (75, False, 0, 2, S.FAILED, "allows no restarts"),
+        # a fault of its own is a crash: the retry budget
         (-11, False, 0, 0, S.FAILED, "killed by SIGSEGV"),
+        (-11, False, 0, 1, S.RETRYING, "killed by SIGSEGV; retry 1 of 1"),
+        (-6, False, 0, 1, S.RETRYING, "killed by SIGABRT"),
         (42, False, 0, 1, S.RETRYING, "exit code 42"),
         (2, False, 0, 5, S.FAILED, "configuration was rejected (exit code 2 BAD_CONFIG)"),
         (2, True, 0, 5, S.FAILED, "BAD_CONFIG"),
@@ -44,6 +48,44 @@ def test_exit_codes(
     assert outcome.state is state
     assert words in outcome.reason
     assert outcome.retry == (state is S.RETRYING)
+
+
+def test_a_kill_from_outside_restarts_within_its_own_budget() -> None:
+    outcome = decide_outcome(-9, restarts=0, max_restarts=3, max_retries=0)
+    assert (outcome.state, outcome.restart) == (S.RETRYING, True)
+    assert outcome.reason == (
+        "the trainer was killed by SIGKILL (the kernel's OOM killer sends it when memory runs "
+        "out); restart 1 of 3, resuming from the last checkpoint"
+    )
+    # SIGTERM from outside: the trainer saved a checkpoint (75) or was killed by it
+    for code in (75, -15):
+        outcome = decide_outcome(code, restarts=1, max_restarts=3)
+        assert (outcome.state, outcome.restart) == (S.RETRYING, True)
+        assert "restart 2 of 3" in outcome.reason
+    exhausted = decide_outcome(-9, restarts=3, max_restarts=3, retries=0, max_retries=5)
+    assert exhausted.state is S.FAILED
+    assert exhausted.reason.endswith("; no restarts left (3 of 3 used)")
+    crash = decide_outcome(1, restarts=0, max_restarts=3, retries=0, max_retries=1)
+    assert (crash.state, crash.restart) == (S.RETRYING, False)
+
+
+def test_signals_the_service_sent_never_restart() -> None:
+    budgets = {"restarts": 0, "max_restarts": 3}
+    cancelled = decide_outcome(-9, cancel_requested=True, **budgets)
+    assert (cancelled.state, cancelled.reason) == (
+        S.CANCELLED,
+        "cancelled: the trainer was killed by SIGKILL",
+    )
+    assert decide_outcome(-9, timed_out=True, **budgets).state is S.FAILED
+    # a worker shutdown preempts: the retry budget, never the restart one
+    for code in (75, -9):
+        preempted = decide_outcome(code, preempted=True, retries=0, max_retries=1, **budgets)
+        assert (preempted.state, preempted.restart) == (S.RETRYING, False)
+        assert preempted.reason.startswith("preempted: the worker shut down, the trainer ")
+        assert "retry 1 of 1" in preempted.reason
+    no_retries = decide_outcome(75, preempted=True, max_retries=0, **budgets)
+    assert no_retries.state is S.FAILED
+    assert "the job allows no retries (max_retries is 0)" in no_retries.reason
 
 
 def test_retry_reason_says_resume_and_attempt() -> None:

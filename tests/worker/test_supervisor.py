@@ -99,6 +99,24 @@ def test_crash_retries_with_resume_then_succeeds(
     assert supervisor.run(job_id) == "already SUCCEEDED"
 
 
+def test_a_kill_from_outside_restarts_then_fails_when_restarts_run_out(
+    settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    job_id = make_job(fake={"exit_codes": [-9, -9, 0]}, max_restarts=1, max_retries=3)
+    supervisor = _supervisor(settings, factory, [])
+    assert supervisor.run(job_id) == "RETRYING"
+    job = load_job(factory, job_id)
+    assert (job.restarts, job.retries) == (1, 0)
+    assert "killed by SIGKILL" in (job.reason or "")
+    assert "restart 1 of 1, resuming from the last checkpoint" in (job.reason or "")
+    assert supervisor.run(job_id) == "FAILED"
+    job = load_job(factory, job_id)
+    assert (job.restarts, job.retries) == (1, 0)  # its retries are for crashes, not kills
+    assert (job.reason or "").endswith("; no restarts left (1 of 1 used)")
+    log = (_output_dir(settings, job_id) / LOG_FILE).read_text()
+    assert "attempt 2 on test:1" in log and "attempt 2 resume=auto" in log
+
+
 def _cancel_when_running(factory: sessionmaker[Session], job_id: uuid.UUID) -> threading.Thread:
     def cancel() -> None:
         deadline = time.monotonic() + 20
@@ -156,7 +174,7 @@ def test_a_job_running_elsewhere_is_left_alone_unless_its_worker_is_dead(
     job_id = make_job(
         states=(S.STARTING, S.RUNNING),
         fake={"steps": 2},
-        max_retries=1,
+        max_restarts=1,
         worker_id="other:7",
         heartbeat_at=clock(),
     )

@@ -1,11 +1,26 @@
-// Small pieces shared by the views: job state badges, progress bars, key/value lists.
+// Small pieces shared by the views: state badges, timelines, progress bars, key/value lists.
 
 import { h } from "./dom.js";
-import { percent } from "./format.js";
+import { dateTime as fmtDateTime, percent } from "./format.js";
 
 /** The state in its colour (dashboard.css: .state-RUNNING ...); the reason as tooltip. */
 export function stateBadge(job) {
   return h("span", { class: `state state-${job.state}`, title: job.reason || null }, job.state);
+}
+
+/** The <li>s of a timeline: each state change of a job or a gallery, when and why. */
+export function timelineItems(events) {
+  return events.map((e) =>
+    h(
+      "li",
+      { dataset: { state: e.to_state } },
+      h("span", { class: "when muted" }, fmtDateTime(e.at)),
+      " ",
+      stateBadge({ state: e.to_state, reason: e.reason }),
+      " ",
+      h("span", { class: "why" }, e.reason),
+    ),
+  );
 }
 
 export function progressBar(job) {

@@ -11,7 +11,7 @@ import { ApiError, getJSON, request, sendJSON } from "../api.js";
 import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
-import { dataTable, definitionList, progressBar, stateBadge } from "../widgets.js";
+import { dataTable, definitionList, progressBar, stateBadge, timelineItems } from "../widgets.js";
 
 const POLL_MS = 2000;
 const MAX_PAGE = 200; // the API's largest limit
@@ -156,11 +156,7 @@ export function renderGalleries(root) {
       h(
         "td",
         { class: "cell-model" },
-        h(
-          "a",
-          { href: `#/models/${encodeURIComponent(gallery.model_name)}` },
-          gallery.model_name,
-        ),
+        h("a", { href: `#/models/${encodeURIComponent(gallery.model_name)}` }, gallery.model_name),
         ` v${gallery.model_version}`,
       ),
       h("td", { class: "cell-dataset optional" }, datasetName(gallery, dataset)),
@@ -433,6 +429,8 @@ export function renderGallery(root, [galleryId]) {
     hidden: true,
   });
   const facts = h("div", { id: "gallery-facts" });
+  const timeline = h("ol", { class: "timeline", id: "gallery-timeline" });
+  let shownEvents = null; // the state and reason the timeline was fetched for
   const searchCard = h("section", { class: "card", id: "gallery-search", hidden: true });
   const results = h("section", { class: "card", id: "search-results", hidden: true });
 
@@ -453,6 +451,7 @@ export function renderGallery(root, [galleryId]) {
       progress,
       status,
       h("section", { class: "card" }, h("h2", {}, "Summary"), facts),
+      h("section", { class: "card" }, h("h2", {}, "Timeline"), timeline),
       searchCard,
       results,
     );
@@ -517,9 +516,25 @@ export function renderGallery(root, [galleryId]) {
     if (first) layout();
     renderFacts();
     setMessage(status, "");
+    loadEvents();
     if (!isActive(gallery) && galleryPoll !== null) {
       galleryPoll.stop();
       galleryPoll = null;
+    }
+  }
+
+  /** The state changes, fetched again only when the state or its reason changed. */
+  async function loadEvents() {
+    const key = `${gallery.state} ${gallery.reason}`;
+    if (key === shownEvents) return;
+    shownEvents = key;
+    try {
+      const events = await getJSON(`${galleryPath(gallery.id)}/events`, {
+        signal: closing.signal,
+      });
+      setChildren(timeline, ...timelineItems(events));
+    } catch {
+      shownEvents = null; // tried again on the next refresh
     }
   }
 
@@ -547,6 +562,7 @@ export function renderGallery(root, [galleryId]) {
     gallery = retried;
     retryButton.disabled = false;
     renderFacts();
+    loadEvents();
     follow();
   });
 
@@ -690,7 +706,11 @@ export function renderGallery(root, [galleryId]) {
       ),
       hits.length === 0
         ? h("p", { class: "muted" }, "The gallery is empty.")
-        : h("div", { class: "hits", id: "hits" }, cards.map((c) => c.element)),
+        : h(
+            "div",
+            { class: "hits", id: "hits" },
+            cards.map((c) => c.element),
+          ),
     );
     results.hidden = false;
     loadThumbnails(cards, shown);
@@ -735,10 +755,9 @@ export function renderGallery(root, [galleryId]) {
     const queue = [...cards];
     const fetchOne = async (card) => {
       try {
-        const response = await request(
-          `${galleryPath(galleryId)}/images/${card.hit.position}`,
-          { signal },
-        );
+        const response = await request(`${galleryPath(galleryId)}/images/${card.hit.position}`, {
+          signal,
+        });
         const blob = await response.blob();
         if (signal.aborted) return;
         const url = track(URL.createObjectURL(blob));

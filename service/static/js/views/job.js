@@ -10,7 +10,14 @@ import { EpochChart, evalSeries, lossSeries } from "../charts.js";
 import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
-import { definitionList, externalLink, jsonBlock, progressBar, stateBadge } from "../widgets.js";
+import {
+  definitionList,
+  externalLink,
+  jsonBlock,
+  progressBar,
+  stateBadge,
+  timelineItems,
+} from "../widgets.js";
 
 const JOB_POLL_MS = 2000;
 const LOG_POLL_MS = 3000;
@@ -155,7 +162,22 @@ export function renderJob(root, [jobId]) {
         ["Finished", fmt.dateTime(job.finished_at)],
         ["GPUs", job.gpus],
         ["Queue · priority", `${job.queue} · ${job.priority}`],
-        ["Retries", `${job.retries} of ${job.max_retries}`],
+        [
+          "Restarts",
+          h(
+            "span",
+            { title: "after the trainer or its worker was killed (the OOM killer, a lost worker)" },
+            `${job.restarts} of ${job.max_restarts}`,
+          ),
+        ],
+        [
+          "Retries",
+          h(
+            "span",
+            { title: "after the trainer crashed; a Retry of yours starts both counts again" },
+            `${job.retries} of ${job.max_retries}`,
+          ),
+        ],
         ["Timeout", fmt.duration(job.timeout_minutes * 60)],
         ["Worker", job.worker_id || fmt.DASH],
         ["MLflow run", run],
@@ -180,20 +202,7 @@ export function renderJob(root, [jobId]) {
   }
 
   function renderEvents(events) {
-    setChildren(
-      timeline,
-      ...events.map((e) =>
-        h(
-          "li",
-          { dataset: { state: e.to_state } },
-          h("span", { class: "when muted" }, fmt.dateTime(e.at)),
-          " ",
-          stateBadge({ state: e.to_state, reason: e.reason }),
-          " ",
-          h("span", { class: "why" }, e.reason),
-        ),
-      ),
-    );
+    setChildren(timeline, ...timelineItems(events));
   }
 
   function renderMetrics(records) {
