@@ -10,8 +10,13 @@ the train split without labels, then is evaluated on the query/gallery split (Ma
     cc_intra     loss.objective=cluster_contrast, configs/cuhk03_cc_cpu.yaml: clusters of each
                  camera, the camera proxies' intra-camera term
     cc_camera    the same config with clusters over both cameras, L_cc and CAP's inter-camera term
+    cc_plain     cluster contrast without the camera proxies: clusters over both cameras, L_cc
+    *_patch      a cluster-contrast variant with the patch branch (PEDAL + IPFL) beside it
 
-The reference in the same run is each variant's own initial model (evaluated before its first step).
+The references in the same run: each variant's own initial model (evaluated before its first
+step), and the descriptor that needs no training at all, camera-centred colour stripes
+(``bench/diag_features.py hsv``). With ``--seeds 0,1`` every variant trains once per seed and
+the summary gives the mean and spread.
 After each variant, its final memories are checked against the hidden train labels
 (``bench/diag_memory.py``: neighbour precision, credible-set precision, mean pairwise cosine); this is
 analysis after the fact, training never reads the labels.
@@ -19,6 +24,7 @@ The data folder comes from ``--data`` or ``REID_BENCH_DATA``; nothing is copied.
 
     python bench/train_real.py --data ../shared/data/cuhk03-pair1
     python bench/train_real.py --data ... --variants both --set schedule.epochs=4
+    python bench/train_real.py --data ... --variants cc_intra,cc_intra_patch --seeds 0,1
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ VARIANTS: dict[str, list[str]] = {
 VARIANT_CONFIGS: dict[str, Path] = {
     "cc_intra": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
     "cc_camera": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
+    "cc_plain": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
 }
 VARIANTS.update(
     {
@@ -67,15 +74,25 @@ VARIANTS.update(
             "loss.camera.inter_weight=0.5",
             "loss.camera.inter_from_epoch=2",
         ],
+        # Cluster Contrast itself: clusters over both cameras, L_cc alone
+        "cc_plain": [
+            "cluster.scope=global",
+            "loss.cluster.weight=1.0",
+            "loss.camera.enabled=false",
+        ],
     }
 )
+PATCH_BRANCH = ["loss.pedal.enabled=true", "loss.ipfl.enabled=true", "eval.feature=concat"]
+for _name in ("cc_intra", "cc_camera", "cc_plain"):
+    VARIANTS[f"{_name}_patch"] = [*VARIANTS[_name], *PATCH_BRANCH]
+    VARIANT_CONFIGS[f"{_name}_patch"] = VARIANT_CONFIGS[_name]
 
 
 DIAG_KEYS = ("p@1", "p@10", "xcam p@10", "cos", "|C|", "covered %", "precision %")
 
 
 def run_variant(
-    name: str, config: Path, data: Path, out: Path, overrides: list[str]
+    name: str, config: Path, data: Path, out: Path, overrides: list[str], seed: int
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -95,7 +112,7 @@ def run_variant(
         "--set",
         "runtime.progress_bar=false",
     ]
-    for item in [*VARIANTS[name], *overrides]:
+    for item in [*VARIANTS[name], f"runtime.seed={seed}", *overrides]:
         cmd += ["--set", item]
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
@@ -103,19 +120,23 @@ def run_variant(
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
         raise SystemExit(f"[{name}] training failed with exit code {code}; see {out}/train.log")
-    return collect_variant(name, out, minutes=(time.perf_counter() - start) / 60)
+    return collect_variant(name, out, minutes=(time.perf_counter() - start) / 60, seed=seed)
 
 
-def collect_variant(name: str, out: Path, minutes: float | None = None) -> dict[str, Any]:
+def collect_variant(
+    name: str, out: Path, minutes: float | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """The result of a finished run in ``out`` (``minutes``: wall-clock; default: from the log's
-    first and last timestamps)."""
+    first and last timestamps); ``seed``: the run's, named in its label."""
     if minutes is None:
         minutes = _log_minutes(out / "train.log")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [h for h in history if "eval/mAP" in h]
     initial = _initial_metrics(out / "train.log")
     result = {
-        "variant": name,
+        "variant": name if seed is None else f"{name} (seed {seed})",
+        "name": name,
+        "seed": seed,
         "minutes": minutes,
         "epochs": len(history),
         "initial": initial,
@@ -246,6 +267,53 @@ def _initial_final_table(results: list[dict[str, Any]], key: str) -> list[str]:
     return lines
 
 
+def colour_reference(data: Path) -> dict[str, dict[str, float]]:
+    """mAP/R1 of the colour stripes (no training), plain and camera-centred, on ``data``'s
+    query/gallery: the descriptor a trained model has to beat."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from reid_core.data import read_market_layout
+    from reid_core.data.colour import stripe_colour_histograms
+    from reid_core.evaluation import evaluate_features
+
+    splits = read_market_layout(data)
+    q, g = splits.query, splits.gallery
+    qf = stripe_colour_histograms([r.path for r in q], stripes=4)
+    gf = stripe_colour_histograms([r.path for r in g], stripes=4)
+    columns = [np.array([getattr(r, a) for r in rs]) for a in ("pid", "camid") for rs in (q, g)]
+    return {
+        key: evaluate_features(qf, gf, *columns, camera_centred=centred).as_dict(percent=True)
+        for key, centred in (("plain", False), ("centred", True))
+    }
+
+
+def _summary(results: list[dict[str, Any]], reference: dict[str, Any] | None) -> list[str]:
+    """Rows of each variant's mean and spread over its seeds (plain and camera-centred mAP)."""
+    names = list(dict.fromkeys(r.get("name", r["variant"]) for r in results))
+    lines = [
+        "| variant | seeds | minutes (mean) | mAP mean | mAP min - max | camera-centred mAP mean "
+        "| x no-training reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        runs = [r for r in results if r.get("name", r["variant"]) == name]
+        maps = [r["final"]["mAP"] for r in runs]
+        centred = [
+            r["camera_centred"]["centred"]["final"]["mAP"] for r in runs if r.get("camera_centred")
+        ]
+        mean = sum(maps) / len(maps)
+        ratio = f"{mean / reference['centred']['mAP']:.2f}" if reference else "-"
+        lines.append(
+            f"| {name} | {', '.join(str(r.get('seed', '-')) for r in runs)} "
+            f"| {sum(r['minutes'] for r in runs) / len(runs):.1f} | {mean:.2f} "
+            f"| {min(maps):.2f} - {max(maps):.2f} "
+            f"| {sum(centred) / len(centred) if centred else float('nan'):.2f} | {ratio} |"
+        )
+    return [*lines, ""]
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Unsupervised training on real data",
@@ -254,10 +322,23 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"Data: `{args.data.name}` (train split without labels; query/gallery, Market protocol). "
         f"Config: `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`"
+        " (the cc_* variants: `configs/cuhk03_cc_cpu.yaml`)"
         + (f" with `{' '.join(args.overrides)}`" if args.overrides else "")
         + f". Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only.",
         "",
-        "| variant | epochs | minutes | img/s | initial mAP | initial R1 | mAP | R1 | R5 | R10 | mINP |",
+    ]
+    reference = getattr(args, "reference", None)
+    if reference:
+        lines += [
+            "No training (`bench/diag_features.py hsv`, the same query/gallery): colour stripes "
+            f"mAP {reference['plain']['mAP']:.2f} (R1 {reference['plain']['r1']:.2f}), "
+            f"camera-centred **{reference['centred']['mAP']:.2f}** "
+            f"(R1 {reference['centred']['r1']:.2f}).",
+            "",
+        ]
+    lines += _summary(results, reference)
+    lines += [
+        "| run | epochs | minutes | img/s | initial mAP | initial R1 | mAP | R1 | R5 | R10 | mINP |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -310,7 +391,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         for name, kind, st in diag_rows:
             cells = [f"{st[k]:.2f}" if k in st else "-" for k in DIAG_KEYS]
             lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
-    by_name = {r["variant"]: r for r in results}
+    by_name = {r.get("name", r["variant"]): r for r in reversed(results)}
     if "both" in by_name:
         b = by_name["both"]
         lines += [
@@ -329,6 +410,7 @@ def main() -> None:
     )
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "cuhk03_cpu.yaml")
     p.add_argument("--variants", default="both,global,patch")
+    p.add_argument("--seeds", default="0", help="runtime.seed of each run, comma-separated")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument(
         "--collect",
@@ -353,26 +435,35 @@ def main() -> None:
     for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
     overrides = list(args.overrides)
     if args.jobs > 1:
         overrides.append("runtime.num_threads=1")
-    done: dict[str, dict[str, Any]] = {}
+    args.reference = colour_reference(args.data)
+    runs = [(name, seed) for name in names for seed in seeds]
+    done: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def one(name: str) -> None:
-        config = VARIANT_CONFIGS.get(name, args.config)
-        done[name] = run_variant(name, config, args.data, args.work_dir / name, overrides)
-        # rewritten after every variant, in the order asked: partial results survive
-        text = report([done[n] for n in names if n in done], args)
+    def folder(name: str, seed: int) -> Path:
+        return args.work_dir / f"{name}-seed{seed}"
+
+    def write_report() -> None:
+        text = report([done[r] for r in runs if r in done], args)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
 
+    def one(name: str, seed: int) -> None:
+        config = VARIANT_CONFIGS.get(name, args.config)
+        done[name, seed] = run_variant(name, config, args.data, folder(name, seed), overrides, seed)
+        write_report()  # after every run, in the order asked: partial results survive
+
     if args.collect:  # report runs already in --work-dir, train nothing
-        results = [collect_variant(n, args.work_dir / n) for n in names]
-        args.output.write_text(report(results, args))
+        for name, seed in runs:
+            done[name, seed] = collect_variant(name, folder(name, seed), seed=seed)
+        write_report()
         print(args.output.read_text())
         return
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for future in [pool.submit(one, name) for name in names]:
+        for future in [pool.submit(one, name, seed) for name, seed in runs]:
             future.result()
     print(args.output.read_text())
 
