@@ -84,7 +84,6 @@ print('\n'.join(p['dependencies'] + [r for e in extras for r in p['optional-depe
 # The project itself, editable: service.core.migrate finds migrations/ next to the packages.
 COPY alembic.ini ./
 COPY migrations ./migrations
-COPY configs ./configs
 COPY reid_core ./reid_core
 COPY service ./service
 COPY worker ./worker

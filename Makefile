@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/smoke.yaml
+PRESET ?= smoke
 PYTEST_ARGS ?=
 
 .PHONY: setup serve run train test test-fast lint typecheck format bench clean
@@ -21,9 +21,9 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m service serve --with-worker
 
-## train: set up, then train the smoke config on synthetic data (outputs/smoke)
+## train: set up, then train a preset (reid_core/presets/; default smoke: synthetic data, outputs/smoke)
 train: $(STAMP)
-	$(VENV)/bin/reid train --config $(CONFIG)
+	$(VENV)/bin/reid train --preset $(PRESET)
 
 run: serve
 

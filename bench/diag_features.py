@@ -18,7 +18,7 @@ re-ID is evaluated on.
 
     python bench/diag_features.py --data ../shared/data/cuhk03-pair1 hsv
     python bench/diag_features.py --data ../shared/data/cuhk03-pair1 outputs/run/model_final.pt
-    python bench/diag_features.py --data ... init --config configs/cuhk03_cpu.yaml
+    python bench/diag_features.py --data ... init --config reid_core/presets/cuhk03_cpu.yaml
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from reid_core.data import ImageRecord, read_market_layout  # noqa: E402
 from reid_core.data.colour import stripe_colour_histograms  # noqa: E402
 from reid_core.data.loaders import build_eval_loader  # noqa: E402
 from reid_core.evaluation import evaluate_features, extract_features  # noqa: E402
+from reid_core.presets import preset_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("features", help="hsv | init | a model file (model_final.pt or a checkpoint)")
     p.add_argument("--data", type=Path, default=os.environ.get("REID_BENCH_DATA"))
-    p.add_argument("--config", type=Path, default=ROOT / "configs/cuhk03_cpu.yaml")
+    p.add_argument("--config", type=Path, default=preset_path("cuhk03_cpu"))
     p.add_argument("--feature", choices=["global", "concat"], default="global")
     args = p.parse_args(argv)
     if args.data is None:

@@ -32,6 +32,7 @@ from reid_core.embedder import Embedder  # noqa: E402
 from reid_core.engine.exit_codes import ExitCode  # noqa: E402
 from reid_core.evaluation.search import build_index, is_gpu_index, knn_search  # noqa: E402
 from reid_core.model_io import load_model  # noqa: E402
+from reid_core.presets import preset_path  # noqa: E402
 from reid_core.search import GalleryIndex  # noqa: E402
 from reid_core.train import run  # noqa: E402
 
@@ -69,7 +70,7 @@ def train_check(name: str, extra: list[str], args: argparse.Namespace, out: Path
         *size,
         *extra,
     ]
-    cfg = load_config(ROOT / "configs" / "market1501.yaml", overrides)
+    cfg = load_config(preset_path("market1501"), overrides)
     start = time.perf_counter()
     code = run(cfg)
     if code != ExitCode.OK:

@@ -7,7 +7,7 @@ for the same model (Market-1501 protocol). The whole path runs as a user would:
 1. ``python -m service serve --with-worker`` (the embedded setup: SQLite, the SQLite broker, a
    SQLite MLflow store) in a fresh data folder, the dataset's parent as the dataset root, no GPU;
 2. ``python -m service create-key --owner bench``; the dataset registered by its path;
-3. a short training job with ``configs/cuhk03_cpu.yaml``'s settings as overrides; its model is
+3. a short training job from the preset ``cuhk03_cpu`` (``"preset"`` in the job); its model is
    registered as ``reid-bench`` version 1;
 4. a gallery of the dataset (its ``bounding_box_test``) with that version, built by the worker;
 5. every query image searched through the API with ``k`` = the whole gallery and its camera
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reid_core.data import parse_market_name  # noqa: E402
-from service.core.job_config import flatten_overrides, service_owned_keys  # noqa: E402
+from reid_core.presets import preset_names  # noqa: E402
 
 MODEL_NAME = "reid-bench"
 #: ``k`` the API allows (service/routers/galleries.py MAX_K).
@@ -138,19 +138,10 @@ def _wait(
         time.sleep(2)
 
 
-def job_overrides(
-    config: Path, epochs: int, max_steps: int | None, extra: list[str]
-) -> dict[str, Any]:
-    """``config``'s settings as job overrides, without the keys the service sets itself, then
-    ``extra`` (``KEY=VALUE``, values read as YAML)."""
-    raw = yaml.safe_load(config.read_text())
-    owned = service_owned_keys() | {"runtime.progress_bar"}
-    flat = {
-        key: value
-        for key, value in flatten_overrides(raw).items()
-        if key not in owned and value is not None
-    }
-    flat["schedule.epochs"] = epochs
+def job_overrides(epochs: int, max_steps: int | None, extra: list[str]) -> dict[str, Any]:
+    """The job's overrides of its preset: the run's length, then ``extra`` (``KEY=VALUE``,
+    values read as YAML)."""
+    flat: dict[str, Any] = {"schedule.epochs": epochs}
     flat["eval.every_n_epochs"] = epochs  # the job's own evaluation of its final model
     flat["eval.at_start"] = False
     if max_steps is not None:
@@ -248,6 +239,7 @@ def report(facts: dict[str, Any]) -> str:
         )
     )
     overrides = job["config_overrides"]
+    run_name = job["resolved_config"]["name"]
     lines = [
         "# Search through the service vs `reid eval` (CUHK03, camera pair 1)",
         "",
@@ -284,7 +276,8 @@ def report(facts: dict[str, Any]) -> str:
         f"within {TOLERANCE}). Equal mAP and mINP mean the two rankings agree at every correct "
         "match, not only at the first.",
         "",
-        f"The job's overrides: `{json.dumps(overrides, separators=(',', ':'))}`.",
+        f"The job's configuration: the preset of run `{run_name}`, then the overrides "
+        f"`{json.dumps(overrides, separators=(',', ':'))}`.",
         "",
         "The model is trained from scratch for minutes on 2 CPU cores, so its accuracy is near "
         "chance (see `train_real.md`); what this checks is that the service's gallery (features "
@@ -305,13 +298,11 @@ def _dataset(client: httpx.Client, data: Path) -> dict[str, Any]:
 
 
 def _train(
-    client: httpx.Client, dataset: dict[str, Any], overrides: dict[str, Any]
+    client: httpx.Client, dataset: dict[str, Any], preset: str, overrides: dict[str, Any]
 ) -> dict[str, Any]:
     """A job trained to SUCCEEDED (its model registered)."""
-    job = _check(
-        client.post("/v1/jobs", json={"dataset_id": dataset["id"], "config": overrides, "gpus": 0}),
-        201,
-    )
+    body = {"dataset_id": dataset["id"], "preset": preset, "config": overrides, "gpus": 0}
+    job = _check(client.post("/v1/jobs", json=body), 201)
     job = _wait(client, f"/v1/jobs/{job['id']}", {"SUCCEEDED", "FAILED", "CANCELLED"},
                 3 * 3600, "job")  # fmt: skip
     if job["state"] != "SUCCEEDED":
@@ -332,7 +323,7 @@ def main() -> int:
     parser.add_argument(
         "--data", type=Path, default=os.environ.get("REID_BENCH_DATA"), help="Market-layout folder"
     )
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cuhk03_cpu.yaml")
+    parser.add_argument("--preset", default="cuhk03_cpu", choices=preset_names())
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps-per-epoch", type=int, default=None)
     parser.add_argument(
@@ -341,7 +332,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="more job overrides (after the config's)",
+        help="more job overrides (after the preset's)",
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument(
@@ -376,10 +367,8 @@ def main() -> int:
     ):
         dataset = _dataset(client, data)
         if args.reuse_version is None:
-            overrides = job_overrides(
-                args.config, args.epochs, args.max_steps_per_epoch, args.overrides
-            )
-            job = _train(client, dataset, overrides)
+            overrides = job_overrides(args.epochs, args.max_steps_per_epoch, args.overrides)
+            job = _train(client, dataset, args.preset, overrides)
         else:
             jobs = _check(client.get("/v1/jobs", params={"state": "SUCCEEDED"}), 200)["items"]
             job = next((j for j in jobs if j["model_version"] == args.reuse_version), None)

@@ -31,12 +31,13 @@ from reid_core.data.loaders import build_eval_loader, build_train_loader  # noqa
 from reid_core.data.samplers import EpochShuffleSampler  # noqa: E402
 from reid_core.evaluation import evaluate_features, extract_features  # noqa: E402
 from reid_core.models.reid_model import ReIDModel  # noqa: E402
+from reid_core.presets import preset_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=os.environ.get("REID_BENCH_DATA"))
-    p.add_argument("--config", type=Path, default=ROOT / "configs/cuhk03_cpu.yaml")
+    p.add_argument("--config", type=Path, default=preset_path("cuhk03_cpu"))
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--last-stride", type=int, choices=[1, 2], default=1)
     p.add_argument("--epochs", type=int, default=4)

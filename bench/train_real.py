@@ -1,13 +1,13 @@
 """Unsupervised training on real data, time-boxed on this machine: initial vs trained, and the ablation.
 
-Each variant trains the same config (``configs/cuhk03_cpu.yaml`` by default) from the same seed on
+Each variant trains the same config (the preset ``cuhk03_cpu`` by default) from the same seed on
 the train split without labels, then is evaluated on the query/gallery split (Market protocol):
 
     both         every loss term (the method)
     global       memory classifier + GSL only (the patch branch is not built; global feature)
     patch        PEDAL + IPFL only (no global losses; the global head stays at its initial state)
     instance     the memory classifier alone (L_E): plain instance discrimination, no neighbours
-    cc_intra     loss.objective=cluster_contrast, configs/cuhk03_cc_cpu.yaml: clusters of each
+    cc_intra     loss.objective=cluster_contrast, the preset cuhk03_cc_cpu: clusters of each
                  camera, the camera proxies' intra-camera term
     cc_camera    the same config with clusters over both cameras, L_cc and CAP's inter-camera term
     cc_plain     cluster contrast without the camera proxies: clusters over both cameras, L_cc
@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the root is not
+    sys.path.insert(0, str(ROOT))
+
+from reid_core.presets import preset_path  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "both": [],
@@ -59,13 +63,13 @@ VARIANTS: dict[str, list[str]] = {
 
 #: Variants that train another config than ``--config`` (the cluster-contrast objective).
 VARIANT_CONFIGS: dict[str, Path] = {
-    "cc_intra": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
-    "cc_camera": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
-    "cc_plain": ROOT / "configs" / "cuhk03_cc_cpu.yaml",
+    "cc_intra": preset_path("cuhk03_cc_cpu"),
+    "cc_camera": preset_path("cuhk03_cc_cpu"),
+    "cc_plain": preset_path("cuhk03_cc_cpu"),
 }
 VARIANTS.update(
     {
-        # configs/cuhk03_cc_cpu.yaml: per-camera clusters, the intra-camera proxy term alone
+        # the preset cuhk03_cc_cpu: per-camera clusters, the intra-camera proxy term alone
         "cc_intra": [],
         # clusters over both cameras, L_cc + L_intra + 0.5 L_inter (CAP) from epoch 2
         "cc_camera": [
@@ -322,7 +326,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"Data: `{args.data.name}` (train split without labels; query/gallery, Market protocol). "
         f"Config: `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`"
-        " (the cc_* variants: `configs/cuhk03_cc_cpu.yaml`)"
+        " (the cc_* variants: the preset `cuhk03_cc_cpu`)"
         + (f" with `{' '.join(args.overrides)}`" if args.overrides else "")
         + f". Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only.",
         "",
@@ -408,7 +412,7 @@ def main() -> None:
     p.add_argument(
         "--data", type=Path, default=os.environ.get("REID_BENCH_DATA"), help="Market-layout folder"
     )
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "cuhk03_cpu.yaml")
+    p.add_argument("--config", type=Path, default=preset_path("cuhk03_cpu"))
     p.add_argument("--variants", default="both,global,patch")
     p.add_argument("--seeds", default="0", help="runtime.seed of each run, comma-separated")
     p.add_argument("--set", dest="overrides", action="append", default=[])

@@ -1,6 +1,6 @@
 """The ``reid`` command.
 
-reid train --config configs/smoke.yaml [--set KEY=VALUE ...]
+reid train --preset smoke | --config FILE.yaml [--set KEY=VALUE ...]
 reid eval  --checkpoint outputs/run/model_final.pt --data market_folder:/data/market [--rerank]
            [--camera-centred | --no-camera-centred]
 reid embed --checkpoint outputs/run/model_final.pt IMAGE [IMAGE ...] [--output feats.npy]
@@ -41,6 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from reid_core import train
 
     argv = ["--config", str(args.config)] if args.config else []
+    if args.preset:
+        argv += ["--preset", args.preset]
     for item in args.overrides:
         argv += ["--set", item]
     return train.main(argv)
@@ -242,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (same as python -m reid_core.train)")
-    p.add_argument("--config", type=Path)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="a YAML config file")
+    source.add_argument("--preset", help="a shipped config by name (reid_core/presets/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_train)
 

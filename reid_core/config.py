@@ -3,12 +3,17 @@
 A run's configuration is built in three layers, each overriding the one before:
 
 1. the defaults below (the paper's settings for Market-1501, ResNet-50 at 256x128);
-2. a YAML file (``configs/*.yaml``), validated strictly: an unknown key is an error;
+2. a YAML file (a preset of ``reid_core/presets/`` or your own), validated strictly: an unknown key
+   is an error;
 3. dotted overrides from the command line or the API (``loss.gsl.threshold=0.55``), parsed as YAML
    scalars and validated against the same models.
 
 The resolved configuration is written next to the outputs (``config.yaml`` in ``runtime.output_dir``)
 so a run can always be reproduced. Choices that the reference design marks "(choice)" are options here.
+
+A file may start with an ``about:`` header (:class:`ConfigAbout`: its one-line purpose and what it
+was measured to give). It describes the file and is not a setting: :func:`read_config_file` returns
+it apart and the configuration never holds it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = [
     "CheckpointConfig",
     "ClusterConfig",
     "ClusterLossConfig",
+    "ConfigAbout",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
@@ -44,6 +50,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_override",
+    "read_config_file",
 ]
 
 
@@ -723,6 +730,45 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
+class ConfigAbout(_Strict):
+    """A config file's ``about:`` header: what the file is for, not a setting."""
+
+    purpose: str = Field(min_length=1, description="One line: what the file is for.")
+    measured: str = Field(
+        min_length=1,
+        description="One line: what it was measured to give and where the runs are written up "
+        "('not measured' when it was not).",
+    )
+
+
+#: The top-level key of the header in a config file.
+ABOUT_KEY = "about"
+
+
+def read_config_file(path: str | Path) -> tuple[ConfigAbout | None, dict[str, Any]]:
+    """A YAML config file's header (None without one) and its settings, not yet validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    header = loaded.pop(ABOUT_KEY, None)
+    if header is None:
+        return None, loaded
+    try:
+        return ConfigAbout.model_validate(header), loaded
+    except ValidationError as err:
+        raise ConfigError(
+            _format_validation_error(err, f"the {ABOUT_KEY}: header of {path}")
+        ) from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> ExperimentConfig:
@@ -730,21 +776,8 @@ def load_config(
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping, got {type(loaded).__name__}"
-            )
-        raw = loaded
+        _, raw = read_config_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " + overrides"

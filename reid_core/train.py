@@ -1,4 +1,4 @@
-"""Training entry point: ``python -m reid_core.train --config configs/smoke.yaml --set a.b=1``.
+"""Training entry point: ``python -m reid_core.train --preset smoke --set a.b=1``.
 
 Works as a single process or under ``torchrun --nproc_per_node N`` (DDP). The process exits with
 one of :class:`reid_core.engine.exit_codes.ExitCode`; ``SIGTERM`` makes it checkpoint and exit 75.
@@ -54,6 +54,7 @@ from reid_core.engine.trainer import HookBase, Precision, Trainer, TrainingDiver
 from reid_core.evaluation import evaluate_features, extract_features
 from reid_core.method import DualBranchObjective
 from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
+from reid_core.presets import preset_names, preset_path
 
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "load_splits", "main", "run"]
 
@@ -385,7 +386,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m reid_core.train", description="Unsupervised re-ID training."
     )
-    parser.add_argument("--config", type=Path, help="YAML config (configs/*.yaml)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="a YAML config file")
+    source.add_argument(
+        "--preset", help=f"a shipped config (reid_core/presets/): {', '.join(preset_names())}"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -400,7 +405,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        path = preset_path(args.preset) if args.preset else args.config
+        cfg = load_config(path, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.BAD_CONFIG)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 import service
-from service.api import admin, dashboard, datasets, galleries, health, jobs, models
+from service.api import admin, dashboard, datasets, galleries, health, jobs, models, presets
 from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.db import make_engine, make_session_factory
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(jobs.config_router)
+    app.include_router(presets.router)
     app.include_router(models.router)
     app.include_router(galleries.router)
     app.include_router(admin.router)

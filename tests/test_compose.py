@@ -508,7 +508,7 @@ def in_build_context(path: str) -> bool:
         ("service/app.py", True),
         ("worker/__main__.py", True),
         ("reid_core/train.py", True),
-        ("configs/smoke.yaml", True),
+        ("reid_core/presets/smoke.yaml", True),
         (".env", False),
         ("service/.env", False),
         (".git/config", False),

@@ -1,5 +1,5 @@
-"""/v1/jobs: submit a training job, list, show (with ETag), its events, metrics, logs (tail or
-followed as server-sent events), cancel, retry (the rules: :mod:`service.core.jobs`)."""
+"""/v1/jobs: submit a training job (or preview it), list, show (with ETag), its events, metrics,
+logs (tail or followed as server-sent events), cancel, retry (the rules: :mod:`service.core.jobs`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from service.api.schemas import (
     JobCreate,
     JobEventOut,
     JobOut,
+    JobPreviewOut,
     Page,
     error_responses,
 )
@@ -41,6 +42,13 @@ def _job_out(job: Job, settings: Settings) -> JobOut:
     return out
 
 
+#: What refuses a job's request, submitted or previewed.
+_REQUEST_ERRORS = {
+    "e404": "Unknown dataset or preset",
+    "e422": "Bad config key or value, or above the service's bounds",
+}
+
+
 @router.post(
     "",
     status_code=201,
@@ -48,11 +56,7 @@ def _job_out(job: Job, settings: Settings) -> JobOut:
     summary="Submit a training job (it starts QUEUED)",
     responses={
         200: {"model": JobOut, "description": "Same idempotency_key: the job it created"},
-        **error_responses(
-            e404="Unknown dataset",
-            e409="idempotency_key reused for a different request",
-            e422="Bad config key or value, or above the service's bounds",
-        ),
+        **error_responses(**_REQUEST_ERRORS, e409="idempotency_key reused for a different request"),
     },
 )
 def create_job(
@@ -62,6 +66,21 @@ def create_job(
     if not created:
         return _job_response(job, settings, status_code=200)
     return _job_response(job, settings, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.post(
+    "/preview",
+    summary="Resolve a job's configuration without submitting it",
+    responses=error_responses(**_REQUEST_ERRORS, e409="The dataset is not ready"),
+)
+def preview_job(
+    body: JobCreate, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+) -> JobPreviewOut:
+    """The same body as ``POST /v1/jobs`` and the same checks; answers the configuration the job
+    would run with (defaults, preset, overrides, then the service's keys), its GPUs and queue.
+    Nothing is created; ``idempotency_key`` is not looked at."""
+    preview = jobs.preview_job(session, settings, owner, jobs.JobRequest(**body.model_dump()))
+    return JobPreviewOut.model_validate(preview)
 
 
 def _job_body(job: Job, settings: Settings) -> tuple[bytes, str]:

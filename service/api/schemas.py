@@ -23,7 +23,9 @@ __all__ = [
     "JobCreate",
     "JobEventOut",
     "JobOut",
+    "JobPreviewOut",
     "Page",
+    "PresetOut",
     "error_responses",
 ]
 
@@ -150,11 +152,20 @@ class JobCreate(_In):
     """A training job on one of your datasets."""
 
     dataset_id: uuid.UUID
+    preset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="A preset to start from (GET /v1/presets): its settings apply first, then "
+        "`config`; the keys it sets that the service sets itself are ignored. An unknown name "
+        "is a 404 listing the presets.",
+        examples=["cuhk03_cpu"],
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of the training configuration (the ExperimentConfig schema), "
-        "nested or with dotted keys; unknown keys are refused. The dataset, its folder and the "
-        "output folder are set by the service.",
+        "nested or with dotted keys, over the preset's settings when one is named; unknown keys "
+        "are refused. The dataset, its folder and the output folder are set by the service.",
         examples=[{"schedule.epochs": 30, "loss": {"gsl": {"threshold": 0.55}}}],
     )
     # Strict: `true` or 1.5 GPUs are refused, not read as 1.
@@ -209,6 +220,33 @@ class JobCreate(_In):
                 "accepted; use dotted keys such as loss.gsl.threshold"
             )
         return config
+
+
+class JobPreviewOut(_Out):
+    """What a job of the request would run with; nothing was created."""
+
+    config: ExperimentConfig = Field(
+        description="The resolved configuration: defaults, the preset, your overrides, then what "
+        "the service sets. `runtime.output_dir` names a new id each time: a job gets its own."
+    )
+    gpus: int
+    queue: str
+
+
+class PresetOut(_Out):
+    """A preset: a shipped training recipe a job may start from (`"preset": "<name>"`)."""
+
+    name: str = Field(examples=["cuhk03_cpu"])
+    purpose: str = Field(description="One line: what it is for.")
+    measured: str = Field(description="One line: what it was measured to give, and where.")
+    overrides: dict[str, Any] = Field(
+        description="Its settings as dotted keys, without those the service sets (the dataset, "
+        "its folder, the output folder): what it applies before a job's `config`."
+    )
+    config: ExperimentConfig = Field(
+        description="The defaults with `overrides` applied; a job's dataset, its folder and "
+        "output folder are set when it is submitted."
+    )
 
 
 class JobOut(_Out):

@@ -1,9 +1,12 @@
-"""A job's training configuration: the user's overrides, validated by reid_core's own models.
+"""A job's training configuration: a preset and the user's overrides, validated by reid_core's
+own models.
 
-Layers, each overriding the one before: reid_core's defaults, the user's overrides (nested or
-dotted keys, checked key by key by :func:`reid_core.config.apply_overrides`), then what the service
-decides (the dataset and its folder, the output folder, the device). Keys that name server paths
-cannot be overridden, and the result must stay inside the service's :class:`JobBounds`.
+Layers, each overriding the one before: reid_core's defaults, the preset's settings (when the job
+names one) without the keys the service sets, the user's overrides (nested or dotted keys,
+checked key by key by :func:`reid_core.config.apply_overrides`), then what the service decides
+(the dataset and its folder, the output folder, the device). Keys that name server paths cannot
+be overridden by the user (a preset's are dropped: it was written for ``reid train``), and the
+result must stay inside the service's :class:`JobBounds`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "check_bounds",
     "flatten_overrides",
     "memory_bank_bytes",
+    "preset_overrides",
     "resolve_job_config",
     "service_owned_keys",
 ]
@@ -68,6 +72,16 @@ def service_owned_keys() -> frozenset[str]:
     return _SERVICE_OWNED | frozenset(_path_keys(ExperimentConfig))
 
 
+def _is_service_owned(key: str, owned: frozenset[str]) -> bool:
+    return key in owned or any(key.startswith(k + ".") for k in owned)
+
+
+def preset_overrides(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A preset's settings as a job's overrides: dotted keys, without those the service sets."""
+    owned = service_owned_keys()
+    return {k: v for k, v in flatten_overrides(settings).items() if not _is_service_owned(k, owned)}
+
+
 def flatten_overrides(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"loss": {"gsl": {"threshold": 0.5}}, "schedule.epochs": 3}`` ->
     ``{"loss.gsl.threshold": 0.5, "schedule.epochs": 3}``; a later key wins."""
@@ -102,6 +116,7 @@ def _validation_details(err: ValidationError) -> list[dict[str, Any]]:
 def resolve_job_config(
     overrides: Mapping[str, Any],
     *,
+    preset: Mapping[str, Any] | None = None,
     dataset_format: str,
     dataset_root: Path,
     output_dir: Path,
@@ -110,16 +125,20 @@ def resolve_job_config(
     weights_path: Path | None = None,
     num_train_images: int | None = None,
 ) -> ExperimentConfig:
-    """The whole configuration of a job; raises :class:`JobConfigError` naming the bad key."""
+    """The whole configuration of a job: ``preset``'s settings (a preset file's, see
+    :func:`preset_overrides`), then ``overrides``; raises :class:`JobConfigError` naming the bad
+    key."""
     flat = flatten_overrides(overrides)
     owned = service_owned_keys()
     for key in flat:
-        if key in owned or any(key.startswith(k + ".") for k in owned):
+        if _is_service_owned(key, owned):
             raise JobConfigError(
                 f"config.{key}",
                 f"config key {key} is set by the service (from the dataset and the job's output "
                 "folder); remove it",
             )
+    if preset is not None:
+        flat = preset_overrides(preset) | flat
     resume = flat.get("checkpoint.resume")
     if resume is not None and resume not in _RESUME_CHOICES:
         raise JobConfigError(

@@ -1,4 +1,4 @@
-"""Training jobs: submit (idempotent), list, show, follow, cancel, retry.
+"""Training jobs: submit (idempotent), preview, list, show, follow, cancel, retry.
 
 A job is committed QUEUED, then its id is sent to the workers (:mod:`service.core.broker`); a job
 the broker did not take stays QUEUED and the dispatcher (``python -m worker dispatcher``) sends it
@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from reid_core.config import ExperimentConfig
 from service.core.broker import send_and_mark
 from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, not_found
@@ -27,9 +28,11 @@ from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, change_state, lock_job
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
 from service.core.owned import owned, owned_page
+from service.core.presets import preset_settings
 from service.core.settings import Settings
 
 __all__ = [
+    "JobPreview",
     "JobRequest",
     "cancel_job",
     "check_queue",
@@ -39,6 +42,7 @@ __all__ = [
     "list_jobs",
     "log_path",
     "owned_job",
+    "preview_job",
     "retry_job",
     "submit_job",
 ]
@@ -58,13 +62,15 @@ class JobRequest:
     idempotency_key: str | None = None
     model_name: str | None = None
     max_restarts: int | None = None
+    preset: str | None = None
 
     def digest(self) -> str:
         """SHA-256 of the request's canonical JSON: the same key with another request is refused."""
         data = {**dataclasses.asdict(self), "dataset_id": str(self.dataset_id)}
-        if self.max_restarts is None:
-            # as before the field existed: a request repeated across the upgrade is the same one
-            del data["max_restarts"]
+        # as before these fields existed: a request repeated across the upgrade is the same one
+        for name in ("max_restarts", "preset"):
+            if data[name] is None:
+                del data[name]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -130,6 +136,57 @@ def _existing_for_key(session: Session, owner: str, key: str, request_hash: str)
     return job
 
 
+@dataclass(frozen=True)
+class JobPreview:
+    """What a job of a request would run with: its configuration and resources."""
+
+    config: ExperimentConfig
+    gpus: int
+    queue: str
+
+
+def _resolve(
+    session: Session, settings: Settings, owner: str, request: JobRequest, job_id: uuid.UUID
+) -> tuple[Dataset, _Resources, ExperimentConfig]:
+    """The dataset, resources and configuration of job ``job_id`` of ``request``, every check
+    of a submission done; nothing is written."""
+    # FOR SHARE: a concurrent DELETE of the dataset waits for this job to be committed.
+    dataset = session.execute(
+        select(Dataset)
+        .where(Dataset.id == request.dataset_id, Dataset.owner == owner)
+        .with_for_update(read=True)
+    ).scalar_one_or_none()
+    if dataset is None:
+        raise not_found("dataset", request.dataset_id)
+    check_ready(dataset)
+    resources = _check_resources(request, settings)
+    preset = None if request.preset is None else preset_settings(request.preset)
+    try:
+        cfg = resolve_job_config(
+            request.config,
+            preset=preset,
+            dataset_format=dataset.format,
+            dataset_root=Path(dataset.path),
+            output_dir=job_dir(settings, job_id),
+            gpus=resources.gpus,
+            bounds=settings.job_bounds,
+            weights_path=settings.weights_path,
+            num_train_images=train_images(dataset),
+        )
+    except JobConfigError as exc:
+        raise InvalidInputError(exc.message, details=exc.details) from None
+    return dataset, resources, cfg
+
+
+def preview_job(
+    session: Session, settings: Settings, owner: str, request: JobRequest
+) -> JobPreview:
+    """What :func:`submit_job` would create for ``request``, refused as it would be; nothing is
+    created. ``runtime.output_dir`` names a new id: a job gets its own."""
+    _, resources, cfg = _resolve(session, settings, owner, request, uuid.uuid4())
+    return JobPreview(cfg, resources.gpus, resources.queue)
+
+
 def submit_job(
     session: Session, settings: Settings, owner: str, request: JobRequest
 ) -> tuple[Job, bool]:
@@ -141,30 +198,8 @@ def submit_job(
         existing = _existing_for_key(session, owner, key, request_hash)
         if existing is not None:
             return existing, False
-    # FOR SHARE: a concurrent DELETE of the dataset waits for this job to be committed.
-    dataset = session.execute(
-        select(Dataset)
-        .where(Dataset.id == request.dataset_id, Dataset.owner == owner)
-        .with_for_update(read=True)
-    ).scalar_one_or_none()
-    if dataset is None:
-        raise not_found("dataset", request.dataset_id)
-    check_ready(dataset)
-    resources = _check_resources(request, settings)
     job_id = uuid.uuid4()
-    try:
-        cfg = resolve_job_config(
-            request.config,
-            dataset_format=dataset.format,
-            dataset_root=Path(dataset.path),
-            output_dir=job_dir(settings, job_id),
-            gpus=resources.gpus,
-            bounds=settings.job_bounds,
-            weights_path=settings.weights_path,
-            num_train_images=train_images(dataset),
-        )
-    except JobConfigError as exc:
-        raise InvalidInputError(exc.message, details=exc.details) from None
+    dataset, resources, cfg = _resolve(session, settings, owner, request, job_id)
     job = Job(
         id=job_id,
         owner=owner,

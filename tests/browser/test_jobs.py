@@ -250,6 +250,54 @@ def test_the_new_job_form_and_the_table_explain_what_went_wrong(
     )
 
 
+def test_a_job_starts_from_a_preset_after_a_preview(open_page: OpenPage, service: Service) -> None:
+    page = open_page()
+    page.goto("/")
+    page.locator("#new-job > summary").click()
+    form = page.locator("#new-job-form")
+    expect(form.get_by_label("Dataset")).to_have_value(service.dataset["id"])
+    with service.client() as api:
+        smoke = api.get("/v1/presets/smoke").json()
+        jobs_before = api.get("/v1/jobs").json()["total"]
+    preset = form.locator("select[name=preset]")
+    expect(preset.locator("option", has_text="smoke")).to_have_count(1)
+    preset.select_option("smoke")
+    expect(page.locator("#preset-about")).to_contain_text(smoke["purpose"])
+    expect(page.locator("#preset-about")).to_contain_text(smoke["measured"])
+    overrides = {"schedule.epochs": 1, "schedule.max_steps_per_epoch": 1}
+    form.get_by_label("Overrides").fill(json.dumps(overrides))
+    form.get_by_label("GPUs").fill("0")
+    form.get_by_role("button", name="Preview configuration").click()
+
+    shown = page.locator("#job-preview-config")
+    expect(shown).to_be_visible()
+    expect(page.locator("#job-preview")).to_contain_text("gpus: 0, queue: default")
+    preview = json.loads(shown.inner_text())
+    assert preview["name"] == "smoke"  # the preset's
+    assert (preview["model"]["patch_dim"], preview["model"]["pgm_channels"]) == (64, 64)
+    assert preview["schedule"]["epochs"] == 1  # the overrides' over the preset's 2
+    # the preset's data.dataset and data.root gave way to the dataset's
+    assert preview["data"]["root"] == service.dataset["path"]
+    assert preview["data"]["dataset"] != "synthetic"
+    with service.client() as api:
+        assert api.get("/v1/jobs").json()["total"] == jobs_before  # a preview creates nothing
+    screenshot(page, "new-job-preset-preview")
+
+    form.get_by_label("Max retries").fill("1")
+    expect(page.locator("#job-preview")).to_be_hidden()  # no longer what would be submitted
+    form.get_by_role("button", name="Submit job").click()
+    expect(form.locator(".form-message")).to_contain_text("Submitted job")
+    job_id = page.locator("#jobs-table tbody tr").first.get_attribute("data-job-id")
+    assert job_id is not None
+    job = service.job(job_id)
+    service.cancel(job_id)
+    assert job["config_overrides"] == overrides
+    resolved = job["resolved_config"]
+    resolved["runtime"].pop("output_dir")
+    preview["runtime"].pop("output_dir")
+    assert resolved == preview
+
+
 def test_ticked_jobs_are_compared_side_by_side(
     open_page: OpenPage, service: Service, trained_job: dict[str, Any]
 ) -> None:

@@ -56,3 +56,17 @@ def test_eval_camera_centred_flag_overrides_the_config_both_ways(
     argv = ["eval", "--checkpoint", str(tmp_path / "m.pt"), "--device", "cpu"]
     assert main([*argv, "--data", f"market_folder:{tmp_path}", *flag]) == ExitCode.OK
     assert seen["camera_centred"] is want
+
+
+def test_train_takes_a_preset_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import reid_core.train
+
+    ran: list[ExperimentConfig] = []
+    monkeypatch.setattr(reid_core.train, "run", lambda cfg: ran.append(cfg) or ExitCode.OK)
+    assert main(["train", "--preset", "smoke", "--set", "schedule.epochs=1"]) == ExitCode.OK
+    assert (ran[0].name, ran[0].schedule.epochs) == ("smoke", 1)
+
+
+def test_train_with_an_unknown_preset_lists_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--preset", "smoek"]) == ExitCode.BAD_CONFIG
+    assert "unknown preset 'smoek'; the presets are: " in capsys.readouterr().err

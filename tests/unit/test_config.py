@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from reid_core.config import (
+    ConfigAbout,
     ConfigError,
     ExperimentConfig,
     apply_overrides,
@@ -11,9 +12,9 @@ from reid_core.config import (
     flatten,
     load_config,
     parse_override,
+    read_config_file,
 )
-
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+from reid_core.presets import UnknownPresetError, load_preset, preset_names, preset_path
 
 
 def test_defaults_are_the_paper_settings() -> None:
@@ -26,9 +27,37 @@ def test_defaults_are_the_paper_settings() -> None:
     assert (cfg.optim.lr, cfg.optim.backbone_lr, cfg.schedule.epochs) == (0.1, 0.01, 60)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path: Path) -> None:
-    load_config(path)
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_validate_and_say_what_they_are_for(name: str) -> None:
+    load_config(preset_path(name))
+    about = load_preset(name).about
+    assert "\n" not in about.purpose and "\n" not in about.measured  # one line each
+
+
+def test_presets_are_found() -> None:
+    assert {"smoke", "cuhk03_cpu", "market1501"} <= set(preset_names())
+
+
+def test_unknown_preset_names_the_known_ones() -> None:
+    with pytest.raises(UnknownPresetError, match=r"unknown preset '\.\./smoke'.*cuhk03_cpu, "):
+        preset_path("../smoke")
+
+
+def test_about_header_is_read_apart_from_the_settings(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("about: {purpose: a test, measured: nothing}\nschedule: {epochs: 3}\n")
+    assert read_config_file(f) == (
+        ConfigAbout(purpose="a test", measured="nothing"),
+        {"schedule": {"epochs": 3}},
+    )
+    assert load_config(f).schedule.epochs == 3
+
+
+def test_about_header_is_checked(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("about: {purpose: a test, mesured: nothing}\n")
+    with pytest.raises(ConfigError, match=r"(?s)header of .*c\.yaml.*mesured: unknown key"):
+        load_config(f)
 
 
 def test_override_parses_yaml_scalars() -> None:

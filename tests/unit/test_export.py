@@ -15,13 +15,14 @@ from reid_core.config import ExperimentConfig, load_config
 from reid_core.embedder import Embedder
 from reid_core.export import OnnxMismatchError, check_onnx, export_onnx
 from reid_core.models import ReIDModel
+from reid_core.presets import preset_path
 
 onnx = pytest.importorskip("onnx", reason="the `onnx` extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the `onnx` extra is not installed")
 pytest.importorskip("onnxscript", reason="the `onnx` extra is not installed")
 
 
-SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+SMOKE = preset_path("smoke")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-// #/jobs: the key owner's jobs, newest first, kept current without reloading; the New job form;
-// ticking jobs to compare them (#/compare/<id>,<id>,...).
+// #/jobs: the key owner's jobs, newest first, kept current without reloading; the New job form
+// (a preset, overrides, a preview of the resolved configuration); ticking jobs to compare them
+// (#/compare/<id>,<id>,...).
 //
 // Polling: every job not yet finished is asked for with If-None-Match every JOB_POLL_MS (an
 // unchanged job costs a 304); the list itself, which has no ETag, is fetched every LIST_POLL_MS
@@ -193,7 +194,9 @@ export function renderJobs(root) {
     listPoll.now();
   });
   form.element.addEventListener("toggle", () => {
-    if (form.element.open) loadDatasets().catch(onError);
+    if (!form.element.open) return;
+    loadDatasets().catch(onError);
+    form.loadPresets();
   });
 
   const listPoll = poll(refreshList, LIST_POLL_MS, onError);
@@ -235,11 +238,16 @@ function optionalInt(input) {
 }
 
 /**
- * The New job form: dataset, overrides (JSON), GPUs, max retries. One idempotency key per
- * distinct submission, so a double click or a retry after a network error makes one job.
+ * The New job form: dataset, preset, overrides (JSON), GPUs, max retries; Preview shows the
+ * configuration the job would run with (POST v1/jobs/preview), and any change hides it again.
+ * One idempotency key per distinct submission, so a double click or a retry after a network
+ * error makes one job.
  */
 function newJobForm(datasets, onSubmitted) {
   const dataset = h("select", { name: "dataset_id", required: true });
+  const preset = h("select", { name: "preset" }, h("option", { value: "" }, "none (defaults)"));
+  const presetAbout = h("p", { class: "muted preset-about", id: "preset-about", hidden: true });
+  const presets = new Map(); // name -> {name, purpose, measured, ...}
   const config = h("textarea", {
     name: "config",
     rows: "6",
@@ -262,6 +270,8 @@ function newJobForm(datasets, onSubmitted) {
   });
   const message = h("p", { class: "form-message", role: "status", hidden: true });
   const submit = h("button", { type: "submit", class: "primary" }, "Submit job");
+  const previewButton = h("button", { type: "button" }, "Preview configuration");
+  const preview = h("div", { class: "wide", id: "job-preview", hidden: true });
   const defaults = h("details", { class: "defaults" }, h("summary", {}, "Default configuration"));
   let idempotencyKey = randomKey();
 
@@ -280,31 +290,81 @@ function newJobForm(datasets, onSubmitted) {
     h("label", {}, "Dataset", dataset),
     h("label", {}, "GPUs (0: CPU)", gpus),
     h("label", {}, "Max retries", retries),
-    h("label", { class: "wide" }, "Overrides (JSON, nested or dotted keys)", config),
-    h("div", { class: "actions wide" }, submit, message),
+    h("div", { class: "wide" }, h("label", {}, "Preset", preset), presetAbout),
+    h(
+      "label",
+      { class: "wide" },
+      "Overrides (JSON, nested or dotted keys; over the preset's)",
+      config,
+    ),
+    h("div", { class: "actions wide" }, submit, previewButton, message),
+    preview,
     h("div", { class: "wide" }, defaults),
   );
   form.addEventListener("input", () => {
     idempotencyKey = randomKey();
+    preview.hidden = true; // it no longer shows what would be submitted
   });
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
+  preset.addEventListener("change", showPresetAbout);
+
+  function showPresetAbout() {
+    const chosen = presets.get(preset.value);
+    presetAbout.hidden = !chosen;
+    if (chosen) {
+      setChildren(
+        presetAbout,
+        chosen.purpose,
+        h("br"),
+        h("span", { class: "preset-measured" }, `Measured: ${chosen.measured}`),
+      );
+    }
+  }
+
+  /** The request as the form has it, or null once the message says what is missing. */
+  function requestBody() {
     setMessage(message, "");
     const body = {
       dataset_id: dataset.value,
       max_retries: optionalInt(retries) ?? 0,
       gpus: optionalInt(gpus),
+      preset: preset.value || undefined,
     };
     if (!body.dataset_id) {
       setMessage(message, "Choose a dataset (register one on the Datasets page).");
-      return;
+      return null;
     }
     try {
       body.config = parseOverrides(config.value);
     } catch (error) {
       setMessage(message, error.message);
-      return;
+      return null;
     }
+    return body;
+  }
+
+  previewButton.addEventListener("click", async () => {
+    const body = requestBody();
+    if (body === null) return;
+    previewButton.disabled = true;
+    try {
+      const resolved = await sendJSON("POST", "v1/jobs/preview", body);
+      setChildren(
+        preview,
+        h("h3", {}, `Resolved configuration (gpus: ${resolved.gpus}, queue: ${resolved.queue})`),
+        jsonBlock(resolved.config, "job-preview-config"),
+      );
+      preview.hidden = false;
+    } catch (error) {
+      setMessage(message, describeError(error));
+    } finally {
+      previewButton.disabled = false;
+    }
+  });
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = requestBody();
+    if (body === null) return;
     body.idempotency_key = idempotencyKey;
     submit.disabled = true;
     try {
@@ -332,8 +392,24 @@ function newJobForm(datasets, onSubmitted) {
     h("summary", {}, "New job"),
     form,
   );
+  let presetsLoaded = false;
+
   return {
     element,
+    /** The presets' names in the select, once; a failure says so and leaves "none". */
+    async loadPresets() {
+      if (presetsLoaded) return;
+      presetsLoaded = true;
+      try {
+        for (const p of await getJSON("v1/presets")) presets.set(p.name, p);
+      } catch (error) {
+        presetsLoaded = false;
+        setMessage(message, `Could not load the presets: ${describeError(error)}`);
+        return;
+      }
+      preset.append(...[...presets.keys()].map((name) => h("option", { value: name }, name)));
+      showPresetAbout();
+    },
     setDatasets(items) {
       const chosen = dataset.value;
       setChildren(
