@@ -11,8 +11,9 @@
 
 The trainer writes them (its hooks, :mod:`reid_core.train`); whoever watches a run (the job
 service's worker and API) reads them through :class:`RunDir` and the two models, so each file
-name and each key is written down here only. A job's folder holds more files, the service's:
-``service.core.folders.JobDir`` extends :class:`RunDir` with them.
+name and each key is written down here only (a file's name once, as an :class:`Entry`). A job's
+folder holds more files, the service's: ``service.core.folders.JobDir`` extends :class:`RunDir`
+with them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +31,11 @@ from reid_core.atomic_write import write_atomic
 
 __all__ = [
     "METRIC_FAMILIES",
+    "ClusterSignals",
+    "Entry",
     "EpochMetrics",
+    "Evaluation",
+    "Losses",
     "Progress",
     "RunDir",
     "RunStatus",
@@ -38,12 +43,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``running``; ``finished`` (every epoch trained); ``interrupted`` (stopped by a signal after a
-#: checkpoint, or by an error).
+#: ``running``; ``finished`` (every epoch trained); ``interrupted`` (stopped on request, a
+#: SIGTERM or Ctrl-C, after a checkpoint). A run that crashed says what it said last.
 RunStatus = Literal["running", "finished", "interrupted"]
 
 #: The families of an :class:`EpochMetrics` line's ``<family>/<name>`` keys.
 METRIC_FAMILIES = ("loss", "lr", "cluster", "eval")
+
+# What progress.json says of losses, evaluation and clustering (and a job's metrics repeat).
+Losses = Annotated[
+    dict[str, float], Field(description="Each loss term of the last step (total, ...).")
+]
+Evaluation = Annotated[
+    dict[str, float],
+    Field(
+        description="The latest evaluation (mAP, R1, ... in percent) and `epoch`, the epochs "
+        "finished when it ran (0: before training); empty before the first."
+    ),
+]
+ClusterSignals = Annotated[
+    dict[str, float],
+    Field(description="The latest pseudo labels' signals (`cluster/<name>`)."),
+]
 
 
 class Progress(BaseModel):
@@ -61,19 +82,9 @@ class Progress(BaseModel):
     steps_per_epoch: int = Field(ge=0)
     global_step: int = Field(ge=0, description="Steps done since the run began.")
     progress: float = Field(ge=0.0, le=1.0, description="Fraction of all steps done.")
-    losses: dict[str, float] = Field(
-        default_factory=dict, description="Each loss term of the last step (total, ...)."
-    )
-    metrics: dict[str, float] = Field(
-        default_factory=dict,
-        description="The latest evaluation (mAP, R1, ... in percent) and `epoch`, the epochs "
-        "finished when it ran (0: before training); empty before the first.",
-    )
-    clustering: dict[str, float] = Field(
-        default_factory=dict,
-        description="The signals (`cluster/<name>`) of the latest pseudo labels "
-        "(loss.objective=cluster_contrast).",
-    )
+    losses: Losses = Field(default_factory=dict)
+    metrics: Evaluation = Field(default_factory=dict)
+    clustering: ClusterSignals = Field(default_factory=dict)
     images_per_second: float | None = Field(
         None, description="Throughput of the epoch under way; None before its first step."
     )
@@ -154,45 +165,39 @@ class EpochMetrics(BaseModel):
         return {**values, **(self.model_extra or {})}
 
 
+class Entry:
+    """A file or folder of a run folder, by name: on the class, its name
+    (``RunDir.progress_file == "progress.json"``); on a folder, its path
+    (``RunDir(out).progress_file == out / "progress.json"``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, folder: None, owner: type[RunDir]) -> str: ...
+
+    @overload
+    def __get__(self, folder: RunDir, owner: type[RunDir]) -> Path: ...
+
+    def __get__(self, folder: RunDir | None, owner: type[RunDir]) -> str | Path:
+        return self.name if folder is None else folder.path / self.name
+
+
 class RunDir:
     """The files of one run's folder (see the module): ``RunDir(cfg.runtime.output_dir)``."""
 
-    CONFIG = "config.yaml"
-    TRAIN_LOG = "train.log"
-    PROGRESS = "progress.json"
-    METRICS = "metrics.jsonl"
-    CHECKPOINTS = "checkpoints"
-    FINAL_MODEL = "model_final.pt"
+    config_file = Entry("config.yaml")
+    train_log = Entry("train.log")
+    progress_file = Entry("progress.json")
+    metrics_file = Entry("metrics.jsonl")
+    checkpoints = Entry("checkpoints")
+    final_model = Entry("model_final.pt")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def train_log(self) -> Path:
-        return self.path / self.TRAIN_LOG
-
-    @property
-    def progress_file(self) -> Path:
-        return self.path / self.PROGRESS
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / self.METRICS
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
-
-    @property
-    def final_model(self) -> Path:
-        return self.path / self.FINAL_MODEL
 
     def write_progress(self, progress: Progress) -> None:
         write_atomic(self.progress_file, progress.model_dump_json(indent=1))

@@ -137,6 +137,7 @@ def test_file_names_are_the_run_dirs(tmp_path: Path) -> None:
     ]
     assert (run.checkpoints.name, run.final_model.name) == ("checkpoints", "model_final.pt")
     assert all(p.parent == tmp_path for p in [*names, run.checkpoints, run.final_model])
+    assert RunDir.progress_file == "progress.json"  # on the class, the name alone
 
 
 # ----------------------------------------------------------------------------------------------
