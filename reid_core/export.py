@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reid_core.atomic_write import atomic_path
 from reid_core.embedder import Embedder
 
 __all__ = [
@@ -100,13 +101,9 @@ def export_onnx(embedder: Embedder, path: str | Path, opset: int = DEFAULT_OPSET
             "reid_core.feature_dim": str(embedder.feature_dim),
         }
     )
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:  # a model that fails the check never replaces the file
         program.save(tmp, external_data=False)
         onnx.checker.check_model(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

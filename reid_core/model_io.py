@@ -13,8 +13,10 @@ from typing import Any
 import torch
 import yaml
 
+from reid_core.atomic_write import atomic_path
 from reid_core.config import ExperimentConfig, config_to_dict, validate_config
 from reid_core.models import ReIDModel
+from reid_core.run_dir import RunDir
 
 __all__ = ["MODEL_FORMAT", "load_model", "save_model"]
 
@@ -36,9 +38,8 @@ def save_model(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metrics": dict(metrics or {}),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -72,7 +73,7 @@ def load_model(
         model = _build(cfg, payload["with_patch_branch"], payload["state_dict"])
         model.load_state_dict(payload["state_dict"])
     elif "model" in payload:
-        config_file = path.parent.parent / "config.yaml"
+        config_file = RunDir(path.parent.parent).config_file  # <run>/checkpoints/<name>.pt
         if not config_file.is_file():
             raise FileNotFoundError(
                 f"{path} is a training checkpoint; its run's config {config_file} is missing"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from reid_core.atomic_write import write_atomic
 from reid_core.data import UNKNOWN, EvalSet, ImageRecord
 from reid_core.embedder import Embedder
 from reid_core.evaluation.search import build_index, knn_search, load_index, save_index
@@ -237,9 +238,7 @@ class GalleryIndex:
             "camids": self._camids.tolist(),
             "pids": self._pids.tolist(),
         }
-        tmp = directory / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(directory / META_FILE)
+        write_atomic(directory / META_FILE, json.dumps(meta))
         return directory
 
     @classmethod

@@ -3,7 +3,7 @@
 Works as a single process or under ``torchrun --nproc_per_node N`` (DDP). The process exits with
 one of :class:`reid_core.engine.exit_codes.ExitCode`; ``SIGTERM`` makes it checkpoint and exit 75.
 Outputs in ``runtime.output_dir``: ``config.yaml`` (resolved), ``train.log``, ``progress.json``,
-``metrics.jsonl``, ``checkpoints/`` and, on success, ``model_final.pt``.
+``metrics.jsonl``, ``checkpoints/`` and, on success, ``model_final.pt`` (:mod:`reid_core.run_dir`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from reid_core.evaluation import evaluate_features, extract_features
 from reid_core.method import DualBranchObjective
 from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
 from reid_core.presets import preset_names, preset_path
+from reid_core.run_dir import RunDir
 
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "load_splits", "main", "run"]
 
@@ -282,7 +283,7 @@ def build_trainer(
         cameras=[r.camid for r in train_records] if cfg.model.camera_norm_train else None,
     )
     checkpoint_hook = CheckpointHook(
-        Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last),
+        Checkpointer(RunDir(out).checkpoints, keep_last=cfg.checkpoint.keep_last),
         every_n_epochs=cfg.checkpoint.every_n_epochs,
         resume=cfg.checkpoint.resume,
     )
@@ -337,7 +338,7 @@ def _setup_logging(output_dir: Path) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if dist_utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "train.log"))
+        handlers.append(logging.FileHandler(RunDir(output_dir).train_log))
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s %(levelname)s [rank{dist_utils.get_rank()}] %(name)s: %(message)s",
@@ -358,7 +359,7 @@ def run(cfg: ExperimentConfig, extra_hooks: Sequence[HookBase] = ()) -> ExitCode
             torch.set_num_threads(cfg.runtime.num_threads)
         seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
         if dist_utils.is_main_process():
-            dump_config(cfg, cfg.runtime.output_dir / "config.yaml")
+            dump_config(cfg, RunDir(cfg.runtime.output_dir).config_file)
         trainer = build_trainer(cfg, local_rank, extra_hooks)
         return trainer.train()
     except ConfigError as exc:

@@ -36,7 +36,8 @@ from reid_core.config import config_to_dict, flatten
 from reid_core.embedder import Embedder
 from reid_core.engine import distributed as dist_utils
 from reid_core.engine.trainer import HookBase
-from service.core.folders import STATE_FILE
+from reid_core.run_dir import EpochMetrics, RunDir
+from service.core.folders import JobDir
 from service.core.registry import (
     BEST_ALIAS,
     JOB_TAG,
@@ -79,7 +80,7 @@ class MLflowHook(HookBase):
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.spec = spec
-        self.output_dir = Path(output_dir)
+        self.folder = JobDir(output_dir)
         self.clock = clock
         self.sleep = sleep
         self.state = TrackingState()
@@ -93,7 +94,7 @@ class MLflowHook(HookBase):
         if not dist_utils.is_main_process():
             return
         configure_http(self.spec.request_timeout_s)
-        self.state = TrackingState.load(self.output_dir)
+        self.state = TrackingState.load(self.folder.path)
         if self.state.run_id is None and self.spec.run_id:
             self.state.run_id = self.spec.run_id
         self._sync(final=False)
@@ -181,9 +182,9 @@ class MLflowHook(HookBase):
 
     def _save_state(self) -> None:
         try:
-            self.state.save(self.output_dir)
+            self.state.save(self.folder.path)
         except OSError as exc:  # a full disk must not end the training
-            log.warning("cannot write %s: %s", self.output_dir / STATE_FILE, exc)
+            log.warning("cannot write %s: %s", self.folder.tracking_state, exc)
 
     def _epochs_done(self) -> int:
         return len(self.trainer.state.history)
@@ -255,30 +256,28 @@ class MLflowHook(HookBase):
     def _log_metrics(self) -> None:
         from mlflow.entities import Metric
 
-        history = self.trainer.state.history
-        new = [r for r in history if int(r.get("epoch", 0)) > self.state.logged_through_epoch]
+        history = [EpochMetrics.model_validate(r) for r in self.trainer.state.history]
+        new = [r for r in history if r.epoch > self.state.logged_through_epoch]
         if not new:
             return
         now_ms = int(time.time() * 1000)
         metrics = [
-            Metric(key, float(value), now_ms, int(record["epoch"]))
+            Metric(key, value, now_ms, record.epoch)
             for record in new
-            for key, value in record.items()
-            if key not in ("epoch", "global_step")
-            and isinstance(value, int | float)
-            and math.isfinite(float(value))
+            for key, value in record.metric_values().items()
+            if math.isfinite(value)
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(self.state.run_id, metrics=metrics[start : start + 1000])
-        self.state.logged_through_epoch = int(new[-1]["epoch"])
+        self.state.logged_through_epoch = new[-1].epoch
 
     def _log_checkpoint(self) -> None:
         if not self.spec.log_checkpoints:
             return
-        newest = _newest(self.output_dir / "checkpoints")
+        newest = _newest(self.folder.checkpoints)
         if newest is None or newest.name in self.state.checkpoints_logged:
             return
-        self.client.log_artifact(self.state.run_id, str(newest), "checkpoints")
+        self.client.log_artifact(self.state.run_id, str(newest), RunDir.checkpoints)
         self.state.checkpoints_logged = [*self.state.checkpoints_logged, newest.name]
 
     def _log_model(self) -> None:
@@ -286,10 +285,10 @@ class MLflowHook(HookBase):
             return
         import mlflow
 
-        model_file = self.output_dir / "model_final.pt"
+        model_file = self.folder.final_model
         if self.state.model_uri is None:
             embedder = Embedder.from_file(model_file)
-            extra = [str(model_file), str(self.output_dir / "config.yaml")]
+            extra = [str(model_file), str(self.folder.config_file)]
             mlflow.set_tracking_uri(self.spec.tracking_uri)
             # MLflow warns that pickled models run code on load: known and documented here
             # (the weights also travel as model_final.pt, which loads with weights_only=True).

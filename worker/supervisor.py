@@ -55,9 +55,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from reid_core.atomic_write import write_atomic
 from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
 from service.core.db import make_engine, make_session_factory, session_scope
-from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE, PROGRESS_FILE
+from service.core.folders import JobDir
+from service.core.job_progress import progress_columns
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
 from service.core.models import Job, JobEvent, JobState, utcnow
 from service.core.registry import DATASET_TAG, OWNER_TAG
@@ -116,6 +118,10 @@ class _Claim:
     @property
     def output_dir(self) -> Path:
         return Path(self.config["runtime"]["output_dir"])
+
+    @property
+    def folder(self) -> JobDir:
+        return JobDir(self.output_dir)
 
 
 class _Stop:
@@ -223,10 +229,8 @@ class Supervisor:
             # A rerun continues from the job's own last checkpoint.
             config.setdefault("checkpoint", {})["resume"] = "auto"
         claim.output_dir.mkdir(parents=True, exist_ok=True)
-        path = claim.output_dir / CONFIG_FILE
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        tmp.replace(path)
+        path = claim.folder.job_config
+        write_atomic(path, yaml.safe_dump(config, sort_keys=False))
         return path
 
     def _write_tracking(self, claim: _Claim) -> Path:
@@ -257,40 +261,15 @@ class Supervisor:
             f"\n--- {self.clock():%Y-%m-%dT%H:%M:%S}Z attempt {claim.attempt} on {self.worker_id}: "
         )
         proc = spawn(self.command(claim.gpus, config_path), log_file, self.settings, header)
-        (claim.output_dir / PID_FILE).write_text(f"{proc.pid}\n")
+        write_atomic(claim.folder.trainer_pid, f"{proc.pid}\n")
         return proc
 
     # ------------------------------------------------------------------------------------------
     # watch
     # ------------------------------------------------------------------------------------------
 
-    def _progress_values(self, output_dir: Path) -> dict[str, Any] | None:
-        try:
-            p = json.loads((output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(p, dict):
-            return None
-        metrics: dict[str, Any] = {
-            "status": p.get("status"),
-            "losses": p.get("losses") or {},
-            "eval": p.get("metrics") or {},
-            "clustering": p.get("clustering") or {},
-            "epochs": p.get("epochs"),
-            "steps_per_epoch": p.get("steps_per_epoch"),
-            "step_in_epoch": p.get("step_in_epoch"),
-            "images_per_second": p.get("images_per_second"),
-            "eta_seconds": p.get("eta_seconds"),
-        }
-        return {
-            "progress": float(p.get("progress") or 0.0),
-            "epoch": p.get("epoch"),
-            "step": p.get("global_step"),
-            "metrics": metrics,
-        }
-
-    def _tracking_values(self, output_dir: Path) -> dict[str, Any]:
-        state = TrackingState.load(output_dir)
+    def _tracking_values(self, folder: JobDir) -> dict[str, Any]:
+        state = TrackingState.load(folder.path)
         values: dict[str, Any] = {}
         if state.run_id:
             values["mlflow_run_id"] = state.run_id
@@ -301,13 +280,10 @@ class Supervisor:
             values["warnings"] = list(state.warnings)
         return values
 
-    def _apply_progress(self, job: Job, output_dir: Path) -> None:
-        values = self._progress_values(output_dir)
-        tracking = self._tracking_values(output_dir)
-        if values is None:
-            values = tracking
-        else:
-            values.update(tracking)
+    def _apply_progress(self, job: Job, folder: JobDir) -> None:
+        progress = folder.read_progress()
+        values = {} if progress is None else progress_columns(progress)
+        values.update(self._tracking_values(folder))
         if not values or values == self._applied:
             return
         for name, value in values.items():
@@ -323,7 +299,7 @@ class Supervisor:
                 return False, False
             if heartbeat:
                 job.heartbeat_at = self.clock()
-            self._apply_progress(job, claim.output_dir)
+            self._apply_progress(job, claim.folder)
             return True, bool(job.cancel_requested or job.state is JobState.CANCELLING)
 
     def _mark_running(self, claim: _Claim, pid: int) -> bool:
@@ -370,7 +346,7 @@ class Supervisor:
             job = lock_job(session, claim.job_id)
             if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
                 return "claim lost: the job's state is someone else's now"
-            self._apply_progress(job, claim.output_dir)
+            self._apply_progress(job, claim.folder)
             cancel = bool(job.cancel_requested or job.state is JobState.CANCELLING)
             outcome = decide_outcome(
                 returncode,
@@ -382,7 +358,7 @@ class Supervisor:
                 max_retries=job.max_retries or 0,
                 restarts=job.restarts or 0,
                 max_restarts=job.max_restarts or 0,
-                last_error=last_error_line(claim.output_dir / LOG_FILE),
+                last_error=last_error_line(claim.folder.process_log),
             )
             target = outcome.state
             if target.is_final:
@@ -485,7 +461,7 @@ class Supervisor:
 
     @contextlib.contextmanager
     def _open_log(self, claim: _Claim) -> Iterator[IO[bytes]]:
-        with (claim.output_dir / LOG_FILE).open("ab") as f:
+        with claim.folder.process_log.open("ab") as f:
             yield f
 
 

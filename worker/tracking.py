@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service.core.folders import SPEC_FILE, STATE_FILE
+from reid_core.atomic_write import write_atomic
+from service.core.folders import JobDir
 from service.core.registry import configure_http
 
 __all__ = ["TrackingSpec", "TrackingState", "short_error", "terminate_run"]
@@ -29,10 +30,8 @@ log = logging.getLogger("worker.tracking")
 MAX_WARNINGS = 20
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,8 @@ class TrackingSpec:
     log_checkpoints: bool = True
 
     def write(self, output_dir: Path) -> Path:
-        path = Path(output_dir) / SPEC_FILE
-        _write_json_atomic(path, asdict(self))
+        path = JobDir(output_dir).tracking_spec
+        _write_json(path, asdict(self))
         return path
 
     @classmethod
@@ -86,7 +85,7 @@ class TrackingState:
     def load(cls, output_dir: Path) -> TrackingState:
         """The state in ``output_dir`` (a fresh one when there is none or it is unreadable)."""
         try:
-            data = json.loads((Path(output_dir) / STATE_FILE).read_text(encoding="utf-8"))
+            data = json.loads(JobDir(output_dir).tracking_state.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return cls()
         if not isinstance(data, dict):
@@ -95,7 +94,7 @@ class TrackingState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, output_dir: Path) -> None:
-        _write_json_atomic(Path(output_dir) / STATE_FILE, asdict(self))
+        _write_json(JobDir(output_dir).tracking_state, asdict(self))
 
     def warn(self, message: str) -> bool:
         """Add ``message`` unless it is already the latest warning; True when added."""

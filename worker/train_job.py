@@ -17,7 +17,7 @@ from reid_core.config import ConfigError, load_config
 from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.trainer import HookBase
 from reid_core.train import run
-from service.core.folders import SPEC_FILE
+from service.core.folders import JobDir
 from worker.tracking import TrackingSpec
 
 __all__ = ["main"]
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tracking",
         type=Path,
         default=None,
-        help=f"tracking spec (default: {SPEC_FILE} next to the config, when present)",
+        help=f"tracking spec (default: {JobDir.tracking_spec} next to the config, when present)",
     )
     args = parser.parse_args(argv)
     try:
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.BAD_CONFIG)
-    spec_path = args.tracking or args.config.parent / SPEC_FILE
+    spec_path = args.tracking or JobDir(args.config.parent).tracking_spec
     hooks: list[HookBase] = []
     if spec_path.is_file():
         from worker.mlflow_hook import MLflowHook

@@ -2,21 +2,22 @@
 
 A checkpoint holds the model, the objective (memory banks, agents), optimiser, LR scheduler, AMP
 scaler, the RNG states of python/numpy/torch(/CUDA), the epoch and step, and the metric history.
-Files are written to a temporary name and renamed, so a crash or a full disk never leaves a
-half-written file under a real name; the tag file ``last_checkpoint`` names the newest complete one,
+Files are written atomically (:mod:`reid_core.atomic_write`), so a crash or a full disk never leaves
+a half-written file under a real name; the tag file ``last_checkpoint`` names the newest complete one,
 which makes "resume" mean one thing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from reid_core.atomic_write import atomic_path, write_atomic
 
 __all__ = ["CheckpointError", "Checkpointer", "capture_rng_state", "restore_rng_state"]
 
@@ -63,19 +64,13 @@ class Checkpointer:
         }
         payload["extra"] = extra
         path = self.directory / f"{name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
         try:
-            with tmp.open("wb") as f:
+            with atomic_path(path, fsync=True) as tmp, tmp.open("wb") as f:
                 # Through a Python file, so a full disk shows as OSError(ENOSPC) (torch may wrap
                 # it in a RuntimeError); given a path, torch's writer says nothing of the disk.
                 torch.save(payload, f)
-            _fsync(tmp)
-            os.replace(tmp, path)
-            tag_tmp = self.directory / f".{LAST_TAG}.tmp"
-            tag_tmp.write_text(path.name)
-            os.replace(tag_tmp, self.directory / LAST_TAG)
+            write_atomic(self.directory / LAST_TAG, path.name)
         except (OSError, RuntimeError) as exc:
-            tmp.unlink(missing_ok=True)
             os_error = _os_error(exc)
             if os_error is None:
                 raise
@@ -127,11 +122,3 @@ def _os_error(exc: BaseException | None) -> OSError | None:
     while exc is not None and not isinstance(exc, OSError):
         exc = exc.__cause__ or exc.__context__
     return exc
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

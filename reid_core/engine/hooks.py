@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from reid_core.engine.trainer import HookBase
 from reid_core.model_io import save_model
+from reid_core.run_dir import EpochMetrics, Progress, RunDir, RunStatus
 
 __all__ = [
     "CameraNormHook",
@@ -38,12 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 class StopSignalHook(HookBase):
@@ -340,14 +333,15 @@ class CheckpointHook(HookBase):
 
 
 class ProgressHook(HookBase):
-    """Progress for people (a tqdm bar, log lines) and machines (``progress.json``, ``metrics.jsonl``).
+    """Progress for people (a tqdm bar, log lines) and machines (``progress.json``, ``metrics.jsonl``:
+    :class:`reid_core.run_dir.Progress` and :class:`reid_core.run_dir.EpochMetrics`).
 
     ``progress.json`` is rewritten atomically; a job supervisor polls it. ``metrics.jsonl`` gets one
     line per finished epoch: mean losses, evaluation metrics, learning rates, throughput.
     """
 
     def __init__(self, output_dir: Path, log_every_n_steps: int, progress_bar: bool) -> None:
-        self.output_dir = Path(output_dir)
+        self.run_dir = RunDir(output_dir)
         self.log_every_n_steps = log_every_n_steps
         self.progress_bar = progress_bar and dist_utils.is_main_process()
         self._bar: tqdm[Any] | None = None
@@ -374,33 +368,28 @@ class ProgressHook(HookBase):
         per_step = (time.perf_counter() - self._train_start) / self._steps_this_run
         return remaining * per_step
 
-    def write(self, status: str) -> None:
+    def write(self, status: RunStatus) -> None:
         if not self._main:
             return
         state = self.trainer.state
-        write_json_atomic(
-            self.output_dir / "progress.json",
-            {
-                "status": status,
-                "epoch": state.epoch,
-                "epochs": state.max_epochs,
-                "step_in_epoch": state.step_in_epoch,
-                "steps_per_epoch": state.steps_per_epoch,
-                "global_step": state.global_step,
-                "progress": round(state.fraction_done, 6),
-                "losses": state.losses,
-                "metrics": state.metrics,
-                "clustering": state.clustering,
-                "images_per_second": round(self._images_per_second(), 3)
-                if self._epoch_steps
-                else None,
-                "eta_seconds": self._eta_seconds(),
-                "updated_at": time.time(),
-            },
+        progress = Progress(
+            status=status,
+            epoch=state.epoch,
+            epochs=state.max_epochs,
+            step_in_epoch=state.step_in_epoch,
+            steps_per_epoch=state.steps_per_epoch,
+            global_step=state.global_step,
+            progress=round(state.fraction_done, 6),
+            losses=state.losses,
+            metrics=state.metrics,
+            clustering=state.clustering,
+            images_per_second=round(self._images_per_second(), 3) if self._epoch_steps else None,
+            eta_seconds=self._eta_seconds(),
         )
+        self.run_dir.write_progress(progress)
 
     def before_train(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self._train_start = time.perf_counter()
         self.write("running")
 
@@ -441,21 +430,22 @@ class ProgressHook(HookBase):
             self._bar = None
         t = self.trainer
         state = t.state
-        record: dict[str, Any] = {
-            "epoch": state.epoch + 1,
-            "global_step": state.global_step,
-            **{f"loss/{k}": v for k, v in state.epoch_means().items()},
-            **{f"lr/group{i}": g["lr"] for i, g in enumerate(t.optimizer.param_groups)},
-            "images_per_second": self._images_per_second(),
-            "epoch_seconds": time.perf_counter() - self._epoch_start,
-        }
-        record.update(state.clustering)  # the pseudo labels this epoch trained on
-        if state.metrics and state.metrics.get("epoch") == state.epoch + 1:
-            record.update({f"eval/{k}": v for k, v in state.metrics.items() if k != "epoch"})
-        state.history.append(record)
+        evaluation: dict[str, float] = {}
+        if state.metrics.get("epoch") == state.epoch + 1:  # this epoch was evaluated
+            evaluation = {k: v for k, v in state.metrics.items() if k != "epoch"}
+        record = EpochMetrics.of_epoch(
+            epoch=state.epoch + 1,
+            global_step=state.global_step,
+            images_per_second=self._images_per_second(),
+            epoch_seconds=time.perf_counter() - self._epoch_start,
+            losses=state.epoch_means(),
+            learning_rates=[g["lr"] for g in t.optimizer.param_groups],
+            clustering=state.clustering,  # the pseudo labels this epoch trained on
+            evaluation=evaluation,
+        )
+        state.history.append(record.model_dump())
         if self._main:
-            with (self.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run_dir.append_metrics(record)
         self.write("running")
 
     def after_train(self) -> None:
@@ -475,10 +465,8 @@ class FinalModelHook(HookBase):
     """Saves ``model_final.pt`` (weights, config, last evaluation; see :mod:`reid_core.model_io`)
     when training completes, on the main process. Hooks registered after it find the file."""
 
-    FILE_NAME = "model_final.pt"
-
     def __init__(self, output_dir: Path) -> None:
-        self.path = Path(output_dir) / self.FILE_NAME
+        self.path = RunDir(output_dir).final_model
 
     def after_train(self) -> None:
         if not dist_utils.is_main_process():

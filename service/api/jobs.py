@@ -8,12 +8,13 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from reid_core.config import ExperimentConfig
+from reid_core.run_dir import EpochMetrics
 from service.api.auth import CurrentOwner
 from service.api.deps import SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
@@ -170,7 +171,7 @@ def list_job_events(
 )
 def job_metrics(
     job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
-) -> list[dict[str, Any]]:
+) -> list[EpochMetrics]:
     """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
     ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); empty before the first
     epoch ends."""

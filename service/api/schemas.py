@@ -1,4 +1,5 @@
-"""Request and response bodies of the API (pydantic). Job configs are reid_core's own models."""
+"""Request and response bodies of the API (pydantic). Job configs are reid_core's own models, as
+are a job's per-epoch metrics (:class:`reid_core.run_dir.EpochMetrics`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from reid_core.config import ExperimentConfig
+from service.core.job_progress import JobMetrics
 from service.core.models import DatasetKind, DatasetStatus, GalleryState, JobState
 from service.core.settings import MODEL_NAME_PATTERN
 
@@ -270,7 +272,7 @@ class JobOut(_Out):
     progress: float = Field(description="0 to 1.")
     epoch: int | None
     step: int | None
-    metrics: dict[str, Any] = Field(description="Latest losses and evaluation (mAP, R1, ...).")
+    metrics: JobMetrics = Field(description="Latest losses and evaluation (mAP, R1, ...).")
     mlflow_run_id: str | None
     mlflow_run_url: str | None = Field(None, description="The run in the MLflow UI, if known.")
     model_name: str | None = Field(description="Registered model the job's model goes to.")

@@ -20,10 +20,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from reid_core.config import ExperimentConfig
+from reid_core.run_dir import EpochMetrics
 from service.core.broker import send_and_mark
 from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, not_found
-from service.core.folders import LOG_FILE, METRICS_FILE, job_dir
+from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, change_state, lock_job
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
@@ -167,7 +168,7 @@ def _resolve(
             preset=preset,
             dataset_format=dataset.format,
             dataset_root=Path(dataset.path),
-            output_dir=job_dir(settings, job_id),
+            output_dir=job_dir(settings, job_id).path,
             gpus=resources.gpus,
             bounds=settings.job_bounds,
             weights_path=settings.weights_path,
@@ -272,24 +273,15 @@ def job_events(session: Session, owner: str, job_id: uuid.UUID) -> list[JobEvent
     )
 
 
-def job_metrics(settings: Settings, job: Job) -> list[dict[str, Any]]:
+def job_metrics(settings: Settings, job: Job) -> list[EpochMetrics]:
     """One record per finished epoch, oldest first (``metrics.jsonl``); empty before the first
     epoch ends."""
-    path = job_dir(settings, job.id) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-    return records
+    return job_dir(settings, job.id).read_metrics()
 
 
 def log_path(settings: Settings, job: Job) -> Path:
     """The job's log: the trainer's output and the supervisor's notes."""
-    return job_dir(settings, job.id) / LOG_FILE
+    return job_dir(settings, job.id).process_log
 
 
 def final_state(session: Session, job_id: uuid.UUID) -> str | None:

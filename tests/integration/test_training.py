@@ -29,6 +29,7 @@ from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase, Trainer
 from reid_core.model_io import load_model
 from reid_core.models.camera_norm import CameraBatchNorm
+from reid_core.run_dir import RunDir
 from reid_core.train import build_trainer, main, run, seed_everything
 from tests.integration.conftest import (
     TrainedRun,
@@ -164,6 +165,23 @@ def test_run_writes_every_output(trained_run: TrainedRun) -> None:
     final = torch.load(trained_run.model_final, map_location="cpu", weights_only=True)
     assert final["metrics"]["epoch"] == epochs
     assert final["metrics"]["mAP"] == pytest.approx(records[-1]["eval/mAP"])
+
+
+def test_run_folder_reads_through_its_models(trained_run: TrainedRun) -> None:
+    run = RunDir(trained_run.output_dir)
+    epochs = trained_run.cfg.schedule.epochs
+    records = run.read_metrics()
+    assert [r.epoch for r in records] == list(range(1, epochs + 1))
+    # each line is the model's own JSON, and the trainer's history holds the same records
+    assert run.metrics_file.read_text().splitlines() == [r.model_dump_json() for r in records]
+    assert [r.model_dump() for r in records] == trained_run.trainer.state.history
+    assert {"loss/total", "lr/group0", "eval/mAP", "images_per_second"} <= set(
+        records[-1].metric_values()
+    )
+    progress = run.read_progress()
+    assert progress is not None
+    assert (progress.status, progress.epoch, progress.epochs) == ("finished", epochs, epochs)
+    assert progress.metrics["mAP"] == records[-1].metric_values()["eval/mAP"]
 
 
 def test_saved_model_and_checkpoint_reload_the_trained_weights(trained_run: TrainedRun) -> None:

@@ -1,6 +1,6 @@
 """A stand-in for the trainer (no torch) that trains until the test says stop.
 
-Reads ``--config`` (the job's YAML): writes ``progress.json`` like the real trainer every
+Reads ``--config`` (the job's YAML): writes ``progress.json`` (:class:`reid_core.run_dir.Progress`) every
 ``fake.step_s`` seconds until the file ``<output_dir>/release`` appears, then a last one with
 ``status: finished`` and exits 0.
 """
@@ -8,31 +8,29 @@ Reads ``--config`` (the job's YAML): writes ``progress.json`` like the real trai
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from reid_core.run_dir import Progress, RunDir, RunStatus
+
 RELEASE_FILE = "release"
 
 
-def _write_progress(out: Path, step: int, status: str) -> None:
-    tmp = out / "progress.json.tmp"
-    tmp.write_text(
-        json.dumps(
-            {
-                "status": status,
-                "epoch": step // 10,
-                "global_step": step,
-                "progress": 1.0 if status == "finished" else min(step / 1000, 0.99),
-                "losses": {"total": 1.0 / (step + 1)},
-            }
-        )
+def _write_progress(out: Path, step: int, status: RunStatus) -> None:
+    progress = Progress(
+        status=status,
+        epoch=step // 10,
+        epochs=100,
+        step_in_epoch=step % 10,
+        steps_per_epoch=10,
+        global_step=step,
+        progress=1.0 if status == "finished" else min(step / 1000, 0.99),
+        losses={"total": 1.0 / (step + 1)},
     )
-    os.replace(tmp, out / "progress.json")
+    RunDir(out).write_progress(progress)
 
 
 def main() -> int:

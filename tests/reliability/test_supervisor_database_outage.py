@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import make_engine, session_scope
-from service.core.folders import PID_FILE
+from service.core.folders import JobDir
 from service.core.job_states import change_state
 from service.core.models import Job, JobState
 from service.core.settings import Settings
@@ -140,7 +140,7 @@ def test_training_goes_on_while_the_database_is_down_and_its_end_is_recorded_aft
             lambda: load_job(factory, job_id).state is JobState.RUNNING and _step(out) >= 1,
             "the job to run",
         )
-        pid = int((out / PID_FILE).read_text())
+        pid = int(JobDir(out).trainer_pid.read_text())
 
         own_postgres.stop()
         step_at_outage = _step(out)

@@ -297,6 +297,26 @@ def test_config_models_are_in_the_openapi_schema(client: TestClient, alice: Head
     assert defaults["loss"]["gsl"]["threshold"] == 0.6
 
 
+def test_progress_and_metrics_schemas_are_in_the_openapi_schema(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    metrics = components["JobOut"]["properties"]["metrics"]
+    assert metrics.get("$ref", "").endswith("/JobMetrics"), metrics
+    job_metrics = components["JobMetrics"]["properties"]
+    assert {"status", "losses", "eval", "clustering", "eta_seconds"} <= set(job_metrics)
+    assert job_metrics["losses"]["additionalProperties"] == {"type": "number"}
+    route = schema["paths"]["/v1/jobs/{job_id}/metrics"]["get"]
+    history = route["responses"]["200"]["content"]["application/json"]["schema"]
+    assert history["type"] == "array"
+    assert history["items"]["$ref"].endswith("/EpochMetrics"), history
+    epoch = components["EpochMetrics"]
+    assert {"epoch", "global_step", "images_per_second", "epoch_seconds"} <= set(
+        epoch["properties"]
+    )
+    assert epoch["additionalProperties"] == {"type": "number"}  # loss/..., eval/..., ...
+    assert "loss/<term>" in epoch["description"]
+
+
 def test_metrics_and_logs_read_the_job_folder(
     client: TestClient,
     alice: Headers,

@@ -2,14 +2,13 @@
 
 Reads ``--config`` (the job's YAML) and its ``fake`` section: ``exit_codes`` (one per attempt,
 the last repeats; a negative one: killed by that signal), ``steps``, ``step_s``, ``error`` (a line logged before a non-zero exit) and
-``ignore_sigterm``. Writes ``progress.json`` like the real trainer and, on SIGTERM, a
+``ignore_sigterm``. Writes ``progress.json`` (:class:`reid_core.run_dir.Progress`) and, on SIGTERM, a
 ``checkpoints/step_*.pt`` before exiting 75.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from types import FrameType
 
 import yaml
+
+from reid_core.run_dir import Progress, RunDir, RunStatus
 
 
 def main() -> int:
@@ -36,33 +37,28 @@ def main() -> int:
     print(f"attempt {attempt + 1} resume={cfg.get('checkpoint', {}).get('resume')}", flush=True)
     step = 0
 
-    def write(status: str) -> None:
-        tmp = out / "progress.json.tmp"
-        tmp.write_text(
-            json.dumps(
-                {
-                    "status": status,
-                    "epoch": step // 2,
-                    "epochs": (steps + 1) // 2,
-                    "step_in_epoch": step % 2,
-                    "steps_per_epoch": 2,
-                    "global_step": step,
-                    "progress": step / steps,
-                    "losses": {"total": 1.0 / (step + 1)},
-                    "metrics": {"mAP": 10.0 * step},
-                    "images_per_second": 100.0,
-                    "eta_seconds": float(steps - step),
-                }
-            )
+    def write(status: RunStatus) -> None:
+        progress = Progress(
+            status=status,
+            epoch=step // 2,
+            epochs=(steps + 1) // 2,
+            step_in_epoch=step % 2,
+            steps_per_epoch=2,
+            global_step=step,
+            progress=step / steps,
+            losses={"total": 1.0 / (step + 1)},
+            metrics={"mAP": 10.0 * step},
+            images_per_second=100.0,
+            eta_seconds=float(steps - step),
         )
-        os.replace(tmp, out / "progress.json")
+        RunDir(out).write_progress(progress)
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         if fake.get("ignore_sigterm"):
             print("SIGTERM ignored", flush=True)
             return
-        (out / "checkpoints").mkdir(exist_ok=True)
-        (out / "checkpoints" / f"step_{step:08d}.pt").write_bytes(b"checkpoint")
+        RunDir(out).checkpoints.mkdir(exist_ok=True)
+        (RunDir(out).checkpoints / f"step_{step:08d}.pt").write_bytes(b"checkpoint")
         write("interrupted")
         print("interrupted: checkpoint saved", flush=True)
         sys.exit(75)

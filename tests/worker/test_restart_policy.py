@@ -30,7 +30,7 @@ from reid_core.data import generate_synthetic_market
 from service.app import create_app
 from service.core.api_keys import create_api_key
 from service.core.db import session_scope
-from service.core.folders import LOG_FILE, PID_FILE
+from service.core.folders import JobDir
 from service.core.models import Job
 from service.core.settings import JobBounds, Settings
 from tests.helpers import TINY_JOB_CONFIG
@@ -116,7 +116,7 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 180) ->
 
 def _sigkill_when(folder: Path, ready: Callable[[], bool], not_pid: int | None = None) -> int:
     """SIGKILL the trainer of ``folder`` (not ``not_pid``, an earlier one) once ``ready``."""
-    pid_file = folder / PID_FILE
+    pid_file = JobDir(folder).trainer_pid
 
     def trainer_pid() -> int | None:
         try:
@@ -175,7 +175,7 @@ def test_a_trainer_killed_mid_run_is_restarted_and_resumes(service: Service) -> 
     assert events[4]["reason"] == "picked up by test:1 (attempt 2)"
     assert _resumed(folder)()
     assert (folder / "model_final.pt").is_file()
-    assert "attempt 2 on test:1" in (folder / LOG_FILE).read_text()
+    assert "attempt 2 on test:1" in JobDir(folder).process_log.read_text()
 
 
 def test_a_cancel_is_not_restarted(service: Service) -> None:
@@ -227,4 +227,4 @@ def test_restarts_run_out_then_the_owner_s_retry_counts_afresh(service: Service)
         "QUEUED", "STARTING", "RUNNING", "RETRYING", "STARTING", "RUNNING", "FAILED",
         "RETRYING", "STARTING", "RUNNING", "SUCCEEDED",
     ]  # fmt: skip
-    assert "attempt 3 on test:1" in (folder / LOG_FILE).read_text()
+    assert "attempt 3 on test:1" in JobDir(folder).process_log.read_text()

@@ -12,7 +12,7 @@ import yaml
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import session_scope
-from service.core.folders import CONFIG_FILE, LOG_FILE, PID_FILE
+from service.core.folders import JobDir
 from service.core.job_states import change_state, lock_job
 from service.core.models import Job, JobState
 from service.core.settings import Settings
@@ -55,9 +55,9 @@ def test_success_copies_progress_and_writes_every_state(
     assert job.worker_id == "test:1"
     assert job.started_at is not None and job.finished_at is not None
     out = _output_dir(settings, job_id)
-    assert yaml.safe_load((out / CONFIG_FILE).read_text())["fake"] == {"steps": 4}
-    assert (out / PID_FILE).read_text().strip().isdigit()
-    assert "attempt 1 on test:1" in (out / LOG_FILE).read_text()
+    assert yaml.safe_load(JobDir(out).job_config.read_text())["fake"] == {"steps": 4}
+    assert JobDir(out).trainer_pid.read_text().strip().isdigit()
+    assert "attempt 1 on test:1" in JobDir(out).process_log.read_text()
 
 
 def test_bad_data_fails_with_the_last_error_line(
@@ -74,7 +74,7 @@ def test_crash_retries_with_resume_then_succeeds(
     settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
 ) -> None:
     job_id = make_job(fake={"exit_codes": [1, 0], "error": "CUDA error"}, max_retries=2)
-    job_id_path = _output_dir(settings, job_id) / CONFIG_FILE
+    job_id_path = JobDir(_output_dir(settings, job_id)).job_config
     sent: list[uuid.UUID] = []
     supervisor = _supervisor(settings, factory, sent)
     assert supervisor.run(job_id) == "RETRYING"
@@ -113,7 +113,7 @@ def test_a_kill_from_outside_restarts_then_fails_when_restarts_run_out(
     job = load_job(factory, job_id)
     assert (job.restarts, job.retries) == (1, 0)  # its retries are for crashes, not kills
     assert (job.reason or "").endswith("; no restarts left (1 of 1 used)")
-    log = (_output_dir(settings, job_id) / LOG_FILE).read_text()
+    log = JobDir(_output_dir(settings, job_id)).process_log.read_text()
     assert "attempt 2 on test:1" in log and "attempt 2 resume=auto" in log
 
 
