@@ -13,6 +13,7 @@ import service
 from service.api import admin, dashboard, datasets, galleries, health, jobs, models, presets
 from service.api.errors import install_error_handlers
 from service.core import migrate
+from service.core.api_keys import KeyCache
 from service.core.db import make_engine, make_session_factory
 from service.core.settings import Settings, get_settings
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     app.state.schema_head = migrate.head_revision()
     install_error_handlers(app)
     app.include_router(health.router)

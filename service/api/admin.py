@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 
 from service.api.auth import AdminDep
@@ -18,7 +18,7 @@ from service.api.schemas import (
     ApiKeyOut,
     error_responses,
 )
-from service.core.api_keys import create_api_key, revoke_api_key
+from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
 from service.core.models import ApiKey
 
 router = APIRouter(
@@ -54,9 +54,13 @@ def list_keys(
 
 
 @router.post("/{prefix}/revoke", summary="Revoke an API key")
-def revoke_key(prefix: str, session: SessionDep) -> ApiKeyOut:
+def revoke_key(prefix: str, session: SessionDep, request: Request) -> ApiKeyOut:
+    """Refused from the next request on in this API process; other API processes stop
+    accepting it within ``REID_API_KEY_CACHE_SECONDS``."""
     key = revoke_api_key(session, prefix)
     if key is None:
         raise APIError(404, "api_key_not_found", f"no API key with prefix {prefix!r}")
     session.commit()
+    cache: KeyCache = request.app.state.key_cache
+    cache.forget(prefix)
     return ApiKeyOut.model_validate(key)

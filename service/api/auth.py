@@ -8,12 +8,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SettingsDep
 from service.api.errors import APIError
-from service.core.api_keys import find_api_key
+from service.core.api_keys import KeyCache
 
 __all__ = ["AdminDep", "CurrentOwner", "current_owner"]
 
@@ -26,7 +26,7 @@ def _unauthorized(message: str) -> APIError:
 
 
 def current_owner(
-    session: SessionDep,
+    request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_header)],
 ) -> str:
@@ -37,10 +37,11 @@ def current_owner(
             "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "
             "(create one with `python -m service create-key --owner <name>`)"
         )
-    key = find_api_key(session, token)
+    cache: KeyCache = request.app.state.key_cache
+    key = cache.lookup(token, request.app.state.session_factory)
     if key is None:
         raise _unauthorized("invalid API key")
-    if key.revoked_at is not None:
+    if key.revoked:
         raise _unauthorized(f"API key {key.prefix}... was revoked; ask for a new one")
     return key.owner
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from service.api.auth import CurrentOwner
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import APIError
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -151,15 +151,10 @@ async def register_dataset(
 
 
 @router.get("", summary="Your datasets, newest first")
-def list_datasets(
-    owner: CurrentOwner,
-    session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> Page[DatasetOut]:
-    rows, total = datasets.list_datasets(session, owner, limit, offset)
-    return Page[DatasetOut](
-        items=[DatasetOut.model_validate(d) for d in rows], total=total, limit=limit, offset=offset
+def list_datasets(owner: CurrentOwner, session: SessionDep, paging: PageDep) -> Page[DatasetOut]:
+    page = datasets.list_datasets(session, owner, paging.limit, paging.offset, paging.after)
+    return Page[DatasetOut].of(
+        [DatasetOut.model_validate(d) for d in page.rows], page, paging.limit, paging.offset
     )
 
 

@@ -1,16 +1,28 @@
-"""Typed request dependencies shared by the routers: the settings and a database session."""
+"""Typed request dependencies shared by the routers: the settings, a database session, and the
+paging parameters of the lists."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.errors import APIError
+from service.core.owned import Cursor
 from service.core.settings import Settings
 
-__all__ = ["SessionDep", "SettingsDep", "get_session", "get_settings_dep"]
+__all__ = [
+    "PageDep",
+    "PageParams",
+    "SessionDep",
+    "SettingsDep",
+    "get_session",
+    "get_settings_dep",
+    "page_params",
+]
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -27,3 +39,43 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class PageParams:
+    """Where a list page starts and how long it is (``?limit=&offset=&after=``)."""
+
+    limit: int
+    offset: int
+    after: Cursor | None
+    after_text: str | None
+
+    def query(self) -> str:
+        """The parameters as one string (a list page's ETag covers them)."""
+        return f"limit={self.limit}&offset={self.offset}&after={self.after_text or ''}"
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, description="Items to skip (after `after`, if given)")] = 0,
+    after: Annotated[
+        str | None,
+        Query(max_length=200, description="Start after this cursor: a page's `next_after`."),
+    ] = None,
+) -> PageParams:
+    cursor = None
+    if after is not None:
+        try:
+            cursor = Cursor.decode(after)
+        except ValueError:
+            message = f"after={after!r} is not a cursor: pass a page's `next_after` unchanged"
+            raise APIError(
+                422,
+                "validation_error",
+                message,
+                details=[{"field": "query.after", "message": message, "value": after}],
+            ) from None
+    return PageParams(limit=limit, offset=offset, after=cursor, after_text=after)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]

@@ -13,13 +13,14 @@ import mimetypes
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from service.api.auth import CurrentOwner
-from service.api.deps import SessionDep, SettingsDep
+from service.api.conditional import matches, not_modified, row_etag, tagged
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.schemas import (
     COMMON_ERRORS,
     GalleryCreate,
@@ -94,23 +95,35 @@ def create_gallery(
 
 
 @router.get("", summary="Your galleries, newest first")
-def list_galleries(
-    owner: CurrentOwner,
-    session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> Page[GalleryOut]:
-    rows, total = galleries.list_galleries(session, owner, limit, offset)
-    return Page[GalleryOut](items=[_out(g) for g in rows], total=total, limit=limit, offset=offset)
+def list_galleries(owner: CurrentOwner, session: SessionDep, paging: PageDep) -> Page[GalleryOut]:
+    page = galleries.list_galleries(session, owner, paging.limit, paging.offset, paging.after)
+    return Page[GalleryOut].of([_out(g) for g in page.rows], page, paging.limit, paging.offset)
 
 
 @router.get(
     "/{gallery_id}",
-    summary="One gallery: state, progress, counts",
-    responses=error_responses(e404="Unknown gallery"),
+    summary="One gallery: state, progress, counts (ETag; If-None-Match answers 304)",
+    response_model=GalleryOut,
+    responses={
+        304: {"description": "Not modified since the ETag given"},
+        **error_responses(e404="Unknown gallery"),
+    },
 )
-def get_gallery(gallery_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) -> GalleryOut:
-    return _out(galleries.owned_gallery(session, owner, gallery_id))
+def get_gallery(
+    gallery_id: uuid.UUID,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """As ``GET /v1/jobs/{id}``: with ``If-None-Match`` the version is read alone first."""
+    if if_none_match is not None:
+        version = galleries.gallery_version(session, owner, gallery_id)
+        etag = row_etag(GalleryOut, settings, version)
+        if matches(if_none_match, etag):
+            return not_modified(etag)
+    gallery = galleries.owned_gallery(session, owner, gallery_id)
+    return tagged(_out(gallery), row_etag(GalleryOut, settings, gallery.version))
 
 
 @router.get(

@@ -4,9 +4,8 @@ logs (tail or followed as server-sent events), cancel, retry (the rules: :mod:`s
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,8 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
 from service.api.auth import CurrentOwner
-from service.api.deps import SessionDep, SettingsDep
+from service.api.conditional import list_etag, matches, not_modified, row_etag, tagged
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -24,6 +24,7 @@ from service.api.schemas import (
     JobEventOut,
     JobOut,
     JobPreviewOut,
+    JobSummary,
     Page,
     error_responses,
 )
@@ -36,8 +37,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
 config_router = APIRouter(prefix="/v1/config", tags=["jobs"], responses=COMMON_ERRORS)
 
 
-def _job_out(job: Job, settings: Settings) -> JobOut:
-    out = JobOut.model_validate(job)
+def _job_out(job: Job, settings: Settings, model: type[JobSummary] = JobOut) -> JobSummary:
+    out = model.model_validate(job)
     if out.mlflow_run_id:
         out.mlflow_run_url = mlflow_ui_url(settings, f"runs/{out.mlflow_run_id}")
     return out
@@ -84,49 +85,55 @@ def preview_job(
     return JobPreviewOut.model_validate(preview)
 
 
-def _job_body(job: Job, settings: Settings) -> tuple[bytes, str]:
-    """The job as JSON, and its ETag: a hash of the canonical form (sorted keys), so the same
-    job has the same ETag whatever order the database returns its JSON columns in."""
-    data = _job_out(job, settings).model_dump(mode="json")
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    canonical = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return body, '"' + hashlib.sha256(canonical).hexdigest()[:32] + '"'
-
-
 def _job_response(
     job: Job, settings: Settings, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    body, etag = _job_body(job, settings)
-    return Response(
-        content=body,
-        status_code=status_code,
-        media_type="application/json",
-        headers={"ETag": etag, **(headers or {})},
-    )
+    """The job as JSON with its ETag (the row version: :mod:`service.api.conditional`)."""
+    etag = row_etag(JobOut, settings, job.version)
+    return tagged(_job_out(job, settings), etag, status_code, headers)
 
 
-def _etag_matches(header: str, etag: str) -> bool:
-    # If-None-Match uses the weak comparison (RFC 9110 13.1.2): W/ prefixes are ignored.
-    candidates = [c.strip() for c in header.split(",")]
-    return any(c == "*" or c.removeprefix("W/") == etag for c in candidates)
+class JobView(StrEnum):
+    summary = "summary"
+    full = "full"
 
 
-@router.get("", summary="Your jobs, newest first")
+@router.get(
+    "",
+    summary="Your jobs, newest first (weak ETag; If-None-Match answers 304)",
+    response_model=Page[JobSummary] | Page[JobOut],
+    responses={304: {"description": "The page did not change since the ETag given"}},
+)
 def list_jobs(
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
+    paging: PageDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states")] = None,
     dataset_id: Annotated[uuid.UUID | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> Page[JobOut]:
-    rows, total = jobs.list_jobs(
-        session, owner, states=state, dataset_id=dataset_id, limit=limit, offset=offset
+    view: Annotated[
+        JobView, Query(description="`summary`: no configuration; `full`: as GET /v1/jobs/{id}")
+    ] = JobView.summary,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    full = view is JobView.full
+    page = jobs.list_jobs(
+        session,
+        owner,
+        states=state,
+        dataset_id=dataset_id,
+        limit=paging.limit,
+        offset=paging.offset,
+        after=paging.after,
+        full=full,
     )
-    return Page[JobOut](
-        items=[_job_out(j, settings) for j in rows], total=total, limit=limit, offset=offset
-    )
+    item: type[JobSummary] = JobOut if full else JobSummary
+    query = f"{paging.query()}&state={','.join(state or [])}&dataset_id={dataset_id}&view={view}"
+    etag = list_etag(item, settings, query, ((j.id, j.version) for j in page.rows), page.total)
+    if matches(if_none_match, etag):
+        return not_modified(etag)
+    items = [_job_out(j, settings, item) for j in page.rows]
+    return tagged(Page[item].of(items, page, paging.limit, paging.offset), etag)  # type: ignore[valid-type]
 
 
 @router.get(
@@ -145,11 +152,13 @@ def get_job(
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    body, etag = _job_body(jobs.owned_job(session, owner, job_id), settings)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if if_none_match is not None and _etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    return Response(content=body, media_type="application/json", headers=headers)
+    """With ``If-None-Match``, the job's version is read alone first: a job that did not change
+    costs one integer read and a 304."""
+    if if_none_match is not None:
+        etag = row_etag(JobOut, settings, jobs.job_version(session, owner, job_id))
+        if matches(if_none_match, etag):
+            return not_modified(etag)
+    return _job_response(jobs.owned_job(session, owner, job_id), settings)
 
 
 @router.get(

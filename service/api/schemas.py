@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from reid_core.config import ExperimentConfig
 from service.core.job_progress import JobMetrics
 from service.core.models import DatasetKind, DatasetStatus, GalleryState, JobState
+from service.core.owned import OwnedPage
 from service.core.settings import MODEL_NAME_PATTERN
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "JobEventOut",
     "JobOut",
     "JobPreviewOut",
+    "JobSummary",
     "Page",
     "PresetOut",
     "error_responses",
@@ -45,12 +47,34 @@ class _Out(BaseModel):
 
 
 class Page(_Out, Generic[T]):
-    """One page of a list, newest first."""
+    """One page of a list, newest first. Go on with ``offset`` or, cheaper on long lists and
+    stable while new items arrive, with ``after=<next_after>``."""
 
     items: list[T]
-    total: int = Field(description="Items matching the filters, on every page.")
+    total: int = Field(
+        description="Items matching the filters, counted up to 1,000: exact when `total_exact`, "
+        "otherwise there are more than that."
+    )
+    total_exact: bool = True
     limit: int
     offset: int
+    next_after: str | None = Field(
+        None,
+        description="The cursor of the next page (`?after=`); null on a page shorter than "
+        "`limit`, which is the last.",
+    )
+
+    @classmethod
+    def of(cls, items: list[T], page: OwnedPage[Any], limit: int, offset: int) -> Page[T]:
+        """The answer for ``page`` (rows read by the core), its rows shown as ``items``."""
+        return cls(
+            items=items,
+            total=page.total,
+            total_exact=page.total_exact,
+            limit=limit,
+            offset=offset,
+            next_after=page.next_after,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,15 +275,14 @@ class PresetOut(_Out):
     )
 
 
-class JobOut(_Out):
+class JobSummary(_Out):
+    """A job as a list shows it: everything but its configuration (``GET /v1/jobs/{id}`` or
+    ``?view=full`` has that)."""
+
     id: uuid.UUID
     dataset_id: uuid.UUID | None = Field(description="None once the dataset was deleted.")
     state: JobState
     reason: str | None = Field(description="Why the job reached its current state.")
-    config_overrides: dict[str, Any]
-    resolved_config: ExperimentConfig | dict[str, Any] = Field(
-        description="The whole configuration the trainer runs with."
-    )
     gpus: int
     priority: int
     queue: str
@@ -288,6 +311,15 @@ class JobOut(_Out):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobOut(JobSummary):
+    """A job with its configuration."""
+
+    config_overrides: dict[str, Any]
+    resolved_config: ExperimentConfig | dict[str, Any] = Field(
+        description="The whole configuration the trainer runs with."
+    )
 
 
 class ModelOut(BaseModel):

@@ -3,19 +3,37 @@
 A key is ``reid_`` + 43 random URL-safe characters. The database keeps its SHA-256 and a short
 prefix (to name it when revoking), never the key. The API (:mod:`service.api.auth`) takes it from
 the request and acts for the key's owner.
+
+The API process remembers a verified key for ``REID_API_KEY_CACHE_SECONDS`` (:class:`KeyCache`),
+so a poll does not read ``api_keys`` every time. A revocation made through this process (the
+admin route) takes effect at once; one made elsewhere (``python -m service revoke-key``,
+another API process) within that many seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import ApiKey, utcnow
 
-__all__ = ["KEY_PREFIX", "create_api_key", "find_api_key", "hash_key", "revoke_api_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "KeyCache",
+    "KnownKey",
+    "create_api_key",
+    "find_api_key",
+    "hash_key",
+    "revoke_api_key",
+]
 
 KEY_PREFIX = "reid_"
 _PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -52,3 +70,59 @@ def find_api_key(session: Session, token: str) -> ApiKey | None:
     return session.execute(
         select(ApiKey).where(ApiKey.key_hash == hash_key(token))
     ).scalar_one_or_none()
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """What a request needs of a key: whose it is, and whether it was revoked."""
+
+    owner: str
+    prefix: str
+    revoked: bool
+
+
+class KeyCache:
+    """Keys verified in the last ``ttl_s`` seconds, by hash, at most ``max_entries`` of them
+    (the oldest are dropped first). Thread-safe: sync routes run in a thread pool.
+
+    Only keys that exist are kept (revoked ones too, to answer why); a token that is no key is
+    looked up every time, so random tokens cannot fill the cache. ``ttl_s`` 0 keeps nothing."""
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, KnownKey]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, token: str, session_factory: Callable[[], Session]) -> KnownKey | None:
+        """The key ``token`` is, from the cache or (opening a session) from the database."""
+        digest = hash_key(token)
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+        with session_factory() as session:
+            row = find_api_key(session, token)
+            if row is None:
+                return None
+            known = KnownKey(row.owner, row.prefix, row.revoked_at is not None)
+        if self.ttl_s > 0:
+            with self._lock:
+                self._entries[digest] = (now + self.ttl_s, known)
+                self._entries.move_to_end(digest)
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return known
+
+    def forget(self, prefix: str) -> None:
+        """Drop the key with ``prefix`` (it was just revoked through this process)."""
+        with self._lock:
+            for digest in [d for d, (_, k) in self._entries.items() if k.prefix == prefix]:
+                del self._entries[digest]

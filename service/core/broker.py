@@ -174,16 +174,18 @@ def send_job(settings: Settings, job: Job) -> bool:
     return True
 
 
-def mark_dispatched(session: Session, job_id: uuid.UUID, now: datetime | None = None) -> bool:
+def mark_dispatched(session: Session, job_id: uuid.UUID, now: datetime | None = None) -> int | None:
     """Record a send in ``heartbeat_at`` if the job still waits (no worker took it meanwhile);
-    True when it did."""
+    the job's new row version when it did, else None."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(WAITING_STATES))
         .values(heartbeat_at=now or utcnow(), updated_at=Job.updated_at)
+        .returning(Job.version)
         .execution_options(synchronize_session=False)
     )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    version: int | None = result.scalar_one_or_none()
+    return version
 
 
 def send_and_mark(settings: Settings, session: Session, job: Job) -> bool:
@@ -193,10 +195,11 @@ def send_and_mark(settings: Settings, session: Session, job: Job) -> bool:
         return False
     now = utcnow()
     try:
-        marked = mark_dispatched(session, job.id, now)
+        version = mark_dispatched(session, job.id, now)
         session.commit()
-        if marked:  # the caller's object shows what the database holds (not a pending change)
+        if version is not None:  # the caller's object shows what the database holds
             set_committed_value(job, "heartbeat_at", now)
+            set_committed_value(job, "version", version)
     except Exception:
         session.rollback()
         log.warning("job %s was sent, but recording the send failed", job.id, exc_info=True)

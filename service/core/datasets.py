@@ -35,7 +35,7 @@ from service.core.errors import (
 )
 from service.core.job_states import FINAL_STATES
 from service.core.models import Dataset, DatasetKind, DatasetStatus, Job
-from service.core.owned import owned, owned_page
+from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.settings import Settings
 
 __all__ = [
@@ -186,11 +186,10 @@ def register_upload(
 
 
 def list_datasets(
-    session: Session, owner: str, limit: int, offset: int
-) -> tuple[list[Dataset], int]:
-    """``owner``'s datasets, newest first, and how many there are in all."""
-    order = (Dataset.created_at.desc(), Dataset.id)
-    return owned_page(session, Dataset, owner, order_by=order, limit=limit, offset=offset)
+    session: Session, owner: str, limit: int, offset: int = 0, after: Cursor | None = None
+) -> OwnedPage[Dataset]:
+    """``owner``'s datasets, newest first, with their count."""
+    return owned_page(session, Dataset, owner, limit=limit, offset=offset, after=after)
 
 
 def owned_dataset(session: Session, owner: str, dataset_id: uuid.UUID) -> Dataset:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
@@ -28,7 +28,7 @@ from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, change_state, lock_job
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
-from service.core.owned import owned, owned_page
+from service.core.owned import Cursor, OwnedPage, owned, owned_page, owned_version
 from service.core.presets import preset_settings
 from service.core.settings import Settings
 
@@ -40,6 +40,7 @@ __all__ = [
     "final_state",
     "job_events",
     "job_metrics",
+    "job_version",
     "list_jobs",
     "log_path",
     "owned_job",
@@ -240,6 +241,15 @@ def submit_job(
     return job, True
 
 
+#: What a list item shows of a job (``GET /v1/jobs``): everything but its configuration, which
+#: is what makes a job row large (a resolved config is ~3 KB of JSON).
+SUMMARY_COLUMNS = tuple(
+    column.key
+    for column in Job.__table__.columns
+    if column.key not in ("config_overrides", "resolved_config", "request_hash")
+)
+
+
 def list_jobs(
     session: Session,
     owner: str,
@@ -247,16 +257,26 @@ def list_jobs(
     states: list[JobState] | None,
     dataset_id: uuid.UUID | None,
     limit: int,
-    offset: int,
-) -> tuple[list[Job], int]:
-    """``owner``'s jobs (in ``states``, of ``dataset_id``), newest first, and how many in all."""
+    offset: int = 0,
+    after: Cursor | None = None,
+    full: bool = False,
+) -> OwnedPage[Job]:
+    """``owner``'s jobs (in ``states``, of ``dataset_id``), newest first, with their count.
+    Unless ``full``, the rows are loaded without their configuration (:data:`SUMMARY_COLUMNS`)."""
     conditions: list[Any] = []
     if states:
         conditions.append(Job.state.in_(states))
     if dataset_id is not None:
         conditions.append(Job.dataset_id == dataset_id)
-    order = (Job.created_at.desc(), Job.id.desc())
-    return owned_page(session, Job, owner, *conditions, order_by=order, limit=limit, offset=offset)
+    options = () if full else (load_only(*(getattr(Job, c) for c in SUMMARY_COLUMNS)),)
+    return owned_page(
+        session, Job, owner, *conditions, limit=limit, offset=offset, after=after, options=options
+    )
+
+
+def job_version(session: Session, owner: str, job_id: uuid.UUID) -> int:
+    """The job's row version (:class:`service.core.models.Job`), read alone."""
+    return owned_version(session, Job, owner, job_id, "job")
 
 
 def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:

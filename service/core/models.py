@@ -28,6 +28,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -140,6 +141,17 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class _Versioned:
+    """A row version: 1 when the row is inserted, one more in every UPDATE of it, in the
+    statement that makes the change (the column's ``onupdate``, so an ORM flush and a Core
+    ``update()`` both bump it). The API's ETags are made of it: a poll that changed nothing is
+    answered from this integer alone (:mod:`service.api.conditional`)."""
+
+    version: Mapped[int] = mapped_column(
+        Integer, default=1, server_default="1", onupdate=literal_column("version") + 1
+    )
+
+
 class Dataset(Base):
     """A registered dataset: a server folder or an extracted upload, scanned once at creation."""
 
@@ -167,7 +179,7 @@ class Dataset(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="dataset", passive_deletes=True)
 
 
-class Job(Base):
+class Job(_Versioned, Base):
     """A training job. Its ``state`` changes only through :func:`service.core.job_states.change_state`."""
 
     __tablename__ = "jobs"
@@ -268,7 +280,7 @@ class GalleryState(enum.StrEnum):
         return self in (GalleryState.READY, GalleryState.FAILED)
 
 
-class Gallery(Base):
+class Gallery(_Versioned, Base):
     """A searchable index of a dataset's gallery images, embedded by one registered model version.
 
     The index itself lives in ``<data_dir>/galleries/<id>/`` (:mod:`service.core.folders`); the row

@@ -258,6 +258,14 @@ class Settings(BaseSettings):
         description="Bearer token of the /v1/admin routes (API key management); "
         "unset: those routes are off.",
     )
+    api_key_cache_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="How long the API trusts a key it verified before reading it again: a key "
+        "revoked by another process (the CLI, another API worker) is refused within this many "
+        "seconds (at once when revoked through this process's admin route); 0: every request.",
+    )
     log_level: Annotated[str, Field(pattern=r"^(?i:debug|info|warning|error|critical)$")] = "info"
 
     @model_validator(mode="after")

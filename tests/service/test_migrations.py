@@ -57,7 +57,7 @@ def test_sqlite_up_down_up(tmp_path: Path) -> None:
 
 
 def test_one_head() -> None:
-    assert migrate.head_revision() == "0006"
+    assert migrate.head_revision() == "0007"
 
 
 @pytest.mark.integration

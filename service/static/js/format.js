@@ -55,6 +55,11 @@ export function bytes(n) {
 
 export const shortId = (id) => (id ? String(id).slice(0, 8) : DASH);
 
+/** A list page's count: "1000+" where the API stopped counting (`total_exact` false). */
+export function pageTotal(page) {
+  return page.total_exact === false ? `${page.total}+` : String(page.total);
+}
+
 /** "3 / 10" from a job's epoch and the epoch count its progress reports. */
 export function epochOf(job) {
   if (job.epoch === null || job.epoch === undefined) return DASH;

@@ -197,7 +197,9 @@ export function renderGalleries(root) {
     );
     list.querySelector("table")?.classList.add("galleries");
     count.textContent =
-      page.total > page.items.length ? `${page.items.length} of ${page.total}` : `${page.total}`;
+      page.total_exact && page.total <= page.items.length
+        ? `${page.total}`
+        : `${page.items.length} of ${fmt.pageTotal(page)}`;
     setMessage(status, "");
     // Poll only while something is being built.
     const active = page.items.some(isActive);

@@ -167,8 +167,8 @@ export function renderJobs(root) {
     const ids = page.items.map((job) => upsert(job).job.id);
     for (const id of [...entries.keys()]) if (!ids.includes(id)) entries.delete(id);
     placeRows(ids);
-    count.textContent = `${page.items.length} of ${page.total}`;
-    more.hidden = page.total <= page.items.length || limit >= MAX_PAGE;
+    count.textContent = `${page.items.length} of ${fmt.pageTotal(page)}`;
+    more.hidden = (page.total_exact && page.total <= page.items.length) || limit >= MAX_PAGE;
     if (page.items.some((job) => job.dataset_id && !datasets.has(job.dataset_id))) {
       await loadDatasets();
     }

@@ -1,0 +1,85 @@
+"""Conditional GETs that cost almost nothing when nothing changed.
+
+A job's or gallery's ETag is made of its row version (``version``: +1 in every UPDATE of the row,
+:class:`service.core.models.Job`), so ``If-None-Match`` is answered after reading one integer: no
+row, no JSON, no hash of a body. The version alone does not say what the body looks like, so the
+ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
+of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
+that changes either invalidates every ETag a client holds.
+
+A list page's ETag is weak (``W/``): a hash of the rows' ids and versions, the count and the query.
+
+Dashboards send ``If-None-Match`` every 2 s per open job (``static/js/api.js``,
+``ConditionalResource``); these answers are what they mostly get.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+
+from fastapi import Response
+from pydantic import BaseModel
+
+from service.core.settings import Settings
+
+__all__ = ["list_etag", "matches", "not_modified", "row_etag", "tagged"]
+
+
+@functools.cache
+def _schema_digest(model: type[BaseModel]) -> str:
+    schema = json.dumps(model.model_json_schema(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(schema.encode("utf-8")).hexdigest()
+
+
+def _representation(model: type[BaseModel], settings: Settings) -> str:
+    text = f"{_schema_digest(model)}|{settings.mlflow.ui_url or ''}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def row_etag(model: type[BaseModel], settings: Settings, version: int) -> str:
+    """The strong ETag of a row at ``version``, served as ``model``."""
+    return f'"v{version}-{_representation(model, settings)}"'
+
+
+def list_etag(
+    model: type[BaseModel],
+    settings: Settings,
+    query: str,
+    rows: Iterable[tuple[uuid.UUID, int]],
+    total: int,
+) -> str:
+    """The weak ETag of a list page: its rows (id, version) in order, the count, the query
+    (filters, limit, cursor) and the representation of its items."""
+    digest = hashlib.sha256(f"{_representation(model, settings)}|{query}|{total}".encode())
+    for ident, version in rows:
+        digest.update(f"|{ident.hex}.{version}".encode())
+    return f'W/"{digest.hexdigest()[:32]}"'
+
+
+def matches(if_none_match: str | None, etag: str) -> bool:
+    """``If-None-Match`` names ``etag`` (the weak comparison of RFC 9110 13.1.2: ``W/`` ignored)."""
+    if if_none_match is None:
+        return False
+    bare = etag.removeprefix("W/")
+    candidates = (c.strip() for c in if_none_match.split(","))
+    return any(c == "*" or c.removeprefix("W/") == bare for c in candidates)
+
+
+def not_modified(etag: str) -> Response:
+    return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+
+def tagged(
+    body: BaseModel, etag: str, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body`` as JSON with its ETag; clients revalidate before using what they kept."""
+    return Response(
+        content=body.model_dump_json().encode("utf-8"),
+        status_code=status_code,
+        media_type="application/json",
+        headers={"ETag": etag, "Cache-Control": "no-cache", **(headers or {})},
+    )

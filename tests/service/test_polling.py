@@ -1,0 +1,356 @@
+"""What dashboards poll, made cheap and kept correct: ETags from row versions (every visible
+change of a job gives a new one, and a 304 reads one integer), API keys from the in-process
+cache (revocation within its TTL), list summaries, keyset pagination and the bounded count."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import event, select, update
+
+from service.app import create_app
+from service.core import owned
+from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
+from service.core.broker import mark_dispatched
+from service.core.db import session_scope
+from service.core.job_states import change_state, lock_job
+from service.core.models import ApiKey, Gallery, GalleryState, Job, JobState
+from service.core.settings import Settings
+from tests.service.conftest import Headers
+
+ADMIN_TOKEN = "polling-admin-token-0123456789"
+
+
+def _submit(client: TestClient, headers: Headers, dataset_id: str) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id}, headers=headers)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _set(app: FastAPI, job_id: str, **values: Any) -> None:
+    """What the supervisor does on a tick: lock the row, set attributes, commit."""
+    with session_scope(app.state.session_factory) as session:
+        job = lock_job(session, uuid.UUID(job_id))
+        assert job is not None
+        for name, value in values.items():
+            setattr(job, name, value)
+
+
+@contextmanager
+def _statements(app: FastAPI) -> Iterator[list[str]]:
+    """The SQL statements the app sends while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(app.state.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(app.state.engine, "before_cursor_execute", record)
+
+
+# ----------------------------------------------------------------------------------------------
+# a job's ETag
+# ----------------------------------------------------------------------------------------------
+
+#: Every column of a job that a worker or the service changes after submission, and a new value.
+CHANGES: list[tuple[str, Any]] = [
+    ("reason", "trainer started on w1"),
+    ("progress", 0.25),
+    ("epoch", 3),
+    ("step", 120),
+    ("metrics", {"eval": {"mAP": 12.5}, "epochs": 10}),
+    ("warnings", ["MLflow unreachable for 30 s"]),
+    ("heartbeat_at", datetime(2026, 12, 4, 12, 0, tzinfo=UTC)),
+    ("worker_id", "worker-7"),
+    ("mlflow_run_id", "0123456789abcdef"),
+    ("model_name", "alice-street-cams"),
+    ("model_version", "4"),
+    ("cancel_requested", True),
+    ("retries", 1),
+    ("restarts", 1),
+    ("started_at", datetime(2026, 12, 4, 12, 0, tzinfo=UTC)),
+    ("finished_at", datetime(2026, 12, 4, 13, 0, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), CHANGES, ids=[c[0] for c in CHANGES])
+def test_every_visible_change_gives_a_new_etag(
+    app: FastAPI,
+    client: TestClient,
+    alice: Headers,
+    dataset: dict[str, Any],
+    field: str,
+    value: Any,
+) -> None:
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    etag = client.get(url, headers=alice).headers["etag"]
+    assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+    _set(app, job["id"], **{field: value})
+    changed = client.get(url, headers={**alice, "If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag
+    shown = changed.json()[field]
+    if isinstance(value, datetime):
+        assert datetime.fromisoformat(shown) == value
+    elif field == "metrics":
+        assert (shown["eval"], shown["epochs"]) == (value["eval"], value["epochs"])
+    else:
+        assert shown == value
+
+
+def test_state_changes_and_core_updates_give_new_etags(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    seen = {client.get(url, headers=alice).headers["etag"]}
+    # a state change (the worker's path) ...
+    with session_scope(app.state.session_factory) as session:
+        row = lock_job(session, uuid.UUID(job["id"]))
+        assert row is not None
+        change_state(session, row, JobState.STARTING, "claimed")
+    seen.add(client.get(url, headers=alice).headers["etag"])
+    # ... and a Core UPDATE that the ORM does not see (the dispatcher's send record)
+    with session_scope(app.state.session_factory) as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job["id"])).values(state=JobState.QUEUED)
+        )
+    with session_scope(app.state.session_factory) as session:
+        assert mark_dispatched(session, uuid.UUID(job["id"])) is not None
+    seen.add(client.get(url, headers=alice).headers["etag"])
+    assert len(seen) == 3
+
+
+def test_an_unchanged_row_keeps_its_etag(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """Setting a value the row already has is no change: no new version, no new ETag; the
+    POST's ETag is GET's."""
+    created = client.post("/v1/jobs", json={"dataset_id": dataset["id"]}, headers=alice)
+    url = f"/v1/jobs/{created.json()['id']}"
+    assert client.get(url, headers=alice).headers["etag"] == created.headers["etag"]
+    _set(app, created.json()["id"], progress=0.0, epoch=None)
+    assert client.get(url, headers=alice).headers["etag"] == created.headers["etag"]
+
+
+def test_a_304_reads_one_integer_and_no_key(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    etag = client.get(url, headers=alice).headers["etag"]  # the key is verified (and kept)
+    with _statements(app) as seen:
+        assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+    assert len(seen) == 1, seen
+    assert "api_keys" not in seen[0] and "resolved_config" not in seen[0]
+    assert "jobs.version" in seen[0]
+
+
+def test_the_etag_follows_the_representation(
+    settings: Settings, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The same row served with another MLflow UI address (which enters the body's
+    ``mlflow_run_url``) is another representation: its ETag differs."""
+    url = f"/v1/jobs/{_submit(client, alice, dataset['id'])['id']}"
+    mlflow = settings.mlflow.model_copy(update={"ui_url": "http://mlflow.example:5000"})
+    other = create_app(settings.model_copy(update={"mlflow": mlflow}))
+    with TestClient(other) as second:
+        assert (
+            second.get(url, headers=alice).headers["etag"]
+            != client.get(url, headers=alice).headers["etag"]
+        )
+
+
+def test_gallery_etag_and_304(app: FastAPI, client: TestClient, alice: Headers) -> None:
+    with session_scope(app.state.session_factory) as session:
+        gallery = Gallery(
+            owner="alice",
+            dataset_path="/nowhere",
+            dataset_format="image_folder",
+            model_name="m",
+            model_version="1",
+            state=GalleryState.BUILDING,
+        )
+        session.add(gallery)
+        session.flush()
+        gallery_id = gallery.id
+    url = f"/v1/galleries/{gallery_id}"
+    first = client.get(url, headers=alice)
+    assert first.status_code == 200, first.text
+    etag = first.headers["etag"]
+    assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+    with session_scope(app.state.session_factory) as session:
+        session.execute(update(Gallery).where(Gallery.id == gallery_id).values(images_done=5))
+    changed = client.get(url, headers={**alice, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.json()["images_done"] == 5
+    assert changed.headers["etag"] != etag
+    assert client.get(url, headers={"X-API-Key": "reid_nobody"}).status_code == 401
+
+
+# ----------------------------------------------------------------------------------------------
+# lists
+# ----------------------------------------------------------------------------------------------
+
+
+def test_list_items_are_summaries_unless_full(
+    client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    job = _submit(client, alice, dataset["id"])
+    summary = client.get("/v1/jobs", headers=alice).json()["items"][0]
+    assert summary["id"] == job["id"] and summary["state"] == "QUEUED"
+    assert "resolved_config" not in summary and "config_overrides" not in summary
+    full = client.get("/v1/jobs", params={"view": "full"}, headers=alice).json()["items"][0]
+    assert full == client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    bad = client.get("/v1/jobs", params={"view": "everything"}, headers=alice)
+    assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == "query.view"
+
+
+def test_keyset_pages_walk_the_same_list_as_offsets(
+    client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    ids = [_submit(client, alice, dataset["id"])["id"] for _ in range(5)]
+    newest_first = ids[::-1]
+    walked: list[str] = []
+    after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"after": after} if after else {})}
+        page = client.get("/v1/jobs", params=params, headers=alice).json()
+        assert page["total"] == 5 and page["total_exact"] is True
+        walked += [j["id"] for j in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert walked == newest_first
+    # a job submitted while walking does not shift the next page (it would with offsets)
+    first = client.get("/v1/jobs", params={"limit": 2}, headers=alice).json()
+    _submit(client, alice, dataset["id"])
+    second = client.get(
+        "/v1/jobs", params={"limit": 2, "after": first["next_after"]}, headers=alice
+    ).json()
+    assert [j["id"] for j in second["items"]] == newest_first[2:4]
+    # the cursor and an offset together: skip that many after the cursor
+    skipped = client.get(
+        "/v1/jobs", params={"limit": 2, "after": first["next_after"], "offset": 1}, headers=alice
+    ).json()
+    assert [j["id"] for j in skipped["items"]] == newest_first[3:5]
+
+
+@pytest.mark.parametrize("cursor", ["nonsense", "bm90IGEgY3Vyc29y", "MjAyNi0xMi0wNHxub3QtYS11dWlk"])
+def test_a_bad_cursor_is_a_422_naming_it(client: TestClient, alice: Headers, cursor: str) -> None:
+    for path in ("/v1/jobs", "/v1/datasets", "/v1/galleries"):
+        response = client.get(path, params={"after": cursor}, headers=alice)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert cursor in error["message"] and error["details"][0]["field"] == "query.after"
+
+
+def test_the_count_stops_at_its_limit(
+    client: TestClient, alice: Headers, dataset: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(4):
+        _submit(client, alice, dataset["id"])
+    monkeypatch.setattr(owned, "COUNT_LIMIT", 3)
+    page = client.get("/v1/jobs", params={"limit": 2}, headers=alice).json()
+    assert (page["total"], page["total_exact"], len(page["items"])) == (3, False, 2)
+    monkeypatch.setattr(owned, "COUNT_LIMIT", 4)
+    page = client.get("/v1/jobs", params={"limit": 2}, headers=alice).json()
+    assert (page["total"], page["total_exact"]) == (4, True)
+
+
+def test_list_etag_changes_with_any_job_on_the_page(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    old = _submit(client, alice, dataset["id"])
+    first = client.get("/v1/jobs", headers=alice)
+    etag = first.headers["etag"]
+    assert etag.startswith('W/"')
+    assert client.get("/v1/jobs", headers={**alice, "If-None-Match": etag}).status_code == 304
+    # another view or filter of the same rows is another page
+    full = client.get("/v1/jobs", params={"view": "full"}, headers=alice).headers["etag"]
+    assert full != etag
+    _set(app, old["id"], progress=0.5)
+    moved = client.get("/v1/jobs", headers={**alice, "If-None-Match": etag})
+    assert moved.status_code == 200 and moved.headers["etag"] != etag
+    etag = moved.headers["etag"]
+    _submit(client, alice, dataset["id"])
+    grown = client.get("/v1/jobs", headers={**alice, "If-None-Match": etag})
+    assert grown.status_code == 200 and grown.json()["total"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# API keys from the cache
+# ----------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _revoke_elsewhere(app: FastAPI, owner: str) -> None:
+    """What ``python -m service revoke-key`` or another API process does: the database only."""
+    with session_scope(app.state.session_factory) as session:
+        key = session.execute(select(ApiKey).where(ApiKey.owner == owner)).scalar_one()
+        revoke_api_key(session, key.prefix)
+
+
+def test_a_key_revoked_elsewhere_is_refused_within_the_ttl(
+    app: FastAPI, client: TestClient, alice: Headers
+) -> None:
+    clock = FakeClock()
+    app.state.key_cache = KeyCache(ttl_s=10, clock=clock)
+    assert client.get("/v1/jobs", headers=alice).status_code == 200
+    _revoke_elsewhere(app, "alice")
+    clock.now += 9.5  # still trusted: the cache's promise is "within the TTL"
+    assert client.get("/v1/jobs", headers=alice).status_code == 200
+    clock.now += 1.0
+    refused = client.get("/v1/jobs", headers=alice)
+    assert refused.status_code == 401 and "was revoked" in refused.json()["error"]["message"]
+
+
+def test_ttl_zero_checks_every_request(app: FastAPI, client: TestClient, alice: Headers) -> None:
+    app.state.key_cache = KeyCache(ttl_s=0)
+    assert client.get("/v1/jobs", headers=alice).status_code == 200
+    _revoke_elsewhere(app, "alice")
+    assert client.get("/v1/jobs", headers=alice).status_code == 401
+
+
+def test_a_key_revoked_through_this_process_is_refused_at_once(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)}))
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app) as client:
+        created = client.post("/v1/admin/keys", json={"owner": "carol"}, headers=admin).json()
+        carol = {"X-API-Key": created["key"]}
+        assert client.get("/v1/jobs", headers=carol).status_code == 200  # now cached
+        revoked = client.post(f"/v1/admin/keys/{created['prefix']}/revoke", headers=admin)
+        assert revoked.status_code == 200, revoked.text
+        assert client.get("/v1/jobs", headers=carol).status_code == 401
+
+
+def test_the_cache_does_not_keep_unknown_tokens_and_stays_bounded(app: FastAPI) -> None:
+    cache = KeyCache(ttl_s=60, max_entries=2)
+    tokens = []
+    for owner in ("a", "b", "c"):
+        with session_scope(app.state.session_factory) as session:
+            tokens.append(create_api_key(session, owner)[1])
+    factory = app.state.session_factory
+    assert cache.lookup("reid_" + uuid.uuid4().hex, factory) is None
+    known = [cache.lookup(t, factory) for t in tokens]
+    assert [k.owner for k in known if k is not None] == ["a", "b", "c"]
+    assert len(cache._entries) == 2  # the oldest ("a") went first
