@@ -2,18 +2,24 @@
 as the job's columns ``progress``, ``epoch``, ``step`` and ``metrics`` (:class:`JobMetrics`).
 
 The supervisor copies them into the job as the trainer goes; the API serves ``metrics`` with
-this schema.
+this schema. A number that is not finite (a diverged loss is NaN) is stored and served as null:
+JSON has no NaN, and PostgreSQL's JSONB refuses it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-from reid_core.run_dir import ClusterSignals, Evaluation, Losses, Progress, RunStatus
+from reid_core.run_dir import Progress, RunStatus
 
 __all__ = ["JobMetrics", "progress_columns"]
+
+
+#: Numbers by name; null where the trainer's value was NaN or infinite.
+Numbers = Annotated[dict[str, float | None], Field(default_factory=dict)]
 
 
 class JobMetrics(BaseModel):
@@ -22,9 +28,12 @@ class JobMetrics(BaseModel):
     wrote it."""
 
     status: RunStatus | None = Field(None, description="The trainer's: running, finished, ...")
-    losses: Losses = Field(default_factory=dict)
-    eval: Evaluation = Field(default_factory=dict)  # progress.json's ``metrics``
-    clustering: ClusterSignals = Field(default_factory=dict)
+    losses: Numbers = Field(description="Each loss term of the last step (total, ...).")
+    eval: Numbers = Field(
+        description="The latest evaluation (mAP, R1, ... in percent) and `epoch`, the epochs "
+        "finished when it ran (0: before training); empty before the first."
+    )  # progress.json's ``metrics``
+    clustering: Numbers = Field(description="The latest pseudo labels' signals.")
     epochs: int | None = Field(None, description="Epochs the job trains in all.")
     steps_per_epoch: int | None = None
     step_in_epoch: int | None = Field(None, description="Steps done in the epoch under way.")
@@ -34,7 +43,15 @@ class JobMetrics(BaseModel):
     @classmethod
     def from_progress(cls, progress: Progress) -> JobMetrics:
         shared = progress.model_dump(include=set(cls.model_fields) - {"eval"})
-        return cls(**shared, eval=progress.metrics)
+        for name in ("losses", "clustering"):
+            shared[name] = _finite(shared[name])
+        for name in ("images_per_second", "eta_seconds"):
+            shared[name] = _finite({name: shared[name]})[name]
+        return cls(**shared, eval=_finite(progress.metrics))
+
+
+def _finite(values: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: v if v is not None and math.isfinite(v) else None for k, v in values.items()}
 
 
 def progress_columns(progress: Progress) -> dict[str, Any]:

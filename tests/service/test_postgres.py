@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,10 +12,12 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from reid_core.run_dir import Progress
 from service.app import create_app
 from service.core import migrate
 from service.core.api_keys import create_api_key
 from service.core.db import session_scope
+from service.core.job_progress import progress_columns
 from service.core.job_states import change_state, lock_job
 from service.core.models import JobState
 from tests.service.conftest import TestClient, make_settings, write_image_folder
@@ -110,3 +114,37 @@ def test_concurrent_requests_with_one_idempotency_key(pg_app: FastAPI) -> None:
         assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
         assert len({r.json()["id"] for r in responses}) == 1
         assert client.get("/v1/jobs", headers=carol).json()["total"] == 1
+
+
+def test_a_diverged_loss_is_stored_and_served_as_null(pg_app: FastAPI) -> None:
+    """A NaN loss (a diverged run) and an infinite ETA reach a job's JSONB metrics as null, and
+    the job is still served (JSONB refuses NaN; the API's schema says null)."""
+    settings = pg_app.state.settings
+    folder = write_image_folder(settings.dataset_roots[0] / "diverged")
+    progress = Progress(
+        status="running",
+        epoch=1,
+        epochs=3,
+        step_in_epoch=2,
+        steps_per_epoch=4,
+        global_step=6,
+        progress=0.5,
+        losses={"total": math.nan, "instance": 2.5},
+        metrics={"mAP": math.inf, "epoch": 1.0},
+        eta_seconds=math.inf,
+    )
+    with TestClient(pg_app) as client:
+        alice = _key(pg_app, "alice")
+        dataset = _dataset(client, alice, folder, "diverged")
+        job = client.post("/v1/jobs", json={"dataset_id": dataset["id"]}, headers=alice).json()
+        with session_scope(pg_app.state.session_factory) as session:
+            row = lock_job(session, uuid.UUID(job["id"]))
+            assert row is not None
+            for name, value in progress_columns(progress).items():
+                setattr(row, name, value)
+        shown = client.get(f"/v1/jobs/{job['id']}", headers=alice)
+        assert shown.status_code == 200, shown.text
+        metrics = shown.json()["metrics"]
+        assert metrics["losses"] == {"total": None, "instance": 2.5}
+        assert metrics["eval"] == {"mAP": None, "epoch": 1.0}
+        assert metrics["eta_seconds"] is None and shown.json()["progress"] == 0.5

@@ -37,6 +37,7 @@ export function renderJobs(root) {
   const entries = new Map(); // job id -> {job, resource, row}
   const datasets = new Map(); // dataset id -> dataset
   let limit = PAGE_SIZE;
+  let listResource = new ConditionalResource(`v1/jobs?limit=${limit}`);
 
   const tbody = h("tbody");
   const count = h("span", { class: "muted", id: "jobs-count" }, "loading…");
@@ -163,7 +164,11 @@ export function renderJobs(root) {
   }
 
   async function refreshList() {
-    const page = await getJSON(`v1/jobs?limit=${limit}`);
+    const page = await listResource.fetch();
+    if (page === null) {
+      setMessage(status, ""); // the page did not change (a 304)
+      return;
+    }
     const ids = page.items.map((job) => upsert(job).job.id);
     for (const id of [...entries.keys()]) if (!ids.includes(id)) entries.delete(id);
     placeRows(ids);
@@ -191,6 +196,7 @@ export function renderJobs(root) {
     setMessage(status, `Could not refresh the jobs: ${describeError(error)}`);
   more.addEventListener("click", () => {
     limit = Math.min(MAX_PAGE, limit + PAGE_SIZE);
+    listResource = new ConditionalResource(`v1/jobs?limit=${limit}`);
     listPoll.now();
   });
   form.element.addEventListener("toggle", () => {
