@@ -9,6 +9,7 @@ JSON has no NaN, and PostgreSQL's JSONB refuses it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
@@ -50,7 +51,7 @@ class JobMetrics(BaseModel):
         return cls(**shared, eval=_finite(progress.metrics))
 
 
-def _finite(values: dict[str, float | None]) -> dict[str, float | None]:
+def _finite(values: Mapping[str, float | None]) -> dict[str, float | None]:
     return {k: v if v is not None and math.isfinite(v) else None for k, v in values.items()}
 
 
