@@ -118,6 +118,13 @@ class DataConfig(_Strict):
         le=1.0,
         description="Augmented views: random erasing (2-40% of the area) with this probability.",
     )
+    camera_style_probability: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Augmented views: recoloured to another camera's colour statistics with this "
+        "probability (reid_core/data/camera_style.py); needs images of two cameras or more.",
+    )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
