@@ -42,7 +42,7 @@ def _records(root: Path, per_camera: int = 4, unknown: int = 0) -> list[ImageRec
 
 
 def _cfg(**kw: object) -> DataConfig:
-    return DataConfig(height=32, width=16, batch_size=4, num_workers=0, **kw)  # type: ignore[arg-type]
+    return DataConfig(height=32, width=16, batch_size=4, num_workers=0, **kw)
 
 
 def test_each_camera_has_its_own_colour_statistics(tmp_path: Path) -> None:
