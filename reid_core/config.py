@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reid_core.atomic_write import write_atomic
+
 __all__ = [
     "CameraProxyConfig",
     "CheckpointConfig",
@@ -800,7 +802,7 @@ def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved configuration as YAML; returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 
