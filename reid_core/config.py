@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from reid_core.atomic_write import write_atomic
+
 __all__ = [
     "CameraProxyConfig",
     "CheckpointConfig",
@@ -117,6 +119,13 @@ class DataConfig(_Strict):
         ge=0.0,
         le=1.0,
         description="Augmented views: random erasing (2-40% of the area) with this probability.",
+    )
+    camera_style_probability: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Augmented views: recoloured to another camera's colour statistics with this "
+        "probability (reid_core/data/camera_style.py); needs images of two cameras or more.",
     )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -793,7 +802,7 @@ def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved configuration as YAML; returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from reid_core.config import ClusterConfig, DataConfig
+from reid_core.data.camera_style import CameraStyle, camera_colour_stats
 from reid_core.data.image_io import CorruptImageError, TooManyCorruptImagesError, load_image
 from reid_core.data.records import ImageRecord
 from reid_core.data.registry import DatasetError
@@ -60,11 +61,13 @@ class TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         transform: TwoViewTransform,
         max_bad_fraction: float = 0.01,
         on_corrupt: OnCorrupt = "substitute",
+        style: CameraStyle | None = None,
     ) -> None:
         if not records:
             raise DatasetError("the train split is empty: nothing to train on")
         self.records = list(records)
         self.transform = transform
+        self.style = style
         self.max_bad_fraction = max_bad_fraction
         self.on_corrupt = on_corrupt
         self._bad: dict[int, str] = {}
@@ -79,11 +82,17 @@ class TrainSet(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
             # torchvision's random transforms draw from torch's global CPU generator
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                view0, view1 = self.transform(image)
+                view0, view1 = self._views(image, index)
         else:
             index = item
-            view0, view1 = self.transform(self._load(index))
+            view0, view1 = self._views(self._load(index), index)
         return view0, view1, index
+
+    def _views(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view0, view1 = self.transform(image)
+        if self.style is not None:
+            view1 = self.style(view1, self.records[index].camid)
+        return view0, view1
 
     def _note_bad(self, index: int, exc: CorruptImageError) -> None:
         self._bad[index] = str(exc)
@@ -182,7 +191,9 @@ def build_train_loader(
     every epoch, with ``start_batch`` to resume mid-epoch. Workers are persistent and seeded from
     ``seed`` and the rank; memory is pinned when CUDA is available.
     """
-    dataset = TrainSet(records, build_train_transform(cfg), cfg.max_bad_fraction)
+    dataset = TrainSet(
+        records, build_train_transform(cfg), cfg.max_bad_fraction, style=_camera_style(records, cfg)
+    )
     try:
         sampler: EpochShuffleSampler
         if clusters is None:
@@ -212,6 +223,26 @@ def build_train_loader(
         worker_init_fn=seed_worker,
         generator=gen,
     )
+
+
+def _camera_style(records: Sequence[ImageRecord], cfg: DataConfig) -> CameraStyle | None:
+    """``data.camera_style_probability``'s recolouring, from the training images' cameras."""
+    if cfg.camera_style_probability == 0:
+        return None
+    stats = camera_colour_stats(records, build_test_transform(cfg))
+    if stats is None:
+        _LOG.warning(
+            "data.camera_style_probability=%g needs images of two cameras or more; the training "
+            "images have fewer known cameras, so the augmented views keep their colours",
+            cfg.camera_style_probability,
+        )
+        return None
+    _LOG.info(
+        "camera colour styles of cameras %s (channel means %s)",
+        list(stats.cameras),
+        [[round(v, 3) for v in row] for row in stats.mean.tolist()],
+    )
+    return CameraStyle(stats, cfg.camera_style_probability)
 
 
 def build_eval_loader(

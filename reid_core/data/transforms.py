@@ -9,6 +9,9 @@ to tensor, normalise, a random erasing with probability ``data.erasing_probabili
 area, filled with 0 = the mean colour). Both views flip independently. The crop and the rotation
 work on the resized image, so the cost does not grow with the source resolution.
 
+The training set (:class:`reid_core.data.loaders.TrainSet`) may then recolour view 1 as another
+camera sees (``data.camera_style_probability``, :mod:`reid_core.data.camera_style`).
+
 ``data.augment_both_views``: view 0 is drawn from the same random augmentation as view 1 (two
 independently augmented views, as contrastive learning uses) instead of the plain view.
 """

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reid_core.atomic_write import atomic_path
 from reid_core.evaluation.distance import Metric, check_metric
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def save_index(index: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu_index = faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
-    faiss.write_index(cpu_index, str(path))
+    with atomic_path(path) as tmp:  # a gallery being rebuilt keeps its old index until then
+        faiss.write_index(cpu_index, str(tmp))
     return path
 
 

@@ -403,6 +403,28 @@ def test_knn_search_matches_brute_force(metric, tmp_path):
     np.testing.assert_allclose(scores2, scores)
 
 
+def test_a_failed_index_write_keeps_the_old_index(tmp_path, monkeypatch):
+    """save_index replaces the file in one step: a write that fails half-way (a full disk)
+    leaves the index that was there, and no temporary file."""
+    faiss = pytest.importorskip("faiss")
+    from reid_core.evaluation.search import build_index, load_index, save_index
+
+    rng = np.random.default_rng(0)
+    path = save_index(build_index(rng.normal(size=(7, 4)), metric="cosine"), tmp_path / "g.faiss")
+
+    def half_write(index, name):
+        with open(name, "wb") as f:
+            f.write(b"IxF")  # a truncated header
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", half_write)
+    with pytest.raises(RuntimeError, match="No space"):
+        save_index(build_index(rng.normal(size=(3, 4)), metric="cosine"), path)
+    monkeypatch.undo()
+    assert load_index(path).ntotal == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.faiss"]
+
+
 def test_knn_search_errors(tmp_path):
     pytest.importorskip("faiss")
     from reid_core.evaluation.search import build_index, knn_search, load_index
