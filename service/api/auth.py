@@ -9,6 +9,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.deps import SettingsDep
@@ -25,7 +26,7 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def current_owner(
+async def current_owner(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_header)],
@@ -38,7 +39,11 @@ def current_owner(
             "(create one with `python -m service create-key --owner <name>`)"
         )
     cache: KeyCache = request.app.state.key_cache
-    key = cache.lookup(token, request.app.state.session_factory)
+    # A key verified lately is answered here, in the event loop; only a miss reads the database
+    # (in the thread pool, as sync routes do).
+    key = cache.peek(token) or await run_in_threadpool(
+        cache.lookup, token, request.app.state.session_factory
+    )
     if key is None:
         raise _unauthorized("invalid API key")
     if key.revoked:

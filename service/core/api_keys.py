@@ -100,14 +100,19 @@ class KeyCache:
         self._entries: OrderedDict[str, tuple[float, KnownKey]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def peek(self, token: str) -> KnownKey | None:
+        """The key ``token`` is if the cache still holds it (no database read), else None."""
+        with self._lock:
+            entry = self._entries.get(hash_key(token))
+        return entry[1] if entry is not None and entry[0] > self._clock() else None
+
     def lookup(self, token: str, session_factory: Callable[[], Session]) -> KnownKey | None:
         """The key ``token`` is, from the cache or (opening a session) from the database."""
+        cached = self.peek(token)
+        if cached is not None:
+            return cached
         digest = hash_key(token)
         now = self._clock()
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is not None and entry[0] > now:
-                return entry[1]
         with session_factory() as session:
             row = find_api_key(session, token)
             if row is None:

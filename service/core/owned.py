@@ -48,9 +48,13 @@ def owned_version(
 ) -> int:
     """The row version of ``owner``'s ``model`` row ``ident`` (one integer read, by primary
     key); not found as in :func:`owned`."""
-    version = session.execute(
-        select(model.version).where(model.id == ident, model.owner == owner)
-    ).scalar_one_or_none()
+    # A Core statement on the session's connection: the ORM's machinery (entities, identity
+    # map) would cost more than the query for one integer, on every poll.
+    version = (
+        session.connection()
+        .execute(select(model.__table__.c.version).where(model.id == ident, model.owner == owner))
+        .scalar_one_or_none()
+    )
     if version is None:
         raise not_found(kind, ident)
     return version
