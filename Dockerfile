@@ -99,6 +99,7 @@ RUN mkdir -p /var/lib/reid/jobs /var/lib/reid/uploads /data/reid \
 USER reid
 ENV REID_DATA_DIR=/var/lib/reid
 EXPOSE 8000
-# The API; docker-compose.yml runs migrations, workers and the dispatcher from the same image
-# with `python -m service migrate`, `python -m worker run ...`, `python -m worker dispatcher`.
-CMD ["uvicorn", "--factory", "service.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+# The API (uvicorn, REID_API_WORKERS processes); docker-compose.yml runs migrations, workers and
+# the dispatcher from the same image with `python -m service migrate`, `python -m worker run ...`,
+# `python -m worker dispatcher`.
+CMD ["python", "-m", "service", "serve", "--no-migrate", "--host", "0.0.0.0", "--port", "8000"]

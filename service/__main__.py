@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -22,6 +23,9 @@ from service.core.models import ApiKey
 from service.core.settings import Settings
 
 _LOG = logging.getLogger("service")
+
+#: The app as uvicorn imports it in each API process when there are several (REID_API_WORKERS).
+APP_FACTORY = "service.app:create_app"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,15 +158,23 @@ def _serve(
     if run_migrations:
         migrate.upgrade(settings.database_url)
     mlflow_note = _prepare_mlflow(settings)
+    # What this command decides for the API, as variables: with REID_API_WORKERS > 1 each API
+    # process builds its own app (engine, pool, key cache) from the environment.
+    app_env: dict[str, str] = {}
     if with_worker and worker_gpus == "none" and settings.job_bounds.default_gpus is None:
         # the only worker trains on the CPU: what omits gpus must go to its queue
+        app_env["REID_JOB_BOUNDS__DEFAULT_GPUS"] = "0"
         bounds = settings.job_bounds.model_copy(update={"default_gpus": 0})
         settings = settings.model_copy(update={"job_bounds": bounds})
-    app = create_app(settings)
+    processes = settings.api_workers
+    app: Callable[..., Any] | str = create_app(settings) if processes == 1 else APP_FACTORY
     children = _start_children(worker_gpus) if with_worker else []
+    if processes > 1:
+        os.environ.update(app_env)  # after the children start: the API's, not the worker's
     extra = " with a worker and the dispatcher" if children else ""
+    plural = f", {processes} API processes" if processes > 1 else ""
     print(
-        f"re-ID training service on http://{host}:{port}{extra} "
+        f"re-ID training service on http://{host}:{port}{extra}{plural} "
         f"(API docs: http://{host}:{port}/docs)\n{mlflow_note}",
         flush=True,
     )
@@ -175,7 +187,14 @@ def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+        uvicorn.run(
+            app,
+            factory=processes > 1,
+            workers=processes,
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+        )
     finally:
         _stop_children(children)
     return 0

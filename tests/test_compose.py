@@ -248,10 +248,12 @@ def test_every_long_running_service_has_a_healthcheck(services: dict[str, Any]) 
 def test_api_command_and_environment(services: dict[str, Any]) -> None:
     api = services["api"]
     argv = command_of(api)
-    assert argv[:3] == ["uvicorn", "--factory", "service.app:create_app"]
-    assert option(argv, "--host") == "0.0.0.0"
-    assert option(argv, "--port") == "8000"
+    assert argv[:3] == ["python", "-m", "service"]
+    args = importlib.import_module("service.__main__")._parser().parse_args(argv[3:])
+    assert (args.command, args.no_migrate) == ("serve", True)  # the migrations service's job
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
     env = environment_of(api)
+    assert env["REID_API_WORKERS"] == "1"  # ${REID_API_WORKERS:-1}: the host's, or one
     assert env["REID_ENVIRONMENT"] == "production"
     assert env["REID_WORKER__BROKER_URL"] == "redis://redis:6379/0"
     assert env["REID_ADMIN_TOKEN"] == TEST_SECRETS["REID_ADMIN_TOKEN"]

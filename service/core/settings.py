@@ -266,6 +266,13 @@ class Settings(BaseSettings):
         "revoked by another process (the CLI, another API worker) is refused within this many "
         "seconds (at once when revoked through this process's admin route); 0: every request.",
     )
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API processes `python -m service serve` starts (uvicorn's workers), each "
+        "with its own database pool and API key cache; about one per CPU core the API may use.",
+    )
     log_level: Annotated[str, Field(pattern=r"^(?i:debug|info|warning|error|critical)$")] = "info"
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,12 @@ from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.importer import import_from_string
 
+import service.__main__ as service_main
 from service.__main__ import main
 from service.app import create_app
+from service.core.settings import get_settings
 from tests.service.conftest import TestClient, make_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,8 +78,37 @@ def test_serve_migrates_first_and_prints_the_url(
     assert "http://127.0.0.1:8000" in capsys.readouterr().out
     (call,) = calls
     assert (call["host"], call["port"]) == ("127.0.0.1", 8000)
+    assert (call["workers"], call["factory"]) == (1, False)  # REID_API_WORKERS unset: this app
     with TestClient(call["app"]) as client:
         assert client.get("/readyz").status_code == 200  # migrations were applied
+
+
+def test_serve_starts_api_workers_processes_from_the_factory(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """REID_API_WORKERS=3: uvicorn gets the app factory to import in each of 3 processes, and
+    what `serve --with-worker` decides for the API (jobs without gpus go to the CPU worker)
+    reaches the apps those processes build from the environment."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # serve exports the API's variables
+    monkeypatch.setenv("REID_API_WORKERS", "3")
+    monkeypatch.delenv("REID_JOB_BOUNDS__DEFAULT_GPUS", raising=False)
+    monkeypatch.setattr(service_main, "_start_children", lambda gpus: [])
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    assert main(["serve", "--with-worker"]) == 0
+    assert "3 API processes" in capsys.readouterr().out
+    (call,) = calls
+    assert (call["app"], call["factory"], call["workers"]) == ("service.app:create_app", True, 3)
+
+    get_settings.cache_clear()  # as in a new process
+    try:
+        app = import_from_string(call["app"])()  # what each API process runs
+    finally:
+        get_settings.cache_clear()
+    assert app.state.settings.api_workers == 3
+    assert app.state.settings.job_bounds.default_gpus == 0
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200  # migrated before uvicorn started
 
 
 def test_module_entry_point(db_url: str) -> None:
