@@ -5,8 +5,9 @@ The reference is measured in the same run: ``bench/bare_app.py``, one FastAPI ro
 a fixed 3.3 KB JSON body with no work of its own, served by the same uvicorn command (same
 settings, same number of processes) on its own port and loaded by the same wrk settings. Every
 route is printed as ``x bare``: its req/s over the bare route's and its p99 over the bare
-route's. A ratio says what the service adds to the framework, and moves far less with the
-machine and its load than absolute figures do.
+route's, and its server CPU per request over the bare route's (``CPU x bare``: the least moved
+by other load on the machine). A ratio says what the service adds to the framework, and moves
+far less with the machine and its load than absolute figures do.
 
 Measured (with ``--jobs`` = 10,000 jobs of the key's owner in the table unless said):
 
@@ -765,6 +766,16 @@ def find(
     return None
 
 
+def cpu_x_bare(results: list[LoadResult], res: LoadResult) -> float:
+    """Server CPU per request of ``res`` over the bare route's with as many processes: what
+    the route costs, little moved by other load on the machine (NaN without a bare run)."""
+    bare = [
+        r.cpu_ms_per_request for r in results if r.name == "bare" and r.processes == res.processes
+    ]
+    mean = statistics.fmean(bare) if bare else 0.0
+    return res.cpu_ms_per_request / mean if mean > 0 else float("nan")
+
+
 def x_bare(results: list[LoadResult], res: LoadResult) -> tuple[float, float]:
     """(req/s, p99) of ``res`` over the bare route's with as many processes: the mean of its
     runs (one before and one after the routes measured against it); NaN without one."""
@@ -908,9 +919,9 @@ def results_table(results: list[LoadResult]) -> list[str]:
     """Every run as a Markdown table row, with its ratios to the bare route."""
     rows = [
         "| run | API processes | jobs of the owner | req/s | req/s x bare | p50 ms | p99 ms | "
-        "p99 x bare | server CPU ms/request | bytes/response | new PostgreSQL connections "
-        "/ 1k requests | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "p99 x bare | server CPU ms/request | CPU x bare | bytes/response | new PostgreSQL "
+        "connections / 1k requests | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for res in results:
         rps_x, p99_x = x_bare(results, res)
@@ -919,6 +930,7 @@ def results_table(results: list[LoadResult]) -> list[str]:
         rows.append(
             f"| {res.name} | {res.processes} | {jobs} | {res.rps:.1f} | {rps_x:.2f} | "
             f"{res.p50_ms:.1f} | {res.p99_ms:.1f} | {p99_x:.2f} | {res.cpu_ms_per_request:.2f} | "
+            f"{cpu_x_bare(results, res):.1f} | "
             f"{res.bytes_per_request:.0f} | {_number(res.sessions_per_1k)} | {codes} |"
         )
     return rows
@@ -1084,7 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
                 res.extra["pg_sessions"] = pg_sessions(engine) - sessions
             results.append(res)
             rps_x, p99_x = x_bare(results, res)
-            ratio = f"  x bare: {rps_x:.2f} req/s, {p99_x:.2f} p99" if rps_x == rps_x else ""
+            ratio = f"  x bare: {rps_x:.2f} req/s, {p99_x:.2f} p99, " if rps_x == rps_x else ""
+            ratio += f"{cpu_x_bare(results, res):.1f} CPU" if ratio else ""
             say(res.line() + ratio)
             answered(res, status)
 
@@ -1116,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
                 res.extra["pg_sessions"] = pg_sessions(engine) - sessions
             results.append(res)
             rps_x, p99_x = x_bare(results, res)
-            say(res.line() + f"  x bare: {rps_x:.2f} req/s, {p99_x:.2f} p99")
+            cpu_x = cpu_x_bare(results, res)
+            say(res.line() + f"  x bare: {rps_x:.2f} req/s, {p99_x:.2f} p99, {cpu_x:.1f} CPU")
             answered(res, "201")
             return res
 
