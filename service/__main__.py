@@ -89,7 +89,10 @@ def _revoke_key(settings: Settings, prefix: str) -> int:
         if key is None:
             print(f"error: no API key with prefix {prefix!r}", file=sys.stderr)
             return 1
-        print(f"revoked {key.prefix}... (owner {key.owner!r})")
+        print(
+            f"revoked {key.prefix}... (owner {key.owner!r}); running API processes refuse it "
+            f"within {settings.api_key_cache_seconds:g} s (REID_API_KEY_CACHE_SECONDS)"
+        )
     return 0
 
 

@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for ``settings`` (default: from the environment). The schema must be migrated
     (``python -m service migrate``) unless ``settings.migrate_on_startup`` is set."""
     settings = settings if settings is not None else get_settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

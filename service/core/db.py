@@ -29,14 +29,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, pool_size: int | None = None, **kwargs: Any) -> Engine:
     """An engine for ``url``; for a SQLite file, its folder is created and WAL mode set; for
-    PostgreSQL, connections are pinged before use and connecting times out."""
+    PostgreSQL, connections are pinged before use, connecting times out, and ``pool_size``
+    (SQLAlchemy's default: 5) connections are kept open."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend != "sqlite":
         # A connection that died with its server is replaced on checkout, not handed out.
         kwargs.setdefault("pool_pre_ping", True)
+        if pool_size is not None:
+            kwargs["pool_size"] = pool_size
         if backend == "postgresql" and "connect_timeout" not in parsed.query:
             kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S} | dict(
                 kwargs.get("connect_args", {})

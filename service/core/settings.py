@@ -229,6 +229,14 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. postgresql+psycopg://reid:pw@db/reid; "
         "empty: a SQLite file in data_dir.",
     )
+    database_pool_size: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="Connections an API process keeps open to a database server (PostgreSQL): "
+        "at least the requests it serves at once, or every request past it opens a connection "
+        "of its own (a few ms); up to as many again are opened for bursts and closed after.",
+    )
     migrate_on_startup: bool = Field(
         False, description="Run `alembic upgrade head` when the API starts."
     )

@@ -49,11 +49,15 @@ def test_migrate_then_keys(db_url: str, tmp_path: Path, capsys: pytest.CaptureFi
     assert "alice" in listing and "active" in listing and "laptop" in listing
     assert token not in listing
 
-    with TestClient(create_app(make_settings(tmp_path, db_url))) as client:
+    # an API that reads the key on every request refuses it at once (with its cache on: within
+    # REID_API_KEY_CACHE_SECONDS, tests/service/test_polling.py)
+    uncached = make_settings(tmp_path, db_url, api_key_cache_seconds=0)
+    with TestClient(create_app(uncached)) as client:
         headers = {"Authorization": f"Bearer {token}"}
         assert client.get("/v1/jobs", headers=headers).status_code == 200
         prefix = listing.split("...")[0].strip()
         assert main(["revoke-key", prefix]) == 0
+        assert "refuse it within 10 s" in capsys.readouterr().out
         assert client.get("/v1/jobs", headers=headers).status_code == 401
     assert main(["revoke-key", "reid_nothing"]) == 1
     assert main(["create-key", "--owner", "  "]) == 2

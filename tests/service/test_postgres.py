@@ -148,3 +148,19 @@ def test_a_diverged_loss_is_stored_and_served_as_null(pg_app: FastAPI) -> None:
         assert metrics["losses"] == {"total": None, "instance": 2.5}
         assert metrics["eval"] == {"mAP": None, "epoch": 1.0}
         assert metrics["eta_seconds"] is None and shown.json()["progress"] == 0.5
+
+
+def test_the_pool_keeps_the_configured_connections(tmp_path: Path, pg_url: str) -> None:
+    """REID_DATABASE_POOL_SIZE connections stay open for a PostgreSQL server: requests served at
+    once up to that many reuse them instead of connecting (a few ms each)."""
+    for size in (10, 3):
+        app = create_app(make_settings(tmp_path, pg_url, database_pool_size=size))
+        try:
+            pool = app.state.engine.pool
+            assert pool.size() == size
+            connections = [app.state.engine.connect() for _ in range(size + 2)]
+            for connection in connections:
+                connection.close()
+            assert pool.checkedin() == size  # the overflow was closed, the pool kept
+        finally:
+            app.state.engine.dispose()
