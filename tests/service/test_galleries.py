@@ -456,9 +456,9 @@ def test_an_image_deleted_from_disk_is_404_naming_it(
     assert response.status_code == 404, response.text
     error = response.json()["error"]
     assert error["code"] == "gallery_image_missing"
-    assert error["message"].startswith(
-        f"gallery image {hit['path']} (position {hit['position']}) is no longer on disk: "
-        f"{root / hit['path']} is gone"
+    assert error["message"] == (
+        f"gallery image {hit['path']} (position {hit['position']}) is no longer on disk; the "
+        "dataset's folder changed after the gallery was built"
     )
     (root / hit["path"]).mkdir()  # something else in its place is no image file either
     assert _image(client, alice, ready["id"], hit["position"]).status_code == 404
