@@ -57,6 +57,7 @@ _QUERY_BODY = {
                             "description": "The query: a person crop (JPEG, PNG, BMP, WebP).",
                         }
                     },
+                    "additionalProperties": False,  # another field is refused (receive_images)
                 }
             }
         },
