@@ -72,6 +72,16 @@ def test_validation_errors_name_field_and_value(client: TestClient, alice: Heade
     }
 
 
+def test_offsets_past_the_largest_bigint_are_422_on_sqlite(
+    client: TestClient, alice: Headers
+) -> None:
+    """SQLite raised OverflowError (a 500) for OFFSET 2**63; the spec's maximum refuses it first."""
+    assert client.get("/v1/jobs", params={"offset": 2**63 - 1}, headers=alice).json()["items"] == []
+    past = client.get("/v1/jobs", params={"offset": 2**63}, headers=alice)
+    assert past.status_code == 422, past.text
+    assert past.json()["error"]["details"][0]["field"] == "query.offset"
+
+
 def test_only_a_uuid_is_an_id_in_a_path(client: TestClient, alice: Headers) -> None:
     """/v1/jobs/preview is not a job: GET on it is a 405 (POST only), not a 422 for a job id."""
     not_an_id = client.get("/v1/jobs/not-a-uuid", headers=alice)
