@@ -25,9 +25,9 @@ _DESCRIPTION = """\
 Unsupervised person re-ID training as a service. Register a dataset (a server folder or an
 uploaded archive), submit training jobs with configuration overrides, and follow their state.
 
-Every `/v1` route needs an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`
-(`python -m service create-key --owner <name>` prints one). Errors are JSON:
-`{"error": {"code": ..., "message": ...}}`.
+Every `/v1` route needs an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`, one
+of them or both naming the same key (`python -m service create-key --owner <name>` prints one).
+Errors are JSON: `{"error": {"code": ..., "message": ...}}`.
 """
 
 

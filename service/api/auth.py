@@ -1,6 +1,10 @@
 """Who is asking: every ``/v1`` route takes an API key (:mod:`service.core.api_keys`) as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and acts for the key's owner; the admin
 routes take ``REID_ADMIN_TOKEN``.
+
+A request that sends both headers must name the same key in each, and an ``Authorization`` header
+must read ``Bearer <key>``: a valid key in one header never vouches for whatever the other holds
+(a proxy's credentials, a stale key, a typo), so the request is refused rather than half read.
 """
 
 from __future__ import annotations
@@ -26,13 +30,30 @@ def _unauthorized(message: str) -> APIError:
     return APIError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def _presented_key(request: Request, bearer: str | None, header_key: str | None) -> str | None:
+    """The one API key the request presents; 401 when its ``Authorization`` header is not
+    ``Bearer <key>`` (HTTPBearer reads such a header as absent) or when both headers are sent
+    and do not hold the same key (an empty ``X-API-Key`` is no key: APIKeyHeader reads it as
+    absent, but it is not the bearer's)."""
+    if bearer is None and request.headers.get("authorization") is not None:
+        raise _unauthorized(
+            "the Authorization header is malformed: send `Authorization: Bearer <key>`, "
+            "or leave it out and send `X-API-Key: <key>`"
+        )
+    sent_key = request.headers.get("x-api-key")
+    if bearer is not None and sent_key is not None and sent_key != bearer:
+        raise _unauthorized("Authorization and X-API-Key name different keys; send one")
+    return bearer if bearer is not None else header_key
+
+
 async def current_owner(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_header)],
 ) -> str:
-    """The owner of the presented API key; 401 when it is missing, unknown or revoked."""
-    token = bearer.credentials if bearer is not None else header_key
+    """The owner of the presented API key; 401 when it is missing, unknown or revoked, or when
+    the request's two key headers disagree (:func:`_presented_key`)."""
+    token = _presented_key(request, bearer.credentials if bearer is not None else None, header_key)
     if not token:
         raise _unauthorized(
             "missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>` "

@@ -158,13 +158,14 @@ def list_datasets(owner: CurrentOwner, session: SessionDep, paging: PageDep) -> 
     )
 
 
-@router.get("/{dataset_id}", summary="One dataset", responses=error_responses(e404="Unknown"))
+# `:uuid`: only a UUID is a dataset id in a path (as for jobs: a malformed id is no route, 404).
+@router.get("/{dataset_id:uuid}", summary="One dataset", responses=error_responses(e404="Unknown"))
 def get_dataset(dataset_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) -> DatasetOut:
     return DatasetOut.model_validate(datasets.owned_dataset(session, owner, dataset_id))
 
 
 @router.delete(
-    "/{dataset_id}",
+    "/{dataset_id:uuid}",
     status_code=204,
     summary="Delete a dataset (an upload's files too; a server folder is left alone)",
     responses=error_responses(e404="Unknown", e409="A job still uses it"),

@@ -52,6 +52,10 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
+#: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET
+#: (a larger one is refused by the schema rather than by the database driver).
+MAX_OFFSET = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class PageParams:
@@ -69,7 +73,9 @@ class PageParams:
 
 def page_params(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0, description="Items to skip (after `after`, if given)")] = 0,
+    offset: Annotated[
+        int, Query(ge=0, le=MAX_OFFSET, description="Items to skip (after `after`, if given)")
+    ] = 0,
     after: Annotated[
         str | None,
         Query(max_length=200, description="Start after this cursor: a page's `next_after`."),

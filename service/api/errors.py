@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from service.core.errors import (
     ConflictError,
@@ -40,6 +42,8 @@ _MAX_VALUE_CHARS = 200
 _BODY_PARSE_ERROR = "There was an error parsing the body"
 #: Seconds a client should wait before retrying while the database is away.
 DATABASE_RETRY_AFTER_S = 5
+#: The methods a 405's ``Allow`` header may list, in the order it lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class APIError(Exception):
@@ -158,6 +162,27 @@ def _unparsable_body(exc: StarletteHTTPException) -> JSONResponse:
     )
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on the request's path.
+
+    Starlette's 405 lists the methods of the first route whose path matched, but one path is
+    often several routes (``GET`` and ``DELETE /v1/datasets/{id}``); RFC 9110 wants them all. Each
+    method is tried on a fresh scope of the same path, so the request's own is not touched."""
+    allowed = []
+    for method in _METHODS:
+        probe: Scope = {
+            "type": "http",
+            "method": method,
+            "path": request.scope["path"],
+            "root_path": request.scope.get("root_path", ""),
+            "headers": [],
+            "query_string": b"",
+        }
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
@@ -168,10 +193,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         phrase = "error"
     code = phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.detail if isinstance(exc.detail, str) else phrase
-    if message == phrase and exc.status_code in (404, 405):
-        what = "no route" if exc.status_code == 404 else "method not allowed"
-        message = f"{what}: {request.method} {request.url.path} (see /docs for the API)"
-    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+        if message == phrase:
+            takes = f"; this path takes {', '.join(allowed)}" if allowed else ""
+            message = f"method not allowed: {where}{takes} (see /docs for the API)"
+    elif exc.status_code == 404 and message == phrase:
+        message = f"no route: {where} (see /docs for the API)"
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:

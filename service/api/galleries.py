@@ -57,6 +57,7 @@ _QUERY_BODY = {
                             "description": "The query: a person crop (JPEG, PNG, BMP, WebP).",
                         }
                     },
+                    "additionalProperties": False,  # another field is refused (receive_images)
                 }
             }
         },
@@ -100,8 +101,9 @@ def list_galleries(owner: CurrentOwner, session: SessionDep, paging: PageDep) ->
     return Page[GalleryOut].of([_out(g) for g in page.rows], page, paging.limit, paging.offset)
 
 
+# `:uuid`: only a UUID is a gallery id in a path (as for jobs: a malformed id is no route, 404).
 @router.get(
-    "/{gallery_id}",
+    "/{gallery_id:uuid}",
     summary="One gallery: state, progress, counts (ETag; If-None-Match answers 304)",
     response_model=GalleryOut,
     responses={
@@ -127,7 +129,7 @@ def get_gallery(
 
 
 @router.get(
-    "/{gallery_id}/events",
+    "/{gallery_id:uuid}/events",
     summary="The gallery's state changes, oldest first",
     responses=error_responses(e404="Unknown gallery"),
 )
@@ -142,7 +144,7 @@ def list_gallery_events(
 
 
 @router.delete(
-    "/{gallery_id}",
+    "/{gallery_id:uuid}",
     status_code=204,
     summary="Delete a gallery and its index (a build in progress is stopped)",
     responses=error_responses(e404="Unknown gallery"),
@@ -155,7 +157,7 @@ def delete_gallery(
 
 
 @router.post(
-    "/{gallery_id}/retry",
+    "/{gallery_id:uuid}/retry",
     status_code=202,
     summary="Build a FAILED gallery again, from scratch",
     responses=error_responses(
@@ -198,7 +200,7 @@ def _search(
 
 
 @router.post(
-    "/{gallery_id}/search",
+    "/{gallery_id:uuid}/search",
     summary="The gallery images closest to a query image, best first",
     openapi_extra=_QUERY_BODY,
     responses=error_responses(
@@ -238,7 +240,7 @@ async def search_gallery(
 
 
 @router.get(
-    "/{gallery_id}/images/{position}",
+    "/{gallery_id:uuid}/images/{position}",
     summary="One indexed image of the gallery (a search hit's position), as its file",
     response_class=FileResponse,
     responses={

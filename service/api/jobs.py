@@ -136,8 +136,10 @@ def list_jobs(
     return tagged(Page[item].of(items, page, paging.limit, paging.offset), etag)  # type: ignore[valid-type]
 
 
+# `:uuid`: only a UUID routes here, so /v1/jobs/preview is never a job id (GET on it is a
+# 405 naming POST, not a 422 for job_id) and a malformed id is no route (404).
 @router.get(
-    "/{job_id}",
+    "/{job_id:uuid}",
     summary="One job: state, progress, epoch, metrics (ETag; If-None-Match answers 304)",
     response_model=JobOut,
     responses={
@@ -162,7 +164,7 @@ def get_job(
 
 
 @router.get(
-    "/{job_id}/events",
+    "/{job_id:uuid}/events",
     summary="The job's state changes, oldest first",
     responses=error_responses(e404="Unknown job"),
 )
@@ -174,7 +176,7 @@ def list_job_events(
 
 
 @router.get(
-    "/{job_id}/metrics",
+    "/{job_id:uuid}/metrics",
     summary="Per-epoch history: mean loss per term, learning rates, images/s, evaluation",
     responses=error_responses(e404="Unknown job"),
 )
@@ -188,7 +190,7 @@ def job_metrics(
 
 
 @router.get(
-    "/{job_id}/logs",
+    "/{job_id:uuid}/logs",
     summary="The job's log (trainer output and supervisor notes): the last lines, or followed",
     # No default media type: the 200 is text (below), the errors JSON as everywhere else.
     response_class=Response,
@@ -247,7 +249,7 @@ def _follow_logs(
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{job_id:uuid}/cancel",
     summary="Cancel a job: at once if it has not started, else via CANCELLING",
     response_model=JobOut,
     responses={
@@ -266,7 +268,7 @@ def cancel_job(
 
 
 @router.post(
-    "/{job_id}/retry",
+    "/{job_id:uuid}/retry",
     summary="Run a FAILED or CANCELLED job again; it resumes from its last checkpoint",
     response_model=JobOut,
     status_code=202,

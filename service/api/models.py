@@ -154,11 +154,13 @@ _EMBED_BODY = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,  # no part at all is refused (receive_images)
                             "maxItems": MAX_EMBED_IMAGES,
                             "description": "Person crops (JPEG, PNG, BMP, WebP), at most "
                             f"{MAX_IMAGE_BYTES} bytes each.",
                         }
                     },
+                    "additionalProperties": False,  # another field is refused (receive_images)
                 }
             }
         },

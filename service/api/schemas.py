@@ -42,6 +42,16 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _integral_number(value: Any) -> Any:
+    """An integer as JSON Schema (and so the API's OpenAPI schema) defines it: a number with no
+    fractional part, ``2`` or ``2.0`` (a client's JSON library may write either). An integral
+    float becomes the int it is; anything else is left for the field's strict int check to refuse
+    (``2.5``, ``true``, ``"2"``: pydantic's lax int would read the last two as numbers)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -194,7 +204,7 @@ class JobCreate(_In):
         "are refused. The dataset, its folder and the output folder are set by the service.",
         examples=[{"schedule.epochs": 30, "loss": {"gsl": {"threshold": 0.55}}}],
     )
-    # Strict: `true` or 1.5 GPUs are refused, not read as 1.
+    # Integers as JSON Schema's (2 or 2.0); 2.5, `true` or "2" GPUs are refused, not read as 2.
     gpus: StrictInt | None = Field(
         None,
         ge=0,
@@ -235,6 +245,10 @@ class JobCreate(_In):
         "default: the service's (REID_MLFLOW__MODEL_NAME, e.g. reid-<owner>). A model name "
         "belongs to the owner whose job registered it first.",
     )
+
+    _integral = field_validator(
+        "gpus", "priority", "max_retries", "max_restarts", "timeout_minutes", mode="before"
+    )(_integral_number)
 
     @field_validator("config")
     @classmethod
@@ -435,6 +449,8 @@ class GalleryCreate(_In):
     queue: str | None = Field(
         None, description="Queue to build on, as for jobs; default: the first queue."
     )
+
+    _integral = field_validator("gpus", mode="before")(_integral_number)
 
     @field_validator("model_version", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from fastapi.exceptions import RequestValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -155,10 +156,10 @@ class _Receiver(PartHeaderReader):
             self.result.fields[self._name] = self._data.decode(self.charset, errors="replace")
 
 
-def _invalid(field: str, message: str) -> APIError:
-    return APIError(
-        422, "validation_error", message, details=[{"field": field, "message": message}]
-    )
+def _invalid(field: str, message: str) -> RequestValidationError:
+    """The body's ``field`` refused, as request validation refuses a JSON body's (one handler,
+    one shape: :func:`service.api.errors.validation_details`)."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
 
 
 class _ImageReceiver(PartHeaderReader):
@@ -188,14 +189,13 @@ class _ImageReceiver(PartHeaderReader):
         self._name = options[b"name"].decode(self.charset, errors="replace")
         if self._name != self.field:
             raise _invalid(
-                f"body.{self._name}",
+                self._name,
                 f"unexpected form field {self._name!r}: send the images as file parts named "
                 f"`{self.field}`",
             )
         if b"filename" not in options:
             raise _invalid(
-                f"body.{self.field}",
-                f"`{self.field}` must be a file part (an image), not a text field",
+                self.field, f"`{self.field}` must be a file part (an image), not a text field"
             )
         if len(self.images) >= self.max_files:
             raise APIError(
@@ -276,8 +276,8 @@ async def receive_images(
     """The file parts named ``field`` of a ``multipart/form-data`` request, in order.
 
     Refuses (APIError) a body that is not multipart (415), more than ``max_files`` files or a
-    file above ``max_file_bytes`` (413, as soon as the stream shows it), another field or no
-    file at all (422), a malformed or truncated body (400).
+    file above ``max_file_bytes`` (413, as soon as the stream shows it), a malformed or
+    truncated body (400); another field or no file at all fail request validation (422).
     """
     content_type = request.headers.get("content-type", "")
     media, _ = parse_options_header(content_type)
@@ -302,10 +302,5 @@ async def receive_images(
         ),
     )
     if not receiver.images:
-        raise APIError(
-            422,
-            "validation_error",
-            f"no image: send at least one file part named `{field}`",
-            details=[{"field": f"body.{field}", "message": "Field required"}],
-        )
+        raise _invalid(field, f"no image: send at least one file part named `{field}`")
     return receiver.images

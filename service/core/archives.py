@@ -10,11 +10,13 @@ decompressed, so an archive that lies about its sizes still stops at the limit.
 from __future__ import annotations
 
 import functools
+import lzma
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,6 +29,10 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 ArchiveKind = Literal["zip", "tar"]
 _Opener = Callable[[], IO[bytes] | None]
+
+#: What reading a damaged archive raises: the formats' own errors, a truncated stream, and the
+#: decompressors' (zlib for zip and gzip, lzma for xz; bz2 raises OSError).
+_DAMAGED = (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 class ArchiveError(ValueError):
@@ -59,6 +65,14 @@ class _Member:
     path: PurePosixPath  # safe relative path
     is_dir: bool
     size: int
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong reading or writing, in words a client can use: an OSError's own reason
+    without its file name, which is a server path (the upload's scratch folder)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
@@ -192,8 +206,10 @@ def check_archive(path: Path, limits: ArchiveLimits) -> ArchiveSummary:
             with tarfile.open(path, mode="r:*") as tf:
                 for member, _ in _tar_members(tf):
                     budget.add_member(member)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise ArchiveError("corrupt_archive", f"the archive cannot be read: {exc}") from None
+    except _DAMAGED as exc:
+        raise ArchiveError(
+            "corrupt_archive", f"the archive cannot be read: {_reason(exc)}"
+        ) from None
     if budget.files == 0:
         raise ArchiveError("empty_archive", "the archive holds no file")
     return ArchiveSummary(kind, budget.members, budget.files, budget.bytes)
@@ -239,9 +255,11 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> ArchiveSum
             with tarfile.open(path, mode="r:*") as tf:
                 for member, tinfo in _tar_members(tf):
                     _extract_one(dest, member, budget, functools.partial(tf.extractfile, tinfo))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except _DAMAGED as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise ArchiveError("corrupt_archive", f"the archive cannot be extracted: {exc}") from None
+        raise ArchiveError(
+            "corrupt_archive", f"the archive cannot be extracted: {_reason(exc)}"
+        ) from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -252,13 +270,20 @@ def _extract_one(root: Path, member: _Member, budget: _Budget, open_member: _Ope
     # The budget was checked on the headers; counted again on the bytes actually written.
     budget.members += 1
     target = _target(root, member)
-    if member.is_dir:
-        target.mkdir(parents=True, exist_ok=True)
-        return
-    budget.files += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    src = open_member()
-    if src is None:
-        raise ArchiveError("corrupt_archive", f"archive member {member.name!r} has no data")
-    with src:
-        _copy(src, target, member.size, budget, member.name)
+    try:
+        if member.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            return
+        budget.files += 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = open_member()
+        if src is None:
+            raise ArchiveError("corrupt_archive", f"archive member {member.name!r} has no data")
+        with src:
+            _copy(src, target, member.size, budget, member.name)
+    except _DAMAGED as exc:
+        # e.g. a member's data that does not decompress, or a file and a folder of one name
+        raise ArchiveError(
+            "corrupt_archive",
+            f"archive member {member.name!r} cannot be extracted: {_reason(exc)}",
+        ) from None

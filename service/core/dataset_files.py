@@ -77,7 +77,8 @@ def resolve_registered_path(raw: str, roots: Sequence[Path]) -> Path:
         raise DatasetFolderError(f"dataset path {shown} cannot be used: {exc.strerror}") from None
     real_roots = [Path(r).resolve(strict=False) for r in roots]
     if not any(real == r or real.is_relative_to(r) for r in real_roots):
-        via_link = "" if real == path else f" (it resolves to {str(real)!r})"
+        # where a link leads is not said: that would name a folder outside the roots
+        via_link = "" if real == path else " (a symbolic link on the way leads outside them)"
         raise DatasetFolderError(
             f"dataset path {shown} is not under an allowed dataset root{via_link}; "
             f"allowed: {_roots_text(roots)}"
@@ -114,12 +115,23 @@ def _detect_format(root: Path) -> str:
     return "market_folder" if (root / "bounding_box_train").is_dir() else "image_folder"
 
 
-def scan_dataset_folder(root: Path) -> ScanResult:
+def scan_dataset_folder(root: Path, shown: str | None = None) -> ScanResult:
     """Read ``root`` with reid_core's dataset registry and open every image once.
 
     Raises :class:`DatasetFolderError` when the folder is not a usable dataset (a Market layout
-    with a split missing, no image at all, no readable image).
+    with a split missing, no image at all, no readable image). Its message calls the folder
+    ``shown`` when given: an uploaded archive's folder is a server path the client never saw
+    (reid_core's messages, written for the person who set ``data.root``, name it in full).
     """
+    try:
+        return _scan_folder(root)
+    except DatasetFolderError as exc:
+        if shown is None:
+            raise
+        raise DatasetFolderError(str(exc).replace(str(root), shown)) from None
+
+
+def _scan_folder(root: Path) -> ScanResult:
     # reid_core.data imports torch: loaded on the first scan, not when the API starts.
     from reid_core.data.image_io import scan_images
     from reid_core.data.records import UNKNOWN

@@ -87,9 +87,9 @@ def _ensure_name_free(session: Session, owner: str, name: str) -> None:
         raise _name_taken(name)
 
 
-def _scan(root: Path) -> ScanResult:
+def _scan(root: Path, shown: str | None = None) -> ScanResult:
     try:
-        return scan_dataset_folder(root)
+        return scan_dataset_folder(root, shown)
     except DatasetFolderError as exc:
         raise RejectedInputError("invalid_dataset", str(exc)) from None
 
@@ -137,6 +137,15 @@ def register_path(
     return _save(session, _new_dataset(owner, name, DatasetKind.PATH, scan, path=str(root)))
 
 
+#: How errors name an upload's extracted folder: the client knows its archive, not our folders.
+_ARCHIVE = "<archive>"
+
+
+def _in_archive(inner: Path) -> str:
+    """The folder ``inner`` (relative to the extracted archive) as errors name it."""
+    return _ARCHIVE if inner == Path() else f"{_ARCHIVE}/{inner.as_posix()}"
+
+
 def upload_scratch(settings: Settings) -> Path:
     """A new folder for one upload's archive (``<work>/archive``) and its extraction, inside
     ``upload_dir`` (the extracted folder is moved, not copied); the caller removes it."""
@@ -163,7 +172,7 @@ def register_upload(
         raise refusal(exc.code, exc.message) from None
     (work / "archive").unlink()
     inner = single_top_folder(extracted).relative_to(extracted)
-    scan = _scan(extracted / inner)
+    scan = _scan(extracted / inner, shown=_in_archive(inner))
     dataset_id = uuid.uuid4()
     final = settings.upload_path / str(dataset_id)
     os.replace(extracted, final)  # same file system: the scratch folder is inside upload_dir

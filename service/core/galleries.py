@@ -236,8 +236,8 @@ def _ready_index(settings: Settings, gallery: Gallery) -> GalleryIndex:
     except FileNotFoundError:
         raise ConflictError(
             "gallery_index_missing",
-            f"gallery {gallery.id} is READY but its index is missing from {folder}; delete the "
-            "gallery and create it again",
+            f"gallery {gallery.id} is READY but its index files are gone from the server; "
+            "delete the gallery and create it again",
         ) from None
 
 
@@ -274,7 +274,7 @@ def image_file(settings: Settings, gallery: Gallery, position: int) -> tuple[Pat
         shown = relative_path(str(path), gallery.dataset_path)
         raise NotFoundError(
             "gallery_image_missing",
-            f"gallery image {shown} (position {position}) is no longer on disk: {path} is gone; "
-            "the dataset's folder changed after the gallery was built",
+            f"gallery image {shown} (position {position}) is no longer on disk; the dataset's "
+            "folder changed after the gallery was built",
         )
     return path, status

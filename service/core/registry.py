@@ -10,7 +10,9 @@ Every call here is synchronous (the API runs it in a thread) and bounded by
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from service.core.errors import UnavailableError, not_found
 from service.core.settings import Settings
@@ -52,6 +55,20 @@ BEST_ALIAS = "best"
 WEIGHTS_PATH = "extra_files/model_final.pt"
 
 T = TypeVar("T")
+
+_LOG = logging.getLogger("service.registry")
+#: The ``user:password@`` of a URL.
+_URL_CREDENTIALS = re.compile(r"//[^/\s@]+@")
+
+
+def _server_address(tracking_uri: str) -> str | None:
+    """An MLflow tracking server's address as errors name it (``http://host:port``, without
+    credentials); None for a store that is a file on this server (``sqlite:///...``)."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
 
 
 def configure_http(timeout_s: float) -> None:
@@ -152,11 +169,18 @@ class ModelRegistry:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: BaseException) -> UnavailableError:
-        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        server = _server_address(self.settings.mlflow_tracking_uri)
+        if server is None:
+            # an embedded store is a file here: its errors name our folders, the log has them
+            _LOG.warning("the model registry's store did not answer: %s", exc)
+            where, text = "MLflow's store on this server", type(exc).__name__
+        else:  # MLflow's own message repeats the URL, with any credentials in it
+            text = _URL_CREDENTIALS.sub("//", " ".join(str(exc).split()))[:300]
+            where = f"MLflow at {server}"
         return UnavailableError(
             "model_registry_unavailable",
-            f"the model registry (MLflow at {self.settings.mlflow_tracking_uri}) did not answer: "
-            f"{text}; try again later",
+            f"the model registry ({where}) did not answer: {text or type(exc).__name__}; "
+            "try again later",
         )
 
     def ping(self) -> None:

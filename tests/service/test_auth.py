@@ -60,6 +60,42 @@ def test_wrong_key(client: TestClient, alice: Headers) -> None:
     _assert_401(client.get("/v1/jobs", headers=tampered), "invalid API key")
 
 
+def test_both_headers_must_name_the_same_key(
+    client: TestClient, alice: Headers, bob: Headers
+) -> None:
+    token = alice["Authorization"].removeprefix("Bearer ")
+    same = {**alice, "X-API-Key": token}
+    assert client.get("/v1/jobs", headers=same).status_code == 200
+    disagreeing = [
+        {"Authorization": "Bearer reid_wrong", "X-API-Key": token},  # valid key, bad bearer
+        {**alice, "X-API-Key": "reid_wrong"},  # valid bearer, bad key
+        {**alice, **bob},  # two valid keys of two owners
+        {**alice, "X-API-Key": ""},  # an empty key is not the bearer's
+    ]
+    for headers in disagreeing:
+        _assert_401(
+            client.get("/v1/jobs", headers=headers),
+            "Authorization and X-API-Key name different keys; send one",
+        )
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer ", "reid_sometoken", "Token abc", ""],
+    ids=["basic", "bearer-alone", "bearer-blank", "no-scheme", "other-scheme", "empty"],
+)
+def test_a_malformed_authorization_header_is_refused(
+    client: TestClient, bob: Headers, authorization: str
+) -> None:
+    """HTTPBearer reads a header that is not ``Bearer <key>`` as no header: beside a valid
+    X-API-Key, or alone, it is refused saying so (not accepted, not "missing")."""
+    assert client.get("/v1/jobs", headers=bob).status_code == 200
+    for headers in ({**bob, "Authorization": authorization}, {"Authorization": authorization}):
+        _assert_401(
+            client.get("/v1/jobs", headers=headers), "the Authorization header is malformed"
+        )
+
+
 def test_revoked_key(app: FastAPI, client: TestClient, alice: Headers) -> None:
     token = alice["Authorization"].removeprefix("Bearer ")
     with session_scope(app.state.session_factory) as session:

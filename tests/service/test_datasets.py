@@ -81,7 +81,7 @@ def test_a_link_inside_the_root_is_stored_resolved(
         (lambda root, tmp: f"{root}/../outside", "contains '..'"),
         (lambda root, tmp: f"{root}/crops/../crops", "contains '..'"),
         (lambda root, tmp: str(tmp / "outside"), "not under an allowed dataset root"),
-        (lambda root, tmp: str(root / "escape"), "resolves to"),
+        (lambda root, tmp: str(root / "escape"), "a symbolic link on the way leads outside"),
         (lambda root, tmp: str(root / "missing"), "does not exist"),
         (lambda root, tmp: str(root / "crops" / "cam1" / "img_0.jpg"), "is not a folder"),
         (lambda root, tmp: "crops", "is not absolute"),
@@ -103,6 +103,8 @@ def test_bad_paths_are_refused_with_the_path_named(
     path = make_path(dataset_root, tmp_path)
     response = _register(client, alice, path)
     _assert_error(response, 400, "invalid_dataset_path", repr(path), fragment)
+    # the client's own path is named, never where a link of it leads
+    assert str(outside) not in response.json()["error"]["message"] or str(outside) in path
     assert client.get("/v1/datasets", headers=alice).json()["total"] == 0
 
 
@@ -302,6 +304,77 @@ def test_unsafe_archives_are_refused_before_extraction(
         settings, tmp_path / "abs.txt", tmp_path / "escaped.txt", settings.upload_path / "x"
     )
     assert client.get("/v1/datasets", headers=alice).json()["total"] == 0
+
+
+def _damaged_zip() -> bytes:
+    """A zip whose headers are fine but whose one member's deflate data are not."""
+    name = "crops/cam1/img.jpg"
+    data = bytearray(_zip({name: bytes(5000)}))
+    start = 30 + len(name)  # the data follow the local header (30 bytes, the name, no extra)
+    data[start : start + 8] = b"\xff" * 8  # a deflate block of the reserved type
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("build", "status", "code", "fragment"),
+    [
+        (lambda: _zip({**CROPS, "../x": b"escaped"}), 400, "unsafe_member", "'../x'"),
+        (
+            _damaged_zip,
+            400,
+            "corrupt_archive",
+            "archive member 'crops/cam1/img.jpg' cannot be extracted: ",
+        ),
+        (
+            lambda: _zip({"a": b"a file", "a/b.jpg": _jpeg_bytes(0)}),
+            400,
+            "corrupt_archive",
+            "archive member 'a/b.jpg' cannot be extracted: ",
+        ),
+        (
+            lambda: _zip({"notes/readme.txt": b"no image here"}),
+            400,
+            "invalid_dataset",
+            "<archive>/notes holds no image",
+        ),
+        (
+            lambda: _zip({"crops/x.jpg": b"garbage", "crops/y.jpg": b"garbage"}),
+            400,
+            "invalid_dataset",
+            "dataset folder '<archive>/crops' holds no readable image (2 unreadable",
+        ),
+        (
+            lambda: _tar(
+                {
+                    "m/bounding_box_train/0001_c1s1_000101_00.jpg": _jpeg_bytes(1),
+                    "m/bounding_box_test/0001_c2s1_000101_00.jpg": _jpeg_bytes(2),
+                }
+            ),
+            400,
+            "invalid_dataset",
+            "dataset root <archive>/m has no query",
+        ),
+    ],
+    ids=["dotdot", "damaged-data", "file-and-folder", "no-image", "unreadable", "market-no-query"],
+)
+def test_upload_errors_name_no_server_folder(
+    client: TestClient,
+    alice: Headers,
+    settings: Settings,
+    build: Any,
+    status: int,
+    code: str,
+    fragment: str,
+) -> None:
+    """The archive is extracted in upload_dir/.scratch/<random>/: a refusal names what is wrong
+    inside the archive (<archive>/its/folder), never that server folder."""
+    response = _upload(client, alice, build())
+    _assert_error(response, status, code, fragment)
+    message = response.json()["error"]["message"]
+    for server_folder in (settings.upload_path, settings.data_dir, settings.jobs_path):
+        assert str(server_folder) not in message
+    assert ".scratch" not in message
+    _assert_nothing_kept(settings)
 
 
 def test_too_many_files(client: TestClient, alice: Headers, settings: Settings) -> None:

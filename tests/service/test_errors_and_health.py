@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,36 @@ def test_unknown_route_and_method(client: TestClient) -> None:
     }
     wrong = client.delete("/healthz")
     assert wrong.status_code == 405
-    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "GET"
+    assert wrong.json()["error"] == {
+        "code": "method_not_allowed",
+        "message": "method not allowed: DELETE /healthz; this path takes GET "
+        "(see /docs for the API)",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/datasets/00000000-0000-0000-0000-000000000000", "GET, DELETE"),
+        ("PATCH", "/v1/galleries/00000000-0000-0000-0000-000000000000", "GET, DELETE"),
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("OPTIONS", "/v1/datasets", "GET, POST"),
+        ("GET", "/v1/jobs/preview", "POST"),
+    ],
+)
+def test_405_allows_every_method_of_the_path(
+    client: TestClient, method: str, path: str, allowed: str
+) -> None:
+    """One path, two routes (GET and DELETE): Starlette's 405 listed the first route's method."""
+    response = client.request(method, path)
+    assert response.status_code == 405, response.text
+    assert response.headers["allow"] == allowed
+    assert response.json()["error"] == {
+        "code": "method_not_allowed",
+        "message": f"method not allowed: {method} {path}; this path takes {allowed} "
+        "(see /docs for the API)",
+    }
 
 
 def test_validation_errors_name_field_and_value(client: TestClient, alice: Headers) -> None:
@@ -33,8 +63,34 @@ def test_validation_errors_name_field_and_value(client: TestClient, alice: Heade
     assert fields == {"body.dataset_id": 42, "body.gpus": "two"}
     assert "body.gpus" in error["message"]
     assert "'two'" in error["message"]
-    bad_path = client.get("/v1/jobs/not-a-uuid", headers=alice)
-    assert bad_path.json()["error"]["details"][0]["field"] == "path.job_id"
+    bad_path = client.get(f"/v1/galleries/{uuid.uuid4()}/images/first", headers=alice)
+    assert bad_path.status_code == 422
+    assert bad_path.json()["error"]["details"][0] == {
+        "field": "path.position",
+        "message": "Input should be a valid integer, unable to parse string as an integer",
+        "value": "first",
+    }
+
+
+def test_offsets_past_the_largest_bigint_are_422_on_sqlite(
+    client: TestClient, alice: Headers
+) -> None:
+    """SQLite raised OverflowError (a 500) for OFFSET 2**63; the spec's maximum refuses it first."""
+    assert client.get("/v1/jobs", params={"offset": 2**63 - 1}, headers=alice).json()["items"] == []
+    past = client.get("/v1/jobs", params={"offset": 2**63}, headers=alice)
+    assert past.status_code == 422, past.text
+    assert past.json()["error"]["details"][0]["field"] == "query.offset"
+
+
+def test_only_a_uuid_is_an_id_in_a_path(client: TestClient, alice: Headers) -> None:
+    """/v1/jobs/preview is not a job: GET on it is a 405 (POST only), not a 422 for a job id."""
+    not_an_id = client.get("/v1/jobs/not-a-uuid", headers=alice)
+    assert not_an_id.status_code == 404
+    assert not_an_id.json()["error"]["message"] == (
+        "no route: GET /v1/jobs/not-a-uuid (see /docs for the API)"
+    )
+    preview = client.get("/v1/jobs/preview", headers=alice)
+    assert (preview.status_code, preview.headers["allow"]) == (405, "POST")
 
 
 def test_unexpected_errors_are_logged_not_shown(

@@ -188,6 +188,10 @@ def test_create_answers_a_queued_gallery(
         client, alice, dataset_id=market["id"], model_name="reid-alice", model_version=1
     )
     assert again.status_code == 202 and again.json()["model_version"] == "1"
+    integral = _create(  # gpus 0.0 is the integer 0, as JSON Schema reads it
+        client, alice, dataset_id=market["id"], model_name="reid-alice", model_version=1, gpus=0.0
+    )
+    assert integral.status_code == 202 and integral.json()["gpus"] == 0
 
     # bob sees none of it
     assert client.get("/v1/galleries", headers=bob).json()["total"] == 0
@@ -227,6 +231,8 @@ def test_create_refuses_what_is_not_yours_or_not_there(
     assert bad["details"][0]["field"] == "body.model_version"
     assert error(alice, 422, **{**ok, "gpus": 2})["details"][0]["field"] == "body.gpus"
     assert error(alice, 422, **{**ok, "gpus": True})["details"][0]["field"] == "body.gpus"
+    assert error(alice, 422, **{**ok, "gpus": 0.5})["details"][0]["field"] == "body.gpus"
+    assert error(alice, 422, **{**ok, "gpus": 2.0})["details"][0]["field"] == "body.gpus"
     unknown_queue = error(alice, 422, **{**ok, "queue": "nope"})
     assert unknown_queue["message"] == "unknown queue 'nope'; this service has: default"
     assert error(alice, 422, **{**ok, "extra": 1})["details"][0]["field"] == "body.extra"
@@ -450,9 +456,9 @@ def test_an_image_deleted_from_disk_is_404_naming_it(
     assert response.status_code == 404, response.text
     error = response.json()["error"]
     assert error["code"] == "gallery_image_missing"
-    assert error["message"].startswith(
-        f"gallery image {hit['path']} (position {hit['position']}) is no longer on disk: "
-        f"{root / hit['path']} is gone"
+    assert error["message"] == (
+        f"gallery image {hit['path']} (position {hit['position']}) is no longer on disk; the "
+        "dataset's folder changed after the gallery was built"
     )
     (root / hit["path"]).mkdir()  # something else in its place is no image file either
     assert _image(client, alice, ready["id"], hit["position"]).status_code == 404

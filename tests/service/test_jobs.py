@@ -157,7 +157,14 @@ def test_bad_config_is_422_naming_the_key(
         ({"queue": "gpu-big"}, "body.queue", "unknown queue"),
         ({"gpus": -1}, "body.gpus", "greater than or equal to 0"),
         ({"gpus": True}, "body.gpus", "valid integer"),
+        ({"gpus": "1"}, "body.gpus", "valid integer"),
+        ({"gpus": 2.5}, "body.gpus", "valid integer"),
         ({"max_retries": 1.5}, "body.max_retries", "valid integer"),
+        # integral floats are integers (JSON Schema's), and the service's bounds still hold
+        ({"gpus": 39916801.0}, "body.gpus", "gpus=39916801 is above this service's limit of 2"),
+        ({"gpus": 1e300}, "body.gpus", "above this service's limit of 2"),
+        ({"priority": 10.0}, "body.priority", "priority=10 is above the highest priority 9"),
+        ({"timeout_minutes": 2208617943225783.0}, "body.timeout_minutes", "limit of"),
         ({"surprise": True}, "body.surprise", "Extra inputs"),
     ],
 )
@@ -172,6 +179,22 @@ def test_resources_are_bounded(
     error = _error(_submit(client, alice, dataset["id"], **body), 422)
     assert error["details"][0]["field"] == field
     assert fragment in error["message"]
+
+
+def test_integral_floats_are_integers(
+    client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """OpenAPI's integer is JSON Schema's: 2.0 is one (a client's JSON library may write it so).
+    The job is the one the same request with ints makes: the same idempotency key finds it."""
+    ints = {"gpus": 1, "priority": 5, "max_retries": 2, "max_restarts": 3, "timeout_minutes": 60}
+    floats = {name: float(value) for name, value in ints.items()}
+    created = _submit(client, alice, dataset["id"], idempotency_key="floats", **floats)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert {name: job[name] for name in ints} == ints
+    assert all(type(job[name]) is int for name in ints)
+    again = _submit(client, alice, dataset["id"], idempotency_key="floats", **ints)
+    assert (again.status_code, again.json()["id"]) == (200, job["id"])
 
 
 def test_unknown_dataset(client: TestClient, alice: Headers) -> None:

@@ -129,15 +129,18 @@ def test_download_the_weights(client: TestClient, alice: Headers) -> None:
     assert payload["config"]["model"]["backbone"] == "mobilenet_v3_small"
 
 
+@pytest.mark.parametrize(
+    "tracking_uri", ["http://127.0.0.1:9", "http://reid:s3cret@127.0.0.1:9/"], ids=["", "creds"]
+)
 def test_registry_down_is_503_naming_it(
-    tmp_path: Path, migrated_sqlite: Path, alice: Headers
+    tmp_path: Path, migrated_sqlite: Path, alice: Headers, tracking_uri: str
 ) -> None:
     db = tmp_path / "down.db"
     shutil.copyfile(migrated_sqlite, db)
     settings = make_settings(
         tmp_path,
         f"sqlite:///{db}",
-        mlflow=TrackingSettings(tracking_uri="http://127.0.0.1:9", request_timeout_s=1),
+        mlflow=TrackingSettings(tracking_uri=tracking_uri, request_timeout_s=1),
     )
     app = create_app(settings)
     from service.core.api_keys import create_api_key
@@ -150,3 +153,4 @@ def test_registry_down_is_503_naming_it(
     error = response.json()["error"]
     assert error["code"] == "model_registry_unavailable"
     assert "MLflow at http://127.0.0.1:9" in error["message"]
+    assert "s3cret" not in error["message"]  # a URL's credentials are not repeated
