@@ -5,7 +5,7 @@ knows it (:data:`STATUS_OF`); the API's own (authentication, a body it cannot pa
 :class:`APIError` with one. Validation errors name the field and the value; a database that
 cannot be reached is a 503 (``database_unavailable``) the client may retry, a value it refuses (out
 of range, a NUL character) a 422; anything unexpected is logged with its traceback and answered
-with a plain 500, never the traceback.
+with a plain 500, never the traceback. A 405 lists every method of its path in ``Allow``.
 """
 
 from __future__ import annotations
