@@ -19,14 +19,32 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
 
-from fastapi import Response
+from fastapi import Header, Response
 from pydantic import BaseModel
 
 from service.core.settings import Settings
 
-__all__ = ["list_etag", "matches", "not_modified", "row_etag", "tagged"]
+__all__ = [
+    "NOT_MODIFIED",
+    "IfNoneMatch",
+    "list_etag",
+    "matches",
+    "not_modified",
+    "row_etag",
+    "tagged",
+    "unchanged_row",
+]
+
+#: The request header, as a route parameter.
+IfNoneMatch = Annotated[str | None, Header()]
+
+#: The 304 of a route's documented responses.
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified since the ETag given"}
+}
 
 
 @functools.cache
@@ -67,6 +85,21 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     bare = etag.removeprefix("W/")
     candidates = (c.strip() for c in if_none_match.split(","))
     return any(c == "*" or c.removeprefix("W/") == bare for c in candidates)
+
+
+def unchanged_row(
+    if_none_match: str | None,
+    model: type[BaseModel],
+    settings: Settings,
+    read_version: Callable[[], int],
+) -> Response | None:
+    """The 304 for a row that ``If-None-Match`` shows the client has, its version read alone
+    (``read_version``, which raises not found like the full read would); None when the row has
+    to be served (no header, or another version)."""
+    if if_none_match is None:
+        return None
+    etag = row_etag(model, settings, read_version())
+    return not_modified(etag) if matches(if_none_match, etag) else None
 
 
 def not_modified(etag: str) -> Response:

@@ -13,13 +13,13 @@ import mimetypes
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from service.api.auth import CurrentOwner
-from service.api.conditional import matches, not_modified, row_etag, tagged
+from service.api.conditional import NOT_MODIFIED, IfNoneMatch, row_etag, tagged, unchanged_row
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -106,24 +106,24 @@ def list_galleries(owner: CurrentOwner, session: SessionDep, paging: PageDep) ->
     "/{gallery_id:uuid}",
     summary="One gallery: state, progress, counts (ETag; If-None-Match answers 304)",
     response_model=GalleryOut,
-    responses={
-        304: {"description": "Not modified since the ETag given"},
-        **error_responses(e404="Unknown gallery"),
-    },
+    responses={**NOT_MODIFIED, **error_responses(e404="Unknown gallery")},
 )
 def get_gallery(
     gallery_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """As ``GET /v1/jobs/{id}``: with ``If-None-Match`` the version is read alone first."""
-    if if_none_match is not None:
-        version = galleries.gallery_version(session, owner, gallery_id)
-        etag = row_etag(GalleryOut, settings, version)
-        if matches(if_none_match, etag):
-            return not_modified(etag)
+    unchanged = unchanged_row(
+        if_none_match,
+        GalleryOut,
+        settings,
+        lambda: galleries.gallery_version(session, owner, gallery_id),
+    )
+    if unchanged is not None:
+        return unchanged
     gallery = galleries.owned_gallery(session, owner, gallery_id)
     return tagged(_out(gallery), row_etag(GalleryOut, settings, gallery.version))
 

@@ -15,7 +15,16 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
 from service.api.auth import CurrentOwner
-from service.api.conditional import list_etag, matches, not_modified, row_etag, tagged
+from service.api.conditional import (
+    NOT_MODIFIED,
+    IfNoneMatch,
+    list_etag,
+    matches,
+    not_modified,
+    row_etag,
+    tagged,
+    unchanged_row,
+)
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
@@ -114,7 +123,7 @@ def list_jobs(
     view: Annotated[
         JobView, Query(description="`summary`: no configuration; `full`: as GET /v1/jobs/{id}")
     ] = JobView.summary,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     full = view is JobView.full
     page = jobs.list_jobs(
@@ -142,24 +151,22 @@ def list_jobs(
     "/{job_id:uuid}",
     summary="One job: state, progress, epoch, metrics (ETag; If-None-Match answers 304)",
     response_model=JobOut,
-    responses={
-        304: {"description": "Not modified since the ETag given"},
-        **error_responses(e404="Unknown job"),
-    },
+    responses={**NOT_MODIFIED, **error_responses(e404="Unknown job")},
 )
 def get_job(
     job_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """With ``If-None-Match``, the job's version is read alone first: a job that did not change
     costs one integer read and a 304."""
-    if if_none_match is not None:
-        etag = row_etag(JobOut, settings, jobs.job_version(session, owner, job_id))
-        if matches(if_none_match, etag):
-            return not_modified(etag)
+    unchanged = unchanged_row(
+        if_none_match, JobOut, settings, lambda: jobs.job_version(session, owner, job_id)
+    )
+    if unchanged is not None:
+        return unchanged
     return _job_response(jobs.owned_job(session, owner, job_id), settings)
 
 
