@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from reid_core.config import load_config  # noqa: E402
 from reid_core.data import build_splits, scan_images  # noqa: E402
-from reid_core.losses.memory_classifier import credible_neighbours  # noqa: E402
+from reid_core.objective.losses.memory_classifier import credible_neighbours  # noqa: E402
 
 
 def neighbour_stats(

@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 from reid_core.clustering.knn import _self_first, nearest_neighbours  # noqa: E402
 from reid_core.config import load_config  # noqa: E402
 from reid_core.data import build_splits  # noqa: E402
-from reid_core.embedder import Embedder  # noqa: E402
 from reid_core.engine.exit_codes import ExitCode  # noqa: E402
 from reid_core.evaluation.search import build_index, is_gpu_index, knn_search  # noqa: E402
+from reid_core.inference.embedder import Embedder  # noqa: E402
+from reid_core.inference.search import GalleryIndex  # noqa: E402
 from reid_core.model_io import load_model  # noqa: E402
 from reid_core.presets import preset_path  # noqa: E402
-from reid_core.search import GalleryIndex  # noqa: E402
 from reid_core.train import run  # noqa: E402
 
 OBJECTIVES = {

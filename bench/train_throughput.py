@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from reid_core.config import ExperimentConfig, load_config  # noqa: E402
 from reid_core.data.samplers import EpochShuffleSampler  # noqa: E402
 from reid_core.engine.trainer import Precision, Trainer  # noqa: E402
-from reid_core.method import DualBranchObjective  # noqa: E402
+from reid_core.objective.dual_branch import DualBranchObjective  # noqa: E402
 from reid_core.train import build_model, build_optimizer, build_scheduler  # noqa: E402
 
 

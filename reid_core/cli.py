@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from reid_core.config import ConfigError
 from reid_core.data import EvalSet, ImageRecord, build_dataset, build_test_transform
-from reid_core.embedder import Embedder
 from reid_core.engine.exit_codes import ExitCode
-from reid_core.export import DEFAULT_OPSET
+from reid_core.inference.embedder import Embedder
+from reid_core.inference.export import DEFAULT_OPSET
 
 __all__ = ["main"]
 
@@ -144,7 +144,7 @@ def _camera_option(p: argparse.ArgumentParser, images: str) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from reid_core.export import OnnxMismatchError, check_onnx, export_onnx
+    from reid_core.inference.export import OnnxMismatchError, check_onnx, export_onnx
 
     embedder = _embedder(args, torch.device("cpu"))
     path = export_onnx(embedder, args.output, opset=args.opset)
@@ -189,7 +189,7 @@ def _model_ref(checkpoint: Path, embedder: Embedder) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from reid_core.search import GalleryIndex
+    from reid_core.inference.search import GalleryIndex
 
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")

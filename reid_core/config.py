@@ -313,7 +313,7 @@ class IPFLConfig(_Strict):
 
 
 class ClusterLossConfig(_Strict):
-    """Cluster contrast L_cc over pseudo-identity centroids (reid_core.losses.cluster_contrast),
+    """Cluster contrast L_cc over pseudo-identity centroids (reid_core.objective.losses.cluster_contrast),
     the global branch's objective with ``loss.objective=cluster_contrast``."""
 
     weight: float = Field(1.0, ge=0.0)
@@ -329,7 +329,7 @@ class ClusterLossConfig(_Strict):
 
 
 class CameraProxyConfig(_Strict):
-    """Camera-aware proxies (reid_core.losses.camera_proxy): one centroid per (cluster, camera),
+    """Camera-aware proxies (reid_core.objective.losses.camera_proxy): one centroid per (cluster, camera),
     an intra-camera and an inter-camera term beside L_cc. Needs every training image's camera."""
 
     enabled: bool = False

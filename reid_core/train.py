@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
+from reid_core import distributed as dist_utils
 from reid_core.clustering.labeller import PseudoLabeller
 from reid_core.config import ConfigError, ExperimentConfig, dump_config, load_config
 from reid_core.data import (
@@ -34,7 +35,6 @@ from reid_core.data import (
     scan_images,
 )
 from reid_core.data.colour import stripe_colour_histograms
-from reid_core.engine import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, CheckpointError
 from reid_core.engine.exit_codes import ExitCode, exit_process
 from reid_core.engine.hooks import (
@@ -52,8 +52,8 @@ from reid_core.engine.hooks import (
 )
 from reid_core.engine.trainer import HookBase, Precision, Trainer, TrainingDivergedError
 from reid_core.evaluation import evaluate_features, extract_features
-from reid_core.method import DualBranchObjective
 from reid_core.models import PretrainedWeightsNotFoundError, ReIDModel
+from reid_core.objective.dual_branch import DualBranchObjective
 from reid_core.presets import preset_names, preset_path
 from reid_core.run_dir import RunDir
 

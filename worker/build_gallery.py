@@ -4,11 +4,11 @@
 Celery task (:mod:`worker.gallery_task`, no torch) only starts it, heartbeats and watches:
 
 1. downloads the model version's ``model_final.pt`` from the registry (as its owner) and loads
-   it as an :class:`~reid_core.embedder.Embedder` (no pickle), on the GPU when torch sees one;
+   it as an :class:`~reid_core.inference.embedder.Embedder` (no pickle), on the GPU when torch sees one;
 2. reads the dataset with reid_core's registry: the gallery split of a Market-layout dataset
    (``bounding_box_test``), every image of an image folder; unreadable images are left out and
    counted (``skipped_count``), as the dataset scan counted them;
-3. embeds them with :meth:`GalleryIndex.build <reid_core.search.GalleryIndex.build>`, writing
+3. embeds them with :meth:`GalleryIndex.build <reid_core.inference.search.GalleryIndex.build>`, writing
    ``progress``, ``images_done`` and a heartbeat to the gallery's row at most every
    ``progress_interval_s``; a row that disappeared (the gallery was deleted) stops the build and
    its folder is removed;
@@ -47,7 +47,7 @@ from service.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from reid_core.data import ImageRecord
-    from reid_core.search import GalleryIndex
+    from reid_core.inference.search import GalleryIndex
 
 __all__ = ["GalleryGoneError", "build_gallery", "gallery_records", "main"]
 
@@ -226,8 +226,8 @@ def _build(
 ) -> tuple[GalleryIndex, list[tuple[Path, str]]]:
     import torch
 
-    from reid_core.embedder import Embedder
-    from reid_core.search import GalleryIndex
+    from reid_core.inference.embedder import Embedder
+    from reid_core.inference.search import GalleryIndex
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights, weights_dir = ModelRegistry(settings).download_weights(

@@ -14,7 +14,7 @@ Syncs are idempotent and their progress is kept in ``mlflow.json``, so:
   ``pending`` what MLflow never received (the job shows it).
 
 The final model is logged twice over, in one MLflow model: ``mlflow.pytorch``'s flavor of a
-:class:`reid_core.embedder.Embedder` (``mlflow.pytorch.load_model("models:/NAME@best")`` gives a
+:class:`reid_core.inference.embedder.Embedder` (``mlflow.pytorch.load_model("models:/NAME@best")`` gives a
 module that embeds images) with ``model_final.pt`` and ``config.yaml`` among its extra files
 (plain tensors and a dict, loadable with ``torch.load(weights_only=True)``). The alias ``best``
 moves to the new version when its mAP beats the holder's (or nobody holds it).
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torchvision
 
+from reid_core import distributed as dist_utils
 from reid_core.config import config_to_dict, flatten
-from reid_core.embedder import Embedder
-from reid_core.engine import distributed as dist_utils
 from reid_core.engine.trainer import HookBase
+from reid_core.inference.embedder import Embedder
 from reid_core.run_dir import EpochMetrics, RunDir
 from service.core.folders import JobDir
 from service.core.registry import (

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_core.engine import distributed as dist_utils
+from reid_core import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from reid_core.engine.trainer import HookBase
 from reid_core.model_io import save_model
@@ -111,7 +111,7 @@ class PseudoLabelHook(HookBase):
     ``every_n_epochs`` (and of the first epoch a run trains) rank 0 runs ``labeller(model,
     epoch, previous_labels) -> (features, clustering)`` (:class:`reid_core.clustering.PseudoLabeller`); every
     rank receives the features and labels, rebuilds its memories from them
-    (:meth:`reid_core.cluster_contrast.ClusterContrastBranch.relabel`) and gives the sampler the
+    (:meth:`reid_core.objective.cluster_branch.ClusterContrastBranch.relabel`) and gives the sampler the
     labels, so memories and batches are identical on every rank. The clustering's signals go
     to ``state.clustering`` (``cluster/*`` in metrics.jsonl and progress.json).
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from reid_core.config import ExperimentConfig, RuntimeConfig
 from reid_core.data.samplers import EpochShuffleSampler
 from reid_core.engine.exit_codes import ExitCode
-from reid_core.method import DualBranchObjective, split_views
+from reid_core.objective.dual_branch import DualBranchObjective, split_views
 
 __all__ = ["HookBase", "Precision", "TrainState", "Trainer", "TrainingDivergedError"]
 

@@ -12,7 +12,7 @@ reid_core's files (:class:`reid_core.run_dir.RunDir`: ``config.yaml``, ``train.l
     trainer.pid       the trainer's process id
 
 A gallery's folder, ``<data_dir>/galleries/<gallery id>/``: the index files
-(:meth:`reid_core.search.GalleryIndex.save`) and ``build.log``, the builder's output. The API and
+(:meth:`reid_core.inference.search.GalleryIndex.save`) and ``build.log``, the builder's output. The API and
 the workers share ``data_dir`` and ``jobs_dir``. A new file of either folder gets its name here
 (or, when the trainer writes it, in :class:`reid_core.run_dir.RunDir`).
 """

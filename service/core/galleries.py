@@ -36,7 +36,7 @@ from service.core.registry import ModelRegistry
 from service.core.settings import Settings
 
 if TYPE_CHECKING:
-    from reid_core.search import GalleryIndex, SearchHit
+    from reid_core.inference.search import GalleryIndex, SearchHit
 
 __all__ = [
     "GalleryRequest",

@@ -189,7 +189,7 @@ def resolve_job_config(
 
 
 def memory_bank_bytes(cfg: ExperimentConfig, num_images: int) -> int:
-    """Host memory of the job's memory banks (see ``reid_core.method``): the global memory
+    """Host memory of the job's memory banks (see ``reid_core.objective.dual_branch``): the global memory
     (``num_images x C``), the patch memory (``num_images x P x patch_dim``) and the IPFL agents
     (``num_images x P x ipfl_dim``), float32, plus a batch of similarities (both views) to every
     memory entry. ``C`` is the backbone's channel count."""

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from reid_core.embedder import Embedder
-    from reid_core.search import GalleryIndex
+    from reid_core.inference.embedder import Embedder
+    from reid_core.inference.search import GalleryIndex
     from service.core.registry import ModelRegistry
 
 __all__ = ["LoadingLRU", "cached_embedder", "cached_index", "forget_index"]
@@ -106,7 +106,7 @@ def cached_embedder(registry: ModelRegistry, owner: str, name: str, version: str
     key = (registry.settings.mlflow_tracking_uri, name, version)
 
     def load() -> Embedder:
-        from reid_core.embedder import Embedder
+        from reid_core.inference.embedder import Embedder
 
         path, folder = registry.download_weights(owner, name, version)
         try:
@@ -121,7 +121,7 @@ def cached_index(folder: Path) -> GalleryIndex:
     """The gallery index saved in ``folder`` (read on first use, then kept)."""
 
     def load() -> GalleryIndex:
-        from reid_core.search import GalleryIndex
+        from reid_core.inference.search import GalleryIndex
 
         return GalleryIndex.load(folder)
 

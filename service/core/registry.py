@@ -82,7 +82,7 @@ def configure_http(timeout_s: float) -> None:
 
 def model_uri(name: str, version: str) -> str:
     """``models:/<name>/<version>``: what ``mlflow.pytorch.load_model`` loads, and the name a
-    gallery's features carry (:attr:`reid_core.search.GalleryIndex.model_ref`)."""
+    gallery's features carry (:attr:`reid_core.inference.search.GalleryIndex.model_ref`)."""
     return f"models:/{name}/{version}"
 
 

@@ -199,17 +199,17 @@ def test_export_that_does_not_match_exits_1_and_keeps_the_file(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import reid_core.export
+    import reid_core.inference.export
 
     def fake_export(embedder: object, path: Path, opset: int) -> Path:
         Path(path).write_bytes(b"onnx")
         return Path(path)
 
     def mismatch(*args: object, **kwargs: object) -> float:
-        raise reid_core.export.OnnxMismatchError("features differ by up to 0.3")
+        raise reid_core.inference.export.OnnxMismatchError("features differ by up to 0.3")
 
-    monkeypatch.setattr(reid_core.export, "export_onnx", fake_export)
-    monkeypatch.setattr(reid_core.export, "check_onnx", mismatch)
+    monkeypatch.setattr(reid_core.inference.export, "export_onnx", fake_export)
+    monkeypatch.setattr(reid_core.inference.export, "check_onnx", mismatch)
     output = tmp_path / "model.onnx"
     assert main(["export", "--checkpoint", str(model_final), "--output", str(output)]) == 1
     err = capsys.readouterr().err

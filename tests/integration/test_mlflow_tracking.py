@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import reid_core.train as train_module
-from reid_core.embedder import Embedder
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase
+from reid_core.inference.embedder import Embedder
 from service.core.registry import JOB_TAG
 from tests.integration.conftest import tiny_config
 from worker.mlflow_hook import MLflowHook

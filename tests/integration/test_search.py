@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 from reid_core.cli import main
 from reid_core.data import EvalSet, ImageRecord, ReIDSplits, build_test_transform
 from reid_core.data.datasets import Synthetic
-from reid_core.embedder import Embedder
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.evaluation import compute_distance, evaluate_features, extract_features
+from reid_core.inference.embedder import Embedder
+from reid_core.inference.search import GalleryIndex
 from reid_core.model_io import load_model, save_model
 from reid_core.models import ReIDModel
-from reid_core.search import GalleryIndex
 from tests.integration.conftest import IDENTITIES, IMAGES_PER_IDENTITY, tiny_config
 
 pytest.importorskip("faiss", reason="faiss is not installed (the `cpu` or `gpu` extra)")
@@ -293,7 +293,7 @@ def test_camera_norm_model_exports_to_onnx_with_its_ordinary_statistics(
     pytest.importorskip("onnxscript", reason="the `onnx` extra is not installed")
     import onnxruntime as ort
 
-    from reid_core.export import check_onnx, export_onnx
+    from reid_core.inference.export import check_onnx, export_onnx
 
     embedder = Embedder.from_file(camera_norm_model)
     path = export_onnx(embedder, tmp_path / "model.onnx")

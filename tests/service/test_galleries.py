@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from reid_core.data import build_dataset, generate_synthetic_market, parse_market_name
-from reid_core.embedder import Embedder
 from reid_core.engine.exit_codes import ExitCode
-from reid_core.search import GalleryIndex
+from reid_core.inference.embedder import Embedder
+from reid_core.inference.search import GalleryIndex
 from reid_core.train import run
 from service.app import create_app
 from service.core.db import session_scope

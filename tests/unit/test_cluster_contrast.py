@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from reid_core.data.samplers import ClusterSampler
-from reid_core.losses.camera_proxy import CameraProxyMemory
-from reid_core.losses.cluster_contrast import ClusterMemory, cluster_centroids
+from reid_core.objective.losses.camera_proxy import CameraProxyMemory
+from reid_core.objective.losses.cluster_contrast import ClusterMemory, cluster_centroids
 
 
 def unit(*rows: list[float]) -> torch.Tensor:

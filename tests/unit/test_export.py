@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_core.config import ExperimentConfig, load_config
-from reid_core.embedder import Embedder
-from reid_core.export import OnnxMismatchError, check_onnx, export_onnx
+from reid_core.inference.embedder import Embedder
+from reid_core.inference.export import OnnxMismatchError, check_onnx, export_onnx
 from reid_core.models import ReIDModel
 from reid_core.presets import preset_path
 

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from reid_core.config import GSLConfig, InstanceLossConfig, IPFLConfig, PEDALConfig
-from reid_core.losses import IPFLLoss, MemoryClassifierLoss, PEDALLoss, credible_neighbours
-from reid_core.losses import memory_classifier as mc_module
+from reid_core.objective.losses import (
+    IPFLLoss,
+    MemoryClassifierLoss,
+    PEDALLoss,
+    credible_neighbours,
+)
+from reid_core.objective.losses import memory_classifier as mc_module
 
 
 def _idx(*values: int) -> torch.Tensor:
@@ -476,8 +481,8 @@ def _objective_and_outputs(
     from types import SimpleNamespace
 
     from reid_core.config import ExperimentConfig
-    from reid_core.method import DualBranchObjective
     from reid_core.models.reid_model import ReIDOutput
+    from reid_core.objective.dual_branch import DualBranchObjective
 
     cfg = ExperimentConfig.model_validate(
         {

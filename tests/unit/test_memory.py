@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reid_core.config import MemoryConfig
-from reid_core.memory import FeatureMemory, momentum_at, validate_indices
+from reid_core.objective.memory import FeatureMemory, momentum_at, validate_indices
 
 
 def _idx(*values: int) -> torch.Tensor:

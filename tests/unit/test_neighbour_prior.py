@@ -28,15 +28,15 @@ from reid_core.config import (
 from reid_core.data import CorruptImageError
 from reid_core.data.colour import stripe_colour_histograms
 from reid_core.evaluation import centre_per_camera, evaluate_features
-from reid_core.losses import (
+from reid_core.models.reid_model import ReIDOutput
+from reid_core.objective.dual_branch import DualBranchObjective
+from reid_core.objective.losses import (
     MemoryClassifierLoss,
     PEDALLoss,
     credible_neighbour_lists,
     credible_neighbours,
     nearest_other_rows,
 )
-from reid_core.method import DualBranchObjective
-from reid_core.models.reid_model import ReIDOutput
 
 # ----------------------------------------------------------------------------------------------
 # camera centring

@@ -10,7 +10,7 @@ import pytest
 
 from reid_core.data import ImageRecord
 from reid_core.evaluation import evaluate_features
-from reid_core.search import GalleryIndex, SearchHit, market_rank1
+from reid_core.inference.search import GalleryIndex, SearchHit, market_rank1
 
 pytest.importorskip("faiss", reason="faiss is not installed (the `cpu` or `gpu` extra)")
 

@@ -1,7 +1,7 @@
 r"""PEDAL: patch-level discriminative loss against the patch memory (PAUL, Yang et al. CVPR 2019).
 
 Symbols: ``f_i^p`` (D,) the L2-normalised feature of patch ``p`` of image ``i`` (view 0), ``m_j^p``
-the patch memory of image ``j`` (:class:`reid_core.memory.FeatureMemory` of shape (N, P, D),
+the patch memory of image ``j`` (:class:`reid_core.objective.memory.FeatureMemory` of shape (N, P, D),
 updated by the caller from view 0 *before* this loss), ``s`` the scale (``PEDALConfig.scale``,
 15; 5 for DukeMTMC), ``k`` the number of neighbours (``PEDALConfig.neighbours``, 10)::
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from reid_core.config import PEDALConfig
-from reid_core.memory import validate_indices
+from reid_core.objective.memory import validate_indices
 
 __all__ = ["PEDALLoss", "nearest_other_rows"]
 

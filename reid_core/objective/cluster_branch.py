@@ -1,10 +1,10 @@
 """The global branch of ``loss.objective=cluster_contrast``: pseudo labels and the memories over
-them, beside the patch branch of :class:`reid_core.method.DualBranchObjective`.
+them, beside the patch branch of :class:`reid_core.objective.dual_branch.DualBranchObjective`.
 
     L_global = w_cc L_cc  [+ w_intra L_intra + lambda L_inter   with loss.camera.enabled]
 
-``L_cc``: :mod:`reid_core.losses.cluster_contrast`; ``L_intra``, ``L_inter``:
-:mod:`reid_core.losses.camera_proxy` (``L_inter`` is 0 before ``loss.camera.inter_from_epoch``).
+``L_cc``: :mod:`reid_core.objective.losses.cluster_contrast`; ``L_intra``, ``L_inter``:
+:mod:`reid_core.objective.losses.camera_proxy` (``L_inter`` is 0 before ``loss.camera.inter_from_epoch``).
 Both views' global features enter the loss and, after the step, the memory updates. The labels
 (one per training image, -1 outside every cluster) are a checkpointed buffer; they and the
 memories are replaced at every clustering by :meth:`ClusterContrastBranch.relabel`
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from reid_core.config import LossConfig
-from reid_core.losses.camera_proxy import CameraProxyMemory
-from reid_core.losses.cluster_contrast import ClusterMemory
+from reid_core.objective.losses.camera_proxy import CameraProxyMemory
+from reid_core.objective.losses.cluster_contrast import ClusterMemory
 
 __all__ = ["ClusterContrastBranch"]
 

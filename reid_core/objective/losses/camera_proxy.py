@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reid_core.losses.resizable import ResizableBuffers
+from reid_core.objective.losses.resizable import ResizableBuffers
 
 __all__ = ["CameraProxyMemory"]
 

@@ -1,7 +1,7 @@
 r"""Global branch: memory-based non-parametric classifier (L_E) and global similarity loss (L_GSL).
 
 Symbols: ``f_i`` (d,) the L2-normalised global feature of image ``i`` in the batch, ``M`` (N, d)
-the memory (one slot per training image, :class:`reid_core.memory.FeatureMemory`), ``tau`` the
+the memory (one slot per training image, :class:`reid_core.objective.memory.FeatureMemory`), ``tau`` the
 temperature (``InstanceLossConfig.temperature``, 0.05).
 
 Memory classifier (MMCL-like, Wang & Zhang CVPR 2020)::
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid_core.config import GSLConfig, InstanceLossConfig
-from reid_core.memory import validate_indices
+from reid_core.objective.memory import validate_indices
 
 __all__ = ["MemoryClassifierLoss", "credible_neighbour_lists", "credible_neighbours"]
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from reid_core.losses.resizable import ResizableBuffers
+from reid_core.objective.losses.resizable import ResizableBuffers
 
 __all__ = ["ClusterMemory", "cluster_centroids"]
 

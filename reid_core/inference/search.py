@@ -2,7 +2,7 @@
 
 :class:`GalleryIndex` holds the features of a gallery (one row per :class:`ImageRecord`) in an
 exact faiss inner-product index, on GPU 0 when faiss sees a GPU, else on the CPU. The features
-are the :class:`~reid_core.embedder.Embedder`'s, L2-normalised, so a hit's score is the cosine
+are the :class:`~reid_core.inference.embedder.Embedder`'s, L2-normalised, so a hit's score is the cosine
 similarity ``s = q . g`` (larger = closer) and the ranking is the one ``reid eval`` uses::
 
     embedder = Embedder.from_file("outputs/run/model_final.pt")
@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 from reid_core.atomic_write import write_atomic
 from reid_core.data import UNKNOWN, EvalSet, ImageRecord
-from reid_core.embedder import Embedder
 from reid_core.evaluation.search import build_index, knn_search, load_index, save_index
+from reid_core.inference.embedder import Embedder
 
 __all__ = [
     "GALLERY_FORMAT",

@@ -4,7 +4,7 @@ Symbols: ``e_x`` (E,) the IPFL embedding of one view ``x`` of image ``c`` (E = P
 concatenation of the normalised patch projections, computed by the model); ``a_c`` (E,) the agent
 of image ``c``: a running mean (weight ``IPFLConfig.agent_momentum`` = 0.1 of the new value, not
 renormalised) of the detached mean embedding of the image's views, kept by the caller in a
-:class:`reid_core.memory.FeatureMemory` with ``normalize=False`` and updated *before* this loss;
+:class:`reid_core.objective.memory.FeatureMemory` with ``normalize=False`` and updated *before* this loss;
 ``A_B = {a_b : b in batch}`` the agents of the images in the batch::
 
     d(x, a)   = || e_x - a ||_2
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from reid_core.config import IPFLConfig
-from reid_core.memory import validate_indices
+from reid_core.objective.memory import validate_indices
 
 __all__ = ["IPFLLoss"]
 

@@ -31,19 +31,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from reid_core.cluster_contrast import ClusterContrastBranch
 from reid_core.config import ExperimentConfig
-from reid_core.engine.distributed import all_gather_cat, get_world_size, is_main_process
+from reid_core.distributed import all_gather_cat, get_world_size, is_main_process
 from reid_core.evaluation import centre_per_camera
-from reid_core.losses import (
+from reid_core.models.reid_model import ReIDModel, ReIDOutput
+from reid_core.objective.cluster_branch import ClusterContrastBranch
+from reid_core.objective.losses import (
     IPFLLoss,
     MemoryClassifierLoss,
     PEDALLoss,
     credible_neighbour_lists,
     nearest_other_rows,
 )
-from reid_core.memory import FeatureMemory, momentum_at
-from reid_core.models.reid_model import ReIDModel, ReIDOutput
+from reid_core.objective.memory import FeatureMemory, momentum_at
 
 __all__ = ["DualBranchObjective", "split_views"]
 
@@ -174,11 +174,11 @@ class DualBranchObjective(nn.Module):
 
         * GSL: the stripes concatenated, each camera's mean removed
           (:func:`reid_core.evaluation.centre_per_camera`), then the mutual top-k rule of
-          :func:`reid_core.losses.credible_neighbour_lists` with ``loss.prior.topk`` and
+          :func:`reid_core.objective.losses.credible_neighbour_lists` with ``loss.prior.topk`` and
           ``loss.prior.threshold`` (among other cameras only with
           ``loss.gsl.neighbours=other_cameras``).
         * PEDAL: for each stripe p, centred the same way, the ``loss.pedal.neighbours`` most
-          similar other images (K_i^p, :func:`reid_core.losses.nearest_other_rows`): always
+          similar other images (K_i^p, :func:`reid_core.objective.losses.nearest_other_rows`): always
           that many (at most N - 1), whatever their similarity, so no padding.
         """
         num_slots = len(self.slot_cameras)

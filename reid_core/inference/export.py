@@ -1,4 +1,4 @@
-"""An :class:`~reid_core.embedder.Embedder` as an ONNX model, and the check that it computes the same.
+"""An :class:`~reid_core.inference.embedder.Embedder` as an ONNX model, and the check that it computes the same.
 
 The ONNX graph is the embedder's whole ``forward``: input normalisation, the network, the test
 feature and the final L2 normalisation. So a runtime feeds it plain images and gets unit-length
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from reid_core.atomic_write import atomic_path
-from reid_core.embedder import Embedder
+from reid_core.inference.embedder import Embedder
 
 __all__ = [
     "DEFAULT_OPSET",
