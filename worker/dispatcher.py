@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.broker import mark_dispatched, send_job
 from service.core.db import session_scope
 from service.core.gallery_states import fail_if_stale, lock_gallery
+from service.core.heartbeat import is_stale, stale_clause
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, lock_job
 from service.core.models import Gallery, GalleryState, Job, JobState, utcnow
 from service.core.settings import Settings
@@ -115,12 +116,6 @@ class Dispatcher:
             log.info("re-sent %d waiting job(s): %s", len(sent), ", ".join(map(str, sent)))
         return sent
 
-    def _is_stale(self, job: Job, cutoff: datetime) -> bool:
-        if job.state not in ACTIVE_STATES:
-            return False
-        last = job.heartbeat_at or job.updated_at
-        return last is not None and last < cutoff
-
     def _holding(self, now: datetime, timeout: timedelta) -> bool:
         """True while reaping waits after an outage of the database (see the module)."""
         if self._last_pass_failed:
@@ -136,13 +131,8 @@ class Dispatcher:
     def _stale_ids(
         self, model: type[Job] | type[Gallery], states: Iterable[Any], cutoff: datetime
     ) -> list[uuid.UUID]:
-        """Rows in ``states`` whose last heartbeat (or change, without one) is older than
-        ``cutoff``."""
-        stale = or_(
-            model.heartbeat_at < cutoff,
-            and_(model.heartbeat_at.is_(None), model.updated_at < cutoff),
-        )
-        query = select(model.id).where(model.state.in_(states), stale)
+        """Rows in ``states`` stale at ``cutoff`` (:func:`service.core.heartbeat.stale_clause`)."""
+        query = select(model.id).where(model.state.in_(states), stale_clause(model, cutoff))
         with self.session_factory() as session:
             return list(session.execute(query).scalars())
 
@@ -158,7 +148,7 @@ class Dispatcher:
         for job_id in ids:
             with session_scope(self.session_factory) as session:
                 job = lock_job(session, job_id)
-                if job is None or not self._is_stale(job, cutoff):
+                if job is None or job.state not in ACTIVE_STATES or not is_stale(job, timeout, now):
                     continue  # it heartbeated or changed state since
                 reaped[job_id] = reap_stale_job(session, job, now)
                 log.warning("job %s reaped: %s (%s)", job_id, job.state, job.reason)

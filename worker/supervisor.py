@@ -59,6 +59,7 @@ from reid_core.atomic_write import write_atomic
 from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
 from service.core.db import make_engine, make_session_factory, session_scope
 from service.core.folders import JobDir
+from service.core.heartbeat import is_stale
 from service.core.job_progress import progress_columns
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
 from service.core.models import Job, JobEvent, JobState, utcnow
@@ -172,8 +173,7 @@ class Supervisor:
             now = self.clock()
             if job.state in ACTIVE_STATES:
                 timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
-                fresh = job.heartbeat_at is not None and now - job.heartbeat_at < timeout
-                if fresh and job.worker_id != self.worker_id:
+                if not is_stale(job, timeout, now) and job.worker_id != self.worker_id:
                     return f"{job.state} on {job.worker_id} (fresh heartbeat): left alone"
                 # Its worker is gone (this message is a redelivery): reap, then run it here.
                 if reap_stale_job(session, job, now) is not JobState.RETRYING:

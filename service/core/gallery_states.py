@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core import heartbeat
 from service.core.models import Gallery, GalleryEvent, GalleryState, utcnow
 
 __all__ = [
@@ -109,12 +110,9 @@ def lock_gallery(
 
 def is_stale(gallery: Gallery, timeout_s: float, now: datetime) -> bool:
     """True when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``: its worker
-    and builder died."""
-    last = gallery.heartbeat_at or gallery.updated_at
-    return (
-        gallery.state is G.BUILDING
-        and last is not None
-        and now - last >= timedelta(seconds=timeout_s)
+    and builder died (the rule: :mod:`service.core.heartbeat`)."""
+    return gallery.state is G.BUILDING and heartbeat.is_stale(
+        gallery, timedelta(seconds=timeout_s), now
     )
 
 
@@ -122,7 +120,7 @@ def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: dat
     """FAILED (True) when ``gallery`` :func:`is_stale`; the caller commits."""
     if not is_stale(gallery, timeout_s, now):
         return False
-    last = gallery.heartbeat_at or gallery.updated_at
+    last = heartbeat.last_sign_of_life(gallery)
     change_gallery_state(
         session,
         gallery,

@@ -161,7 +161,8 @@ def test_timeout_stops_and_fails_the_job(
     settings: Settings, factory: sessionmaker[Session], make_job: MakeJob
 ) -> None:
     job_id = make_job(fake={"steps": 500, "step_s": 0.02}, timeout_minutes=1, max_retries=3)
-    supervisor = _supervisor(settings, factory, seconds_per_minute=0.3)
+    # 2 s: time for the trainer to start and set its SIGTERM handler on a loaded machine
+    supervisor = _supervisor(settings, factory, seconds_per_minute=2.0)
     assert supervisor.run(job_id) == "FAILED"
     job = load_job(factory, job_id)
     assert (job.reason or "").startswith("timed out after 1 minutes")
