@@ -4,9 +4,11 @@ Every clustering of a ``loss.objective=cluster_contrast`` run writes label-free 
 (``cluster/*`` in ``metrics.jsonl``: clusters, outlier share, mean size, largest share, adjusted
 Rand against the previous labels). The clustering at the start of epoch ``e + 1`` reads the model
 that was evaluated at the end of epoch ``e``, so each signal of record ``e + 1`` is paired with
-``eval/mAP`` of record ``e``. Over every such pair of the runs given, the table shows Spearman's
-rank correlation of each signal with mAP, pooled and within each run (a signal that only tracks
-the epoch count agrees within runs and may not across them).
+``eval/mAP`` of record ``e``; record 0, the evaluation before training (``eval.at_start``), pairs
+the initial model with the first clustering, made from that model too. Over every such pair of
+the runs given, the table shows Spearman's rank correlation of each signal with mAP, pooled and
+within each run (a signal that only tracks the epoch count agrees within runs and may not across
+them).
 
     python bench/cluster_signals.py outputs/bench_train_real/cc_intra outputs/seed1/cc_intra
 """

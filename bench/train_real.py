@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the roo
     sys.path.insert(0, str(ROOT))
 
 from reid_core.presets import preset_path  # noqa: E402
+from reid_core.run_dir import RunDir  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "both": [],
@@ -134,21 +135,23 @@ def collect_variant(
     first and last timestamps); ``seed``: the run's, named in its label."""
     if minutes is None:
         minutes = _log_minutes(out / "train.log")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [h for h in history if "eval/mAP" in h]
-    initial = _initial_metrics(out / "train.log")
+    records = RunDir(out).read_metrics()
+    epochs = [r for r in records if r.trained]  # not the evaluation before training (epoch 0)
+    evaluated = [r for r in epochs if "mAP" in r.evaluation()]
+    before = [r.evaluation() for r in records if not r.trained]
+    # a run older than the epoch-0 line in metrics.jsonl has its initial evaluation in the log
+    initial = before[0] if before else _initial_metrics(out / "train.log")
+    speeds = [r.images_per_second for r in epochs if r.images_per_second is not None]
     result = {
         "variant": name if seed is None else f"{name} (seed {seed})",
         "name": name,
         "seed": seed,
         "minutes": minutes,
-        "epochs": len(history),
+        "epochs": len(epochs),
         "initial": initial,
-        "final": {
-            k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")
-        },
-        "curve": [(h["epoch"], h["eval/mAP"]) for h in evals],
-        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+        "final": evaluated[-1].evaluation(),
+        "curve": [(r.epoch, r.evaluation()["mAP"]) for r in evaluated],
+        "images_per_second": sum(speeds) / len(speeds),
         "memory": diagnose_run(out),
         "camera_centred": camera_centred_metrics(out, initial),
     }

@@ -5,7 +5,8 @@
     config.yaml      the resolved configuration the run trains with
     train.log        the trainer's log (rank 0)
     progress.json    where the run is (:class:`Progress`), rewritten atomically as it goes
-    metrics.jsonl    one line per finished epoch (:class:`EpochMetrics`), appended
+    metrics.jsonl    one line per finished epoch (:class:`EpochMetrics`), appended; first, when
+                     ``eval.at_start`` ran, the line of the evaluation before training (epoch 0)
     checkpoints/     the checkpointer's files (``last_checkpoint`` names the newest)
     model_final.pt   the trained model (:mod:`reid_core.model_io`), once training completed
 
@@ -104,14 +105,24 @@ class EpochMetrics(BaseModel):
         eval/<metric>    the evaluation after the epoch (eval/mAP, eval/R1, ... in percent),
                          when the epoch was evaluated
 
-    The keys are the runs' MLflow metric names too. Build one with :meth:`of_epoch`.
+    Epoch 0 is the evaluation before training (``eval.at_start``), the file's first line when
+    it ran: ``eval/<metric>`` keys only (at least one), ``global_step`` 0 or absent, no
+    throughput nor duration; nothing was trained, so nothing else was measured. A reader that
+    counts, times or ranks training epochs leaves it out (:attr:`trained`).
+
+    The keys are the runs' MLflow metric names too (the step is ``epoch``). Build a line with
+    :meth:`of_epoch` or :meth:`before_training`.
     """
 
     # The families' keys are extra fields, each a number: the line stays one flat JSON object.
     model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
     __pydantic_extra__: dict[str, float] = Field(init=False)
 
-    epoch: int = Field(ge=1, description="The epoch, counted from 1.")
+    epoch: int = Field(
+        ge=0,
+        description="The epoch, counted from 1; 0: the evaluation before training "
+        "(eval.at_start), which holds eval/<metric> keys only.",
+    )
     global_step: int | None = Field(None, description="Steps done when the epoch ended.")
     images_per_second: float | None = Field(None, description="The epoch's throughput.")
     epoch_seconds: float | None = Field(None, description="How long the epoch took.")
@@ -126,6 +137,45 @@ class EpochMetrics(BaseModel):
                     f"nor '<family>/<name>' with family one of {', '.join(METRIC_FAMILIES)}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _before_training_is_an_evaluation(self) -> EpochMetrics:
+        if self.trained:
+            return self
+        keys = list(self.model_extra or {})
+        wrong = [k for k in ("images_per_second", "epoch_seconds") if getattr(self, k) is not None]
+        wrong += [k for k in keys if not k.startswith("eval/")]
+        if wrong:
+            raise ValueError(
+                f"epoch 0 is the evaluation before training: it holds eval/<metric> keys only, "
+                f"not {', '.join(wrong)} (a training epoch counts from 1)"
+            )
+        if not keys:
+            raise ValueError("epoch 0, the evaluation before training, has no eval/<metric> key")
+        if self.global_step not in (None, 0):
+            raise ValueError(
+                f"epoch 0 is the evaluation before training: global_step is 0 there, "
+                f"not {self.global_step}"
+            )
+        return self
+
+    @property
+    def trained(self) -> bool:
+        """Whether the line is a training epoch's (epoch >= 1), not the evaluation before
+        training (epoch 0)."""
+        return self.epoch >= 1
+
+    @classmethod
+    def before_training(cls, evaluation: Mapping[str, float]) -> EpochMetrics:
+        """The line of the evaluation before training (epoch 0): ``evaluation`` is metric ->
+        value, as the evaluator returned it."""
+        return cls.model_validate(
+            {
+                "epoch": 0,
+                "global_step": 0,
+                **{f"eval/{metric}": value for metric, value in evaluation.items()},
+            }
+        )
 
     @classmethod
     def of_epoch(
@@ -157,9 +207,18 @@ class EpochMetrics(BaseModel):
             }
         )
 
+    def evaluation(self) -> dict[str, float]:
+        """The line's evaluation, metric -> value (``mAP``, ``r1``, ...); empty when the epoch
+        was not evaluated."""
+        return {
+            key.removeprefix("eval/"): value
+            for key, value in (self.model_extra or {}).items()
+            if key.startswith("eval/")
+        }
+
     def metric_values(self) -> dict[str, float]:
-        """Every number of the epoch but its ``epoch`` and ``global_step``, by key: what a run
-        logs to MLflow at step ``epoch``."""
+        """Every number of the line but its ``epoch`` and ``global_step``, by key: what a run
+        logs to MLflow at step ``epoch`` (0 for the evaluation before training)."""
         timing = {"images_per_second": self.images_per_second, "epoch_seconds": self.epoch_seconds}
         values = {key: value for key, value in timing.items() if value is not None}
         return {**values, **(self.model_extra or {})}
@@ -218,8 +277,9 @@ class RunDir:
             f.write(record.model_dump_json() + "\n")
 
     def read_metrics(self) -> list[EpochMetrics]:
-        """One record per finished epoch, oldest first; empty before the first epoch ended. A
-        line being appended right now (the last, unfinished) is left out, as is, with a warning,
+        """One record per line, oldest first: the evaluation before training (epoch 0) when it
+        ran, then one per finished epoch; empty before the first was written. A line being
+        appended right now (the last, unfinished) is left out, as is, with a warning,
         one that does not parse."""
         try:
             text = self.metrics_file.read_text(encoding="utf-8")

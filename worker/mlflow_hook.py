@@ -2,8 +2,9 @@
 
 Runs inside the training process (``python -m worker.train_job``), on the main rank only. Every
 exchange with MLflow is a *sync*: bring MLflow up to date with what the trainer has done (create
-or find the run, log the params once, the metrics of every finished epoch not logged yet, the
-newest checkpoint; at the end the final model, registered and perhaps given the alias ``best``).
+or find the run, log the params once, the metrics of every ``metrics.jsonl`` line not logged yet
+at step ``epoch`` (step 0: the evaluation before training), the newest checkpoint; at the end the
+final model, registered and perhaps given the alias ``best``).
 Syncs are idempotent and their progress is kept in ``mlflow.json``, so:
 
 - MLflow down: the sync fails quickly (bounded HTTP timeouts), training goes on, a warning is
@@ -173,8 +174,9 @@ class MLflowHook(HookBase):
         pending: list[str] = []
         if self.state.run_id is None:
             pending.append("the run")
-        first, last = self.state.logged_through_epoch + 1, self._epochs_done()
-        if last >= first:
+        unlogged = self._unlogged()
+        if unlogged:
+            first, last = unlogged[0].epoch, unlogged[-1].epoch
             pending.append(f"metrics of epoch{'s' if last > first else ''} " + _span(first, last))
         if final and self.state.model_version is None and not self.state.registration_refused:
             pending.append("the final model")
@@ -187,7 +189,14 @@ class MLflowHook(HookBase):
             log.warning("cannot write %s: %s", self.folder.tracking_state, exc)
 
     def _epochs_done(self) -> int:
-        return len(self.trainer.state.history)
+        """Training epochs finished (the evaluation before training, epoch 0, is none)."""
+        history = self.trainer.state.history
+        return int(history[-1]["epoch"]) if history else 0
+
+    def _unlogged(self) -> list[EpochMetrics]:
+        """The trainer's metrics lines that MLflow has not received yet, oldest first."""
+        history = [EpochMetrics.model_validate(r) for r in self.trainer.state.history]
+        return [r for r in history if r.epoch > self.state.logged_through_epoch]
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -256,8 +265,7 @@ class MLflowHook(HookBase):
     def _log_metrics(self) -> None:
         from mlflow.entities import Metric
 
-        history = [EpochMetrics.model_validate(r) for r in self.trainer.state.history]
-        new = [r for r in history if r.epoch > self.state.logged_through_epoch]
+        new = self._unlogged()
         if not new:
             return
         now_ms = int(time.time() * 1000)

@@ -70,7 +70,8 @@ class TrackingState:
     run_id: str | None = None
     experiment_id: str | None = None
     params_logged: bool = False
-    logged_through_epoch: int = 0  # metrics of epochs 1..this are in MLflow
+    # metrics of epochs 0..this are in MLflow (0: the evaluation before training; -1: none yet)
+    logged_through_epoch: int = -1
     checkpoints_logged: list[str] = field(default_factory=list)
     model_uri: str | None = None
     model_id: str | None = None  # MLflow 3's logged model

@@ -337,7 +337,10 @@ class ProgressHook(HookBase):
     :class:`reid_core.run_dir.Progress` and :class:`reid_core.run_dir.EpochMetrics`).
 
     ``progress.json`` is rewritten atomically; a job supervisor polls it. ``metrics.jsonl`` gets one
-    line per finished epoch: mean losses, evaluation metrics, learning rates, throughput.
+    line per finished epoch: mean losses, evaluation metrics, learning rates, throughput; and
+    before those, when the evaluation before training ran (``eval.at_start``; the evaluation hook
+    comes first), its line, epoch 0. Each line goes to ``state.history`` too, so a checkpoint
+    holds them and a resumed run does not write the epoch-0 line again.
     """
 
     def __init__(self, output_dir: Path, log_every_n_steps: int, progress_bar: bool) -> None:
@@ -391,7 +394,16 @@ class ProgressHook(HookBase):
     def before_train(self) -> None:
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
         self._train_start = time.perf_counter()
+        state = self.trainer.state
+        if state.metrics.get("epoch") == 0 and not state.history:  # evaluated before training
+            self._record(EpochMetrics.before_training(_evaluation(state.metrics)))
         self.write("running")
+
+    def _record(self, record: EpochMetrics) -> None:
+        """One line of metrics.jsonl (the main process writes it), kept in the history."""
+        self.trainer.state.history.append(record.model_dump())
+        if self._main:
+            self.run_dir.append_metrics(record)
 
     def before_epoch(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -432,7 +444,7 @@ class ProgressHook(HookBase):
         state = t.state
         evaluation: dict[str, float] = {}
         if state.metrics.get("epoch") == state.epoch + 1:  # this epoch was evaluated
-            evaluation = {k: v for k, v in state.metrics.items() if k != "epoch"}
+            evaluation = _evaluation(state.metrics)
         record = EpochMetrics.of_epoch(
             epoch=state.epoch + 1,
             global_step=state.global_step,
@@ -443,9 +455,7 @@ class ProgressHook(HookBase):
             clustering=state.clustering,  # the pseudo labels this epoch trained on
             evaluation=evaluation,
         )
-        state.history.append(record.model_dump())
-        if self._main:
-            self.run_dir.append_metrics(record)
+        self._record(record)
         self.write("running")
 
     def after_train(self) -> None:
@@ -459,6 +469,11 @@ class ProgressHook(HookBase):
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "epoch")
+
+
+def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
+    """``state.metrics`` (an evaluation and the ``epoch`` it ran at) without its ``epoch``."""
+    return {k: v for k, v in metrics.items() if k != "epoch"}
 
 
 class FinalModelHook(HookBase):

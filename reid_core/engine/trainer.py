@@ -89,7 +89,8 @@ class TrainState:
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
     clustering: dict[str, float] = field(default_factory=dict)  # last clustering's signals
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    # metrics.jsonl's lines: the evaluation before training (epoch 0) if any, each finished epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:

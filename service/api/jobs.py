@@ -184,15 +184,17 @@ def list_job_events(
 
 @router.get(
     "/{job_id:uuid}/metrics",
-    summary="Per-epoch history: mean loss per term, learning rates, images/s, evaluation",
+    summary="Per-epoch history: mean loss per term, learning rates, images/s, evaluation "
+    "(epoch 0: before training)",
     responses=error_responses(e404="Unknown job"),
 )
 def job_metrics(
     job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
 ) -> list[EpochMetrics]:
     """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
-    ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); empty before the first
-    epoch ends."""
+    ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); before them, when the
+    job evaluates before training (``eval.at_start``), a record of epoch 0 holding that
+    evaluation's ``eval/<metric>`` alone. Empty before the first record."""
     return jobs.job_metrics(settings, jobs.owned_job(session, owner, job_id))
 
 

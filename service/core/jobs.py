@@ -294,8 +294,8 @@ def job_events(session: Session, owner: str, job_id: uuid.UUID) -> list[JobEvent
 
 
 def job_metrics(settings: Settings, job: Job) -> list[EpochMetrics]:
-    """One record per finished epoch, oldest first (``metrics.jsonl``); empty before the first
-    epoch ends."""
+    """The job's ``metrics.jsonl``, oldest first: the evaluation before training (epoch 0) when
+    ``eval.at_start`` ran, then one record per finished epoch; empty before the first."""
     return job_dir(settings, job.id).read_metrics()
 
 

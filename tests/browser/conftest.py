@@ -46,12 +46,14 @@ CHROMIUM_ARGS = [
 ]
 #: The parked queue: accepted by the API, consumed by no worker.
 PARKED_QUEUE = "parked"
-#: Two evaluated epochs of two steps: a job of seconds with a point per epoch on every chart.
+#: Two evaluated epochs of two steps: a job of seconds with a point per epoch on every chart,
+#: and on the evaluation chart one at epoch 0, the evaluation before training.
 SHORT_JOB = {
     **TINY_JOB_CONFIG,
     "schedule.epochs": 2,
     "schedule.max_steps_per_epoch": 2,
     "eval.every_n_epochs": 1,
+    "eval.at_start": True,
     "model.camera_norm": True,  # the gallery search's camera field changes its hits
 }
 #: Minutes of training on this CPU: running for as long as a test needs before it cancels.

@@ -40,6 +40,32 @@ def chart_points(page: Page, canvas_id: str) -> dict[str, list[list[float]]]:
     return points
 
 
+def chart_x_labels(page: Page, canvas_id: str) -> list[str]:
+    """The x axis's tick labels of the Chart.js chart drawn on ``canvas_id``."""
+    labels: list[str] = page.evaluate(
+        "id => window.Chart.getChart(document.getElementById(id)).scales.x.ticks.map(t => t.label)",
+        canvas_id,
+    )
+    return labels
+
+
+def chart_tooltip_title(page: Page, canvas_id: str, index: int) -> list[str]:
+    """The tooltip's title over point ``index`` of the chart's first series."""
+    title: list[str] = page.evaluate(
+        """([id, index]) => {
+            const chart = window.Chart.getChart(document.getElementById(id));
+            chart.tooltip.setActiveElements([{ datasetIndex: 0, index }], { x: 0, y: 0 });
+            chart.update();
+            const title = chart.tooltip.title;
+            chart.tooltip.setActiveElements([], { x: 0, y: 0 });
+            chart.update();
+            return title;
+        }""",
+        [canvas_id, index],
+    )
+    return title
+
+
 def sign_in(page: Page, key: str) -> None:
     dialog = page.locator("#key-dialog")
     expect(dialog).to_be_visible()
@@ -117,13 +143,25 @@ def test_a_job_submitted_from_the_page_is_followed_to_the_end(
         history = api.get(f"/v1/jobs/{job_id}/metrics").json()
         events = api.get(f"/v1/jobs/{job_id}/events").json()
 
+    # epoch 0 is the evaluation before training (eval.at_start): evaluation figures alone
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    measured = {k for k, v in history[0].items() if v is not None} - {"epoch", "global_step"}
+    assert measured and all(k.startswith("eval/") for k in measured), history[0]
+    trained = history[1:]
+
     losses = chart_points(page, "loss-chart")
-    terms = {k.removeprefix("loss/") for k in history[0] if k.startswith("loss/")}
+    terms = {k.removeprefix("loss/") for k in trained[0] if k.startswith("loss/")}
     assert set(losses) == terms
-    assert losses["total"] == [[r["epoch"], r["loss/total"]] for r in history]
+    assert losses["total"] == [[r["epoch"], r["loss/total"]] for r in trained]
+    assert "before training" not in chart_x_labels(page, "loss-chart")
     evaluation = chart_points(page, "eval-chart")
     assert set(evaluation) == {"mAP", "R1", "R5", "mINP"}
+    # the first point: the model before training, so the gain shows
     assert evaluation["mAP"] == [[r["epoch"], r["eval/mAP"]] for r in history]
+    assert evaluation["R1"][0] == [0, history[0]["eval/r1"]]
+    assert chart_x_labels(page, "eval-chart")[0] == "before training"
+    assert chart_tooltip_title(page, "eval-chart", 0) == ["epoch 0 (before training)"]
+    assert chart_tooltip_title(page, "eval-chart", 1) == ["epoch 1"]
     expect(page.locator("#loss-chart")).to_be_visible()
     expect(page.locator("#eval-chart")).to_be_visible()
 
@@ -315,10 +353,11 @@ def test_ticked_jobs_are_compared_side_by_side(
 
         with service.client() as api:
             history = api.get(f"/v1/jobs/{trained_job['id']}/metrics").json()
-        best_map = max(r["eval/mAP"] for r in history)
+        best_map = max(r["eval/mAP"] for r in history if r["epoch"] >= 1)  # a trained model
         trained_row = page.locator(f'#compare-table tr[data-job-id="{trained_job["id"]}"]')
         expect(trained_row.locator(".cell-best-map")).to_have_text(f"{best_map:.1f}")
         expect(page.locator("#compare-table tbody tr")).to_have_count(2)
+        assert history[0]["epoch"] == 0  # before training: on the chart, not the best
         assert chart_points(page, "compare-map-chart") == {
             trained_job["id"][:8]: [[r["epoch"], r["eval/mAP"]] for r in history],
             other["id"][:8]: [],  # still QUEUED: no epoch yet

@@ -18,6 +18,7 @@ import reid_core.train as train_module
 from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase
 from reid_core.inference.embedder import Embedder
+from reid_core.run_dir import RunDir
 from service.core.registry import JOB_TAG
 from tests.integration.conftest import tiny_config
 from worker.mlflow_hook import MLflowHook
@@ -60,10 +61,12 @@ def test_a_run_logs_everything_and_registers_an_embedder(
     tmp_path: Path, synthetic_root: Path, store: str
 ) -> None:
     out = tmp_path / "run"
-    assert _train(out, synthetic_root, [MLflowHook(_spec(store, tmp_path), out)]) == ExitCode.OK
+    hooks: list[HookBase] = [MLflowHook(_spec(store, tmp_path), out)]
+    assert _train(out, synthetic_root, hooks, "eval.at_start=true") == ExitCode.OK
 
     state = TrackingState.load(out)
     assert state.pending == [] and state.warnings == []
+    assert state.logged_through_epoch == 2
     assert (state.model_name, state.model_version, state.best_alias) == (MODEL, "1", True)
     client = MlflowClient(store)
     run = client.get_run(state.run_id)
@@ -71,8 +74,15 @@ def test_a_run_logs_everything_and_registers_an_embedder(
     assert run.data.params["model.backbone"] == "mobilenet_v3_small"
     assert "checkpoint.resume" not in run.data.params  # changes on retries
     history = client.get_metric_history(state.run_id, "loss/total")
-    assert [m.step for m in history] == [1, 2]
-    assert [m.step for m in client.get_metric_history(state.run_id, "eval/mAP")] == [1, 2]
+    assert [m.step for m in history] == [1, 2]  # nothing trained at step 0
+    # the evaluation before training is step 0, as metrics.jsonl's epoch 0 has it
+    evaluations = client.get_metric_history(state.run_id, "eval/mAP")
+    assert [m.step for m in evaluations] == [0, 1, 2]
+    lines = RunDir(out).read_metrics()
+    assert [m.value for m in evaluations] == [r.metric_values()["eval/mAP"] for r in lines]
+    assert "images_per_second" in run.data.metrics  # the latest, epoch 2's
+    steps = {m.step for m in client.get_metric_history(state.run_id, "images_per_second")}
+    assert steps == {1, 2}
     logged = {f.path for f in client.list_artifacts(state.run_id, "checkpoints")}
     assert logged == {"checkpoints/epoch_0001.pt", "checkpoints/epoch_0002.pt"}
 
@@ -161,12 +171,15 @@ def test_mlflow_never_reachable_training_succeeds_and_says_what_was_lost(
 ) -> None:
     out = tmp_path / "run"
     spec = _spec("http://127.0.0.1:9", tmp_path, request_timeout_s=1.0, retry_after_s=3600)
-    assert _train(out, synthetic_root, [MLflowHook(spec, out)]) == ExitCode.OK
+    hooks: list[HookBase] = [MLflowHook(spec, out)]
+    assert _train(out, synthetic_root, hooks, "eval.at_start=true") == ExitCode.OK
     assert (out / "model_final.pt").is_file()
     state = TrackingState.load(out)
     assert state.run_id is None
-    assert state.pending == ["the run", "metrics of epochs 1-2", "the final model"]
-    assert "never logged: the run; metrics of epochs 1-2; the final model" in state.warnings[-1]
+    # epoch 0: the evaluation before training
+    assert state.pending == ["the run", "metrics of epochs 0-2", "the final model"]
+    assert "never logged: the run; metrics of epochs 0-2; the final model" in state.warnings[-1]
+    assert "failed while creating the run (epoch 0)" in state.warnings[0]
 
 
 class _StopAfterEpoch(HookBase):

@@ -26,6 +26,7 @@ from reid_core.config import ExperimentConfig, dump_config, load_config
 from reid_core.data import build_eval_loader, build_splits
 from reid_core.engine.checkpoint import LAST_TAG, Checkpointer
 from reid_core.engine.exit_codes import ExitCode
+from reid_core.engine.hooks import EvaluationHook
 from reid_core.engine.trainer import HookBase, Trainer
 from reid_core.model_io import load_model
 from reid_core.models.camera_norm import CameraBatchNorm
@@ -182,6 +183,36 @@ def test_run_folder_reads_through_its_models(trained_run: TrainedRun) -> None:
     assert progress is not None
     assert (progress.status, progress.epoch, progress.epochs) == ("finished", epochs, epochs)
     assert progress.metrics["mAP"] == records[-1].metric_values()["eval/mAP"]
+
+
+def test_the_evaluation_before_training_is_the_first_metrics_line(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """eval.at_start: metrics.jsonl begins with epoch 0, the initial model's evaluation and
+    nothing else; a run stopped in its first epoch and resumed does not write it again."""
+    cfg = tiny_config(tmp_path / "run", synthetic_root, "eval.at_start=true", epochs=1)
+    run = RunDir(cfg.runtime.output_dir)
+    first = build(cfg)
+    first.register_hooks([StopAfterStep(1)])  # in the middle of epoch 1
+    assert first.train() == ExitCode.INTERRUPTED
+    (before,) = run.read_metrics()
+    evaluation = next(h for h in first.hooks if isinstance(h, EvaluationHook))
+    assert (before.epoch, before.global_step, before.trained) == (0, 0, False)
+    assert before.evaluation() == evaluation.initial_metrics
+    assert {"eval/mAP", "eval/r1", "eval/r5", "eval/mINP"} <= set(before.metric_values())
+    assert before.images_per_second is None and before.epoch_seconds is None
+    assert first.state.history == [before.model_dump()]
+    progress = run.read_progress()
+    assert progress is not None and progress.metrics == {"epoch": 0, **before.evaluation()}
+
+    second = build(cfg)
+    assert second.resumed
+    assert second.train() == ExitCode.OK
+    records = run.read_metrics()
+    assert [r.epoch for r in records] == [0, 1]
+    assert records[0] == before
+    assert second.state.history == [r.model_dump() for r in records]
+    assert {"loss/total", "lr/group0", "eval/mAP"} <= set(records[1].metric_values())
 
 
 def test_saved_model_and_checkpoint_reload_the_trained_weights(trained_run: TrainedRun) -> None:

@@ -340,6 +340,9 @@ def test_progress_and_metrics_schemas_are_in_the_openapi_schema(client: TestClie
     )
     assert epoch["additionalProperties"] == {"type": "number"}  # loss/..., eval/..., ...
     assert "loss/<term>" in epoch["description"]
+    # epoch 0: the evaluation before training
+    assert epoch["properties"]["epoch"]["minimum"] == 0
+    assert "evaluation before training" in epoch["properties"]["epoch"]["description"]
 
 
 def test_metrics_and_logs_read_the_job_folder(
@@ -356,12 +359,20 @@ def test_metrics_and_logs_read_the_job_folder(
     folder = settings.jobs_path / job["id"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text(
+        '{"epoch": 0, "global_step": 0, "eval/mAP": 4.0}\n'  # the evaluation before training
         '{"epoch": 1, "loss/total": 3.5}\n{"epoch": 2, "loss/total": 2.5, "eval/mAP": 10.0}\n{"epo'
     )
     (folder / "process.log").write_text("".join(f"line {i}\n" for i in range(500)))
     history = client.get(f"{url}/metrics", headers=alice).json()
-    assert [h["epoch"] for h in history] == [1, 2]  # the half-written line is skipped
-    assert history[1]["eval/mAP"] == 10.0
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # the half-written line is skipped
+    assert history[0] == {
+        "epoch": 0,
+        "global_step": 0,
+        "images_per_second": None,
+        "epoch_seconds": None,
+        "eval/mAP": 4.0,
+    }
+    assert history[2]["eval/mAP"] == 10.0
     logs = client.get(f"{url}/logs?tail=3", headers=alice)
     assert logs.headers["content-type"].startswith("text/plain")
     assert logs.text == "line 497\nline 498\nline 499\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,58 @@ def test_epoch_metrics_keys_are_fields_or_families() -> None:
         EpochMetrics.model_validate({"epoch": 1, "val/mAP": 0.5})
     with pytest.raises(ValidationError):
         EpochMetrics.model_validate({"epoch": 1, "loss/total": "high"})
+
+
+def test_epoch_0_is_the_evaluation_before_training(tmp_path: Path) -> None:
+    before = EpochMetrics.before_training({"mAP": 3.25, "r1": 9.5})
+    assert not before.trained and _epoch(1).trained
+    assert before.evaluation() == {"mAP": 3.25, "r1": 9.5}
+    assert before.metric_values() == {"eval/mAP": 3.25, "eval/r1": 9.5}  # MLflow's step 0
+    run = RunDir(tmp_path)
+    run.append_metrics(before)
+    run.append_metrics(_epoch(1, mAP=20.0))
+    assert run.read_metrics() == [before, _epoch(1, mAP=20.0)]
+    line = json.loads(run.metrics_file.read_text().splitlines()[0])
+    assert line == {
+        "epoch": 0,
+        "global_step": 0,
+        "images_per_second": None,  # nothing trained, nothing timed
+        "epoch_seconds": None,
+        "eval/mAP": 3.25,
+        "eval/r1": 9.5,
+    }
+    assert EpochMetrics.model_validate({"epoch": 0, "eval/mAP": 1.0}).global_step is None
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"epoch": 0, "eval/mAP": 1.0, "loss/total": 2.0}, "keys only, not loss/total"),
+        ({"epoch": 0, "eval/mAP": 1.0, "lr/group0": 0.1}, "not lr/group0"),
+        ({"epoch": 0, "eval/mAP": 1.0, "cluster/clusters": 5.0}, "not cluster/clusters"),
+        ({"epoch": 0, "eval/mAP": 1.0, "images_per_second": 9.0}, "not images_per_second"),
+        ({"epoch": 0, "eval/mAP": 1.0, "epoch_seconds": 9.0}, "not epoch_seconds"),
+        ({"epoch": 0, "eval/mAP": 1.0, "global_step": 4}, "global_step is 0 there, not 4"),
+        ({"epoch": 0}, "has no eval/<metric> key"),
+        ({"epoch": 0, "global_step": 0}, "has no eval/<metric> key"),
+        ({"epoch": -1, "eval/mAP": 1.0}, "greater than or equal to 0"),
+    ],
+)
+def test_epoch_0_refuses_what_was_not_measured_before_training(
+    line: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        EpochMetrics.model_validate(line)
+
+
+def test_read_metrics_leaves_out_an_epoch_0_line_that_trained(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = RunDir(tmp_path)
+    lines = ['{"epoch": 0, "loss/total": 3.5}', '{"epoch": 0, "eval/mAP": 2.0}', '{"epoch": 1}']
+    run.metrics_file.write_text("".join(f"{line}\n" for line in lines))
+    assert [(r.epoch, r.trained) for r in run.read_metrics()] == [(0, False), (1, True)]
+    assert "line 1" in caplog.text and "holds eval/<metric> keys only" in caplog.text
 
 
 def test_non_finite_values_are_written_as_json_has_them(tmp_path: Path) -> None:

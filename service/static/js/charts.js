@@ -27,7 +27,10 @@ export function lossSeries(records) {
   return terms.map((key) => epochSeries(records, key, key.slice("loss/".length)));
 }
 
-/** mAP, R1, R5, mINP per evaluated epoch (epochs without evaluation have no point). */
+/**
+ * mAP, R1, R5, mINP per evaluated epoch (epochs without evaluation have no point); the first
+ * point is at epoch 0 when the job evaluated before training (eval.at_start).
+ */
 export function evalSeries(records) {
   return EVAL_SERIES.filter(([key]) => records.some((r) => typeof r[key] === "number")).map(
     ([key, label]) => epochSeries(records, key, label),
@@ -40,6 +43,19 @@ export function epochSeries(records, key, label) {
     .filter((r) => typeof r[key] === "number" && typeof r.epoch === "number")
     .map((r) => ({ x: r.epoch, y: r[key] }));
   return { label, key, points };
+}
+
+/**
+ * What the x axis says of an epoch: epoch 0 is the evaluation before training (a record of
+ * evaluation figures only, the first of GET v1/jobs/{id}/metrics when eval.at_start is on).
+ */
+export function epochLabel(epoch) {
+  return epoch === 0 ? "before training" : String(epoch);
+}
+
+/** A tooltip's title: the epoch, and what epoch 0 is. */
+export function epochTitle(epoch) {
+  return epoch === 0 ? "epoch 0 (before training)" : `epoch ${epoch}`;
 }
 
 /**
@@ -81,10 +97,19 @@ export class EpochChart {
           maintainAspectRatio: false,
           interaction: { mode: "nearest", axis: "x", intersect: false },
           scales: {
-            x: { type: "linear", title: { display: true, text: "epoch" }, ticks: { precision: 0 } },
+            x: {
+              type: "linear",
+              title: { display: true, text: "epoch" },
+              ticks: { precision: 0, callback: (value) => epochLabel(value) },
+            },
             y: { title: { display: true, text: this.yTitle } },
           },
-          plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
+          plugins: {
+            legend: { position: "bottom", labels: { boxWidth: 12 } },
+            tooltip: {
+              callbacks: { title: (items) => (items.length ? epochTitle(items[0].parsed.x) : "") },
+            },
+          },
         },
       });
     } else {

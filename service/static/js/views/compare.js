@@ -32,9 +32,10 @@ function configDifferences(configs) {
     .filter(([, values]) => new Set(values).size > 1);
 }
 
+/** The training epoch's record with the highest `key`; epoch 0 (before training) is none. */
 function best(records, key) {
   return records
-    .filter((r) => typeof r[key] === "number")
+    .filter((r) => r.epoch >= 1 && typeof r[key] === "number")
     .reduce((top, r) => (top === null || r[key] > top[key] ? r : top), null);
 }
 

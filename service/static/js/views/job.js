@@ -68,7 +68,8 @@ export function renderJob(root, [jobId]) {
   const evalChart = new EpochChart(evalBox, {
     id: "eval-chart",
     yTitle: "%",
-    emptyText: "No evaluation yet (every eval.every_n_epochs epochs).",
+    emptyText:
+      "No evaluation yet (before training with eval.at_start, then every eval.every_n_epochs epochs).",
   });
 
   function layout() {
@@ -225,10 +226,13 @@ export function renderJob(root, [jobId]) {
     renderJobFacts();
     const stateChanged = previous === null || previous.state !== job.state;
     const epochChanged = previous === null || previous.epoch !== job.epoch;
+    // the evaluation before training (epoch 0) comes while the job's epoch is still 0
+    const evaluated =
+      previous === null || fmt.latestEval(previous).epoch !== fmt.latestEval(job).epoch;
     const loads = [];
     if (stateChanged)
       loads.push(getJSON(`${base}/events`, { signal: closing.signal }).then(renderEvents));
-    if (stateChanged || epochChanged) {
+    if (stateChanged || epochChanged || evaluated) {
       loads.push(getJSON(`${base}/metrics`, { signal: closing.signal }).then(renderMetrics));
     }
     if (stateChanged) logs.jobChanged();
