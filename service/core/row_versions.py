@@ -14,7 +14,8 @@ that pair for ``REID_VERSION_CACHE_SECONDS`` (default 0.5). The rule:
   job or gallery drops its entry at once: rows the ORM flushed by their instances, UPDATE and
   DELETE statements by the ids their WHERE names (every entry of that kind when it names none).
   A read under way meanwhile is not stored (:mod:`service.core.ttl_cache`). Cancel, retry,
-  dispatch marking, a gallery's delete or retry: all go through these sessions.
+  dispatch marking, a gallery's delete or retry: all go through these sessions. A statement
+  run on ``session.connection()`` bypasses the session's events: write through the session.
 - A change made by another process (the worker's supervisor writing progress, the dispatcher,
   another API process) is seen once the entry expires: a poll may answer 304 for up to
   ``REID_VERSION_CACHE_SECONDS`` after the row changed. That is the staleness this cache adds
