@@ -15,6 +15,7 @@ from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
 from service.core.db import make_engine, make_session_factory
+from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings, get_settings
 
 __all__ = ["create_app"]
@@ -56,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
+    # What a 304 is answered from: dropped when this app's sessions change the row.
+    app.state.row_versions = RowVersionCache(settings.version_cache_seconds)
+    app.state.row_versions.watch(app.state.session_factory)
     app.state.schema_head = migrate.head_revision()
     install_error_handlers(app)
     app.include_router(health.router)

@@ -1,8 +1,11 @@
 """Conditional GETs that cost almost nothing when nothing changed.
 
 A job's or gallery's ETag is made of its row version (``version``: +1 in every UPDATE of the row,
-:class:`service.core.models.Job`), so ``If-None-Match`` is answered after reading one integer: no
-row, no JSON, no hash of a body. The version alone does not say what the body looks like, so the
+:class:`service.core.models.Job`), so ``If-None-Match`` is answered from that integer alone: no
+row, no JSON, no hash of a body. The API process keeps the versions it read for
+``REID_VERSION_CACHE_SECONDS`` (:mod:`service.core.row_versions`, which says when an entry is
+dropped): a poll whose version is kept is answered in the event loop without a database read;
+otherwise the version (and owner) is read by primary key in the thread pool. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
 of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
 that changes either invalidates every ETag a client holds.
@@ -19,12 +22,15 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import Header, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
+from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
@@ -87,18 +93,24 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     return any(c == "*" or c.removeprefix("W/") == bare for c in candidates)
 
 
-def unchanged_row(
+async def unchanged_row(
     if_none_match: str | None,
     model: type[BaseModel],
     settings: Settings,
-    read_version: Callable[[], int],
+    versions: RowVersionCache,
+    session: Session,
+    row: OwnedRow[Any],
 ) -> Response | None:
-    """The 304 for a row that ``If-None-Match`` shows the client has, its version read alone
-    (``read_version``, which raises not found like the full read would); None when the row has
-    to be served (no header, or another version)."""
+    """The 304 for ``row`` when ``If-None-Match`` shows the client has its version; None when
+    the row has to be served (no header, or another version). The version comes from
+    ``versions`` (no database read) or else is read alone in the thread pool; either raises
+    not found like the full read would (another owner's row, a missing one)."""
     if if_none_match is None:
         return None
-    etag = row_etag(model, settings, read_version())
+    version = versions.peek(row)
+    if version is None:
+        version = await run_in_threadpool(versions.read_version, session, row)
+    etag = row_etag(model, settings, version)
     return not_modified(etag) if matches(if_none_match, etag) else None
 
 

@@ -1,5 +1,5 @@
-"""Typed request dependencies shared by the routers: the settings, a database session, and the
-paging parameters of the lists."""
+"""Typed request dependencies shared by the routers: the settings, a database session, the
+row-version cache of conditional GETs, and the paging parameters of the lists."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.errors import APIError
 from service.core.owned import Cursor
+from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
     "PageDep",
     "PageParams",
+    "RowVersionsDep",
     "SessionDep",
     "SettingsDep",
+    "get_row_versions",
     "get_session",
     "get_settings_dep",
     "page_params",
@@ -49,8 +52,14 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             session.close()
 
 
+async def get_row_versions(request: Request) -> RowVersionCache:
+    versions: RowVersionCache = request.app.state.row_versions
+    return versions
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
+RowVersionsDep = Annotated[RowVersionCache, Depends(get_row_versions)]
 
 #: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET
 #: (a larger one is refused by the schema rather than by the database driver).

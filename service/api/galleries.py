@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse
 
 from service.api.auth import CurrentOwner
 from service.api.conditional import NOT_MODIFIED, IfNoneMatch, row_etag, tagged, unchanged_row
-from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.deps import PageDep, RowVersionsDep, SessionDep, SettingsDep
 from service.api.schemas import (
     COMMON_ERRORS,
     GalleryCreate,
@@ -35,6 +35,7 @@ from service.api.uploads import receive_images
 from service.core import galleries
 from service.core.images import UploadedImage
 from service.core.models import Gallery
+from service.core.row_versions import OwnedRow
 from service.core.settings import Settings
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=COMMON_ERRORS)
@@ -108,23 +109,21 @@ def list_galleries(owner: CurrentOwner, session: SessionDep, paging: PageDep) ->
     response_model=GalleryOut,
     responses={**NOT_MODIFIED, **error_responses(e404="Unknown gallery")},
 )
-def get_gallery(
+async def get_gallery(
     gallery_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
+    versions: RowVersionsDep,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
-    """As ``GET /v1/jobs/{id}``: with ``If-None-Match`` the version is read alone first."""
-    unchanged = unchanged_row(
-        if_none_match,
-        GalleryOut,
-        settings,
-        lambda: galleries.gallery_version(session, owner, gallery_id),
-    )
+    """As ``GET /v1/jobs/{id}``: with ``If-None-Match`` the version is looked at first (the
+    row-version cache, else read alone)."""
+    row = OwnedRow(Gallery, gallery_id, owner)
+    unchanged = await unchanged_row(if_none_match, GalleryOut, settings, versions, session, row)
     if unchanged is not None:
         return unchanged
-    gallery = galleries.owned_gallery(session, owner, gallery_id)
+    gallery = await run_in_threadpool(versions.read_row, session, row)
     return tagged(_out(gallery), row_etag(GalleryOut, settings, gallery.version))
 
 

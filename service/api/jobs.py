@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from reid_core.config import ExperimentConfig
@@ -25,7 +26,7 @@ from service.api.conditional import (
     tagged,
     unchanged_row,
 )
-from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.deps import PageDep, RowVersionsDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -40,6 +41,7 @@ from service.api.schemas import (
 from service.core import jobs
 from service.core.models import Job, JobState
 from service.core.registry import mlflow_ui_url
+from service.core.row_versions import OwnedRow
 from service.core.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_ERRORS)
@@ -153,21 +155,24 @@ def list_jobs(
     response_model=JobOut,
     responses={**NOT_MODIFIED, **error_responses(e404="Unknown job")},
 )
-def get_job(
+async def get_job(
     job_id: uuid.UUID,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
+    versions: RowVersionsDep,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
-    """With ``If-None-Match``, the job's version is read alone first: a job that did not change
-    costs one integer read and a 304."""
-    unchanged = unchanged_row(
-        if_none_match, JobOut, settings, lambda: jobs.job_version(session, owner, job_id)
-    )
+    """With ``If-None-Match``, the job's version is looked at first: a job that did not change
+    is a 304 from the API process's row-version cache (no database read) or after reading that
+    one integer. Async so that the cached 304 never waits for the thread pool; the database is
+    read there."""
+    row = OwnedRow(Job, job_id, owner)
+    unchanged = await unchanged_row(if_none_match, JobOut, settings, versions, session, row)
     if unchanged is not None:
         return unchanged
-    return _job_response(jobs.owned_job(session, owner, job_id), settings)
+    job = await run_in_threadpool(versions.read_row, session, row)
+    return _job_response(job, settings)
 
 
 @router.get(

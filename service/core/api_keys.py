@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import ApiKey, utcnow
+from service.core.ttl_cache import TtlCache
 
 __all__ = [
     "KEY_PREFIX",
@@ -83,7 +82,7 @@ class KnownKey:
 
 class KeyCache:
     """Keys verified in the last ``ttl_s`` seconds, by hash, at most ``max_entries`` of them
-    (the oldest are dropped first). Thread-safe: sync routes run in a thread pool.
+    (the least recently verified are dropped first; the rule: :mod:`service.core.ttl_cache`).
 
     Only keys that exist are kept (revoked ones too, to answer why); a token that is no key is
     looked up every time, so random tokens cannot fill the cache. ``ttl_s`` 0 keeps nothing."""
@@ -94,40 +93,26 @@ class KeyCache:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, KnownKey]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: TtlCache[str, KnownKey] = TtlCache(ttl_s, max_entries, clock)
 
     def peek(self, token: str) -> KnownKey | None:
         """The key ``token`` is if the cache still holds it (no database read), else None."""
-        with self._lock:
-            entry = self._entries.get(hash_key(token))
-        return entry[1] if entry is not None and entry[0] > self._clock() else None
+        return self._entries.get(hash_key(token))
 
     def lookup(self, token: str, session_factory: Callable[[], Session]) -> KnownKey | None:
         """The key ``token`` is, from the cache or (opening a session) from the database."""
         cached = self.peek(token)
         if cached is not None:
             return cached
-        digest = hash_key(token)
-        now = self._clock()
+        read = self._entries.begin_read()
         with session_factory() as session:
             row = find_api_key(session, token)
             if row is None:
                 return None
             known = KnownKey(row.owner, row.prefix, row.revoked_at is not None)
-        if self.ttl_s > 0:
-            with self._lock:
-                self._entries[digest] = (now + self.ttl_s, known)
-                self._entries.move_to_end(digest)
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+        self._entries.put(hash_key(token), known, read)
         return known
 
     def forget(self, prefix: str) -> None:
         """Drop the key with ``prefix`` (it was just revoked through this process)."""
-        with self._lock:
-            for digest in [d for d, (_, k) in self._entries.items() if k.prefix == prefix]:
-                del self._entries[digest]
+        self._entries.discard_where(lambda _digest, key: key.prefix == prefix)

@@ -31,7 +31,7 @@ from service.core.images import UploadedImage, decode_images
 from service.core.jobs import check_queue
 from service.core.model_cache import cached_embedder, cached_index, forget_index
 from service.core.models import Dataset, Gallery, GalleryEvent, GalleryState
-from service.core.owned import Cursor, OwnedPage, owned, owned_page, owned_version
+from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.registry import ModelRegistry
 from service.core.settings import Settings
 
@@ -43,7 +43,6 @@ __all__ = [
     "create_gallery",
     "delete_gallery",
     "gallery_events",
-    "gallery_version",
     "image_file",
     "list_galleries",
     "owned_gallery",
@@ -146,11 +145,6 @@ def list_galleries(
     """``owner``'s galleries, newest first, with their count. Only reads: a build whose worker
     died is turned FAILED by the reaper (``python -m worker dispatcher``)."""
     return owned_page(session, Gallery, owner, limit=limit, offset=offset, after=after)
-
-
-def gallery_version(session: Session, owner: str, gallery_id: uuid.UUID) -> int:
-    """The gallery's row version (:class:`service.core.models.Gallery`), read alone."""
-    return owned_version(session, Gallery, owner, gallery_id, "gallery")
 
 
 def gallery_events(session: Session, owner: str, gallery_id: uuid.UUID) -> list[GalleryEvent]:

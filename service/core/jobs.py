@@ -28,7 +28,7 @@ from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, change_state, lock_job
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
-from service.core.owned import Cursor, OwnedPage, owned, owned_page, owned_version
+from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.presets import preset_settings
 from service.core.settings import Settings
 
@@ -40,7 +40,6 @@ __all__ = [
     "final_state",
     "job_events",
     "job_metrics",
-    "job_version",
     "list_jobs",
     "log_path",
     "owned_job",
@@ -272,11 +271,6 @@ def list_jobs(
     return owned_page(
         session, Job, owner, *conditions, limit=limit, offset=offset, after=after, options=options
     )
-
-
-def job_version(session: Session, owner: str, job_id: uuid.UUID) -> int:
-    """The job's row version (:class:`service.core.models.Job`), read alone."""
-    return owned_version(session, Job, owner, job_id, "job")
 
 
 def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:

@@ -1,5 +1,5 @@
-"""Rows of one owner: one by its id, its version, or a page of them, newest first. Another
-owner's row is not found.
+"""Rows of one owner: one by its id, or a page of them, newest first. Another owner's row is
+not found. (A row's version alone, for conditional GETs: :mod:`service.core.row_versions`.)
 
 Pages are read by offset or by a cursor (``after``: the position of the last row of the page
 before, keyset pagination: an index range scan wherever the page is). Their count stops at
@@ -24,7 +24,7 @@ from sqlalchemy.orm.interfaces import LoaderOption
 from service.core.errors import not_found
 from service.core.models import Dataset, Gallery, Job
 
-__all__ = ["COUNT_LIMIT", "Cursor", "OwnedPage", "owned", "owned_page", "owned_version"]
+__all__ = ["COUNT_LIMIT", "Cursor", "OwnedPage", "owned", "owned_page"]
 
 R = TypeVar("R", Dataset, Job, Gallery)
 
@@ -41,23 +41,6 @@ def owned(session: Session, model: type[R], owner: str, ident: uuid.UUID, kind: 
     if row is None:
         raise not_found(kind, ident)
     return row
-
-
-def owned_version(
-    session: Session, model: type[Job] | type[Gallery], owner: str, ident: uuid.UUID, kind: str
-) -> int:
-    """The row version of ``owner``'s ``model`` row ``ident`` (one integer read, by primary
-    key); not found as in :func:`owned`."""
-    # A Core statement on the session's connection: the ORM's machinery (entities, identity
-    # map) would cost more than the query for one integer, on every poll.
-    version = (
-        session.connection()
-        .execute(select(model.__table__.c.version).where(model.id == ident, model.owner == owner))
-        .scalar_one_or_none()
-    )
-    if version is None:
-        raise not_found(kind, ident)
-    return version
 
 
 @dataclass(frozen=True)

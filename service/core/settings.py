@@ -274,12 +274,23 @@ class Settings(BaseSettings):
         "revoked by another process (the CLI, another API worker) is refused within this many "
         "seconds (at once when revoked through this process's admin route); 0: every request.",
     )
+    version_cache_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="How long the API trusts a job's or gallery's row version it read before "
+        "reading it again, so that a conditional GET that still matches (304) needs no "
+        "database read: a change written by another process (the worker's progress, the "
+        "dispatcher, another API worker) shows within this many seconds (at once when made "
+        "through this process's routes); 0: every conditional GET reads it.",
+    )
     api_workers: int = Field(
         1,
         ge=1,
         le=64,
         description="API processes `python -m service serve` starts (uvicorn's workers), each "
-        "with its own database pool and API key cache; about one per CPU core the API may use.",
+        "with its own database pool, API key cache and row-version cache; about one per CPU "
+        "core the API may use.",
     )
     log_level: Annotated[str, Field(pattern=r"^(?i:debug|info|warning|error|critical)$")] = "info"
 

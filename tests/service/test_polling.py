@@ -1,6 +1,7 @@
 """What dashboards poll, made cheap and kept correct: ETags from row versions (every visible
-change of a job gives a new one, and a 304 reads one integer), API keys from the in-process
-cache (revocation within its TTL), list summaries, keyset pagination and the bounded count."""
+change of a job gives a new one, and a 304 reads one integer or, from the row-version cache,
+nothing), API keys from the in-process cache (revocation within its TTL), list summaries, keyset
+pagination and the bounded count."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import event, select, update
+from sqlalchemy import create_engine, event, select, update
 
 from service.app import create_app
 from service.core import owned
@@ -23,7 +24,9 @@ from service.core.broker import mark_dispatched
 from service.core.db import session_scope
 from service.core.job_states import change_state, lock_job
 from service.core.models import ApiKey, Gallery, GalleryState, Job, JobState
+from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
+from service.core.ttl_cache import TtlCache
 from tests.service.conftest import Headers
 
 ADMIN_TOKEN = "polling-admin-token-0123456789"
@@ -45,6 +48,28 @@ def _set(app: FastAPI, job_id: str, **values: Any) -> None:
             setattr(job, name, value)
 
 
+def _add_gallery(
+    app: FastAPI,
+    owner: str = "alice",
+    state: GalleryState = GalleryState.BUILDING,
+    dataset_id: uuid.UUID | None = None,
+) -> uuid.UUID:
+    """A gallery row as a worker would leave it (no build runs)."""
+    with session_scope(app.state.session_factory) as session:
+        gallery = Gallery(
+            owner=owner,
+            dataset_id=dataset_id,
+            dataset_path="/nowhere",
+            dataset_format="image_folder",
+            model_name="m",
+            model_version="1",
+            state=state,
+        )
+        session.add(gallery)
+        session.flush()
+        return gallery.id
+
+
 @contextmanager
 def _statements(app: FastAPI) -> Iterator[list[str]]:
     """The SQL statements the app sends while the block runs."""
@@ -58,6 +83,24 @@ def _statements(app: FastAPI) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(app.state.engine, "before_cursor_execute", record)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _row_versions_on(app: FastAPI, ttl_s: float) -> FakeClock:
+    """Give ``app`` a row-version cache of ``ttl_s`` seconds on a clock the test moves,
+    watching the app's sessions as :func:`service.app.create_app` does."""
+    clock = FakeClock()
+    versions = RowVersionCache(ttl_s, clock=clock)
+    versions.watch(app.state.session_factory)
+    app.state.row_versions = versions
+    return clock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,9 +192,13 @@ def test_an_unchanged_row_keeps_its_etag(
 def test_a_304_reads_one_integer_and_no_key(
     app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
 ) -> None:
+    """Once the version the cache kept has expired (a poll every 2 s outlives 0.5 s), a 304
+    reads the row's owner and version alone."""
+    clock = _row_versions_on(app, ttl_s=1.0)
     job = _submit(client, alice, dataset["id"])
     url = f"/v1/jobs/{job['id']}"
     etag = client.get(url, headers=alice).headers["etag"]  # the key is verified (and kept)
+    clock.now += 1.0
     with _statements(app) as seen:
         assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
     assert len(seen) == 1, seen
@@ -175,18 +222,7 @@ def test_the_etag_follows_the_representation(
 
 
 def test_gallery_etag_and_304(app: FastAPI, client: TestClient, alice: Headers) -> None:
-    with session_scope(app.state.session_factory) as session:
-        gallery = Gallery(
-            owner="alice",
-            dataset_path="/nowhere",
-            dataset_format="image_folder",
-            model_name="m",
-            model_version="1",
-            state=GalleryState.BUILDING,
-        )
-        session.add(gallery)
-        session.flush()
-        gallery_id = gallery.id
+    gallery_id = _add_gallery(app)
     url = f"/v1/galleries/{gallery_id}"
     first = client.get(url, headers=alice)
     assert first.status_code == 200, first.text
@@ -295,14 +331,6 @@ def test_list_etag_changes_with_any_job_on_the_page(
 # ----------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _revoke_elsewhere(app: FastAPI, owner: str) -> None:
     """What ``python -m service revoke-key`` or another API process does: the database only."""
     with session_scope(app.state.session_factory) as session:
@@ -354,3 +382,194 @@ def test_the_cache_does_not_keep_unknown_tokens_and_stays_bounded(app: FastAPI) 
     known = [cache.lookup(t, factory) for t in tokens]
     assert [k.owner for k in known if k is not None] == ["a", "b", "c"]
     assert len(cache._entries) == 2  # the oldest ("a") went first
+
+
+# ----------------------------------------------------------------------------------------------
+# row versions from the cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _kept(client: TestClient, app: FastAPI, url: str, headers: Headers) -> str:
+    """Read the row in full (which keeps its version), then check that a poll with its ETag is
+    a 304 without a single SQL statement; returns the ETag."""
+    etag: str = client.get(url, headers=headers).headers["etag"]
+    with _statements(app) as seen:
+        assert client.get(url, headers={**headers, "If-None-Match": etag}).status_code == 304
+    assert seen == []
+    return etag
+
+
+def _shows_a_change(client: TestClient, url: str, headers: Headers, etag: str) -> dict[str, Any]:
+    changed = client.get(url, headers={**headers, "If-None-Match": etag})
+    assert changed.status_code == 200, changed.text
+    assert changed.headers["etag"] != etag
+    body: dict[str, Any] = changed.json()
+    return body
+
+
+def test_a_cached_304_makes_no_sql(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The default cache (create_app's, 0.5 s): a poll right after the full answer, for a job
+    and for a gallery."""
+    job = _submit(client, alice, dataset["id"])
+    _kept(client, app, f"/v1/jobs/{job['id']}", alice)
+    _kept(client, app, f"/v1/galleries/{_add_gallery(app)}", alice)
+
+
+def test_a_change_by_another_process_shows_once_the_entry_expires(
+    app: FastAPI, settings: Settings, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    clock = _row_versions_on(app, ttl_s=1.0)
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    etag = _kept(client, app, url, alice)
+    # the worker's supervisor: another process, its own engine, a Core UPDATE (version + 1)
+    worker = create_engine(settings.database_url)
+    try:
+        with worker.begin() as connection:
+            connection.execute(
+                update(Job).where(Job.id == uuid.UUID(job["id"])).values(progress=0.5)
+            )
+    finally:
+        worker.dispose()
+    clock.now += 0.5
+    with _statements(app) as seen:  # still trusted: the staleness the cache documents
+        assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+    assert seen == []
+    clock.now += 0.5  # a full TTL after the read that kept the version
+    assert _shows_a_change(client, url, alice, etag)["progress"] == 0.5
+    _kept(client, app, url, alice)  # the full answer kept the new version
+
+
+def test_this_process_changes_to_a_job_show_at_once(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """Every write the API makes to a job drops its entry when it commits, however long the
+    entry would still be trusted (60 s here, the clock never moves)."""
+    _row_versions_on(app, ttl_s=60)
+    job = _submit(client, alice, dataset["id"])
+    job_id = uuid.UUID(job["id"])
+    url = f"/v1/jobs/{job_id}"
+
+    etag = _kept(client, app, url, alice)
+    with session_scope(app.state.session_factory) as session:  # a send recorded (a Core UPDATE)
+        assert mark_dispatched(session, job_id) is not None
+    _shows_a_change(client, url, alice, etag)
+
+    etag = _kept(client, app, url, alice)
+    assert client.post(f"{url}/cancel", headers=alice).status_code == 200
+    assert _shows_a_change(client, url, alice, etag)["state"] == "CANCELLED"
+
+    etag = _kept(client, app, url, alice)
+    assert client.post(f"{url}/retry", headers=alice).status_code == 202
+    assert _shows_a_change(client, url, alice, etag)["state"] == "RETRYING"
+
+    etag = _kept(client, app, url, alice)
+    _set(app, job["id"], progress=0.75)  # an ORM change through the app's sessions
+    assert _shows_a_change(client, url, alice, etag)["progress"] == 0.75
+
+
+def test_this_process_changes_to_a_gallery_show_at_once(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    gallery_id = _add_gallery(app, state=GalleryState.FAILED, dataset_id=uuid.UUID(dataset["id"]))
+    url = f"/v1/galleries/{gallery_id}"
+
+    etag = _kept(client, app, url, alice)
+    assert client.post(f"{url}/retry", headers=alice).status_code == 202
+    _shows_a_change(client, url, alice, etag)
+
+    etag = _kept(client, app, url, alice)
+    assert client.delete(url, headers=alice).status_code == 204
+    gone = client.get(url, headers={**alice, "If-None-Match": etag})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "gallery_not_found"
+
+
+def test_a_statement_drops_the_rows_its_where_names_or_every_row_of_its_table(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    first, second = (f"/v1/jobs/{_submit(client, alice, dataset['id'])['id']}" for _ in range(2))
+    gallery = f"/v1/galleries/{_add_gallery(app)}"
+    etags = {url: _kept(client, app, url, alice) for url in (first, second, gallery)}
+
+    first_id = uuid.UUID(first.rsplit("/", 1)[1])
+    with session_scope(app.state.session_factory) as session:
+        session.execute(update(Job).where(Job.id.in_([first_id])).values(priority=1))
+    _shows_a_change(client, first, alice, etags[first])
+    etags[first] = _kept(client, app, first, alice)
+    _kept(client, app, second, alice)  # another id: still kept
+
+    with session_scope(app.state.session_factory) as session:  # no id named: any job may change
+        session.execute(update(Job).values(priority=2))
+    for url in (first, second):
+        _shows_a_change(client, url, alice, etags[url])
+    _kept(client, app, gallery, alice)  # another table
+
+
+def test_another_owner_gets_the_404_of_an_unknown_id(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    """The owner is checked against the cached one: bob learns nothing from alice's kept
+    version, not even with ``If-None-Match: *`` (which matches any version)."""
+    job_id = _submit(client, alice, dataset["id"])["id"]
+    url = f"/v1/jobs/{job_id}"
+    etag = _kept(client, app, url, alice)
+    answers = {}
+    for condition in (etag, "*"):
+        with _statements(app) as seen:  # bob's key is read, alice's job is not
+            answers[condition] = client.get(url, headers={**bob, "If-None-Match": condition})
+        assert answers[condition].status_code == 404
+        assert not [statement for statement in seen if "jobs" in statement], seen
+    app.state.row_versions = RowVersionCache(ttl_s=0)  # from the database, as before the cache
+    uncached = client.get(url, headers={**bob, "If-None-Match": etag})
+    assert answers[etag].json() == answers["*"].json() == uncached.json()
+    unknown_id = uuid.uuid4()
+    unknown = client.get(f"/v1/jobs/{unknown_id}", headers={**bob, "If-None-Match": "*"})
+    assert uncached.status_code == unknown.status_code == 404
+    assert uncached.json()["error"]["code"] == unknown.json()["error"]["code"]
+    assert uncached.json()["error"]["message"].replace(job_id, "<id>") == unknown.json()["error"][
+        "message"
+    ].replace(str(unknown_id), "<id>")
+
+
+def test_ttl_zero_reads_the_version_on_every_poll(
+    settings: Settings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REID_VERSION_CACHE_SECONDS", "0")
+    uncached = Settings(_env_file=None, **settings.model_dump(exclude={"version_cache_seconds"}))
+    assert uncached.version_cache_seconds == 0
+    app = create_app(uncached)
+    with TestClient(app) as client:
+        with session_scope(app.state.session_factory) as session:
+            alice = {"X-API-Key": create_api_key(session, "alice")[1]}
+        url = f"/v1/galleries/{_add_gallery(app)}"
+        etag = client.get(url, headers=alice).headers["etag"]
+        for _ in range(2):
+            with _statements(app) as seen:
+                assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+            assert len(seen) == 1 and "galleries.version" in seen[0], seen
+        assert len(app.state.row_versions) == 0
+
+
+def test_the_row_version_cache_stays_bounded(app: FastAPI) -> None:
+    versions = RowVersionCache(ttl_s=60, max_entries=2, clock=FakeClock())
+    rows = [OwnedRow(Gallery, _add_gallery(app), "alice") for _ in range(3)]
+    with app.state.session_factory() as session:
+        assert [versions.read_version(session, row) for row in rows] == [1, 1, 1]
+    assert len(versions) == 2
+    assert [versions.peek(row) for row in rows] == [None, 1, 1]  # the first kept went first
+
+
+def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
+    """It may have read the row before the change committed: keeping it would hide the change
+    for a whole TTL."""
+    cache: TtlCache[str, int] = TtlCache(ttl_s=60, max_entries=10, clock=FakeClock())
+    read = cache.begin_read()
+    cache.discard(["row"])
+    cache.put("row", 1, read)
+    assert cache.get("row") is None
+    cache.put("row", 2, cache.begin_read())
+    assert cache.get("row") == 2

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import create_engine, event, update
 
 from reid_core.run_dir import Progress
 from service.app import create_app
@@ -19,7 +20,8 @@ from service.core.api_keys import create_api_key
 from service.core.db import session_scope
 from service.core.job_progress import progress_columns
 from service.core.job_states import change_state, lock_job
-from service.core.models import JobState
+from service.core.models import Job, JobState
+from service.core.row_versions import RowVersionCache
 from tests.service.conftest import TestClient, make_settings, write_image_folder
 
 pytestmark = pytest.mark.integration
@@ -164,3 +166,38 @@ def test_the_pool_keeps_the_configured_connections(tmp_path: Path, pg_url: str) 
             assert pool.checkedin() == size  # the overflow was closed, the pool kept
         finally:
             app.state.engine.dispose()
+
+
+def test_row_versions_on_postgresql(pg_app: FastAPI, pg_url: str) -> None:
+    """A poll answered from the row-version cache sends no SQL; once the entry expired the
+    version is read by primary key and a worker's write shows; the API's own write (a cancel)
+    shows at once."""
+    clock = [1000.0]
+    versions = RowVersionCache(ttl_s=1.0, clock=lambda: clock[0])
+    versions.watch(pg_app.state.session_factory)
+    pg_app.state.row_versions = versions
+    folder = write_image_folder(pg_app.state.settings.dataset_roots[0] / "polled")
+    sent: list[str] = []
+    with TestClient(pg_app) as client:
+        alice = _key(pg_app, "alice")
+        dataset = _dataset(client, alice, folder, "polled")
+        job = client.post("/v1/jobs", json={"dataset_id": dataset["id"]}, headers=alice).json()
+        url = f"/v1/jobs/{job['id']}"
+        etag = client.get(url, headers=alice).headers["ETag"]  # kept, as is alice's key
+
+        def poll(etag: str) -> Any:
+            return client.get(url, headers={**alice, "If-None-Match": etag})
+
+        event.listen(pg_app.state.engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        assert poll(etag).status_code == 304 and sent == []
+        worker = create_engine(pg_url)  # another process writes progress
+        with worker.begin() as connection:
+            connection.execute(update(Job).where(Job.id == uuid.UUID(job["id"])).values(step=7))
+        worker.dispose()
+        assert poll(etag).status_code == 304 and sent == []  # within the TTL
+        clock[0] += 1.0
+        seen = poll(etag)
+        assert seen.status_code == 200 and seen.json()["step"] == 7
+        assert any("jobs.version" in statement for statement in sent)
+        assert client.post(f"{url}/cancel", headers=alice).json()["state"] == "CANCELLED"
+        assert poll(seen.headers["ETag"]).json()["state"] == "CANCELLED"
