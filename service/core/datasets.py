@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,7 @@ from service.core.errors import (
     not_found,
 )
 from service.core.job_states import FINAL_STATES
-from service.core.models import Dataset, DatasetKind, DatasetStatus, Job
+from service.core.models import Dataset, DatasetKind, DatasetStatus, Gallery, Job
 from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.settings import Settings
 
@@ -225,6 +225,15 @@ def delete_dataset(session: Session, settings: Settings, owner: str, dataset_id:
             f"{job_id}, {state}); cancel them or wait for them to finish",
         )
     kind = dataset.kind
+    # The foreign keys would set dataset_id to NULL on their own, without a version bump: an
+    # ETag a dashboard holds would then still match a changed job or gallery. Detach them here.
+    for model in (Job, Gallery):
+        session.execute(
+            update(model)
+            .where(model.dataset_id == dataset.id)
+            .values(dataset_id=None)
+            .execution_options(synchronize_session=False)
+        )
     session.delete(dataset)
     session.commit()
     if kind is DatasetKind.UPLOAD:

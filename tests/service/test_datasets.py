@@ -170,8 +170,12 @@ def test_delete_is_refused_while_a_job_uses_the_dataset(
     response = client.delete(f"/v1/datasets/{dataset['id']}", headers=alice)
     _assert_error(response, 409, "dataset_in_use", job["id"])
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    etag = client.get(f"/v1/jobs/{job['id']}", headers=alice).headers["ETag"]
     assert client.delete(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 204
-    assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["dataset_id"] is None
+    # The job changed (no dataset any more): a dashboard's conditional GET gets the new body.
+    after = client.get(f"/v1/jobs/{job['id']}", headers={**alice, "If-None-Match": etag})
+    assert after.status_code == 200
+    assert after.json()["dataset_id"] is None
 
 
 # ----------------------------------------------------------------------------------------------
