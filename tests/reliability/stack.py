@@ -138,11 +138,12 @@ class ServiceStack:
         }
         return env
 
-    def spawn(self, name: str, *argv: str) -> Child:
+    def spawn(self, name: str, *argv: str, python: Path | None = None) -> Child:
+        """``python argv...`` (this interpreter unless another one is named) in the repository."""
         log = self.folder / f"{name}.log"
         with log.open("ab") as out:
             process = subprocess.Popen(
-                [sys.executable, *argv],
+                [str(python or sys.executable), *argv],
                 cwd=REPO_ROOT,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,
@@ -154,11 +155,11 @@ class ServiceStack:
         self.children.append(child)
         return child
 
-    def start_worker(self) -> Child:
+    def start_worker(self, python: Path | None = None) -> Child:
         """``python -m worker run`` on the ``cpu`` queue; returns once Celery says it is ready."""
         worker = self.spawn(
             "worker", "-m", "worker", "run", "--queues", "cpu", "--gpus", "none",
-            "--hostname", "reliability@%h",
+            "--hostname", "reliability@%h", python=python,
         )  # fmt: skip
         wait_until(
             lambda: b"ready." in worker.log.read_bytes() or not worker.running(),
@@ -167,8 +168,10 @@ class ServiceStack:
         assert worker.running(), worker.tail()
         return worker
 
-    def start_dispatcher(self, interval_s: float = 0.5) -> Child:
-        return self.spawn("dispatcher", "-m", "worker", "dispatcher", "--interval", str(interval_s))
+    def start_dispatcher(self, interval_s: float = 0.5, python: Path | None = None) -> Child:
+        return self.spawn(
+            "dispatcher", "-m", "worker", "dispatcher", "--interval", str(interval_s), python=python
+        )
 
     def start_api(self, port: int) -> Child:
         """uvicorn on 127.0.0.1:``port``; returns once /healthz answers."""
