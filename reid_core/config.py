@@ -502,6 +502,22 @@ class EvalConfig(_Strict):
         4.0, gt=0.0, description="Re-ranking refuses above this estimate of its dense matrices."
     )
     batch_size: int = Field(128, ge=1, le=4096)
+    label_free: bool = Field(
+        True,
+        description="At every evaluation (the one before training too, with at_start), also on "
+        "data without a query/gallery split: quality signals of the training images' features "
+        "that read no label (label_free/mutual_nn_rate, label_free/similarity_margin, "
+        "label_free/neighbour_stability; reid_core.evaluation.label_free). The features are the "
+        "clustering's where loss.objective=cluster_contrast (extracted once for both), else the "
+        "evaluation's (eval.feature, eval.flip).",
+    )
+    label_free_k: int = Field(
+        10,
+        ge=2,
+        le=1000,
+        description="k of the label-free signals: the similarity margin is to the k-th nearest "
+        "other-camera image, the stability compares each image's k nearest images.",
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 RunStatus = Literal["running", "finished", "interrupted"]
 
 #: The families of an :class:`EpochMetrics` line's ``<family>/<name>`` keys.
-METRIC_FAMILIES = ("loss", "lr", "cluster", "eval")
+METRIC_FAMILIES = ("loss", "lr", "cluster", "eval", "label_free")
+
+#: The families a line of the evaluation before training (epoch 0) holds.
+_EVALUATION_FAMILIES = ("eval", "label_free")
 
 # What progress.json says of losses, evaluation and clustering (and a job's metrics repeat).
 Losses = Annotated[
@@ -58,8 +61,10 @@ Losses = Annotated[
 Evaluation = Annotated[
     dict[str, float],
     Field(
-        description="The latest evaluation (mAP, R1, ... in percent) and `epoch`, the epochs "
-        "finished when it ran (0: before training); empty before the first."
+        description="The latest evaluation (mAP, R1, ... in percent, where the data has a "
+        "query/gallery split), its label-free signals (`label_free/<name>`, with eval.label_free) "
+        "and `epoch`, the epochs finished when it ran (0: before training); empty before the "
+        "first."
     ),
 ]
 ClusterSignals = Annotated[
@@ -103,12 +108,15 @@ class EpochMetrics(BaseModel):
         lr/group<i>      the learning rate of parameter group i during the epoch
         cluster/<name>   the signals of the pseudo labels the epoch trained on
         eval/<metric>    the evaluation after the epoch (eval/mAP, eval/R1, ... in percent),
-                         when the epoch was evaluated
+                         when the epoch was evaluated on a query/gallery split
+        label_free/<name>  the label-free signals of the model after the epoch
+                         (:mod:`reid_core.evaluation.label_free`; ``eval.label_free``), when
+                         the epoch was evaluated
 
     Epoch 0 is the evaluation before training (``eval.at_start``), the file's first line when
-    it ran: ``eval/<metric>`` keys only (at least one), ``global_step`` 0 or absent, no
-    throughput nor duration; nothing was trained, so nothing else was measured. A reader that
-    counts, times or ranks training epochs leaves it out (:attr:`trained`).
+    it ran: ``eval/<metric>`` and ``label_free/<name>`` keys only (at least one), ``global_step``
+    0 or absent, no throughput nor duration; nothing was trained, so nothing else was measured.
+    A reader that counts, times or ranks training epochs leaves it out (:attr:`trained`).
 
     The keys are the runs' MLflow metric names too (the step is ``epoch``). Build a line with
     :meth:`of_epoch` or :meth:`before_training`.
@@ -121,7 +129,7 @@ class EpochMetrics(BaseModel):
     epoch: int = Field(
         ge=0,
         description="The epoch, counted from 1; 0: the evaluation before training "
-        "(eval.at_start), which holds eval/<metric> keys only.",
+        "(eval.at_start), which holds eval/<metric> and label_free/<name> keys only.",
     )
     global_step: int | None = Field(None, description="Steps done when the epoch ended.")
     images_per_second: float | None = Field(None, description="The epoch's throughput.")
@@ -144,14 +152,18 @@ class EpochMetrics(BaseModel):
             return self
         keys = list(self.model_extra or {})
         wrong = [k for k in ("images_per_second", "epoch_seconds") if getattr(self, k) is not None]
-        wrong += [k for k in keys if not k.startswith("eval/")]
+        wrong += [k for k in keys if k.partition("/")[0] not in _EVALUATION_FAMILIES]
         if wrong:
             raise ValueError(
-                f"epoch 0 is the evaluation before training: it holds eval/<metric> keys only, "
-                f"not {', '.join(wrong)} (a training epoch counts from 1)"
+                f"epoch 0 is the evaluation before training: it holds eval/<metric> and "
+                f"label_free/<name> keys only, not {', '.join(wrong)} (a training epoch counts "
+                "from 1)"
             )
         if not keys:
-            raise ValueError("epoch 0, the evaluation before training, has no eval/<metric> key")
+            raise ValueError(
+                "epoch 0, the evaluation before training, has no eval/<metric> nor "
+                "label_free/<name> key"
+            )
         if self.global_step not in (None, 0):
             raise ValueError(
                 f"epoch 0 is the evaluation before training: global_step is 0 there, "
@@ -166,14 +178,19 @@ class EpochMetrics(BaseModel):
         return self.epoch >= 1
 
     @classmethod
-    def before_training(cls, evaluation: Mapping[str, float]) -> EpochMetrics:
+    def before_training(
+        cls, evaluation: Mapping[str, float], label_free: Mapping[str, float] | None = None
+    ) -> EpochMetrics:
         """The line of the evaluation before training (epoch 0): ``evaluation`` is metric ->
-        value, as the evaluator returned it."""
+        value, as the evaluator returned it (empty without a query/gallery split);
+        ``label_free`` the label-free signals, already keyed ``label_free/<name>`` as
+        :meth:`reid_core.evaluation.label_free.LabelFreeSignals.as_metrics` names them."""
         return cls.model_validate(
             {
                 "epoch": 0,
                 "global_step": 0,
                 **{f"eval/{metric}": value for metric, value in evaluation.items()},
+                **(label_free or {}),
             }
         )
 
@@ -189,11 +206,13 @@ class EpochMetrics(BaseModel):
         learning_rates: Sequence[float],
         clustering: Mapping[str, float],
         evaluation: Mapping[str, float],
+        label_free: Mapping[str, float] | None = None,
     ) -> EpochMetrics:
         """The line of epoch ``epoch``: ``losses`` (term -> mean), ``learning_rates`` (one per
         parameter group), ``clustering`` (already keyed ``cluster/<name>``, as
-        :meth:`reid_core.clustering.pseudo_labels.ClusteringStats.as_metrics` names them) and ``evaluation``
-        (metric -> value; empty when the epoch was not evaluated)."""
+        :meth:`reid_core.clustering.pseudo_labels.ClusteringStats.as_metrics` names them),
+        ``evaluation`` (metric -> value; empty when the epoch was not evaluated) and
+        ``label_free`` (already keyed ``label_free/<name>``; empty or None when not measured)."""
         return cls.model_validate(
             {
                 "epoch": epoch,
@@ -204,17 +223,28 @@ class EpochMetrics(BaseModel):
                 **{f"lr/group{i}": lr for i, lr in enumerate(learning_rates)},
                 **clustering,
                 **{f"eval/{metric}": value for metric, value in evaluation.items()},
+                **(label_free or {}),
             }
         )
 
+    def family(self, family: str) -> dict[str, float]:
+        """The line's ``<family>/<name>`` numbers, name -> value (``family("label_free")``:
+        ``mutual_nn_rate``, ...); empty when the line has none."""
+        if family not in METRIC_FAMILIES:
+            raise ValueError(
+                f"unknown metrics family {family!r}: one of {', '.join(METRIC_FAMILIES)}"
+            )
+        prefix = f"{family}/"
+        return {
+            key.removeprefix(prefix): value
+            for key, value in (self.model_extra or {}).items()
+            if key.startswith(prefix)
+        }
+
     def evaluation(self) -> dict[str, float]:
         """The line's evaluation, metric -> value (``mAP``, ``r1``, ...); empty when the epoch
-        was not evaluated."""
-        return {
-            key.removeprefix("eval/"): value
-            for key, value in (self.model_extra or {}).items()
-            if key.startswith("eval/")
-        }
+        was not evaluated on a query/gallery split."""
+        return self.family("eval")
 
     def metric_values(self) -> dict[str, float]:
         """Every number of the line but its ``epoch`` and ``global_step``, by key: what a run

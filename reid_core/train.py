@@ -43,6 +43,7 @@ from reid_core.engine.hooks import (
     EvaluationHook,
     Evaluator,
     FinalModelHook,
+    LabelFreeHook,
     LRSchedulerHook,
     MemoryInitHook,
     NeighbourPriorHook,
@@ -210,6 +211,41 @@ def build_evaluator(cfg: ExperimentConfig, splits: ReIDSplits, device: torch.dev
     return evaluator
 
 
+def build_label_free(
+    cfg: ExperimentConfig,
+    train_records: Sequence[ImageRecord],
+    device: torch.device,
+    labeller: PseudoLabeller | None,
+    calibrate: Callable[[], object] | None,
+) -> LabelFreeHook:
+    """The label-free signals' hook (``eval.label_free``). Its features of the training images
+    are the clustering's where there is one (``labeller``: the extraction at an evaluation is
+    kept for the clustering of the next epoch's start), else the evaluation's (``eval.feature``,
+    ``eval.flip``, each camera's BatchNorm statistics with ``model.camera_norm``, made current
+    first by ``calibrate()``)."""
+    cameras = np.array([r.camid for r in train_records], dtype=np.int64)
+    e = cfg.eval
+    features: Callable[[torch.nn.Module, int], torch.Tensor]
+    if labeller is not None:
+        features = labeller.features
+    else:
+        loader = build_eval_loader(train_records, cfg.data, e.batch_size)
+
+        def features(model: torch.nn.Module, step: int) -> torch.Tensor:
+            if calibrate is not None:
+                calibrate()
+            return extract_features(
+                model,
+                loader,
+                device,
+                feature=e.feature,
+                flip=e.flip,
+                cameras=cameras if cfg.model.camera_norm else None,
+            )
+
+    return LabelFreeHook(features, cameras, e.label_free_k, e.every_n_epochs, e.at_start)
+
+
 def build_trainer(
     cfg: ExperimentConfig, local_rank: int = 0, extra_hooks: Sequence[HookBase] = ()
 ) -> Trainer:
@@ -306,16 +342,20 @@ def build_trainer(
     if cfg.model.camera_norm:
         calibrate = build_camera_calibration(cfg, train_records, device)
         camera_norm = CameraNormHook(calibrate, evaluation)
+    # the clustering's and the label-free signals' features need the statistics too; calibrated
+    # once per weights, so an evaluation at an epoch's end and the clustering at the next one's
+    # start share it
+    ensure = None if camera_norm is None else camera_norm.ensure_calibrated
+    labeller = None
     if cfg.loss.clusters:
-        # the clustering's features need the statistics too; calibrated once per weights, so an
-        # evaluation at an epoch's end and the clustering at the next one's start share it
-        ensure = None if camera_norm is None else camera_norm.ensure_calibrated
         labeller = PseudoLabeller(cfg, train_records, device, ensure)
         hooks.append(PseudoLabelHook(labeller, cfg.cluster.every_n_epochs))
     if camera_norm is not None:  # before the evaluation and the final model, which use them
         hooks.append(camera_norm)
     if evaluation is not None:
         hooks.append(evaluation)
+    if cfg.eval.enabled and cfg.eval.label_free:  # after the evaluation: it adds to its metrics
+        hooks.append(build_label_free(cfg, train_records, device, labeller, ensure))
     hooks += [
         ProgressHook(out, cfg.runtime.log_every_n_steps, cfg.runtime.progress_bar),
         LRSchedulerHook(),

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class PseudoLabeller:
-    """``labeller(model, epoch, previous) -> (features, clustering)`` over ``records`` (the
+    """``labeller(model, epoch, previous, step) -> (features, clustering)`` over ``records`` (the
     training images, in memory-slot order).
 
     ``features`` (N, d): the model's global features of every image (through the test
@@ -31,6 +31,11 @@ class PseudoLabeller:
     reads the images' colour stripes (computed once), and with ``cluster.colour_weight`` > 0,
     where it reads both side by side (:func:`fuse_features`). ``previous`` labels (the ones trained on
     so far, or None) feed the adjusted Rand index of the stats.
+
+    Given the trainer's global ``step``, :meth:`features` keeps what it extracted for that step
+    until the clustering of that step read it: the label-free signals at the end of an epoch
+    (:class:`reid_core.engine.hooks.LabelFreeHook`) and the clustering at the next one's start
+    read the same weights, and one extraction serves both.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class PseudoLabeller:
         self.cameras = np.array([r.camid for r in self.records], dtype=np.int64)
         self.loader = build_eval_loader(self.records, cfg.data, cfg.eval.batch_size)
         self._colour: torch.Tensor | None = None
+        self._kept: tuple[int, torch.Tensor] | None = None  # (global step, its features)
 
     def colour(self) -> torch.Tensor:
         if self._colour is None:
@@ -54,7 +60,11 @@ class PseudoLabeller:
             self._colour = stripe_colour_histograms(paths, self.cfg.model.num_patches)
         return self._colour
 
-    def features(self, model: torch.nn.Module) -> torch.Tensor:
+    def features(self, model: torch.nn.Module, step: int | None = None) -> torch.Tensor:
+        """The model's features of every image (see the class); ``step``: the trainer's global
+        step, whose features are extracted once (None: extract, keep nothing)."""
+        if step is not None and self._kept is not None and self._kept[0] == step:
+            return self._kept[1]
         if self.calibrate is not None:
             self.calibrate()
         # bfloat16 where the training steps use it: neighbours need no float32 precision
@@ -68,13 +78,20 @@ class PseudoLabeller:
                 flip=self.cfg.cluster.flip,
                 cameras=self.cameras if self.cfg.model.camera_norm else None,
             )
-        return features.float().cpu()
+        features = features.float().cpu()
+        self._kept = None if step is None else (step, features)
+        return features
 
     def __call__(
-        self, model: torch.nn.Module, epoch: int, previous: np.ndarray | None = None
+        self,
+        model: torch.nn.Module,
+        epoch: int,
+        previous: np.ndarray | None = None,
+        step: int | None = None,
     ) -> tuple[torch.Tensor, Clustering]:
         c = self.cfg.cluster
-        features = self.features(model)
+        features = self.features(model, step)
+        self._kept = None  # the last reader of this step's features
         from_colour = epoch < c.colour_epochs
         if from_colour:
             basis, source = self.colour(), "colour stripes"

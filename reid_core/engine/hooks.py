@@ -6,9 +6,10 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from reid_core import distributed as dist_utils
 from reid_core.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
-from reid_core.engine.trainer import HookBase
+from reid_core.engine.trainer import HookBase, Trainer, TrainState
+from reid_core.evaluation.label_free import cameras_fall_back, label_free_signals
 from reid_core.model_io import save_model
 from reid_core.run_dir import EpochMetrics, Progress, RunDir, RunStatus
 
@@ -25,8 +27,10 @@ __all__ = [
     "CameraNormHook",
     "CheckpointHook",
     "EvaluationHook",
+    "EvaluationSchedule",
     "FinalModelHook",
     "LRSchedulerHook",
+    "LabelFreeHook",
     "MemoryInitHook",
     "NeighbourPriorHook",
     "ProgressHook",
@@ -37,6 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+T = TypeVar("T")
 
 
 class StopSignalHook(HookBase):
@@ -109,11 +114,12 @@ class NeighbourPriorHook(HookBase):
 class PseudoLabelHook(HookBase):
     """Pseudo labels for ``loss.objective=cluster_contrast``: at the start of every
     ``every_n_epochs`` (and of the first epoch a run trains) rank 0 runs ``labeller(model,
-    epoch, previous_labels) -> (features, clustering)`` (:class:`reid_core.clustering.PseudoLabeller`); every
-    rank receives the features and labels, rebuilds its memories from them
-    (:meth:`reid_core.objective.cluster_branch.ClusterContrastBranch.relabel`) and gives the sampler the
-    labels, so memories and batches are identical on every rank. The clustering's signals go
-    to ``state.clustering`` (``cluster/*`` in metrics.jsonl and progress.json).
+    epoch, previous_labels, global_step) -> (features, clustering)``
+    (:class:`reid_core.clustering.PseudoLabeller`); every rank receives the features and labels,
+    rebuilds its memories from them
+    (:meth:`reid_core.objective.cluster_branch.ClusterContrastBranch.relabel`) and gives the
+    sampler the labels, so memories and batches are identical on every rank. The clustering's
+    signals go to ``state.clustering`` (``cluster/*`` in metrics.jsonl and progress.json).
 
     A degenerate clustering (no cluster, or one holding more than
     ``cluster.max_cluster_fraction`` of the images) is not trained on: a warning says why and
@@ -123,7 +129,9 @@ class PseudoLabelHook(HookBase):
 
     def __init__(
         self,
-        labeller: Callable[[torch.nn.Module, int, np.ndarray | None], tuple[torch.Tensor, Any]],
+        labeller: Callable[
+            [torch.nn.Module, int, np.ndarray | None, int], tuple[torch.Tensor, Any]
+        ],
         every_n_epochs: int,
     ) -> None:
         self.labeller = labeller
@@ -155,7 +163,7 @@ class PseudoLabelHook(HookBase):
             rng = capture_rng_state()
             previous = self._branch.labels.cpu().numpy() if self._branch.has_labels else None
             model = self.trainer.model_without_ddp
-            features, clustering = self.labeller(model, state.epoch, previous)
+            features, clustering = self.labeller(model, state.epoch, previous, state.global_step)
             restore_rng_state(rng)
             result = (clustering.labels, clustering.stats.as_metrics(), clustering.degenerate)
         received = dist_utils.broadcast_object(result)
@@ -191,38 +199,59 @@ class LRSchedulerHook(HookBase):
         self.trainer.scheduler.step()
 
 
+@dataclass(frozen=True)
+class EvaluationSchedule:
+    """When a model is evaluated: before training with ``at_start`` (not when a run resumes),
+    after every ``every_n_epochs``-th epoch and after the last one."""
+
+    every_n_epochs: int
+    at_start: bool
+
+    def before_training(self, trainer: Trainer) -> bool:
+        return self.at_start and not trainer.resumed
+
+    def after_epoch(self, state: TrainState) -> bool:
+        """Whether the model is evaluated at the end of the epoch under way."""
+        done = state.epoch + 1
+        return done % self.every_n_epochs == 0 or done == state.max_epochs
+
+
+def _on_main_process(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its result broadcast to every rank. Evaluating draws no random
+    numbers on purpose, but the RNG states are restored anyway, so that evaluating or not never
+    changes the training trajectory."""
+    result: Any = None
+    if dist_utils.is_main_process():
+        rng = capture_rng_state()
+        result = compute()
+        restore_rng_state(rng)
+    return cast(T, dist_utils.broadcast_object(result))
+
+
 class EvaluationHook(HookBase):
-    """Evaluates on rank 0 every ``every_n_epochs``, at the last epoch, and optionally at start.
+    """Evaluates on rank 0 on its :class:`EvaluationSchedule` (``every_n_epochs``, the last
+    epoch, optionally ``at_start``).
 
     ``evaluator(model) -> {"mAP": .., "R1": ..}`` (percent). The result is broadcast so every
-    rank's history is the same.
+    rank's history is the same; it replaces ``state.metrics`` (with the ``epoch``).
     """
 
     def __init__(self, evaluator: Evaluator, every_n_epochs: int, at_start: bool) -> None:
         self.evaluator = evaluator
-        self.every_n_epochs = every_n_epochs
-        self.at_start = at_start
+        self.schedule = EvaluationSchedule(every_n_epochs, at_start)
         self.initial_metrics: dict[str, float] | None = None
 
     def _evaluate(self) -> dict[str, float]:
-        metrics: Any = None
-        if dist_utils.is_main_process():
-            # Evaluation draws no random numbers on purpose, but the RNG states are restored
-            # anyway so that evaluating or not never changes the training trajectory.
-            rng = capture_rng_state()
-            metrics = self.evaluator(self.trainer.model_without_ddp)
-            restore_rng_state(rng)
-        metrics = dist_utils.broadcast_object(metrics)
+        metrics = _on_main_process(lambda: self.evaluator(self.trainer.model_without_ddp))
         assert isinstance(metrics, dict)
         return metrics
 
     def evaluates_before_training(self) -> bool:
-        return self.at_start and not self.trainer.resumed
+        return self.schedule.before_training(self.trainer)
 
     def evaluates_after_epoch(self) -> bool:
         """Whether :meth:`after_epoch` evaluates at the end of the current epoch."""
-        done = self.trainer.state.epoch + 1
-        return done % self.every_n_epochs == 0 or done == self.trainer.state.max_epochs
+        return self.schedule.after_epoch(self.trainer.state)
 
     def before_train(self) -> None:
         if self.evaluates_before_training():
@@ -236,6 +265,73 @@ class EvaluationHook(HookBase):
             done = state.epoch + 1
             state.metrics = {"epoch": done, **self._evaluate()}
             log.info("epoch %d: %s", done, _fmt(state.metrics))
+
+
+class LabelFreeHook(HookBase):
+    """Label-free quality signals of the model (:mod:`reid_core.evaluation.label_free`) on the
+    evaluation's schedule, whether or not the data has a query/gallery split to evaluate on.
+
+    Rank 0 takes ``features(model, global_step)``, the model's features of every training image
+    (in the order of ``cameras``, their cameras), and measures the signals against the neighbour
+    lists of the previous evaluation (``state.neighbours``, in the checkpoint, so a resumed run
+    goes on comparing); every rank receives them. They join ``state.metrics`` as
+    ``label_free/<name>``, beside the evaluation of the same epoch when there is one: register
+    this hook after the :class:`EvaluationHook` (which replaces ``state.metrics``) and before the
+    :class:`ProgressHook` (which writes them into the epoch's line and progress.json).
+    """
+
+    def __init__(
+        self,
+        features: Callable[[torch.nn.Module, int], torch.Tensor],
+        cameras: np.ndarray,
+        k: int,
+        every_n_epochs: int,
+        at_start: bool,
+    ) -> None:
+        self.features = features
+        self.cameras = np.asarray(cameras)
+        self.k = k
+        self.schedule = EvaluationSchedule(every_n_epochs, at_start)
+
+    def _measure(self) -> dict[str, float]:
+        state = self.trainer.state
+
+        def measure() -> dict[str, float]:
+            start = time.perf_counter()
+            features = self.features(self.trainer.model_without_ddp, state.global_step)
+            signals, state.neighbours = label_free_signals(
+                features, self.cameras, self.k, state.neighbours, self.trainer.device
+            )
+            log.info(
+                "label-free signals of %d training images in %.1f s",
+                len(features),
+                time.perf_counter() - start,
+            )
+            return signals.as_metrics()
+
+        return _on_main_process(measure)
+
+    def _record(self, epoch: int) -> None:
+        signals = self._measure()
+        state = self.trainer.state
+        evaluated = state.metrics if state.metrics.get("epoch") == epoch else {"epoch": epoch}
+        state.metrics = {**evaluated, **signals}
+        shown = " ".join(f"{k.removeprefix('label_free/')}={v:.3f}" for k, v in signals.items())
+        log.info("%s, label-free: %s", f"epoch {epoch}" if epoch else "initial model", shown)
+
+    def before_train(self) -> None:
+        if dist_utils.is_main_process() and cameras_fall_back(self.cameras):
+            log.warning(
+                "the training images come from one camera (or none is known): the label-free "
+                "signals mutual_nn_rate and similarity_margin read the nearest images of any "
+                "camera, not of another camera"
+            )
+        if self.schedule.before_training(self.trainer):
+            self._record(0)
+
+    def after_epoch(self) -> None:
+        if self.schedule.after_epoch(self.trainer.state):
+            self._record(self.trainer.state.epoch + 1)
 
 
 class CameraNormHook(HookBase):
@@ -336,11 +432,12 @@ class ProgressHook(HookBase):
     """Progress for people (a tqdm bar, log lines) and machines (``progress.json``, ``metrics.jsonl``:
     :class:`reid_core.run_dir.Progress` and :class:`reid_core.run_dir.EpochMetrics`).
 
-    ``progress.json`` is rewritten atomically; a job supervisor polls it. ``metrics.jsonl`` gets one
-    line per finished epoch: mean losses, evaluation metrics, learning rates, throughput; and
-    before those, when the evaluation before training ran (``eval.at_start``; the evaluation hook
-    comes first), its line, epoch 0. Each line goes to ``state.history`` too, so a checkpoint
-    holds them and a resumed run does not write the epoch-0 line again.
+    ``progress.json`` is rewritten atomically; a job supervisor polls it. ``metrics.jsonl`` gets
+    one line per finished epoch: mean losses, evaluation metrics and label-free signals, learning
+    rates, throughput; and before those, when the evaluation before training ran
+    (``eval.at_start``; the evaluation hooks come first), its line, epoch 0. Each line goes to
+    ``state.history`` too, so a checkpoint holds them and a resumed run does not write the
+    epoch-0 line again.
     """
 
     def __init__(self, output_dir: Path, log_every_n_steps: int, progress_bar: bool) -> None:
@@ -396,7 +493,8 @@ class ProgressHook(HookBase):
         self._train_start = time.perf_counter()
         state = self.trainer.state
         if state.metrics.get("epoch") == 0 and not state.history:  # evaluated before training
-            self._record(EpochMetrics.before_training(_evaluation(state.metrics)))
+            evaluation, label_free = _split_evaluation(state.metrics)
+            self._record(EpochMetrics.before_training(evaluation, label_free))
         self.write("running")
 
     def _record(self, record: EpochMetrics) -> None:
@@ -443,8 +541,9 @@ class ProgressHook(HookBase):
         t = self.trainer
         state = t.state
         evaluation: dict[str, float] = {}
+        label_free: dict[str, float] = {}
         if state.metrics.get("epoch") == state.epoch + 1:  # this epoch was evaluated
-            evaluation = _evaluation(state.metrics)
+            evaluation, label_free = _split_evaluation(state.metrics)
         record = EpochMetrics.of_epoch(
             epoch=state.epoch + 1,
             global_step=state.global_step,
@@ -454,6 +553,7 @@ class ProgressHook(HookBase):
             learning_rates=[g["lr"] for g in t.optimizer.param_groups],
             clustering=state.clustering,  # the pseudo labels this epoch trained on
             evaluation=evaluation,
+            label_free=label_free,
         )
         self._record(record)
         self.write("running")
@@ -471,9 +571,11 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "epoch")
 
 
-def _evaluation(metrics: dict[str, float]) -> dict[str, float]:
-    """``state.metrics`` (an evaluation and the ``epoch`` it ran at) without its ``epoch``."""
-    return {k: v for k, v in metrics.items() if k != "epoch"}
+def _split_evaluation(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """``state.metrics`` (an evaluation, metric -> value; the label-free signals, already keyed
+    ``label_free/<name>``; the ``epoch`` they ran at) as (evaluation, label-free signals)."""
+    evaluation = {k: v for k, v in metrics.items() if k != "epoch" and "/" not in k}
+    return evaluation, {k: v for k, v in metrics.items() if "/" in k}
 
 
 class FinalModelHook(HookBase):

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -87,8 +88,12 @@ class TrainState:
     global_step: int = 0
     losses: dict[str, float] = field(default_factory=dict)  # last step
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
+    # last evaluation (metric -> value) and its label-free signals (label_free/<name>), `epoch`
+    metrics: dict[str, float] = field(default_factory=dict)
     clustering: dict[str, float] = field(default_factory=dict)  # last clustering's signals
+    # each training image's nearest images at the last label-free evaluation (rank 0), which the
+    # next one's neighbour_stability compares with
+    neighbours: np.ndarray | None = None
     # metrics.jsonl's lines: the evaluation before training (epoch 0) if any, each finished epoch
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -113,6 +118,7 @@ class TrainState:
             "epoch_loss_sums": dict(self.epoch_loss_sums),
             "metrics": dict(self.metrics),
             "clustering": dict(self.clustering),
+            "neighbours": self.neighbours,
             "history": list(self.history),
         }
 
@@ -123,6 +129,7 @@ class TrainState:
         self.epoch_loss_sums = dict(state["epoch_loss_sums"])
         self.metrics = dict(state["metrics"])
         self.clustering = dict(state.get("clustering", {}))
+        self.neighbours = state.get("neighbours")
         self.history = list(state["history"])
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at an epoch's end
             self.epoch += 1

@@ -197,9 +197,10 @@ def job_metrics(
     job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
 ) -> list[EpochMetrics]:
     """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
-    ``images_per_second``, ``eval/mAP`` ... when the epoch was evaluated); before them, when the
-    job evaluates before training (``eval.at_start``), a record of epoch 0 holding that
-    evaluation's ``eval/<metric>`` alone. Empty before the first record."""
+    ``images_per_second``; ``eval/mAP`` ... and the label-free signals ``label_free/<name>``
+    when the epoch was evaluated); before them, when the job evaluates before training
+    (``eval.at_start``), a record of epoch 0 holding that evaluation's ``eval/<metric>`` and
+    ``label_free/<name>`` alone. Empty before the first record."""
     return jobs.job_metrics(settings, jobs.owned_job(session, owner, job_id))
 
 

@@ -31,8 +31,9 @@ class JobMetrics(BaseModel):
     status: RunStatus | None = Field(None, description="The trainer's: running, finished, ...")
     losses: Numbers = Field(description="Each loss term of the last step (total, ...).")
     eval: Numbers = Field(
-        description="The latest evaluation (mAP, R1, ... in percent) and `epoch`, the epochs "
-        "finished when it ran (0: before training); empty before the first."
+        description="The latest evaluation (mAP, R1, ... in percent, where the dataset has a "
+        "query/gallery split), its label-free signals (`label_free/<name>`) and `epoch`, the "
+        "epochs finished when it ran (0: before training); empty before the first."
     )  # progress.json's ``metrics``
     clustering: Numbers = Field(description="The latest pseudo labels' signals.")
     epochs: int | None = Field(None, description="Epochs the job trains in all.")

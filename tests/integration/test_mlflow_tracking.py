@@ -80,6 +80,14 @@ def test_a_run_logs_everything_and_registers_an_embedder(
     assert [m.step for m in evaluations] == [0, 1, 2]
     lines = RunDir(out).read_metrics()
     assert [m.value for m in evaluations] == [r.metric_values()["eval/mAP"] for r in lines]
+    # the label-free signals of every evaluation, the one before training included
+    for key in ("label_free/mutual_nn_rate", "label_free/similarity_margin"):
+        logged_values = client.get_metric_history(state.run_id, key)
+        assert [(m.step, m.value) for m in logged_values] == [
+            (r.epoch, r.metric_values()[key]) for r in lines
+        ]
+    stability = client.get_metric_history(state.run_id, "label_free/neighbour_stability")
+    assert [m.step for m in stability] == [1, 2]  # nothing to compare with before training
     assert "images_per_second" in run.data.metrics  # the latest, epoch 2's
     steps = {m.step for m in client.get_metric_history(state.run_id, "images_per_second")}
     assert steps == {1, 2}
@@ -90,6 +98,7 @@ def test_a_run_logs_everything_and_registers_an_embedder(
     assert version.run_id == state.run_id
     assert version.tags[JOB_TAG] == "job-1"
     assert float(version.tags["metric.mAP"]) > 0
+    assert "metric.label_free/mutual_nn_rate" in version.tags
 
     mlflow.set_tracking_uri(store)
     loaded = mlflow.pytorch.load_model(f"models:/{MODEL}@best")

@@ -155,6 +155,8 @@ def test_run_writes_every_output(trained_run: TrainedRun) -> None:
         assert {"eval/mAP", "eval/r1", "eval/r5", "eval/r10", "eval/mINP"} <= set(r)
         assert 0.0 <= r["eval/mAP"] <= 100.0
         assert {"lr/group0", "lr/group1"} <= set(r)
+        assert {"label_free/mutual_nn_rate", "label_free/similarity_margin"} <= set(r)
+    assert "label_free/neighbour_stability" in records[1]  # against epoch 1's neighbours
     # schedule.milestones=[1]: the second epoch runs at a tenth of the first's learning rate
     assert records[1]["lr/group1"] == pytest.approx(records[0]["lr/group1"] * cfg.schedule.gamma)
 
@@ -188,8 +190,9 @@ def test_run_folder_reads_through_its_models(trained_run: TrainedRun) -> None:
 def test_the_evaluation_before_training_is_the_first_metrics_line(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    """eval.at_start: metrics.jsonl begins with epoch 0, the initial model's evaluation and
-    nothing else; a run stopped in its first epoch and resumed does not write it again."""
+    """eval.at_start: metrics.jsonl begins with epoch 0, the initial model's evaluation (and
+    its label-free signals) and nothing else; a run stopped in its first epoch and resumed does
+    not write it again, and compares its next label-free neighbours with those of epoch 0."""
     cfg = tiny_config(tmp_path / "run", synthetic_root, "eval.at_start=true", epochs=1)
     run = RunDir(cfg.runtime.output_dir)
     first = build(cfg)
@@ -203,7 +206,10 @@ def test_the_evaluation_before_training_is_the_first_metrics_line(
     assert before.images_per_second is None and before.epoch_seconds is None
     assert first.state.history == [before.model_dump()]
     progress = run.read_progress()
-    assert progress is not None and progress.metrics == {"epoch": 0, **before.evaluation()}
+    signals = {f"label_free/{k}": v for k, v in before.family("label_free").items()}
+    assert set(signals) == {"label_free/mutual_nn_rate", "label_free/similarity_margin"}
+    assert progress is not None
+    assert progress.metrics == {"epoch": 0, **before.evaluation(), **signals}
 
     second = build(cfg)
     assert second.resumed
@@ -213,6 +219,8 @@ def test_the_evaluation_before_training_is_the_first_metrics_line(
     assert records[0] == before
     assert second.state.history == [r.model_dump() for r in records]
     assert {"loss/total", "lr/group0", "eval/mAP"} <= set(records[1].metric_values())
+    # the neighbours of epoch 0 came back with the checkpoint
+    assert 0.0 <= records[1].family("label_free")["neighbour_stability"] <= 1.0
 
 
 def test_saved_model_and_checkpoint_reload_the_trained_weights(trained_run: TrainedRun) -> None:

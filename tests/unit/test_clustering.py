@@ -232,7 +232,7 @@ def test_colour_weight_clusters_the_model_with_the_colour_beside_it(
     labeller = labeller_module.PseudoLabeller.__new__(labeller_module.PseudoLabeller)
     labeller.cameras = cams
     labeller._colour = x.float()
-    labeller.features = lambda model: noise.float()  # type: ignore[method-assign]
+    labeller.features = lambda model, step=None: noise.float()  # type: ignore[method-assign]
     settings = "cluster.k1=6 cluster.k2=2 cluster.eps=0.5 cluster.min_samples=3"
     for weight, groups in ((0.0, None), (3.0, 4)):
         labeller.cfg = load_config(

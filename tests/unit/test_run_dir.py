@@ -102,7 +102,7 @@ def test_epoch_metrics_keys_are_fields_or_families() -> None:
     assert sparse.metric_values() == {"loss/total": 3.0}
     with pytest.raises(ValidationError, match="'accuracy' is neither a field"):
         EpochMetrics.model_validate({"epoch": 1, "accuracy": 0.5})
-    with pytest.raises(ValidationError, match="family one of loss, lr, cluster, eval"):
+    with pytest.raises(ValidationError, match="family one of loss, lr, cluster, eval, label_free"):
         EpochMetrics.model_validate({"epoch": 1, "val/mAP": 0.5})
     with pytest.raises(ValidationError):
         EpochMetrics.model_validate({"epoch": 1, "loss/total": "high"})
@@ -129,6 +129,35 @@ def test_epoch_0_is_the_evaluation_before_training(tmp_path: Path) -> None:
     assert EpochMetrics.model_validate({"epoch": 0, "eval/mAP": 1.0}).global_step is None
 
 
+def test_label_free_signals_join_an_evaluated_line_or_stand_alone() -> None:
+    """Label-free signals go with the evaluation of their epoch; on data without a query/gallery
+    split they are the evaluation before training's only keys."""
+    signals = {"label_free/mutual_nn_rate": 0.25, "label_free/similarity_margin": 0.125}
+    before = EpochMetrics.before_training({"mAP": 3.25}, signals)
+    assert before.metric_values() == {"eval/mAP": 3.25, **signals}
+    assert before.family("label_free") == {"mutual_nn_rate": 0.25, "similarity_margin": 0.125}
+    unlabelled = EpochMetrics.before_training({}, signals)
+    assert (unlabelled.evaluation(), unlabelled.family("label_free")) == (
+        {},
+        before.family("label_free"),
+    )
+    epoch = EpochMetrics.of_epoch(
+        epoch=1,
+        global_step=8,
+        images_per_second=250.0,
+        epoch_seconds=3.5,
+        losses={"total": 2.5},
+        learning_rates=[0.1],
+        clustering={},
+        evaluation={},
+        label_free={**signals, "label_free/neighbour_stability": 0.5},
+    )
+    assert epoch.family("label_free")["neighbour_stability"] == 0.5
+    assert _epoch(2, mAP=1.0).family("label_free") == {}
+    with pytest.raises(ValueError, match="unknown metrics family 'labelfree'"):
+        epoch.family("labelfree")
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -138,8 +167,8 @@ def test_epoch_0_is_the_evaluation_before_training(tmp_path: Path) -> None:
         ({"epoch": 0, "eval/mAP": 1.0, "images_per_second": 9.0}, "not images_per_second"),
         ({"epoch": 0, "eval/mAP": 1.0, "epoch_seconds": 9.0}, "not epoch_seconds"),
         ({"epoch": 0, "eval/mAP": 1.0, "global_step": 4}, "global_step is 0 there, not 4"),
-        ({"epoch": 0}, "has no eval/<metric> key"),
-        ({"epoch": 0, "global_step": 0}, "has no eval/<metric> key"),
+        ({"epoch": 0}, "has no eval/<metric> nor label_free/<name> key"),
+        ({"epoch": 0, "global_step": 0}, "has no eval/<metric> nor label_free/<name> key"),
         ({"epoch": -1, "eval/mAP": 1.0}, "greater than or equal to 0"),
     ],
 )
@@ -157,7 +186,8 @@ def test_read_metrics_leaves_out_an_epoch_0_line_that_trained(
     lines = ['{"epoch": 0, "loss/total": 3.5}', '{"epoch": 0, "eval/mAP": 2.0}', '{"epoch": 1}']
     run.metrics_file.write_text("".join(f"{line}\n" for line in lines))
     assert [(r.epoch, r.trained) for r in run.read_metrics()] == [(0, False), (1, True)]
-    assert "line 1" in caplog.text and "holds eval/<metric> keys only" in caplog.text
+    assert "line 1" in caplog.text
+    assert "holds eval/<metric> and label_free/<name> keys only" in caplog.text
 
 
 def test_non_finite_values_are_written_as_json_has_them(tmp_path: Path) -> None:
