@@ -6,9 +6,9 @@ Rand against the previous labels). The clustering at the start of epoch ``e + 1`
 that was evaluated at the end of epoch ``e``, so each signal of record ``e + 1`` is paired with
 ``eval/mAP`` of record ``e``; record 0, the evaluation before training (``eval.at_start``), pairs
 the initial model with the first clustering, made from that model too. Over every such pair of
-the runs given, the table shows Spearman's rank correlation of each signal with mAP, pooled and
+the runs given, the tables show Spearman's rank correlation of each signal with mAP, pooled and
 within each run (a signal that only tracks the epoch count agrees within runs and may not across
-them).
+them; ``bench/signal_agreement.py``).
 
     python bench/cluster_signals.py outputs/bench_train_real/cc_intra outputs/seed1/cc_intra
 """
@@ -20,14 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import spearmanr
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the root is not
+    sys.path.insert(0, str(ROOT))
+
+from bench.signal_agreement import Point, agreement_tables  # noqa: E402
+
 SIGNALS = ("clusters", "outlier_fraction", "mean_size", "largest_fraction", "adjusted_rand")
 
 
-def pairs(run: Path) -> list[tuple[dict[str, float], float]]:
+def pairs(run: Path) -> list[Point]:
     """(signals of the clustering made from a model, that model's mAP) for one run folder."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     by_epoch = {r["epoch"]: r for r in records}
@@ -41,20 +43,12 @@ def pairs(run: Path) -> list[tuple[dict[str, float], float]]:
     return out
 
 
-def correlation(points: list[tuple[dict[str, float], float]], signal: str) -> float:
-    xs = [(p[signal], m) for p, m in points if signal in p]
-    if len(xs) < 3:
-        return float("nan")
-    a, b = zip(*xs, strict=True)
-    return float(spearmanr(a, b).statistic)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "cluster_signals.md")
     args = p.parse_args()
-    per_run = {run: pairs(run) for run in args.runs}
+    per_run = {str(run): pairs(run) for run in args.runs}
     pooled = [x for points in per_run.values() for x in points]
     if not pooled:
         raise SystemExit("no run has an evaluation followed by a clustering from its model")
@@ -67,18 +61,8 @@ def main() -> None:
         + ", ".join(f"`{run}` ({len(points)})" for run, points in per_run.items())
         + ". Spearman's rank correlation with mAP, pooled and the mean within runs:",
         "",
-        "| signal | pooled | mean within runs | range of the signal |",
-        "|---|---|---|---|",
+        *agreement_tables(per_run, SIGNALS),
     ]
-    for signal in SIGNALS:
-        values = [pt[signal] for pt, _ in pooled if signal in pt]
-        if not values:
-            continue
-        within = [correlation(points, signal) for points in per_run.values()]
-        lines.append(
-            f"| {signal} | {correlation(pooled, signal):+.2f} | {np.nanmean(within):+.2f} "
-            f"| {min(values):.3g} - {max(values):.3g} |"
-        )
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
