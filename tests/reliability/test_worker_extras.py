@@ -90,7 +90,7 @@ def test_a_worker_with_only_its_extras_trains_a_job_to_the_end(
         )
 
     assert job["state"] == "SUCCEEDED", job["reason"] + "\n" + stack.logs()
-    assert job["progress"]["epoch"] == EPOCHS
+    assert job["epoch"] == EPOCHS
     # The worker's MLflow hook logged the run and registered the model.
     tracking = MlflowClient(stack.settings.mlflow_tracking_uri)
     run = tracking.get_run(job["mlflow_run_id"])
