@@ -22,19 +22,24 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable
-from typing import Annotated, Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Header, Response
+from fastapi import Depends, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from service.api.deps import RowVersionsDep, SessionDep, SettingsDep
+from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
     "NOT_MODIFIED",
+    "ConditionalGet",
+    "ConditionalGetDep",
     "IfNoneMatch",
     "list_etag",
     "matches",
@@ -128,3 +133,42 @@ def tagged(
         media_type="application/json",
         headers={"ETag": etag, "Cache-Control": "no-cache", **(headers or {})},
     )
+
+
+R = TypeVar("R", Job, Gallery)
+
+
+@dataclass(frozen=True)
+class ConditionalGet:
+    """A ``GET`` of one job or gallery with its ETag (a route's ``ConditionalGetDep``)."""
+
+    if_none_match: str | None
+    settings: Settings
+    versions: RowVersionCache
+    session: Session
+
+    async def answer(
+        self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
+    ) -> Response:
+        """The 304 when ``If-None-Match`` names the row's version (:func:`unchanged_row`), else
+        the row read in the thread pool, as ``serve`` shapes it (``model``), with its ETag."""
+        unchanged = await unchanged_row(
+            self.if_none_match, model, self.settings, self.versions, self.session, row
+        )
+        if unchanged is not None:
+            return unchanged
+        found = await run_in_threadpool(self.versions.read_row, self.session, row)
+        return tagged(serve(found), row_etag(model, self.settings, found.version))
+
+
+async def _conditional_get(
+    settings: SettingsDep,
+    versions: RowVersionsDep,
+    session: SessionDep,
+    if_none_match: IfNoneMatch = None,
+) -> ConditionalGet:
+    # Async: a 304 from the row-version cache never waits for the thread pool.
+    return ConditionalGet(if_none_match, settings, versions, session)
+
+
+ConditionalGetDep = Annotated[ConditionalGet, Depends(_conditional_get)]
