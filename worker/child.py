@@ -11,7 +11,8 @@ to stop (a cancel, a timeout, a lost claim, a deleted gallery). A database error
 logged and the child goes on. Stopping is SIGTERM to the group (a trainer checkpoints and exits
 75), SIGKILL after ``kill_grace_s``; once the child ended, whatever it left in its group is
 killed. Jobs (:mod:`worker.supervisor`) and galleries (:mod:`worker.gallery_task`) are the two
-policies.
+policies, each a :class:`ChildSupervisor`: the worker's settings, database, id and clock, and the
+claim's first question, :meth:`ChildSupervisor.claimable` (is the row this worker's to take?).
 """
 
 from __future__ import annotations
@@ -24,12 +25,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import IO
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import IO, TypeVar
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.heartbeat import is_stale
+from service.core.models import Gallery, Job, utcnow
 from service.core.settings import Settings, WorkerSettings
 
-__all__ = ["TickFn", "child_environment", "signal_group", "spawn", "stop_now", "watch"]
+__all__ = [
+    "ChildSupervisor",
+    "TickFn",
+    "child_environment",
+    "signal_group",
+    "spawn",
+    "stop_now",
+    "watch",
+]
 
 log = logging.getLogger("worker.child")
 
@@ -37,6 +52,40 @@ _PR_SET_PDEATHSIG = 1
 
 #: ``tick(heartbeat) -> why to stop, or None``; ``heartbeat`` says a heartbeat is due.
 TickFn = Callable[[bool], str | None]
+
+
+R = TypeVar("R", Job, Gallery)
+
+
+@dataclass
+class ChildSupervisor:
+    """What a policy over a child process starts from: the settings, the database, this worker's
+    id (``host:pid``) and a clock (tests pass a fake one)."""
+
+    settings: Settings
+    factory: sessionmaker[Session]
+    worker_id: str
+    clock: Callable[[], datetime] = field(default=utcnow, kw_only=True)
+
+    def claimable(
+        self, row: R | None, missing: str, held: Container[object], now: datetime
+    ) -> R | str:
+        """``row`` (locked by the caller) when this worker may take it, else why it is left as
+        it is: ``missing`` (no such row), already finished, or in a ``held`` state (one a worker
+        owns) on another worker that still heartbeats (the message was redelivered). A held row
+        whose worker went quiet (:mod:`service.core.heartbeat`) is the caller's to take over."""
+        if row is None:
+            return missing
+        if row.state.is_final:
+            return f"already {row.state}"
+        timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+        if (
+            row.state in held
+            and row.worker_id != self.worker_id
+            and not is_stale(row, timeout, now)
+        ):
+            return f"{row.state} on {row.worker_id} (fresh heartbeat): left alone"
+        return row
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
