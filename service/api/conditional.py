@@ -8,7 +8,8 @@ dropped): a poll whose version is kept is answered in the event loop without a d
 otherwise the version (and owner) is read by primary key in the thread pool. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
 of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
-that changes either invalidates every ETag a client holds.
+that changes either invalidates every ETag a client holds. A route answers one row's GET through
+its ``ConditionalGetDep`` (:class:`ConditionalGet`).
 
 A list page's ETag is weak (``W/``): a hash of the rows' ids and versions, the count and the query.
 
@@ -46,7 +47,6 @@ __all__ = [
     "not_modified",
     "row_etag",
     "tagged",
-    "unchanged_row",
 ]
 
 #: The request header, as a route parameter.
@@ -98,27 +98,6 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     return any(c == "*" or c.removeprefix("W/") == bare for c in candidates)
 
 
-async def unchanged_row(
-    if_none_match: str | None,
-    model: type[BaseModel],
-    settings: Settings,
-    versions: RowVersionCache,
-    session: Session,
-    row: OwnedRow[Any],
-) -> Response | None:
-    """The 304 for ``row`` when ``If-None-Match`` shows the client has its version; None when
-    the row has to be served (no header, or another version). The version comes from
-    ``versions`` (no database read) or else is read alone in the thread pool; either raises
-    not found like the full read would (another owner's row, a missing one)."""
-    if if_none_match is None:
-        return None
-    version = versions.peek(row)
-    if version is None:
-        version = await run_in_threadpool(versions.read_version, session, row)
-    etag = row_etag(model, settings, version)
-    return not_modified(etag) if matches(if_none_match, etag) else None
-
-
 def not_modified(etag: str) -> Response:
     return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
@@ -150,13 +129,17 @@ class ConditionalGet:
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
     ) -> Response:
-        """The 304 when ``If-None-Match`` names the row's version (:func:`unchanged_row`), else
-        the row read in the thread pool, as ``serve`` shapes it (``model``), with its ETag."""
-        unchanged = await unchanged_row(
-            self.if_none_match, model, self.settings, self.versions, self.session, row
-        )
-        if unchanged is not None:
-            return unchanged
+        """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
+        shapes it (``model``), with its ETag. The version comes from ``versions`` (no database
+        read) or else is read alone in the thread pool, the row in the thread pool; each raises
+        not found like the full read would (another owner's row, a missing one)."""
+        if self.if_none_match is not None:
+            version = self.versions.peek(row)
+            if version is None:
+                version = await run_in_threadpool(self.versions.read_version, self.session, row)
+            etag = row_etag(model, self.settings, version)
+            if matches(self.if_none_match, etag):
+                return not_modified(etag)
         found = await run_in_threadpool(self.versions.read_row, self.session, row)
         return tagged(serve(found), row_etag(model, self.settings, found.version))
 

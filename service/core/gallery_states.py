@@ -14,7 +14,7 @@ supervises ``python -m worker.build_gallery``). States::
 with the state, and writes the :class:`~service.core.models.GalleryEvent` row with the reason in
 the caller's transaction (``GET /v1/galleries/{id}/events`` reads them), as a job's change
 does (:class:`service.core.state_machine.StateMachine`). A build whose worker
-stopped heartbeating (:func:`is_stale`) is turned FAILED by the reaper (``python -m worker
+stopped heartbeating is turned FAILED by the reaper (``python -m worker
 dispatcher``, :func:`fail_if_stale`), never by a read.
 """
 
@@ -36,7 +36,6 @@ __all__ = [
     "InvalidTransitionError",
     "change_gallery_state",
     "fail_if_stale",
-    "is_stale",
     "lock_gallery",
 ]
 
@@ -86,17 +85,12 @@ def lock_gallery(
     return GALLERIES.lock(session, gallery_id, owner)
 
 
-def is_stale(gallery: Gallery, timeout_s: float, now: datetime) -> bool:
-    """True when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``: its worker
-    and builder died (the rule: :mod:`service.core.heartbeat`)."""
-    return gallery.state is G.BUILDING and heartbeat.is_stale(
-        gallery, timedelta(seconds=timeout_s), now
-    )
-
-
 def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: datetime) -> bool:
-    """FAILED (True) when ``gallery`` :func:`is_stale`; the caller commits."""
-    if not is_stale(gallery, timeout_s, now):
+    """FAILED (True) when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``:
+    its worker and builder died (the rule: :mod:`service.core.heartbeat`); the caller commits."""
+    if gallery.state is not G.BUILDING or not heartbeat.is_stale(
+        gallery, timedelta(seconds=timeout_s), now
+    ):
         return False
     last = heartbeat.last_sign_of_life(gallery)
     change_gallery_state(

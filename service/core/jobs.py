@@ -279,12 +279,7 @@ def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
 
 def job_events(session: Session, owner: str, job_id: uuid.UUID) -> list[JobEvent]:
     """The job's state changes, oldest first."""
-    job = owned_job(session, owner, job_id)
-    return list(
-        session.execute(
-            select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
-        ).scalars()
-    )
+    return list(owned_job(session, owner, job_id).events)
 
 
 def job_metrics(settings: Settings, job: Job) -> list[EpochMetrics]:
