@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from service.core.gallery_states import change_gallery_state, lock_gallery
 from service.core.models import GalleryState
 from service.core.settings import get_settings
 from worker.child import ChildSupervisor, spawn, stop_now, watch
-from worker.outcome import last_error_line
+from worker.outcome import how_it_ended, last_error_line
 
 __all__ = ["GallerySupervisor", "build_gallery_task", "builder_command"]
 
@@ -134,16 +133,10 @@ class GallerySupervisor(ChildSupervisor):
             return str(GalleryState.FAILED)
 
     def _exit_failure(self, claim: _Claim, returncode: int) -> str:
-        if returncode < 0:
-            try:
-                how = f"was killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                how = f"was killed by signal {-returncode}"
-        else:
-            how = f"exited with code {returncode}"
         error = last_error_line(claim.folder / BUILD_LOG)
         if error is not None and error.startswith(_HEADER):  # the builder printed nothing
             error = None
+        how = how_it_ended(returncode)
         return f"the gallery builder {how} before finishing" + (f": {error}" if error else "")
 
     def run(self, gallery_id: uuid.UUID) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.errors import not_found
 from service.core.models import utcnow
 
 __all__ = ["InvalidTransitionError", "StateMachine"]
@@ -124,4 +125,12 @@ class StateMachine(Generic[R, S, E]):
         row: R | None = session.execute(
             query.execution_options(populate_existing=True)
         ).scalar_one_or_none()
+        return row
+
+    def lock_owned(self, session: Session, row_id: uuid.UUID, owner: str) -> R:
+        """:meth:`lock` of ``owner``'s row (the API): not found when it is missing or another
+        owner's."""
+        row = self.lock(session, row_id, owner)
+        if row is None:
+            raise not_found(self.kind, row_id)
         return row
