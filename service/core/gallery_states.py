@@ -20,7 +20,6 @@ dispatcher``, :func:`fail_if_stale`), never by a read.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
@@ -77,12 +76,9 @@ def change_gallery_state(
     return GALLERIES.change(session, gallery, to_state, reason, follow)
 
 
-def lock_gallery(
-    session: Session, gallery_id: uuid.UUID, owner: str | None = None
-) -> Gallery | None:
-    """Load a gallery for a change, its row locked (``FOR UPDATE``) where the database can;
-    ``owner`` restricts the lookup to that owner's galleries (the API)."""
-    return GALLERIES.lock(session, gallery_id, owner)
+#: Load a gallery for a change, its row locked (``FOR UPDATE``) where the database can;
+#: ``owner`` restricts the lookup to that owner's galleries (the API).
+lock_gallery = GALLERIES.lock
 
 
 def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: datetime) -> bool:

@@ -26,7 +26,6 @@ transaction, so the state and its history are committed (or rolled back) togethe
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -113,9 +112,6 @@ def change_state(
     return JOBS.change(session, job, to_state, reason, follow)
 
 
-def lock_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
-    """Load a job for a state change, locking its row (``FOR UPDATE``) where the database can.
-
-    ``owner`` restricts the lookup to that owner's jobs (the API); a worker passes none.
-    """
-    return JOBS.lock(session, job_id, owner)
+#: Load a job for a state change, its row locked (``FOR UPDATE``) where the database can;
+#: ``owner`` restricts the lookup to that owner's jobs (the API), a worker passes none.
+lock_job = JOBS.lock

@@ -1,22 +1,18 @@
 """What the job and gallery state machines share: :class:`StateMachine`.
 
-A machine is data: the kind of row it moves (``"job"``, ``"gallery"``), its transitions (from-state,
-None for a row being created, -> the states it may go to) and the table its changes are recorded
-in. :meth:`StateMachine.change` is the one way a row's state changes::
-
-    check the change  ->  state, reason, updated_at  ->  follow(...)  ->  the event row
-
-checked before anything is touched (:class:`InvalidTransitionError`, or a ``ValueError`` for an
-empty reason), and written in the caller's transaction, so the state and its history are committed
-(or rolled back) together. ``follow`` is the machine's own part: the fields that go with a state
-(``started_at``, ``finished_at``, a job's counters). :mod:`service.core.job_states` and
-:mod:`service.core.gallery_states` are the two machines.
+A machine is data: the kind of row it moves, its transitions (from-state, None for a row being
+created, -> the states it may go to) and the table its changes are recorded in.
+:meth:`StateMachine.change` checks a change before touching anything, sets ``state``, ``reason``
+and ``updated_at``, lets the machine set what goes with the state (``follow``: ``started_at``,
+``finished_at``, a job's counters) and writes the event row in the caller's transaction, so the
+state and its history are committed (or rolled back) together. The two machines:
+:mod:`service.core.job_states`, :mod:`service.core.gallery_states`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -32,25 +28,7 @@ __all__ = ["InvalidTransitionError", "StateMachine"]
 
 
 class InvalidTransitionError(ValueError):
-    """A state change the machine does not allow (someone else moved the row first);
-    ``row_id``, ``from_state``, ``to_state`` say which."""
-
-    def __init__(
-        self,
-        kind: str,
-        row_id: uuid.UUID | None,
-        from_state: StrEnum | None,
-        to_state: StrEnum,
-        allowed: Collection[StrEnum],
-    ) -> None:
-        start = from_state or "(new)"
-        names = ", ".join(sorted(allowed)) or "none (final state)"
-        super().__init__(
-            f"{kind} {row_id} cannot go from {start} to {to_state} (allowed from {start}: {names})"
-        )
-        self.row_id = row_id
-        self.from_state = from_state
-        self.to_state = to_state
+    """A state change the machine does not allow (someone else moved the row first)."""
 
 
 class _Row(Protocol):
@@ -96,7 +74,11 @@ class StateMachine(Generic[R, S, E]):
         to_state = self.states(to_state)
         allowed = self.transitions[from_state]
         if to_state not in allowed:
-            raise InvalidTransitionError(self.kind, row.id, from_state, to_state, allowed)
+            start, names = from_state or "(new)", ", ".join(sorted(allowed)) or "none (final state)"
+            raise InvalidTransitionError(
+                f"{self.kind} {row.id} cannot go from {start} to {to_state} (allowed from "
+                f"{start}: {names})"
+            )
         if not reason.strip():
             raise ValueError("a state change needs a reason")
         now = utcnow()
