@@ -22,19 +22,21 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import IO, TypeVar
+from typing import IO, Any, Self, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.db import make_engine, make_session_factory
 from service.core.heartbeat import is_stale
 from service.core.models import Gallery, Job, utcnow
-from service.core.settings import Settings, WorkerSettings
+from service.core.settings import Settings, WorkerSettings, get_settings
 
 __all__ = [
     "ChildSupervisor",
@@ -56,6 +58,8 @@ TickFn = Callable[[bool], str | None]
 
 R = TypeVar("R", Job, Gallery)
 
+_FACTORIES: dict[str, sessionmaker[Session]] = {}
+
 
 @dataclass
 class ChildSupervisor:
@@ -66,6 +70,18 @@ class ChildSupervisor:
     factory: sessionmaker[Session]
     worker_id: str
     clock: Callable[[], datetime] = field(default=utcnow, kw_only=True)
+
+    @classmethod
+    def for_task(cls, task: Any, **options: Any) -> Self:
+        """The supervisor a Celery ``task`` runs: the settings, one database engine per URL in
+        this process, and ``host:pid`` as the worker's id."""
+        settings = get_settings()
+        factory = _FACTORIES.get(settings.database_url)
+        if factory is None:
+            engine = make_engine(settings.database_url)
+            factory = _FACTORIES[settings.database_url] = make_session_factory(engine)
+        hostname = getattr(task.request, "hostname", None) or socket.gethostname()
+        return cls(settings, factory, f"{hostname}:{os.getpid()}", **options)
 
     def claimable(
         self, row: R | None, missing: str, held: Container[object], now: datetime

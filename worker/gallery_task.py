@@ -29,9 +29,7 @@ one).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -47,7 +45,6 @@ from service.core.db import session_scope
 from service.core.folders import BUILD_LOG, gallery_dir
 from service.core.gallery_states import change_gallery_state, lock_gallery
 from service.core.models import GalleryState
-from service.core.settings import get_settings
 from worker.child import ChildSupervisor, spawn, stop_now, watch
 from worker.outcome import how_it_ended, last_error_line
 
@@ -165,11 +162,4 @@ class GallerySupervisor(ChildSupervisor):
 @shared_task(name=BUILD_GALLERY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def build_gallery_task(self: Any, gallery_id: str) -> str:
     """Build gallery ``gallery_id``, from claim to READY or FAILED (:class:`GallerySupervisor`)."""
-    from worker.supervisor import session_factory_for
-
-    settings = get_settings()
-    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
-    supervisor = GallerySupervisor(
-        settings, session_factory_for(settings), f"{hostname}:{os.getpid()}"
-    )
-    return supervisor.run(uuid.UUID(gallery_id))
+    return GallerySupervisor.for_task(self).run(uuid.UUID(gallery_id))

@@ -34,9 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -52,17 +50,16 @@ from celery.signals import worker_shutting_down
 from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from reid_core.atomic_write import write_atomic
 from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
-from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.db import session_scope
 from service.core.folders import JobDir
 from service.core.job_progress import progress_columns
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
 from service.core.models import Job, JobEvent, JobState
 from service.core.registry import DATASET_TAG, OWNER_TAG
-from service.core.settings import Settings, get_settings
 from worker.celery_app import app
 from worker.child import ChildSupervisor, signal_group, spawn, stop_now, watch
 from worker.outcome import apply_outcome, decide_outcome, last_error_line, reap_stale_job
@@ -454,31 +451,13 @@ class Supervisor(ChildSupervisor):
 #: Set when the worker starts a warm shutdown: running trainers are checkpointed and retried.
 SHUTTING_DOWN = threading.Event()
 
-_FACTORIES: dict[str, sessionmaker[Session]] = {}
-
 
 @worker_shutting_down.connect
 def _on_worker_shutdown(**_: Any) -> None:
     SHUTTING_DOWN.set()
 
 
-def session_factory_for(settings: Settings) -> sessionmaker[Session]:
-    """One engine per database URL in this process."""
-    factory = _FACTORIES.get(settings.database_url)
-    if factory is None:
-        factory = _FACTORIES[settings.database_url] = make_session_factory(
-            make_engine(settings.database_url)
-        )
-    return factory
-
-
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Any, job_id: str) -> str:
     """Supervise job ``job_id`` from claim to final state (see :class:`Supervisor`)."""
-    settings = get_settings()
-    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
-    worker_id = f"{hostname}:{os.getpid()}"
-    supervisor = Supervisor(
-        settings, session_factory_for(settings), worker_id, stop_event=SHUTTING_DOWN
-    )
-    return supervisor.run(uuid.UUID(job_id))
+    return Supervisor.for_task(self, stop_event=SHUTTING_DOWN).run(uuid.UUID(job_id))
