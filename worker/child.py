@@ -11,7 +11,8 @@ to stop (a cancel, a timeout, a lost claim, a deleted gallery). A database error
 logged and the child goes on. Stopping is SIGTERM to the group (a trainer checkpoints and exits
 75), SIGKILL after ``kill_grace_s``; once the child ended, whatever it left in its group is
 killed. Jobs (:mod:`worker.supervisor`) and galleries (:mod:`worker.gallery_task`) are the two
-policies.
+policies, each a :class:`ChildSupervisor`: the worker's settings, database, id and clock, and the
+claim's first question, :meth:`ChildSupervisor.claimable` (is the row this worker's to take?).
 """
 
 from __future__ import annotations
@@ -21,15 +22,31 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import IO
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import IO, Any, Self, TypeVar
 
-from service.core.settings import Settings, WorkerSettings
+from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["TickFn", "child_environment", "signal_group", "spawn", "stop_now", "watch"]
+from service.core.db import make_engine, make_session_factory
+from service.core.heartbeat import is_stale
+from service.core.models import Gallery, Job, utcnow
+from service.core.settings import Settings, WorkerSettings, get_settings
+
+__all__ = [
+    "ChildSupervisor",
+    "TickFn",
+    "child_environment",
+    "signal_group",
+    "spawn",
+    "stop_now",
+    "watch",
+]
 
 log = logging.getLogger("worker.child")
 
@@ -37,6 +54,54 @@ _PR_SET_PDEATHSIG = 1
 
 #: ``tick(heartbeat) -> why to stop, or None``; ``heartbeat`` says a heartbeat is due.
 TickFn = Callable[[bool], str | None]
+
+
+R = TypeVar("R", Job, Gallery)
+
+_FACTORIES: dict[str, sessionmaker[Session]] = {}
+
+
+@dataclass
+class ChildSupervisor:
+    """What a policy over a child process starts from: the settings, the database, this worker's
+    id (``host:pid``) and a clock (tests pass a fake one)."""
+
+    settings: Settings
+    factory: sessionmaker[Session]
+    worker_id: str
+    clock: Callable[[], datetime] = field(default=utcnow, kw_only=True)
+
+    @classmethod
+    def for_task(cls, task: Any, **options: Any) -> Self:
+        """The supervisor a Celery ``task`` runs: the settings, one database engine per URL in
+        this process, and ``host:pid`` as the worker's id."""
+        settings = get_settings()
+        factory = _FACTORIES.get(settings.database_url)
+        if factory is None:
+            engine = make_engine(settings.database_url)
+            factory = _FACTORIES[settings.database_url] = make_session_factory(engine)
+        hostname = getattr(task.request, "hostname", None) or socket.gethostname()
+        return cls(settings, factory, f"{hostname}:{os.getpid()}", **options)
+
+    def claimable(
+        self, row: R | None, missing: str, held: Container[object], now: datetime
+    ) -> R | str:
+        """``row`` (locked by the caller) when this worker may take it, else why it is left as
+        it is: ``missing`` (no such row), already finished, or in a ``held`` state (one a worker
+        owns) on another worker that still heartbeats (the message was redelivered). A held row
+        whose worker went quiet (:mod:`service.core.heartbeat`) is the caller's to take over."""
+        if row is None:
+            return missing
+        if row.state.is_final:
+            return f"already {row.state}"
+        timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
+        if (
+            row.state in held
+            and row.worker_id != self.worker_id
+            and not is_stale(row, timeout, now)
+        ):
+            return f"{row.state} on {row.worker_id} (fresh heartbeat): left alone"
+        return row
 
 
 def _parent_death_signal() -> Callable[[], None] | None:

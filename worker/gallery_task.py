@@ -29,30 +29,24 @@ one).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.broker import BUILD_GALLERY_TASK
 from service.core.db import session_scope
 from service.core.folders import BUILD_LOG, gallery_dir
-from service.core.gallery_states import change_gallery_state, is_stale, lock_gallery
-from service.core.models import GalleryState, utcnow
-from service.core.settings import Settings, get_settings
-from worker.child import spawn, stop_now, watch
-from worker.outcome import last_error_line
+from service.core.gallery_states import change_gallery_state, lock_gallery
+from service.core.models import GalleryState
+from worker.child import ChildSupervisor, spawn, stop_now, watch
+from worker.outcome import how_it_ended, last_error_line
 
 __all__ = ["GallerySupervisor", "build_gallery_task", "builder_command"]
 
@@ -76,37 +70,23 @@ class _Claim:
     folder: Path
 
 
-class GallerySupervisor:
+@dataclass(kw_only=True)
+class GallerySupervisor(ChildSupervisor):
     """Builds one gallery through a child process (see the module). ``command`` and ``clock``
     are for tests."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        worker_id: str,
-        *,
-        command: CommandFn = builder_command,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self.settings = settings
-        self.factory = session_factory
-        self.worker_id = worker_id
-        self.command = command
-        self.clock = clock
+    command: CommandFn = builder_command
 
     def _claim(self, gallery_id: uuid.UUID) -> _Claim | str:
         with session_scope(self.factory) as session:
-            gallery = lock_gallery(session, gallery_id)
-            if gallery is None:
-                return "no such gallery (deleted?)"
-            if gallery.state.is_final:
-                return f"already {gallery.state}"
             now = self.clock()
+            building = {GalleryState.BUILDING}
+            gallery = self.claimable(
+                lock_gallery(session, gallery_id), "no such gallery (deleted?)", building, now
+            )
+            if isinstance(gallery, str):
+                return gallery
             if gallery.state is GalleryState.BUILDING:
-                timeout = self.settings.worker.heartbeat_timeout_s
-                if not is_stale(gallery, timeout, now) and gallery.worker_id != self.worker_id:
-                    return f"BUILDING on {gallery.worker_id} (fresh heartbeat): left alone"
                 reason = (
                     f"built again by {self.worker_id}: {gallery.worker_id} stopped heartbeating"
                 )
@@ -150,16 +130,10 @@ class GallerySupervisor:
             return str(GalleryState.FAILED)
 
     def _exit_failure(self, claim: _Claim, returncode: int) -> str:
-        if returncode < 0:
-            try:
-                how = f"was killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                how = f"was killed by signal {-returncode}"
-        else:
-            how = f"exited with code {returncode}"
         error = last_error_line(claim.folder / BUILD_LOG)
         if error is not None and error.startswith(_HEADER):  # the builder printed nothing
             error = None
+        how = how_it_ended(returncode)
         return f"the gallery builder {how} before finishing" + (f": {error}" if error else "")
 
     def run(self, gallery_id: uuid.UUID) -> str:
@@ -188,11 +162,4 @@ class GallerySupervisor:
 @shared_task(name=BUILD_GALLERY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def build_gallery_task(self: Any, gallery_id: str) -> str:
     """Build gallery ``gallery_id``, from claim to READY or FAILED (:class:`GallerySupervisor`)."""
-    from worker.supervisor import session_factory_for
-
-    settings = get_settings()
-    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
-    supervisor = GallerySupervisor(
-        settings, session_factory_for(settings), f"{hostname}:{os.getpid()}"
-    )
-    return supervisor.run(uuid.UUID(gallery_id))
+    return GallerySupervisor.for_task(self).run(uuid.UUID(gallery_id))

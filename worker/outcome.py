@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "apply_outcome",
     "decide_outcome",
+    "how_it_ended",
     "last_error_line",
     "reap_stale_job",
 ]
@@ -164,13 +165,18 @@ def decide_outcome(
     return _run_again(why, "retry", retries, max_retries)
 
 
+def how_it_ended(returncode: int) -> str:
+    """How a child process ended: ``was killed by SIGKILL``, ``exited with code 1``."""
+    if returncode < 0:
+        return f"was killed by {_signal_name(returncode)}"
+    return f"exited with code {returncode}"
+
+
 def _how_stopped(returncode: int) -> str:
     """How a trainer the service stopped (a cancel, a worker shutdown) ended."""
     if returncode == ExitCode.INTERRUPTED:
         return "saved a checkpoint and stopped"
-    if returncode < 0:
-        return f"was killed by {_signal_name(returncode)}"
-    return f"exited with code {returncode}"
+    return how_it_ended(returncode)
 
 
 def _killed_text(returncode: int) -> str:

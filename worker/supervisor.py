@@ -34,17 +34,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,20 +50,18 @@ from celery.signals import worker_shutting_down
 from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from reid_core.atomic_write import write_atomic
 from service.core.broker import RUN_JOB_TASK, mark_dispatched, send_job
-from service.core.db import make_engine, make_session_factory, session_scope
+from service.core.db import session_scope
 from service.core.folders import JobDir
-from service.core.heartbeat import is_stale
 from service.core.job_progress import progress_columns
 from service.core.job_states import ACTIVE_STATES, WAITING_STATES, change_state, lock_job
-from service.core.models import Job, JobEvent, JobState, utcnow
+from service.core.models import Job, JobEvent, JobState
 from service.core.registry import DATASET_TAG, OWNER_TAG
-from service.core.settings import Settings, get_settings
 from worker.celery_app import app
-from worker.child import signal_group, spawn, stop_now, watch
+from worker.child import ChildSupervisor, signal_group, spawn, stop_now, watch
 from worker.outcome import apply_outcome, decide_outcome, last_error_line, reap_stale_job
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
@@ -132,31 +127,17 @@ class _Stop:
     LOST = "lost claim"
 
 
-class Supervisor:
-    """Runs one job's trainer to its end (see the module). ``command``, ``clock`` and
+@dataclass(kw_only=True)
+class Supervisor(ChildSupervisor):
+    """Runs one job's trainer to its end (see the module). ``command``, ``clock``, ``send`` (a
+    rerun to the broker; :func:`service.core.broker.send_job` by default) and
     ``seconds_per_minute`` are for tests."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        worker_id: str,
-        *,
-        command: CommandFn = trainer_command,
-        clock: Callable[[], datetime] = utcnow,
-        stop_event: threading.Event | None = None,
-        send: Callable[[Job], bool] | None = None,
-        seconds_per_minute: float = 60.0,
-    ) -> None:
-        self.settings = settings
-        self.factory = session_factory
-        self.worker_id = worker_id
-        self.command = command
-        self.clock = clock
-        self.stop_event = stop_event or threading.Event()
-        self.send: Callable[[Job], bool] = send or (lambda job: send_job(settings, job))
-        self.seconds_per_minute = seconds_per_minute
-        self._applied: dict[str, Any] = {}
+    command: CommandFn = trainer_command
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    send: Callable[[Job], bool] | None = None
+    seconds_per_minute: float = 60.0
+    _applied: dict[str, Any] = field(default_factory=dict, init=False)
 
     # ------------------------------------------------------------------------------------------
     # claim
@@ -165,19 +146,14 @@ class Supervisor:
     def _claim(self, job_id: uuid.UUID) -> _Claim | str:
         """STARTING and ours, or a word on why not (the job is left as it is)."""
         with session_scope(self.factory) as session:
-            job = lock_job(session, job_id)
-            if job is None:
-                return "no such job"
-            if job.state.is_final:
-                return f"already {job.state}"
             now = self.clock()
-            if job.state in ACTIVE_STATES:
-                timeout = timedelta(seconds=self.settings.worker.heartbeat_timeout_s)
-                if not is_stale(job, timeout, now) and job.worker_id != self.worker_id:
-                    return f"{job.state} on {job.worker_id} (fresh heartbeat): left alone"
-                # Its worker is gone (this message is a redelivery): reap, then run it here.
-                if reap_stale_job(session, job, now) is not JobState.RETRYING:
-                    return f"reaped: {job.state}"
+            job = self.claimable(lock_job(session, job_id), "no such job", ACTIVE_STATES, now)
+            if isinstance(job, str):
+                return job
+            # Held but its worker is gone (this message is a redelivery): reap, then run it here.
+            held = job.state in ACTIVE_STATES
+            if held and reap_stale_job(session, job, now) is not JobState.RETRYING:
+                return f"reaped: {job.state}"
             if job.state not in WAITING_STATES:
                 return f"{job.state}: nothing to run"
             attempt = _attempts(session, job.id) + 1
@@ -372,11 +348,14 @@ class Supervisor:
             apply_outcome(session, job, outcome)
             if outcome.retry:
                 resend = job
-        if resend is not None and self.send(resend):
+        if resend is not None and self._send(resend):
             with session_scope(self.factory) as session:
                 mark_dispatched(session, resend.id, self.clock())
         log.info("job %s: %s (%s)", claim.job_id, outcome.state, outcome.reason)
         return str(outcome.state)
+
+    def _send(self, job: Job) -> bool:
+        return self.send(job) if self.send is not None else send_job(self.settings, job)
 
     def _close_run(self, claim: _Claim, state: JobState) -> str | None:
         """Mark the job's MLflow run FINISHED, FAILED or KILLED; a warning when MLflow refuses
@@ -472,31 +451,13 @@ class Supervisor:
 #: Set when the worker starts a warm shutdown: running trainers are checkpointed and retried.
 SHUTTING_DOWN = threading.Event()
 
-_FACTORIES: dict[str, sessionmaker[Session]] = {}
-
 
 @worker_shutting_down.connect
 def _on_worker_shutdown(**_: Any) -> None:
     SHUTTING_DOWN.set()
 
 
-def session_factory_for(settings: Settings) -> sessionmaker[Session]:
-    """One engine per database URL in this process."""
-    factory = _FACTORIES.get(settings.database_url)
-    if factory is None:
-        factory = _FACTORIES[settings.database_url] = make_session_factory(
-            make_engine(settings.database_url)
-        )
-    return factory
-
-
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Any, job_id: str) -> str:
     """Supervise job ``job_id`` from claim to final state (see :class:`Supervisor`)."""
-    settings = get_settings()
-    hostname = getattr(self.request, "hostname", None) or socket.gethostname()
-    worker_id = f"{hostname}:{os.getpid()}"
-    supervisor = Supervisor(
-        settings, session_factory_for(settings), worker_id, stop_event=SHUTTING_DOWN
-    )
-    return supervisor.run(uuid.UUID(job_id))
+    return Supervisor.for_task(self, stop_event=SHUTTING_DOWN).run(uuid.UUID(job_id))

@@ -33,14 +33,8 @@ router = APIRouter(
 def create_key(body: ApiKeyCreate, session: SessionDep) -> ApiKeyCreated:
     key, token = create_api_key(session, body.owner, body.name)
     session.commit()
-    return ApiKeyCreated(
-        prefix=key.prefix,
-        owner=key.owner,
-        name=key.name,
-        created_at=key.created_at,
-        revoked_at=key.revoked_at,
-        key=token,
-    )
+    # the key's fields as every answer shows them (ApiKeyOut), and the token, this once
+    return ApiKeyCreated(**ApiKeyOut.model_validate(key).model_dump(), key=token)
 
 
 @router.get("", summary="API keys (prefixes only)")

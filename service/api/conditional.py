@@ -8,7 +8,8 @@ dropped): a poll whose version is kept is answered in the event loop without a d
 otherwise the version (and owner) is read by primary key in the thread pool. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
 of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
-that changes either invalidates every ETag a client holds.
+that changes either invalidates every ETag a client holds. A route answers one row's GET through
+its ``ConditionalGetDep`` (:class:`ConditionalGet`).
 
 A list page's ETag is weak (``W/``): a hash of the rows' ids and versions, the count and the query.
 
@@ -22,26 +23,30 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable
-from typing import Annotated, Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Header, Response
+from fastapi import Depends, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from service.api.deps import RowVersionsDep, SessionDep, SettingsDep
+from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
     "NOT_MODIFIED",
+    "ConditionalGet",
+    "ConditionalGetDep",
     "IfNoneMatch",
     "list_etag",
     "matches",
     "not_modified",
     "row_etag",
     "tagged",
-    "unchanged_row",
 ]
 
 #: The request header, as a route parameter.
@@ -93,27 +98,6 @@ def matches(if_none_match: str | None, etag: str) -> bool:
     return any(c == "*" or c.removeprefix("W/") == bare for c in candidates)
 
 
-async def unchanged_row(
-    if_none_match: str | None,
-    model: type[BaseModel],
-    settings: Settings,
-    versions: RowVersionCache,
-    session: Session,
-    row: OwnedRow[Any],
-) -> Response | None:
-    """The 304 for ``row`` when ``If-None-Match`` shows the client has its version; None when
-    the row has to be served (no header, or another version). The version comes from
-    ``versions`` (no database read) or else is read alone in the thread pool; either raises
-    not found like the full read would (another owner's row, a missing one)."""
-    if if_none_match is None:
-        return None
-    version = versions.peek(row)
-    if version is None:
-        version = await run_in_threadpool(versions.read_version, session, row)
-    etag = row_etag(model, settings, version)
-    return not_modified(etag) if matches(if_none_match, etag) else None
-
-
 def not_modified(etag: str) -> Response:
     return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
@@ -128,3 +112,46 @@ def tagged(
         media_type="application/json",
         headers={"ETag": etag, "Cache-Control": "no-cache", **(headers or {})},
     )
+
+
+R = TypeVar("R", Job, Gallery)
+
+
+@dataclass(frozen=True)
+class ConditionalGet:
+    """A ``GET`` of one job or gallery with its ETag (a route's ``ConditionalGetDep``)."""
+
+    if_none_match: str | None
+    settings: Settings
+    versions: RowVersionCache
+    session: Session
+
+    async def answer(
+        self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
+    ) -> Response:
+        """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
+        shapes it (``model``), with its ETag. The version comes from ``versions`` (no database
+        read) or else is read alone in the thread pool, the row in the thread pool; each raises
+        not found like the full read would (another owner's row, a missing one)."""
+        if self.if_none_match is not None:
+            version = self.versions.peek(row)
+            if version is None:
+                version = await run_in_threadpool(self.versions.read_version, self.session, row)
+            etag = row_etag(model, self.settings, version)
+            if matches(self.if_none_match, etag):
+                return not_modified(etag)
+        found = await run_in_threadpool(self.versions.read_row, self.session, row)
+        return tagged(serve(found), row_etag(model, self.settings, found.version))
+
+
+async def _conditional_get(
+    settings: SettingsDep,
+    versions: RowVersionsDep,
+    session: SessionDep,
+    if_none_match: IfNoneMatch = None,
+) -> ConditionalGet:
+    # Async: a 304 from the row-version cache never waits for the thread pool.
+    return ConditionalGet(if_none_match, settings, versions, session)
+
+
+ConditionalGetDep = Annotated[ConditionalGet, Depends(_conditional_get)]

@@ -19,8 +19,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from service.api.auth import CurrentOwner
-from service.api.conditional import NOT_MODIFIED, IfNoneMatch, row_etag, tagged, unchanged_row
-from service.api.deps import PageDep, RowVersionsDep, SessionDep, SettingsDep
+from service.api.conditional import NOT_MODIFIED, ConditionalGetDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.schemas import (
     COMMON_ERRORS,
     GalleryCreate,
@@ -31,7 +31,7 @@ from service.api.schemas import (
     SearchHitOut,
     error_responses,
 )
-from service.api.uploads import receive_images
+from service.api.uploads import IMAGE_UPLOAD_ERRORS, image_parts_body, receive_images
 from service.core import galleries
 from service.core.images import UploadedImage
 from service.core.models import Gallery
@@ -43,27 +43,7 @@ router = APIRouter(prefix="/v1/galleries", tags=["galleries"], responses=COMMON_
 #: Most hits one search returns.
 MAX_K = 1000
 
-_QUERY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "The query: a person crop (JPEG, PNG, BMP, WebP).",
-                        }
-                    },
-                    "additionalProperties": False,  # another field is refused (receive_images)
-                }
-            }
-        },
-    }
-}
+_QUERY_BODY = image_parts_body("image", "The query: a person crop (JPEG, PNG, BMP, WebP).")
 
 
 def _out(gallery: Gallery) -> GalleryOut:
@@ -110,21 +90,11 @@ def list_galleries(owner: CurrentOwner, session: SessionDep, paging: PageDep) ->
     responses={**NOT_MODIFIED, **error_responses(e404="Unknown gallery")},
 )
 async def get_gallery(
-    gallery_id: uuid.UUID,
-    owner: CurrentOwner,
-    session: SessionDep,
-    settings: SettingsDep,
-    versions: RowVersionsDep,
-    if_none_match: IfNoneMatch = None,
+    gallery_id: uuid.UUID, owner: CurrentOwner, conditional: ConditionalGetDep
 ) -> Response:
     """As ``GET /v1/jobs/{id}``: with ``If-None-Match`` the version is looked at first (the
     row-version cache, else read alone)."""
-    row = OwnedRow(Gallery, gallery_id, owner)
-    unchanged = await unchanged_row(if_none_match, GalleryOut, settings, versions, session, row)
-    if unchanged is not None:
-        return unchanged
-    gallery = await run_in_threadpool(versions.read_row, session, row)
-    return tagged(_out(gallery), row_etag(GalleryOut, settings, gallery.version))
+    return await conditional.answer(OwnedRow(Gallery, gallery_id, owner), GalleryOut, _out)
 
 
 @router.get(
@@ -203,11 +173,10 @@ def _search(
     summary="The gallery images closest to a query image, best first",
     openapi_extra=_QUERY_BODY,
     responses=error_responses(
-        e400="Malformed multipart body",
+        **IMAGE_UPLOAD_ERRORS,
         e404="Unknown gallery",
         e409="The gallery is not READY",
         e413="The image is too large",
-        e415="Not multipart/form-data",
         e503="MLflow (the model registry) is down",
     ),
 )

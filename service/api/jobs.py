@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from reid_core.config import ExperimentConfig
@@ -18,15 +17,15 @@ from reid_core.run_dir import EpochMetrics
 from service.api.auth import CurrentOwner
 from service.api.conditional import (
     NOT_MODIFIED,
+    ConditionalGetDep,
     IfNoneMatch,
     list_etag,
     matches,
     not_modified,
     row_etag,
     tagged,
-    unchanged_row,
 )
-from service.api.deps import PageDep, RowVersionsDep, SessionDep, SettingsDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -156,23 +155,15 @@ def list_jobs(
     responses={**NOT_MODIFIED, **error_responses(e404="Unknown job")},
 )
 async def get_job(
-    job_id: uuid.UUID,
-    owner: CurrentOwner,
-    session: SessionDep,
-    settings: SettingsDep,
-    versions: RowVersionsDep,
-    if_none_match: IfNoneMatch = None,
+    job_id: uuid.UUID, owner: CurrentOwner, conditional: ConditionalGetDep
 ) -> Response:
     """With ``If-None-Match``, the job's version is looked at first: a job that did not change
     is a 304 from the API process's row-version cache (no database read) or after reading that
     one integer. Async so that the cached 304 never waits for the thread pool; the database is
     read there."""
-    row = OwnedRow(Job, job_id, owner)
-    unchanged = await unchanged_row(if_none_match, JobOut, settings, versions, session, row)
-    if unchanged is not None:
-        return unchanged
-    job = await run_in_threadpool(versions.read_row, session, row)
-    return _job_response(job, settings)
+    return await conditional.answer(
+        OwnedRow(Job, job_id, owner), JobOut, lambda job: _job_out(job, conditional.settings)
+    )
 
 
 @router.get(

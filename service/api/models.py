@@ -24,7 +24,7 @@ from service.api.schemas import (
     ModelVersionOut,
     error_responses,
 )
-from service.api.uploads import receive_images
+from service.api.uploads import IMAGE_UPLOAD_ERRORS, image_parts_body, receive_images
 from service.core.images import MAX_EMBED_IMAGES, MAX_IMAGE_BYTES, UploadedImage, decode_images
 from service.core.model_cache import cached_embedder
 from service.core.registry import ModelRegistry, ModelVersion, RegisteredModel, mlflow_ui_url
@@ -142,30 +142,11 @@ def download_weights(
     )
 
 
-_EMBED_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 1,  # no part at all is refused (receive_images)
-                            "maxItems": MAX_EMBED_IMAGES,
-                            "description": "Person crops (JPEG, PNG, BMP, WebP), at most "
-                            f"{MAX_IMAGE_BYTES} bytes each.",
-                        }
-                    },
-                    "additionalProperties": False,  # another field is refused (receive_images)
-                }
-            }
-        },
-    }
-}
+_EMBED_BODY = image_parts_body(
+    "files",
+    f"Person crops (JPEG, PNG, BMP, WebP), at most {MAX_IMAGE_BYTES} bytes each.",
+    max_files=MAX_EMBED_IMAGES,
+)
 
 
 def _embed(
@@ -191,10 +172,9 @@ def _embed(
     summary="Features of images with this version (L2-normalised, one row per image)",
     openapi_extra=_EMBED_BODY,
     responses=error_responses(
-        e400="Malformed multipart body",
+        **IMAGE_UPLOAD_ERRORS,
         e404="Unknown model or version",
         e413="Too many images, or one too large",
-        e415="Not multipart/form-data",
     ),
 )
 async def embed_images(

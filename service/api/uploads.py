@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastapi.exceptions import RequestValidationError
 from python_multipart.exceptions import MultipartParseError
@@ -24,7 +24,14 @@ from service.core.images import MAX_EMBED_IMAGES, MAX_IMAGE_BYTES, UploadedImage
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-__all__ = ["PartHeaderReader", "ReceivedUpload", "receive_images", "receive_multipart"]
+__all__ = [
+    "IMAGE_UPLOAD_ERRORS",
+    "PartHeaderReader",
+    "ReceivedUpload",
+    "image_parts_body",
+    "receive_images",
+    "receive_multipart",
+]
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 4096
@@ -264,6 +271,29 @@ async def receive_multipart(request: Request, dest: Path, max_bytes: int) -> Rec
     finally:
         receiver.close()
     return receiver.result
+
+
+#: What :func:`receive_images` refuses besides too much (413, whose words depend on the route), as
+#: ``error_responses`` arguments.
+IMAGE_UPLOAD_ERRORS = {"e400": "Malformed multipart body", "e415": "Not multipart/form-data"}
+
+
+def image_parts_body(field: str, description: str, *, max_files: int = 1) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads its images with :func:`receive_images`
+    (``field``, ``max_files``): a multipart body of that file part alone, one file or a list."""
+    part: dict[str, Any] = {"type": "string", "format": "binary"}
+    if max_files > 1:
+        # no part at all is refused (receive_images)
+        part = {"type": "array", "items": part, "minItems": 1, "maxItems": max_files}
+    schema = {
+        "type": "object",
+        "required": [field],
+        "properties": {field: {**part, "description": description}},
+        "additionalProperties": False,  # another field is refused (receive_images)
+    }
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }
 
 
 async def receive_images(

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.broker import send_gallery
-from service.core.datasets import check_ready, gallery_images
-from service.core.errors import ConflictError, InvalidInputError, NotFoundError, not_found
+from service.core.datasets import check_ready, gallery_images, owned_dataset
+from service.core.errors import ConflictError, InvalidInputError, NotFoundError
 from service.core.folders import gallery_dir
-from service.core.gallery_states import change_gallery_state, lock_gallery
+from service.core.gallery_states import GALLERIES, change_gallery_state, lock_gallery
 from service.core.images import UploadedImage, decode_images
 from service.core.jobs import check_queue
 from service.core.model_cache import cached_embedder, cached_index, forget_index
@@ -88,11 +87,7 @@ def create_gallery(
     """A new QUEUED gallery, committed and sent to the workers (queue ``cpu`` with ``gpus=0``,
     ``gpu1`` otherwise). A Market-layout dataset contributes its gallery split
     (``bounding_box_test``), an image folder every image."""
-    dataset = session.execute(
-        select(Dataset).where(Dataset.id == request.dataset_id, Dataset.owner == owner)
-    ).scalar_one_or_none()
-    if dataset is None:
-        raise not_found("dataset", request.dataset_id)
+    dataset = owned_dataset(session, owner, request.dataset_id)
     check_ready(dataset)
     images = gallery_images(dataset)
     if images == 0:
@@ -155,9 +150,7 @@ def gallery_events(session: Session, owner: str, gallery_id: uuid.UUID) -> list[
 def delete_gallery(session: Session, settings: Settings, owner: str, gallery_id: uuid.UUID) -> None:
     """Delete the gallery and its index; a running build notices the row is gone, stops and
     removes what it wrote."""
-    gallery = lock_gallery(session, gallery_id, owner=owner)
-    if gallery is None:
-        raise not_found("gallery", gallery_id)
+    gallery = GALLERIES.lock_owned(session, gallery_id, owner)
     session.delete(gallery)
     session.commit()
     folder = gallery_dir(settings, gallery_id)
@@ -171,9 +164,7 @@ def retry_gallery(
     """A FAILED gallery back to QUEUED with the same id, dataset, model version and queue, sent
     to the workers again. A builder that may still run for it (a worker that stopped
     heartbeating) is told to stop: the gallery is no longer its to build."""
-    gallery = lock_gallery(session, gallery_id, owner=owner)
-    if gallery is None:
-        raise not_found("gallery", gallery_id)
+    gallery = GALLERIES.lock_owned(session, gallery_id, owner)
     if gallery.state is not GalleryState.FAILED:
         raise ConflictError(
             "gallery_not_failed",

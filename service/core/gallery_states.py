@@ -12,29 +12,29 @@ supervises ``python -m worker.build_gallery``). States::
 
 :func:`change_gallery_state` keeps ``reason``, ``started_at``, ``finished_at`` and ``updated_at``
 with the state, and writes the :class:`~service.core.models.GalleryEvent` row with the reason in
-the caller's transaction (``GET /v1/galleries/{id}/events`` reads them). A build whose worker
-stopped heartbeating (:func:`is_stale`) is turned FAILED by the reaper (``python -m worker
+the caller's transaction (``GET /v1/galleries/{id}/events`` reads them), as a job's change
+does (:class:`service.core.state_machine.StateMachine`). A build whose worker
+stopped heartbeating is turned FAILED by the reaper (``python -m worker
 dispatcher``, :func:`fail_if_stale`), never by a read.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core import heartbeat
-from service.core.models import Gallery, GalleryEvent, GalleryState, utcnow
+from service.core.models import Gallery, GalleryEvent, GalleryState
+from service.core.state_machine import InvalidTransitionError, StateMachine
 
 __all__ = [
+    "GALLERIES",
     "GALLERY_TRANSITIONS",
-    "InvalidGalleryTransitionError",
+    "InvalidTransitionError",
     "change_gallery_state",
     "fail_if_stale",
-    "is_stale",
     "lock_gallery",
 ]
 
@@ -50,15 +50,10 @@ GALLERY_TRANSITIONS: Mapping[GalleryState | None, frozenset[GalleryState]] = {
 }
 
 
-class InvalidGalleryTransitionError(ValueError):
-    """A state change :data:`GALLERY_TRANSITIONS` does not allow (someone else moved it first)."""
-
-    def __init__(self, gallery_id: uuid.UUID | None, from_state: G | None, to_state: G) -> None:
-        super().__init__(
-            f"gallery {gallery_id} cannot go from {from_state or '(new)'} to {to_state}"
-        )
-        self.from_state = from_state
-        self.to_state = to_state
+#: The gallery machine: its transitions, and the table that records each change.
+GALLERIES: StateMachine[Gallery, GalleryState, GalleryEvent] = StateMachine(
+    "gallery", Gallery, GalleryState, GALLERY_TRANSITIONS, GalleryEvent, "gallery_id"
+)
 
 
 def change_gallery_state(
@@ -67,58 +62,31 @@ def change_gallery_state(
     """Move ``gallery`` to ``to_state`` for ``reason`` and record it; the caller commits.
 
     Also sets ``started_at`` (each BUILDING), ``finished_at`` (READY, FAILED) and ``updated_at``.
+    Raises :class:`InvalidTransitionError` for a change :data:`GALLERY_TRANSITIONS` does not
+    allow, before touching anything.
     """
-    from_state: GalleryState | None = (
-        GalleryState(gallery.state) if gallery.state is not None else None
-    )
-    to_state = GalleryState(to_state)
-    if to_state not in GALLERY_TRANSITIONS[from_state]:
-        raise InvalidGalleryTransitionError(gallery.id, from_state, to_state)
-    if not reason.strip():
-        raise ValueError("a state change needs a reason")
-    now = utcnow()
-    if gallery.id is None:
-        gallery.id = uuid.uuid4()
-    gallery.state = to_state
-    gallery.reason = reason
-    gallery.updated_at = now
-    if to_state is G.BUILDING:
-        gallery.started_at = now
-        gallery.finished_at = None
-    elif to_state.is_final:
-        gallery.finished_at = now
-    if from_state is None:
-        session.add(gallery)
-    event = GalleryEvent(
-        gallery_id=gallery.id, from_state=from_state, to_state=to_state, reason=reason, at=now
-    )
-    session.add(event)
-    session.flush()
-    return event
+
+    def follow(from_state: GalleryState | None, to_state: GalleryState, now: datetime) -> None:
+        if to_state is G.BUILDING:
+            gallery.started_at = now
+            gallery.finished_at = None
+        elif to_state.is_final:
+            gallery.finished_at = now
+
+    return GALLERIES.change(session, gallery, to_state, reason, follow)
 
 
-def lock_gallery(
-    session: Session, gallery_id: uuid.UUID, owner: str | None = None
-) -> Gallery | None:
-    """Load a gallery for a change, its row locked (``FOR UPDATE``) where the database can;
-    ``owner`` restricts the lookup to that owner's galleries (the API)."""
-    query = select(Gallery).where(Gallery.id == gallery_id).with_for_update()
-    if owner is not None:
-        query = query.where(Gallery.owner == owner)
-    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
-
-
-def is_stale(gallery: Gallery, timeout_s: float, now: datetime) -> bool:
-    """True when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``: its worker
-    and builder died (the rule: :mod:`service.core.heartbeat`)."""
-    return gallery.state is G.BUILDING and heartbeat.is_stale(
-        gallery, timedelta(seconds=timeout_s), now
-    )
+#: Load a gallery for a change, its row locked (``FOR UPDATE``) where the database can;
+#: ``owner`` restricts the lookup to that owner's galleries (the API).
+lock_gallery = GALLERIES.lock
 
 
 def fail_if_stale(session: Session, gallery: Gallery, timeout_s: float, now: datetime) -> bool:
-    """FAILED (True) when ``gallery`` :func:`is_stale`; the caller commits."""
-    if not is_stale(gallery, timeout_s, now):
+    """FAILED (True) when ``gallery`` is BUILDING and nobody heartbeated it for ``timeout_s``:
+    its worker and builder died (the rule: :mod:`service.core.heartbeat`); the caller commits."""
+    if gallery.state is not G.BUILDING or not heartbeat.is_stale(
+        gallery, timedelta(seconds=timeout_s), now
+    ):
         return False
     last = heartbeat.last_sign_of_life(gallery)
     change_gallery_state(

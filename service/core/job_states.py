@@ -16,7 +16,8 @@ RETRYING from a running job is an automatic rerun, counted in one of the job's t
 :mod:`worker.outcome`'s decision. The owner's retry counts in neither and gives both back.
 
 Every change writes a :class:`~service.core.models.JobEvent` row with the reason in the caller's
-transaction, so the state and its history are committed (or rolled back) together. A worker uses::
+transaction, so the state and its history are committed (or rolled back) together
+(:class:`service.core.state_machine.StateMachine`, shared with galleries). A worker uses::
 
     with session_scope(factory) as session:
         job = lock_job(session, job_id)          # SELECT ... FOR UPDATE on PostgreSQL
@@ -25,17 +26,18 @@ transaction, so the state and its history are committed (or rolled back) togethe
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
+from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.core.models import Job, JobEvent, JobState, utcnow
+from service.core.models import Job, JobEvent, JobState
+from service.core.state_machine import InvalidTransitionError, StateMachine
 
 __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
+    "JOBS",
     "TRANSITIONS",
     "WAITING_STATES",
     "InvalidTransitionError",
@@ -67,19 +69,10 @@ ACTIVE_STATES = frozenset({S.STARTING, S.RUNNING, S.CANCELLING})
 WAITING_STATES = frozenset({S.QUEUED, S.RETRYING})
 
 
-class InvalidTransitionError(ValueError):
-    """A state change the machine does not allow; ``job_id``, ``from_state``, ``to_state`` say
-    which."""
-
-    def __init__(self, job_id: uuid.UUID | None, from_state: JobState | None, to_state: JobState):
-        allowed = ", ".join(sorted(TRANSITIONS[from_state])) or "none (final state)"
-        super().__init__(
-            f"job {job_id} cannot go from {from_state or '(new)'} to {to_state} "
-            f"(allowed from {from_state or '(new)'}: {allowed})"
-        )
-        self.job_id = job_id
-        self.from_state = from_state
-        self.to_state = to_state
+#: The job machine: its transitions, and the table that records each change.
+JOBS: StateMachine[Job, JobState, JobEvent] = StateMachine(
+    "job", Job, JobState, TRANSITIONS, JobEvent, "job_id"
+)
 
 
 def change_state(
@@ -97,50 +90,28 @@ def change_state(
     :class:`InvalidTransitionError` for a change :data:`TRANSITIONS` does not allow, before
     touching anything.
     """
-    # A job being created has no state yet (None), whatever the type annotation says.
-    from_state: JobState | None = JobState(job.state) if job.state is not None else None
-    to_state = JobState(to_state)
-    if to_state not in TRANSITIONS[from_state]:
-        raise InvalidTransitionError(job.id, from_state, to_state)
-    if not reason.strip():
-        raise ValueError("a state change needs a reason")
-    now = utcnow()
-    if job.id is None:
-        job.id = uuid.uuid4()
-    job.state = to_state
-    job.reason = reason
-    job.updated_at = now
-    if to_state is S.CANCELLING:
-        job.cancel_requested = True
-    elif to_state is S.RUNNING and job.started_at is None:
-        job.started_at = now
-    elif to_state is S.RETRYING and from_state is not None and from_state.is_final:
-        job.retries = job.restarts = 0
-        job.finished_at = None
-        job.cancel_requested = False
-        job.worker_id = None
-        job.heartbeat_at = None
-    elif to_state is S.RETRYING and restart:
-        job.restarts = (job.restarts or 0) + 1
-    elif to_state is S.RETRYING:
-        job.retries = (job.retries or 0) + 1
-    if to_state.is_final:
-        job.finished_at = now
-    if from_state is None:
-        session.add(job)
-    event = JobEvent(job_id=job.id, from_state=from_state, to_state=to_state, reason=reason, at=now)
-    session.add(event)
-    session.flush()
-    return event
+
+    def follow(from_state: JobState | None, to_state: JobState, now: datetime) -> None:
+        if to_state is S.CANCELLING:
+            job.cancel_requested = True
+        elif to_state is S.RUNNING and job.started_at is None:
+            job.started_at = now
+        elif to_state is S.RETRYING and from_state is not None and from_state.is_final:
+            job.retries = job.restarts = 0
+            job.finished_at = None
+            job.cancel_requested = False
+            job.worker_id = None
+            job.heartbeat_at = None
+        elif to_state is S.RETRYING and restart:
+            job.restarts = (job.restarts or 0) + 1
+        elif to_state is S.RETRYING:
+            job.retries = (job.retries or 0) + 1
+        if to_state.is_final:
+            job.finished_at = now
+
+    return JOBS.change(session, job, to_state, reason, follow)
 
 
-def lock_job(session: Session, job_id: uuid.UUID, owner: str | None = None) -> Job | None:
-    """Load a job for a state change, locking its row (``FOR UPDATE``) where the database can.
-
-    ``owner`` restricts the lookup to that owner's jobs (the API); a worker passes none.
-    """
-    query = select(Job).where(Job.id == job_id).with_for_update()
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    # populate_existing: a row already in the session is refreshed from the locked read.
-    return session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
+#: Load a job for a state change, its row locked (``FOR UPDATE``) where the database can;
+#: ``owner`` restricts the lookup to that owner's jobs (the API), a worker passes none.
+lock_job = JOBS.lock

@@ -26,7 +26,7 @@ from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, not_found
 from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
-from service.core.job_states import FINAL_STATES, change_state, lock_job
+from service.core.job_states import FINAL_STATES, JOBS, change_state
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
 from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.presets import preset_settings
@@ -279,12 +279,7 @@ def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
 
 def job_events(session: Session, owner: str, job_id: uuid.UUID) -> list[JobEvent]:
     """The job's state changes, oldest first."""
-    job = owned_job(session, owner, job_id)
-    return list(
-        session.execute(
-            select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
-        ).scalars()
-    )
+    return list(owned_job(session, owner, job_id).events)
 
 
 def job_metrics(settings: Settings, job: Job) -> list[EpochMetrics]:
@@ -307,9 +302,7 @@ def final_state(session: Session, job_id: uuid.UUID) -> str | None:
 def cancel_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:
     """CANCELLED at once when it has not started, else CANCELLING (the worker stops the
     trainer); refused for a finished job."""
-    job = lock_job(session, job_id, owner=owner)
-    if job is None:
-        raise not_found("job", job_id)
+    job = JOBS.lock_owned(session, job_id, owner)
     if job.state in FINAL_STATES:
         raise ConflictError(
             "job_finished", f"job {job_id} is already {job.state}; nothing to cancel"
@@ -326,9 +319,7 @@ def retry_job(session: Session, settings: Settings, owner: str, job_id: uuid.UUI
     """A FAILED or CANCELLED job to RETRYING with the same id, output folder and MLflow run; the
     trainer continues from the newest checkpoint in that folder (from scratch when none). The
     owner's retry is not an automatic one: the job gets its restarts and retries afresh."""
-    job = lock_job(session, job_id, owner=owner)
-    if job is None:
-        raise not_found("job", job_id)
+    job = JOBS.lock_owned(session, job_id, owner)
     if job.state not in (JobState.FAILED, JobState.CANCELLED):
         hint = "cancel it first" if job.state not in FINAL_STATES else "submit a new job"
         raise ConflictError(

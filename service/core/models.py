@@ -152,6 +152,19 @@ class _Versioned:
     )
 
 
+class _Run:
+    """What a row a worker runs (a job, a gallery build) keeps of its run: the worker holding it
+    and its last heartbeat (:mod:`service.core.heartbeat`), and when it was created, last
+    changed, started and finished (the state machines set the last two)."""
+
+    worker_id: Mapped[str | None] = mapped_column(String(256))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class Dataset(Base):
     """A registered dataset: a server folder or an extracted upload, scanned once at creation."""
 
@@ -179,7 +192,7 @@ class Dataset(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="dataset", passive_deletes=True)
 
 
-class Job(_Versioned, Base):
+class Job(_Versioned, _Run, Base):
     """A training job. Its ``state`` changes only through :func:`service.core.job_states.change_state`."""
 
     __tablename__ = "jobs"
@@ -226,13 +239,6 @@ class Job(_Versioned, Base):
     warnings: Mapped[list[str]] = mapped_column(JSONType, default=list)
 
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    worker_id: Mapped[str | None] = mapped_column(String(256))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     dataset: Mapped[Dataset | None] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(
@@ -280,7 +286,7 @@ class GalleryState(enum.StrEnum):
         return self in (GalleryState.READY, GalleryState.FAILED)
 
 
-class Gallery(_Versioned, Base):
+class Gallery(_Versioned, _Run, Base):
     """A searchable index of a dataset's gallery images, embedded by one registered model version.
 
     The index itself lives in ``<data_dir>/galleries/<id>/`` (:mod:`service.core.folders`); the row
@@ -312,13 +318,6 @@ class Gallery(_Versioned, Base):
     images_done: Mapped[int] = mapped_column(Integer, default=0)
     skipped_count: Mapped[int] = mapped_column(Integer, default=0)
     feature_dim: Mapped[int | None] = mapped_column(Integer)
-
-    worker_id: Mapped[str | None] = mapped_column(String(256))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     events: Mapped[list[GalleryEvent]] = relationship(
         back_populates="gallery",

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from service.core.db import session_scope
 from service.core.gallery_states import (
-    InvalidGalleryTransitionError,
+    InvalidTransitionError,
     change_gallery_state,
     lock_gallery,
 )
@@ -78,7 +78,7 @@ def test_a_refused_change_writes_no_event(app: FastAPI, client: TestClient, alic
     with session_scope(app.state.session_factory) as session:
         gallery = lock_gallery(session, gallery_id)
         assert gallery is not None
-        with pytest.raises(InvalidGalleryTransitionError):
+        with pytest.raises(InvalidTransitionError):
             change_gallery_state(session, gallery, G.READY, "not built")
     assert [e["to_state"] for e in _events(client, alice, gallery_id).json()] == ["QUEUED"]
 

@@ -74,6 +74,11 @@ export class EpochChart {
     this.yTitle = yTitle;
   }
 
+  /** The chart of the loss per epoch (a job's terms, or the totals of jobs side by side). */
+  static loss(container, id) {
+    return new EpochChart(container, { id, yTitle: "loss", emptyText: "No finished epoch yet." });
+  }
+
   update(seriesList) {
     const hasPoints = seriesList.some((s) => s.points.length > 0);
     this.box.hidden = !hasPoints || this.unavailable;

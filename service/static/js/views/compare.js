@@ -63,11 +63,7 @@ export function renderCompare(root, [idList]) {
     yTitle: "mAP %",
     emptyText: "No evaluation yet.",
   });
-  const lossChart = new EpochChart(lossBox, {
-    id: "compare-loss-chart",
-    yTitle: "loss",
-    emptyText: "No finished epoch yet.",
-  });
+  const lossChart = EpochChart.loss(lossBox, "compare-loss-chart");
   let runs = [];
 
   async function load() {

@@ -204,28 +204,23 @@ function valid(form, message) {
   return false;
 }
 
-function pathForm(onRegistered) {
+/**
+ * A card form that registers a dataset under the name typed in its first field, `fields` being
+ * the others ([label, input] pairs). On submit the inputs are checked, then `send(name, message)`
+ * posts them and answers the dataset, which is said in `message` and handed to `onRegistered`.
+ */
+function registerForm({ id, title, hint, fields, submitText, extra = [], send, onRegistered }) {
   const name = nameInput();
-  const path = h("input", {
-    name: "path",
-    required: true,
-    placeholder: "/data/reid/cams-2024",
-    autocomplete: "off",
-  });
   const message = h("p", { class: "form-message", role: "status", hidden: true });
-  const submit = h("button", { type: "submit", class: "primary" }, "Register folder");
+  const submit = h("button", { type: "submit", class: "primary" }, submitText);
   const form = h(
     "form",
-    { class: "card stack", id: "dataset-path-form", novalidate: true },
-    h("h2", {}, "Register a server folder"),
-    h(
-      "p",
-      { class: "muted" },
-      "A folder under one of the service's dataset roots (REID_DATASET_ROOTS).",
-    ),
+    { class: "card stack", id, novalidate: true },
+    h("h2", {}, title),
+    h("p", { class: "muted" }, hint),
     h("label", {}, "Name", name),
-    h("label", {}, "Path on the server", path),
-    h("div", { class: "actions" }, submit),
+    fields.map(([label, input]) => h("label", {}, label, input)),
+    h("div", { class: "actions" }, submit, extra),
     message,
   );
   form.addEventListener("submit", async (event) => {
@@ -233,12 +228,8 @@ function pathForm(onRegistered) {
     setMessage(message, "");
     if (!valid(form, message)) return;
     submit.disabled = true;
-    setMessage(message, "Scanning the folder…", "ok");
     try {
-      const dataset = await sendJSON("POST", "v1/datasets", {
-        name: name.value.trim(),
-        path: path.value.trim(),
-      });
+      const dataset = await send(name.value.trim(), message);
       setMessage(message, `Registered ${dataset.name}: ${dataset.image_count} images.`, "ok");
       form.reset();
       onRegistered(dataset);
@@ -251,8 +242,28 @@ function pathForm(onRegistered) {
   return form;
 }
 
+function pathForm(onRegistered) {
+  const path = h("input", {
+    name: "path",
+    required: true,
+    placeholder: "/data/reid/cams-2024",
+    autocomplete: "off",
+  });
+  return registerForm({
+    id: "dataset-path-form",
+    title: "Register a server folder",
+    hint: "A folder under one of the service's dataset roots (REID_DATASET_ROOTS).",
+    fields: [["Path on the server", path]],
+    submitText: "Register folder",
+    onRegistered,
+    send(name, message) {
+      setMessage(message, "Scanning the folder…", "ok");
+      return sendJSON("POST", "v1/datasets", { name, path: path.value.trim() });
+    },
+  });
+}
+
 function uploadForm(onRegistered) {
-  const name = nameInput();
   const file = h("input", {
     name: "file",
     type: "file",
@@ -266,46 +277,28 @@ function uploadForm(onRegistered) {
     hidden: true,
     "aria-label": "upload progress",
   });
-  const message = h("p", { class: "form-message", role: "status", hidden: true });
-  const submit = h("button", { type: "submit", class: "primary" }, "Upload");
-  const form = h(
-    "form",
-    { class: "card stack", id: "dataset-upload-form", novalidate: true },
-    h("h2", {}, "Upload an archive"),
-    h(
-      "p",
-      { class: "muted" },
-      "A .zip or .tar.gz of a Market-1501 folder or of plain crops; it is checked before extraction.",
-    ),
-    h("label", {}, "Name", name),
-    h("label", {}, "Archive", file),
-    h("div", { class: "actions" }, submit, bar),
-    message,
-  );
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    setMessage(message, "");
-    if (!valid(form, message)) return;
-    const body = new FormData();
-    body.append("name", name.value.trim());
-    body.append("file", file.files[0]);
-    submit.disabled = true;
-    bar.hidden = false;
-    bar.value = 0;
-    try {
-      const dataset = await upload("v1/datasets", body, (fraction) => {
-        bar.value = fraction;
-        if (fraction >= 1) setMessage(message, "Uploaded; extracting and scanning…", "ok");
-      });
-      setMessage(message, `Registered ${dataset.name}: ${dataset.image_count} images.`, "ok");
-      form.reset();
-      onRegistered(dataset);
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      submit.disabled = false;
-      bar.hidden = true;
-    }
+  return registerForm({
+    id: "dataset-upload-form",
+    title: "Upload an archive",
+    hint: "A .zip or .tar.gz of a Market-1501 folder or of plain crops; it is checked before extraction.",
+    fields: [["Archive", file]],
+    submitText: "Upload",
+    extra: [bar],
+    onRegistered,
+    async send(name, message) {
+      const body = new FormData();
+      body.append("name", name);
+      body.append("file", file.files[0]);
+      bar.hidden = false;
+      bar.value = 0;
+      try {
+        return await upload("v1/datasets", body, (fraction) => {
+          bar.value = fraction;
+          if (fraction >= 1) setMessage(message, "Uploaded; extracting and scanning…", "ok");
+        });
+      } finally {
+        bar.hidden = true;
+      }
+    },
   });
-  return form;
 }

@@ -60,11 +60,7 @@ export function renderJob(root, [jobId]) {
   const config = h("div", { id: "job-config" });
 
   setChildren(root, h("p", { class: "muted" }, "Loading job…"));
-  const lossChart = new EpochChart(lossBox, {
-    id: "loss-chart",
-    yTitle: "loss",
-    emptyText: "No finished epoch yet.",
-  });
+  const lossChart = EpochChart.loss(lossBox, "loss-chart");
   const evalChart = new EpochChart(evalBox, {
     id: "eval-chart",
     yTitle: "%",
