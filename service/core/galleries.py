@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session
 
 from service.core.broker import send_gallery
 from service.core.datasets import check_ready, gallery_images, owned_dataset
-from service.core.errors import ConflictError, InvalidInputError, NotFoundError
+from service.core.errors import ConflictError, NotFoundError
 from service.core.folders import gallery_dir
 from service.core.gallery_states import GALLERIES, change_gallery_state, lock_gallery
 from service.core.images import UploadedImage, decode_images
-from service.core.jobs import check_queue
+from service.core.jobs import check_limit, check_queue
 from service.core.model_cache import cached_embedder, cached_index, forget_index
 from service.core.models import Dataset, Gallery, GalleryEvent, GalleryState
 from service.core.owned import Cursor, OwnedPage, owned, owned_page
@@ -94,10 +94,7 @@ def create_gallery(
         raise ConflictError("dataset_empty", f"dataset {dataset.id} has no readable image to index")
     bounds = settings.job_bounds
     gpus = min(1, bounds.gpus_or_default(request.gpus))
-    if gpus > bounds.max_gpus:
-        raise InvalidInputError(
-            f"gpus={gpus} is above this service's limit of {bounds.max_gpus}", "gpus", gpus
-        )
+    check_limit("gpus", gpus, bounds.max_gpus)
     queue = check_queue(settings, request.queue)
     version = ModelRegistry(settings).get_version(owner, request.model_name, request.model_version)
     gallery = Gallery(

@@ -36,6 +36,7 @@ __all__ = [
     "JobPreview",
     "JobRequest",
     "cancel_job",
+    "check_limit",
     "check_queue",
     "final_state",
     "job_events",
@@ -98,7 +99,8 @@ class _Resources:
     max_restarts: int
 
 
-def _check_above(name: str, value: int, limit: int) -> None:
+def check_limit(name: str, value: int, limit: int) -> None:
+    """Refused when ``value`` of the request field ``name`` is above this service's ``limit``."""
     if value > limit:
         raise InvalidInputError(
             f"{name}={value} is above this service's limit of {limit}", name, value
@@ -109,18 +111,18 @@ def _check_resources(request: JobRequest, settings: Settings) -> _Resources:
     """The request's resources after the defaults; refused above the service's bounds."""
     bounds = settings.job_bounds
     gpus = bounds.gpus_or_default(request.gpus)
-    _check_above("gpus", gpus, bounds.max_gpus)
+    check_limit("gpus", gpus, bounds.max_gpus)
     if request.priority > bounds.max_priority:
         raise InvalidInputError(
             f"priority={request.priority} is above the highest priority {bounds.max_priority}",
             "priority",
             request.priority,
         )
-    _check_above("max_retries", request.max_retries, bounds.max_retries)
+    check_limit("max_retries", request.max_retries, bounds.max_retries)
     max_restarts = bounds.default_restarts if request.max_restarts is None else request.max_restarts
-    _check_above("max_restarts", max_restarts, bounds.max_restarts)
+    check_limit("max_restarts", max_restarts, bounds.max_restarts)
     timeout = request.timeout_minutes or bounds.default_timeout_minutes
-    _check_above("timeout_minutes", timeout, bounds.max_timeout_minutes)
+    check_limit("timeout_minutes", timeout, bounds.max_timeout_minutes)
     return _Resources(gpus, check_queue(settings, request.queue), timeout, max_restarts)
 
 

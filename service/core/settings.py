@@ -363,10 +363,6 @@ class Settings(BaseSettings):
         return (self.data_dir / "mlartifacts").as_uri()
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def broker_url(self) -> str:
         """The Celery broker: ``worker.broker_url``, or a SQLite file in ``data_dir``."""
         return self.worker.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"

@@ -53,10 +53,24 @@ export function describeError(error) {
   return [error.message, ...fields].join("; ");
 }
 
-/** Shows `text` in `el` (an inline status or error line); empty text hides it. */
-export function setMessage(el, text, kind = "error") {
-  el.textContent = text || "";
-  el.hidden = !text;
+/**
+ * Shows `content` in `el` (a formMessage or an alertLine): a text, or an array of nodes and
+ * texts (a link in a message); an empty one hides it.
+ */
+export function setMessage(el, content, kind = "error") {
+  const empty = !content || content.length === 0;
+  setChildren(el, empty ? null : content);
+  el.hidden = empty;
   el.classList.toggle("form-error", kind === "error");
   el.classList.toggle("form-ok", kind === "ok");
+}
+
+/** A form's status line, hidden until setMessage says how what it sent went. */
+export function formMessage() {
+  return h("p", { class: "form-message", role: "status", hidden: true });
+}
+
+/** A view's alert line, hidden until setMessage says what failed (a refresh, an action). */
+export function alertLine(id = null) {
+  return h("p", { class: "form-error", role: "alert", id, hidden: true });
 }

@@ -2,7 +2,7 @@
 // file), see what the scan found, delete.
 
 import { getJSON, request, sendJSON, upload } from "../api.js";
-import { describeError, h, setChildren, setMessage } from "../dom.js";
+import { alertLine, describeError, formMessage, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { definitionList } from "../widgets.js";
 
@@ -11,7 +11,7 @@ const NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._\\-]{0,127}"; // service.schemas.DA
 
 export function renderDatasets(root) {
   const tbody = h("tbody");
-  const status = h("p", { class: "form-error", role: "alert", hidden: true });
+  const status = alertLine();
   const empty = h(
     "p",
     { class: "muted", hidden: true },
@@ -211,7 +211,7 @@ function valid(form, message) {
  */
 function registerForm({ id, title, hint, fields, submitText, extra = [], send, onRegistered }) {
   const name = nameInput();
-  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const message = formMessage();
   const submit = h("button", { type: "submit", class: "primary" }, submitText);
   const form = h(
     "form",

@@ -8,7 +8,15 @@
 // URLs, all revoked when the view goes away.
 
 import { ApiError, getJSON, request, sendJSON } from "../api.js";
-import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
+import {
+  alertLine,
+  describeError,
+  errorBox,
+  formMessage,
+  h,
+  setChildren,
+  setMessage,
+} from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
 import { dataTable, definitionList, progressBar, stateBadge, timelineItems } from "../widgets.js";
@@ -109,12 +117,7 @@ const COLUMNS = [
 export function renderGalleries(root) {
   const datasets = new Map(); // dataset id -> dataset
   const count = h("span", { class: "muted", id: "galleries-count" }, "loading…");
-  const status = h("p", {
-    class: "form-error",
-    role: "alert",
-    id: "galleries-status",
-    hidden: true,
-  });
+  const status = alertLine("galleries-status");
   const list = h("div", { id: "galleries-list" });
   const form = newGalleryForm(() => load());
   let closed = false;
@@ -264,7 +267,7 @@ function newGalleryForm(onCreated) {
     h("option", { value: "0" }, "CPU"),
     h("option", { value: "1" }, "GPU"),
   );
-  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const message = formMessage();
   const submit = h("button", { type: "submit", class: "primary" }, "Build gallery");
   let models = [];
 
@@ -319,14 +322,9 @@ function newGalleryForm(onCreated) {
     submit.disabled = true;
     try {
       const gallery = await sendJSON("POST", "v1/galleries", body);
-      setChildren(
-        message,
-        "Building gallery ",
-        h("a", { href: `#/galleries/${gallery.id}` }, galleryTitle(gallery)),
-        ` with ${gallery.model_name} v${gallery.model_version}.`,
-      );
-      message.hidden = false;
-      message.className = "form-message form-ok";
+      const link = h("a", { href: `#/galleries/${gallery.id}` }, galleryTitle(gallery));
+      const version = `${gallery.model_name} v${gallery.model_version}`;
+      setMessage(message, ["Building gallery ", link, ` with ${version}.`], "ok");
       name.value = "";
       onCreated(gallery);
     } catch (error) {
@@ -424,12 +422,7 @@ export function renderGallery(root, [galleryId]) {
   );
   const reason = h("p", { class: "reason muted", id: "gallery-reason" });
   const progress = h("div", { class: "job-progress", id: "gallery-progress" });
-  const status = h("p", {
-    class: "form-error",
-    role: "alert",
-    id: "gallery-status",
-    hidden: true,
-  });
+  const status = alertLine("gallery-status");
   const facts = h("div", { id: "gallery-facts" });
   const timeline = h("ol", { class: "timeline", id: "gallery-timeline" });
   let shownEvents = null; // the state and reason the timeline was fetched for
@@ -598,7 +591,7 @@ export function renderGallery(root, [galleryId]) {
       step: "1",
       placeholder: "optional: 2 for c2",
     });
-    const message = h("p", { class: "form-message", role: "status", hidden: true });
+    const message = formMessage();
     const submit = h("button", { type: "submit", class: "primary" }, "Search");
     const form = h(
       "form",

@@ -7,7 +7,7 @@
 
 import { ConditionalResource, getJSON, readEventStream, request, sendJSON } from "../api.js";
 import { EpochChart, evalSeries, lossSeries } from "../charts.js";
-import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
+import { alertLine, describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
 import {
@@ -49,7 +49,7 @@ export function renderJob(root, [jobId]) {
   const reason = h("p", { class: "reason muted", id: "job-reason" });
   const warnings = h("ul", { class: "notice warnings", id: "job-warnings", hidden: true });
   const progress = h("div", { class: "job-progress" });
-  const status = h("p", { class: "form-error", role: "alert", id: "job-status", hidden: true });
+  const status = alertLine("job-status");
   const facts = h("div", { id: "job-facts" });
   const timeline = h("ol", { class: "timeline", id: "job-timeline" });
   const lossBox = h("div", { class: "chart-card" });

@@ -7,7 +7,7 @@
 // to pick up jobs submitted elsewhere.
 
 import { ConditionalResource, getJSON, sendJSON } from "../api.js";
-import { describeError, h, setChildren, setMessage } from "../dom.js";
+import { alertLine, describeError, formMessage, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
 import { jsonBlock, progressBar, stateBadge } from "../widgets.js";
@@ -41,7 +41,7 @@ export function renderJobs(root) {
 
   const tbody = h("tbody");
   const count = h("span", { class: "muted", id: "jobs-count" }, "loading…");
-  const status = h("p", { class: "form-error", role: "alert", id: "jobs-status", hidden: true });
+  const status = alertLine("jobs-status");
   const empty = h("p", { class: "muted", hidden: true }, "No jobs yet: submit one with New job.");
   const more = h("button", { type: "button", hidden: true }, "Show more");
   const compare = h("a", { class: "button", id: "compare-link", hidden: true });
@@ -274,7 +274,7 @@ function newJobForm(datasets, onSubmitted) {
     step: "1",
     value: "0",
   });
-  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const message = formMessage();
   const submit = h("button", { type: "submit", class: "primary" }, "Submit job");
   const previewButton = h("button", { type: "button" }, "Preview configuration");
   const preview = h("div", { class: "wide", id: "job-preview", hidden: true });
@@ -376,14 +376,8 @@ function newJobForm(datasets, onSubmitted) {
     try {
       const job = await sendJSON("POST", "v1/jobs", body);
       idempotencyKey = randomKey();
-      setChildren(
-        message,
-        "Submitted job ",
-        h("a", { href: `#/jobs/${job.id}` }, fmt.shortId(job.id)),
-        ".",
-      );
-      message.hidden = false;
-      message.className = "form-message form-ok";
+      const link = h("a", { href: `#/jobs/${job.id}` }, fmt.shortId(job.id));
+      setMessage(message, ["Submitted job ", link, "."], "ok");
       onSubmitted(job);
     } catch (error) {
       setMessage(message, describeError(error));

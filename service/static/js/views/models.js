@@ -3,7 +3,7 @@
 // an alias ("best") at a version, and downloading a version's weights.
 
 import { ApiError, download, getJSON, sendJSON } from "../api.js";
-import { describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
+import { describeError, errorBox, formMessage, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { dataTable, externalLink } from "../widgets.js";
 
@@ -180,7 +180,7 @@ function aliasForm(name, versions, onChanged) {
       );
     }),
   );
-  const message = h("p", { class: "form-message", role: "status", hidden: true });
+  const message = formMessage();
   const submit = h("button", { type: "submit" }, "Set alias");
   const form = h(
     "form",
