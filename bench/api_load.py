@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import platform
-import shlex
 import shutil
 import signal
 import socket
@@ -73,6 +72,8 @@ from sqlalchemy.exc import SQLAlchemyError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from bench.report import Transcript, command_line, write_report  # noqa: E402
 
 #: The PostgreSQL server: a maintenance database to create and drop ours from.
 DEFAULT_PG_URL = os.environ.get(
@@ -1016,14 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found (apt-get install -y wrk)")
     load = os.getloadavg()
-    command = (
-        "python bench/api_load.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    ).strip()
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
+    command = command_line("api_load.py", argv)
+    transcript = Transcript()
+    say = transcript.say
 
     say(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs")
     from reid_core.data import generate_synthetic_market
@@ -1293,10 +1289,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, plans in explained:
         for kind, plan in plans.items():
             md += [f"{kind}, {label}:", "", "```", plan, "```", ""]
-    md += ["## Output", "", "```", *lines, "```", ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(md))
-    print(f"wrote {args.output}")
+    write_report(args.output, md, transcript)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.eval_reference import reference_evaluate_rank, reference_re_rank  # noqa: E402
+from bench.report import Transcript, command_line, write_report  # noqa: E402
 from reid_core.evaluation import (  # noqa: E402
     compute_distance,
     estimate_rerank_memory,
@@ -162,13 +162,10 @@ def machine_info(load: tuple[float, float, float]) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_at_start = os.getloadavg()
-    command = "python bench/eval_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("eval_speed.py", argv)
     rng = np.random.default_rng(args.seed)
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
+    transcript = Transcript()
+    say = transcript.say
 
     # --- evaluate_rank at full size -------------------------------------------------------
     data = make_data(
@@ -306,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     md += [f"| {k} | {v} |" for k, v in machine_info(load_at_start)]
     md += ["", "## Results", "", "| measurement | size | value |", "| --- | --- | --- |"]
     md += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    md += ["", "## Output", "", "```", *lines, "```", ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(md))
-    print(f"wrote {args.output}")
+    md += [""]
+    write_report(args.output, md, transcript)
     return 0
 
 

@@ -54,7 +54,6 @@ import json
 import multiprocessing
 import os
 import re
-import shlex
 import ssl
 import sys
 import tempfile
@@ -81,6 +80,7 @@ from bench.api_load import (  # noqa: E402
     postgres_database,
     tree_cpu_s,
 )
+from bench.report import Transcript, command_line, table, write_report  # noqa: E402
 from bench.scheduling import percentile  # noqa: E402
 
 #: The issue's targets: (what, bound), both "below".
@@ -309,14 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load = os.getloadavg()
-    command = (
-        "python bench/poll_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    ).strip()
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
+    command = command_line("poll_scale.py", argv)
+    transcript = Transcript()
+    say = transcript.say
 
     say(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs")
     from reid_core.data import generate_synthetic_market
@@ -465,20 +460,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Targets",
         "",
-        "| target | rule | measured | verdict |",
-        "| --- | --- | --- | --- |",
-        *[f"| {k} | {r} | {v:.2f} | {verdict} |" for k, r, v, verdict in target_rows],
-        "",
-        "## Output",
-        "",
-        "```",
-        *lines,
-        "```",
+        *table(
+            ("target", "rule", "measured", "verdict"),
+            ((k, r, f"{v:.2f}", verdict) for k, r, v, verdict in target_rows),
+        ),
         "",
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(md))
-    print(f"wrote {args.output}")
+    write_report(args.output, md, transcript)
     return 0
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import Transcript, command_line, write_report  # noqa: E402
 from bench.rerank_reference import dense_re_rank, dense_rerank_memory_bytes  # noqa: E402
 
 GIB = float(1024**3)
@@ -599,14 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
         return 0
     load = os.getloadavg()
-    command = (
-        "python bench/rerank_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    ).strip()
-    lines: list[str] = []
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        lines.append(msg)
+    command = command_line("rerank_scale.py", argv)
+    transcript = Transcript()
+    say = transcript.say
 
     available = mem_available_gib()
     limit_gib = args.limit_gib if args.limit_gib is not None else MEMORY_SAFETY * available
@@ -641,16 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- |",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        "## Output",
-        "",
-        "```",
-        *lines,
-        "```",
-        "",
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(md))
-    print(f"wrote {args.output}")
+    write_report(args.output, md, transcript)
     return 0
 
 
