@@ -73,7 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import Transcript, command_line, write_report  # noqa: E402
+from bench.report import Transcript, command_line, table, write_report  # noqa: E402
 
 #: The PostgreSQL server: a maintenance database to create and drop ours from.
 DEFAULT_PG_URL = os.environ.get(
@@ -1253,9 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Machine",
         "",
-        "| item | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine_rows(load)],
+        *table(("item", "value"), machine_rows(load)),
         "",
         "## Results",
         "",

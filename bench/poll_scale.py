@@ -80,7 +80,7 @@ from bench.api_load import (  # noqa: E402
     postgres_database,
     tree_cpu_s,
 )
-from bench.report import Transcript, command_line, table, write_report  # noqa: E402
+from bench.report import Transcript, command_line, table, targets_table, write_report  # noqa: E402
 from bench.scheduling import percentile  # noqa: E402
 
 #: The issue's targets: (what, bound), both "below".
@@ -448,22 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Machine",
         "",
-        "| item | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine_rows(load)],
+        *table(("item", "value"), machine_rows(load)),
         "",
         "## Results",
         "",
-        "| measurement | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in rows],
+        *table(("measurement", "value"), rows),
         "",
         "## Targets",
         "",
-        *table(
-            ("target", "rule", "measured", "verdict"),
-            ((k, r, f"{v:.2f}", verdict) for k, r, v, verdict in target_rows),
-        ),
+        *targets_table(target_rows),
         "",
     ]
     write_report(args.output, md, transcript)

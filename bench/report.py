@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["Transcript", "command_line", "table", "write_report"]
+__all__ = ["Transcript", "command_line", "table", "targets_table", "write_report"]
 
 
 class Transcript:
@@ -36,6 +36,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
         "| " + " | ".join("---" for _ in header) + " |",
         *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
     ]
+
+
+def targets_table(rows: Iterable[tuple[str, str, float, str]]) -> list[str]:
+    """The Targets table: (target, rule, measured, verdict) per row, measured to 2 decimals."""
+    return table(
+        ("target", "rule", "measured", "verdict"),
+        ((target, rule, f"{measured:.2f}", verdict) for target, rule, measured, verdict in rows),
+    )
 
 
 def write_report(path: Path, md: list[str], transcript: Transcript) -> None:

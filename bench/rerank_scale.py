@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import Transcript, command_line, write_report  # noqa: E402
+from bench.report import Transcript, command_line, table, write_report  # noqa: E402
 from bench.rerank_reference import dense_re_rank, dense_rerank_memory_bytes  # noqa: E402
 
 GIB = float(1024**3)
@@ -626,9 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Machine",
         "",
-        "| item | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine_info(load, available)],
+        *table(("item", "value"), machine_info(load, available)),
         "",
         "## Results",
         "",

@@ -66,7 +66,7 @@ from bench.api_load import (  # noqa: E402
     redis_server,
     stop_process,
 )
-from bench.report import Transcript, command_line, table, write_report  # noqa: E402
+from bench.report import Transcript, command_line, table, targets_table, write_report  # noqa: E402
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 #: Files the supervisor writes before the trainer starts (not the trainer's writes).
@@ -592,15 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Machine",
         "",
-        "| item | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in machine_rows(load)],
+        *table(("item", "value"), machine_rows(load)),
         "",
         "## Results",
         "",
-        "| measurement | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in rows],
+        *table(("measurement", "value"), rows),
         "",
         "## Findings",
         "",
@@ -608,10 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Targets",
         "",
-        *table(
-            ("target", "rule", "measured", "verdict"),
-            ((k, r, f"{v:.2f}", verdict) for k, r, v, verdict in target_rows),
-        ),
+        *targets_table(target_rows),
         "",
     ]
     write_report(args.output, md, transcript)

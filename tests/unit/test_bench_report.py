@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import Transcript, command_line, table, write_report
+from bench.report import Transcript, command_line, table, targets_table, write_report
 
 
 def test_table_lines() -> None:
@@ -16,6 +16,12 @@ def test_table_lines() -> None:
         "| 1 | x |",
         "| 2.5 |  |",
     ]
+
+
+def test_targets_table_rounds_the_measure() -> None:
+    assert targets_table([("p99 (ms)", "< 50", 107.694, "FAIL")])[2] == (
+        "| p99 (ms) | < 50 | 107.69 | FAIL |"
+    )
 
 
 def test_command_line_quotes_what_needs_it() -> None:
