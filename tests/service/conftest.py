@@ -20,11 +20,14 @@ from fastapi import FastAPI
 from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from service.app import create_app
 from service.core import migrate
 from service.core.api_keys import create_api_key
 from service.core.db import session_scope
+from service.core.job_states import change_state
+from service.core.models import Dataset, DatasetKind, Job, JobState
 from service.core.settings import JobBounds, Settings, UploadLimits
 from tests.helpers import require_postgres
 
@@ -93,6 +96,25 @@ def app(settings: Settings) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def session(app: FastAPI) -> Iterator[Session]:
+    """A session on the app's database, for tests of service.core alone."""
+    with app.state.session_factory() as db_session:
+        yield db_session
+
+
+def queued_job(session: Session) -> Job:
+    """A committed QUEUED job of alice's on a new server-folder dataset."""
+    dataset = Dataset(owner="alice", name=f"d{uuid.uuid4().hex[:6]}", kind=DatasetKind.PATH)
+    dataset.path, dataset.format = "/data/x", "image_folder"
+    session.add(dataset)
+    session.flush()
+    job = Job(owner="alice", dataset_id=dataset.id, timeout_minutes=60)
+    change_state(session, job, JobState.QUEUED, "submitted")
+    session.commit()
+    return job
 
 
 @pytest.fixture

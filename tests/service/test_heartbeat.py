@@ -3,37 +3,22 @@ for a row that heartbeated and for one that never did (its last change counts)."
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.core.heartbeat import is_stale, last_sign_of_life, stale_clause
-from service.core.job_states import change_state
-from service.core.models import Dataset, DatasetKind, Job, JobState
+from service.core.models import Job
+from tests.service.conftest import queued_job
 
 TIMEOUT = timedelta(seconds=60)
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def session(app: FastAPI) -> Iterator[Session]:
-    with app.state.session_factory() as db_session:
-        yield db_session
-
-
 def _job(session: Session, heartbeat_at: datetime | None, updated_at: datetime) -> Job:
-    dataset = Dataset(owner="alice", name=f"d{uuid.uuid4().hex[:6]}", kind=DatasetKind.PATH)
-    dataset.path, dataset.format = "/data/x", "image_folder"
-    session.add(dataset)
-    session.flush()
-    job = Job(owner="alice", dataset_id=dataset.id, timeout_minutes=60)
-    change_state(session, job, JobState.QUEUED, "submitted")
-    session.flush()
+    job = queued_job(session)
     # updated_at is set on every change: write both columns as they would be at that moment.
     session.execute(
         update(Job)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import uuid
-from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI
@@ -19,26 +17,10 @@ from service.core.job_states import (
     change_state,
     lock_job,
 )
-from service.core.models import Dataset, DatasetKind, Job, JobEvent, JobState
+from service.core.models import Job, JobEvent, JobState
+from tests.service.conftest import queued_job
 
 S = JobState
-
-
-@pytest.fixture
-def session(app: FastAPI) -> Iterator[Session]:
-    with app.state.session_factory() as db_session:
-        yield db_session
-
-
-def _new_job(session: Session) -> Job:
-    dataset = Dataset(owner="alice", name=f"d{uuid.uuid4().hex[:6]}", kind=DatasetKind.PATH)
-    dataset.path, dataset.format = "/data/x", "image_folder"
-    session.add(dataset)
-    session.flush()
-    job = Job(owner="alice", dataset_id=dataset.id, timeout_minutes=60)
-    change_state(session, job, S.QUEUED, "submitted")
-    session.commit()
-    return job
 
 
 def _events(session: Session, job: Job) -> list[tuple[JobState | None, JobState, str]]:
@@ -49,13 +31,13 @@ def _events(session: Session, job: Job) -> list[tuple[JobState | None, JobState,
 
 
 def test_creation_is_the_first_event(session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     assert job.state is S.QUEUED
     assert _events(session, job) == [(None, S.QUEUED, "submitted")]
 
 
 def test_a_whole_life_with_a_retry(session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     path = [S.STARTING, S.RUNNING, S.RETRYING, S.QUEUED, S.STARTING, S.RUNNING, S.SUCCEEDED]
     for i, state in enumerate(path):
         change_state(session, job, state, f"step {i}")
@@ -73,7 +55,7 @@ def test_a_whole_life_with_a_retry(session: Session) -> None:
 def test_restarts_and_retries_are_counted_apart_and_the_owner_s_retry_resets_them(
     session: Session,
 ) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     change_state(session, job, S.STARTING, "picked up")
     change_state(session, job, S.RETRYING, "killed by SIGKILL", restart=True)
     change_state(session, job, S.STARTING, "picked up")
@@ -87,7 +69,7 @@ def test_restarts_and_retries_are_counted_apart_and_the_owner_s_retry_resets_the
 
 
 def test_cancelling_sets_the_flag_workers_poll(session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     change_state(session, job, S.STARTING, "picked up")
     change_state(session, job, S.CANCELLING, "cancel requested")
     assert job.cancel_requested is True
@@ -98,7 +80,7 @@ def test_cancelling_sets_the_flag_workers_poll(session: Session) -> None:
 
 
 def test_every_refused_change_writes_nothing(session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     before = _events(session, job)
     refused = [(a, b) for a, b in itertools.product(S, S) if b not in TRANSITIONS[a]]
     assert (S.QUEUED, S.RUNNING) in refused and (S.SUCCEEDED, S.QUEUED) in refused
@@ -122,7 +104,7 @@ def test_final_states_are_final() -> None:
 
 
 def test_state_and_event_roll_back_together(app: FastAPI, session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     change_state(session, job, S.STARTING, "picked up")
     session.rollback()
     with app.state.session_factory() as other:
@@ -133,13 +115,13 @@ def test_state_and_event_roll_back_together(app: FastAPI, session: Session) -> N
 
 
 def test_a_reason_is_required(session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     with pytest.raises(ValueError, match="reason"):
         change_state(session, job, S.STARTING, "  ")
 
 
 def test_worker_pattern_lock_then_change(app: FastAPI, session: Session) -> None:
-    job = _new_job(session)
+    job = queued_job(session)
     with session_scope(app.state.session_factory) as worker:
         locked = lock_job(worker, job.id)
         assert locked is not None
