@@ -538,10 +538,12 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="float16 mixed precision on CUDA; ignored on the CPU.")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
-    cpu_bf16: bool = Field(
+    cpu_bf16: bool | Literal["auto"] = Field(
         False,
         description="Training steps on the CPU in bfloat16 autocast with channels_last (2-3x "
-        "faster per step on a CPU with AMX: bench/results/train_throughput*.md); ignored on CUDA.",
+        "faster per step on a CPU with AMX: bench/results/train_throughput*.md; emulated, and "
+        "several times slower, on one without AMX or AVX512-BF16); 'auto': on where the CPU has "
+        "either. Ignored on CUDA.",
     )
     seed: int = 0
     deterministic: bool = False

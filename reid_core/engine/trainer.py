@@ -36,15 +36,21 @@ log = logging.getLogger(__name__)
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+def _cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16 (torch.cpu's probes; absent in some builds, then False)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How training steps run on a device: the autocast dtype (None: float32 throughout) and
     whether images and weights use the channels_last memory format.
 
     CUDA: float16 autocast with a gradient scaler (``runtime.amp``) and ``runtime.channels_last``.
-    CPU: float32, or with ``runtime.cpu_bf16`` bfloat16 autocast and channels_last (no scaler:
-    bfloat16 has float32's range). Weights, optimiser state, memories and losses stay float32;
-    evaluation and feature extraction always run in float32.
+    CPU: float32, or with ``runtime.cpu_bf16`` (true, or 'auto' on a CPU with native bfloat16)
+    bfloat16 autocast and channels_last (no scaler: bfloat16 has float32's range). Weights,
+    optimiser state, memories and losses stay float32; evaluation runs in float32.
     """
 
     autocast_dtype: torch.dtype | None
@@ -54,7 +60,8 @@ class Precision:
     def for_device(cls, runtime: RuntimeConfig, device: torch.device) -> Precision:
         if device.type == "cuda":
             return cls(torch.float16 if runtime.amp else None, runtime.channels_last)
-        if runtime.cpu_bf16:
+        bf16 = runtime.cpu_bf16
+        if bf16 is True or (bf16 == "auto" and _cpu_has_native_bf16()):
             return cls(torch.bfloat16, True)
         return cls(None, False)
 
@@ -65,12 +72,6 @@ class Precision:
     def prepare(self, model: ModuleT) -> ModuleT:
         """``model`` in the memory format the steps feed it."""
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-
-def _cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16 (torch.cpu's probes; absent in some builds, then False)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 class TrainingDivergedError(RuntimeError):

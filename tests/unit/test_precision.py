@@ -40,3 +40,21 @@ def test_prepare_converts_the_model_only_for_channels_last() -> None:
     prepared = Precision(torch.bfloat16, True).prepare(conv)
     assert prepared.weight.is_contiguous(memory_format=torch.channels_last)
     assert not prepared.weight.is_contiguous()
+
+
+@pytest.mark.parametrize(("native", "dtype"), [(True, torch.bfloat16), (False, None)])
+def test_cpu_bf16_auto_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, native: bool, dtype: torch.dtype | None
+) -> None:
+    """``runtime.cpu_bf16=auto``: bfloat16 steps where the CPU has AMX or AVX512-BF16, float32
+    where bfloat16 would be emulated (several times slower); CUDA is unaffected."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    runtime = RuntimeConfig(cpu_bf16="auto")
+    assert Precision.for_device(runtime, CPU) == Precision(dtype, dtype is not None)
+    assert Precision.for_device(runtime, CUDA) == Precision(torch.float16, True)
+
+
+def test_cpu_bf16_refuses_other_words() -> None:
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        RuntimeConfig(cpu_bf16="fast")
