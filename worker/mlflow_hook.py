@@ -17,8 +17,10 @@ Syncs are idempotent and their progress is kept in ``mlflow.json``, so:
 The final model is logged twice over, in one MLflow model: ``mlflow.pytorch``'s flavor of a
 :class:`reid_core.inference.embedder.Embedder` (``mlflow.pytorch.load_model("models:/NAME@best")`` gives a
 module that embeds images) with ``model_final.pt`` and ``config.yaml`` among its extra files
-(plain tensors and a dict, loadable with ``torch.load(weights_only=True)``). The alias ``best``
-moves to the new version when its mAP beats the holder's (or nobody holds it).
+(plain tensors and a dict, loadable with ``torch.load(weights_only=True)``). Then the alias
+``best`` is chosen again among all the model's versions (:func:`service.core.best.move_best_alias`:
+mAP where a version was evaluated on labels, else human precision@1, else the kept label-free
+signal).
 """
 
 from __future__ import annotations
@@ -38,15 +40,10 @@ from reid_core.config import config_to_dict, flatten
 from reid_core.engine.trainer import HookBase
 from reid_core.inference.embedder import Embedder
 from reid_core.run_dir import EpochMetrics, RunDir
+from service.core.best import move_best_alias
 from service.core.folders import JobDir
-from service.core.registry import (
-    BEST_ALIAS,
-    JOB_TAG,
-    METRIC_TAG_PREFIX,
-    OWNER_TAG,
-    configure_http,
-)
-from worker.tracking import TrackingSpec, TrackingState, short_error
+from service.core.registry import JOB_TAG, METRIC_TAG_PREFIX, OWNER_TAG, configure_http
+from worker.tracking import NO_VERSION_LEFT, TrackingSpec, TrackingState, short_error
 
 __all__ = ["MLflowHook", "model_requirements"]
 
@@ -178,8 +175,11 @@ class MLflowHook(HookBase):
         if unlogged:
             first, last = unlogged[0].epoch, unlogged[-1].epoch
             pending.append(f"metrics of epoch{'s' if last > first else ''} " + _span(first, last))
-        if final and self.state.model_version is None and not self.state.registration_refused:
-            pending.append("the final model")
+        if final and not self.state.registration_refused:
+            if self.state.model_version is None:
+                pending.append("the final model")
+            elif self.state.best_rule is None:
+                pending.append("the choice of the alias best")
         return pending
 
     def _save_state(self) -> None:
@@ -289,8 +289,14 @@ class MLflowHook(HookBase):
         self.state.checkpoints_logged = [*self.state.checkpoints_logged, newest.name]
 
     def _log_model(self) -> None:
-        if self.state.model_version is not None or self.state.registration_refused:
+        if self.state.registration_refused:
             return
+        if self.state.model_version is None:
+            self._log_and_register_model()
+        if self.state.model_name is not None and self.state.best_rule is None:
+            self._choose_best(self.state.model_name)
+
+    def _log_and_register_model(self) -> None:
         import mlflow
 
         model_file = self.folder.final_model
@@ -354,31 +360,17 @@ class MLflowHook(HookBase):
                 name, model_uri, run_id=self.state.run_id, tags=tags, model_id=model_id
             )
         self.state.model_name, self.state.model_version = name, str(version.version)
-        self.state.best_alias = self._move_best_alias(name, str(version.version))
         self._save_state()
-        log.info(
-            "model registered: %s version %s%s",
-            name,
-            version.version,
-            " (alias best)" if self.state.best_alias else "",
-        )
+        log.info("model registered: %s version %s", name, version.version)
 
-    def _move_best_alias(self, name: str, version: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        new_map = self.trainer.state.metrics.get("mAP")
-        try:
-            holder = self.client.get_model_version_by_alias(name, BEST_ALIAS)
-        except MlflowException:
-            holder = None
-        if holder is not None:
-            if str(holder.version) == version:
-                return True
-            held = holder.tags.get(f"{METRIC_TAG_PREFIX}mAP")
-            if new_map is None or (held is not None and float(held) >= float(new_map)):
-                return False
-        self.client.set_registered_model_alias(name, BEST_ALIAS, version)
-        return True
+    def _choose_best(self, name: str) -> None:
+        """The alias ``best`` chosen again among all the model's versions, this one included."""
+        best = move_best_alias(self.client, name)
+        self.state.best_alias = best is not None and best.version == self.state.model_version
+        self.state.best_rule = best.rule if best is not None else NO_VERSION_LEFT
+        self._save_state()
+        if best is not None:
+            log.info("alias best: %s version %s (%s)", name, best.version, best.rule)
 
 
 def _newest(directory: Path) -> Path | None:

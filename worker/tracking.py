@@ -22,7 +22,7 @@ from reid_core.atomic_write import write_atomic
 from service.core.folders import JobDir
 from service.core.registry import configure_http
 
-__all__ = ["TrackingSpec", "TrackingState", "short_error", "terminate_run"]
+__all__ = ["NO_VERSION_LEFT", "TrackingSpec", "TrackingState", "short_error", "terminate_run"]
 
 log = logging.getLogger("worker.tracking")
 
@@ -63,6 +63,11 @@ class TrackingSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+#: :attr:`TrackingState.best_rule` when no version of the model was left to hold ``best`` (the
+#: new one deleted before the choice).
+NO_VERSION_LEFT = "no version left"
+
+
 @dataclass
 class TrackingState:
     """What the trainer has logged so far (``mlflow.json``)."""
@@ -78,6 +83,9 @@ class TrackingState:
     model_name: str | None = None
     model_version: str | None = None
     best_alias: bool = False  # this version holds the alias ``best``
+    # the rule that chose ``best`` after this version was registered (service.core.best), or
+    # NO_VERSION_LEFT; None until the choice was made
+    best_rule: str | None = None
     registration_refused: str | None = None  # why the model was not registered (for good)
     warnings: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # what is not in MLflow yet, in words

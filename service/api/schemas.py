@@ -359,6 +359,17 @@ class ModelVersionOut(BaseModel):
     metrics: dict[str, float] = Field(description="Its last evaluation: mAP, r1, r5, ... (%).")
     aliases: list[str]
     created_at: datetime | None
+    best_rule: str | None = Field(
+        description="On the version holding the alias best: the rule that chose it, 'mAP' "
+        "(evaluated on labels), 'human precision@1' (the human pair check), 'label-free "
+        "<signal>' (e.g. 'label-free mutual_nn_rate'), 'newest' (no version has any of those) "
+        "or 'set by hand'; null on the other versions.",
+        examples=["mAP", "label-free mutual_nn_rate"],
+    )
+    best_value: float | None = Field(
+        description="The value it won with under best_rule (mAP in %, precision 0..1, the "
+        "signal's value); null for 'newest', 'set by hand' and the other versions."
+    )
     load_uri: str = Field(description="For mlflow.pytorch.load_model(): an embedder.")
     download_url: str = Field(description="The weights (model_final.pt) from this API.")
     mlflow_url: str | None

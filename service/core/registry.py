@@ -27,6 +27,9 @@ from service.core.settings import Settings
 
 __all__ = [
     "BEST_ALIAS",
+    "BEST_BY_HAND",
+    "BEST_RULE_TAG",
+    "BEST_VALUE_TAG",
     "DATASET_TAG",
     "JOB_TAG",
     "METRIC_TAG_PREFIX",
@@ -48,8 +51,15 @@ OWNER_TAG = "reid.owner"
 DATASET_TAG = "reid.dataset_id"
 #: Version tags holding the model's evaluation (``metric.mAP``, ``metric.r1``, ...).
 METRIC_TAG_PREFIX = "metric."
-#: The alias that follows the highest mAP of a registered model.
+#: The alias that names a registered model's best version, by the rule of :mod:`service.core.best`.
 BEST_ALIAS = "best"
+#: Tag of the version holding ``best``: the rule that chose it (``mAP``, ``human precision@1``,
+#: ``label-free mutual_nn_rate``, ``newest``, or :data:`BEST_BY_HAND`).
+BEST_RULE_TAG = "reid.best_rule"
+#: Tag of the version holding ``best``: the value it won with (none for ``newest`` and by hand).
+BEST_VALUE_TAG = "reid.best_value"
+#: The rule of a ``best`` its owner pointed at a version (``PUT .../aliases/best``).
+BEST_BY_HAND = "set by hand"
 
 #: Inside a logged model: the plain weights + config file (reid_core.model_io format).
 WEIGHTS_PATH = "extra_files/model_final.pt"
@@ -116,6 +126,8 @@ class ModelVersion:
     metrics: dict[str, float]  # its last evaluation (from the METRIC_TAG_PREFIX tags)
     aliases: list[str]
     created_at: datetime | None
+    best_rule: str | None  # on the version holding ``best``: the rule that chose it
+    best_value: float | None  # and the value it won with
 
     @property
     def load_uri(self) -> str:
@@ -238,9 +250,24 @@ class ModelRegistry:
     # -- changes -----------------------------------------------------------------------------
 
     def set_alias(self, owner: str, name: str, alias: str, version: str) -> ModelVersion:
+        """Point ``alias`` at ``version``; ``best`` pointed by hand carries the rule
+        :data:`BEST_BY_HAND` (the tags of its former holder no longer count, see
+        :func:`_version`; the next :func:`service.core.best.move_best_alias` removes them)."""
         self.get_version(owner, name, version)  # not found unless it exists and is the owner's
+        if alias == BEST_ALIAS:
+            self._call(lambda: self._tag_by_hand(name, version))
         self._call(lambda: self.client.set_registered_model_alias(name, alias, version))
         return self.get_version(owner, name, version)
+
+    def _tag_by_hand(self, name: str, version: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.client.set_model_version_tag(name, version, BEST_RULE_TAG, BEST_BY_HAND)
+        try:
+            self.client.delete_model_version_tag(name, version, BEST_VALUE_TAG)
+        except MlflowException as exc:  # it had none
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
 
     def download_weights(self, owner: str, name: str, version: str) -> tuple[Path, Path]:
         """``(file, folder)``: the version's ``model_final.pt``, copied into ``folder``, a new
@@ -294,13 +321,16 @@ def _model(model: Any) -> RegisteredModel:
 def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
     tags = version.tags or {}
     metrics: dict[str, float] = {}
-    for key, value in tags.items():
-        if key.startswith(METRIC_TAG_PREFIX):
-            try:
-                metrics[key.removeprefix(METRIC_TAG_PREFIX)] = float(value)
-            except ValueError:
-                continue
+    for key, text in tags.items():
+        value = _float(text) if key.startswith(METRIC_TAG_PREFIX) else None
+        if value is not None:
+            metrics[key.removeprefix(METRIC_TAG_PREFIX)] = value
     number = str(version.version)
+    # the rule tags count on the version holding ``best`` only: a former holder may keep them
+    # until the rule runs again (an alias pointed by hand, two writers at once)
+    holds_best = aliases.get(BEST_ALIAS) == number
+    best_rule = tags.get(BEST_RULE_TAG) if holds_best else None
+    best_value = _float(tags.get(BEST_VALUE_TAG)) if best_rule is not None else None
     return ModelVersion(
         name=version.name,
         version=number,
@@ -310,7 +340,16 @@ def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
         metrics=metrics,
         aliases=sorted(a for a, v in aliases.items() if v == number),
         created_at=_when(version.creation_timestamp),
+        best_rule=best_rule,
+        best_value=best_value,
     )
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _quote(value: str) -> str:
