@@ -19,6 +19,7 @@ from tests.browser.conftest import (
     Service,
     screenshot,
 )
+from tests.helpers import TINY_JOB_CONFIG
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -166,6 +167,12 @@ def test_a_job_submitted_from_the_page_is_followed_to_the_end(
     assert chart_tooltip_title(page, "eval-chart", 1) == ["epoch 1"]
     expect(page.locator("#loss-chart")).to_be_visible()
     expect(page.locator("#eval-chart")).to_be_visible()
+    # the label-free signals of the same evaluations, in a chart of their own
+    signals = chart_points(page, "label-free-chart")
+    assert signals["mutual_nn_rate"] == [
+        [r["epoch"], r["label_free/mutual_nn_rate"]] for r in history
+    ]
+    expect(page.locator("#label-free-chart")).to_be_visible()
 
     timeline = page.locator("#job-timeline li")
     expect(timeline).to_have_count(len(events))
@@ -185,6 +192,66 @@ def test_a_job_submitted_from_the_page_is_followed_to_the_end(
     expect(page.locator("#cancel-job")).to_be_hidden()
     expect(page.locator("#retry-job")).to_be_hidden()  # only FAILED or CANCELLED jobs
     screenshot(page, "job-page")
+
+
+#: Many short epochs, each evaluated (the label-free signals, without labels), the model before
+#: training too: a point per epoch while it runs, for as long as the test watches.
+UNLABELLED_JOB = {
+    **TINY_JOB_CONFIG,
+    "schedule.epochs": 150,
+    "schedule.max_steps_per_epoch": 2,
+    "eval.every_n_epochs": 1,
+    "eval.at_start": True,
+}
+LABEL_FREE = ("mutual_nn_rate", "similarity_margin", "neighbour_stability")
+
+
+def test_a_running_job_on_unlabelled_data_charts_its_label_free_signals_beside_the_losses(
+    open_page: OpenPage, service: Service
+) -> None:
+    with service.client() as api:  # the synthetic training images alone: no labels, no split
+        folder = service.data_root / "synthetic" / "bounding_box_train"
+        response = api.post("/v1/datasets", json={"name": "unlabelled", "path": str(folder)})
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert (dataset["format"], dataset["identity_count"]) == ("image_folder", 0)
+    job = service.submit(UNLABELLED_JOB, dataset_id=dataset["id"])
+    try:
+        page = open_page()
+        page.goto(f"/#/jobs/{job['id']}")
+        expect(page.locator("#job-state")).to_have_text("RUNNING", timeout=TRAINING_TIMEOUT_MS)
+        # the model before training and two trained epochs, drawn while the job runs
+        page.wait_for_function(
+            """id => (window.Chart.getChart(document.getElementById(id))
+                ?.data.datasets.find(d => d.label === "neighbour_stability")?.data.length ?? 0) >= 2""",
+            arg="label-free-chart",
+            timeout=TRAINING_TIMEOUT_MS,
+        )
+        drawn = chart_points(page, "label-free-chart")
+        expect(page.locator("#job-state")).to_have_text("RUNNING")
+        with service.client() as api:
+            history = api.get(f"/v1/jobs/{job['id']}/metrics").json()
+
+        assert not [k for r in history for k, v in r.items() if k.startswith("eval/") and v]
+        assert set(drawn) == set(LABEL_FREE)
+        for name in LABEL_FREE:
+            measured = [[r["epoch"], r[f"label_free/{name}"]] for r in history]
+            measured = [point for point in measured if point[1] is not None]
+            assert drawn[name] == measured[: len(drawn[name])], name  # the history grew since
+        assert drawn["mutual_nn_rate"][0][0] == 0  # before training, so the change shows
+        assert drawn["neighbour_stability"][0][0] == 1  # nothing to compare with before
+        assert chart_x_labels(page, "label-free-chart")[0] == "before training"
+        # no evaluation chart waiting for labels: the signals stand beside the losses
+        expect(page.locator("#eval-card")).to_be_hidden()
+        expect(page.locator("#label-free-card")).to_be_visible()
+        expect(page.locator("#label-free-chart")).to_be_visible()
+        loss = page.locator("#loss-chart").bounding_box()
+        signals = page.locator("#label-free-chart").bounding_box()
+        assert loss is not None and signals is not None
+        assert signals["y"] == loss["y"] and signals["x"] > loss["x"] + loss["width"]
+        screenshot(page, "job-page-unlabelled")
+    finally:
+        service.cancel(job["id"])
 
 
 def test_a_running_job_is_cancelled_and_retried_from_its_page(

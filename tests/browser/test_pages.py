@@ -89,6 +89,22 @@ def test_models_page_lists_versions_moves_an_alias_and_downloads_weights(
     model.get_by_role("link", name=name).click()
     expect(page).to_have_url(f"{service.base_url}/#/models/{name}")
 
+    # which version holds best and by which rule: alice's jobs all evaluate on labels, so mAP
+    with service.client() as api:
+        versions = api.get(f"/v1/models/{name}/versions").json()["items"]
+    holder = next(v for v in versions if "best" in v["aliases"])
+    assert holder["best_rule"] == "mAP"
+    assert holder["best_value"] == max(v["metrics"]["mAP"] for v in versions)
+    expect(page.locator("#best-choice")).to_have_text(
+        f"best → v{holder['version']}, by mAP: {holder['best_value']:.1f} %."
+    )
+    rule = page.locator("#best-rule details")
+    rule.locator("summary").click()
+    expect(rule.locator("li")).to_have_count(4)
+    expect(rule.locator("li").nth(0)).to_contain_text("mAP")
+    expect(rule.locator("li").nth(1)).to_contain_text("human check's precision@1")
+    expect(rule.locator("li").nth(2)).to_contain_text("label-free signal")
+
     row = page.locator(f'#versions-table tr[data-version="{version}"]')
     expect(row).to_contain_text(trained_job["id"][:8])
     expect(row).to_contain_text(f"{trained_job['metrics']['eval']['mAP']:.1f}")

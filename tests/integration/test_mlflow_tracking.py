@@ -19,8 +19,9 @@ from reid_core.engine.exit_codes import ExitCode
 from reid_core.engine.trainer import HookBase
 from reid_core.inference.embedder import Embedder
 from reid_core.run_dir import RunDir
-from service.core.registry import JOB_TAG
+from service.core.registry import BEST_RULE_TAG, BEST_VALUE_TAG, JOB_TAG
 from tests.integration.conftest import tiny_config
+from tests.integration.test_label_free import unlabelled_folder
 from worker.mlflow_hook import MLflowHook
 from worker.tracking import TrackingSpec, TrackingState
 
@@ -68,6 +69,7 @@ def test_a_run_logs_everything_and_registers_an_embedder(
     assert state.pending == [] and state.warnings == []
     assert state.logged_through_epoch == 2
     assert (state.model_name, state.model_version, state.best_alias) == (MODEL, "1", True)
+    assert state.best_rule == "mAP"  # the synthetic data has a query/gallery split
     client = MlflowClient(store)
     run = client.get_run(state.run_id)
     assert run.data.tags[JOB_TAG] == "job-1" and run.data.tags["reid.owner"] == "alice"
@@ -138,6 +140,35 @@ def test_best_alias_moves_only_to_a_better_map(
     third = tmp_path / "third"
     _train(third, synthetic_root, [MLflowHook(_spec(store, tmp_path, "job-c"), third)])
     assert str(client.get_model_version_by_alias(MODEL, "best").version) == "3"
+
+
+def test_on_unlabelled_data_best_follows_the_kept_label_free_signal(
+    tmp_path: Path, synthetic_root: Path, store: str
+) -> None:
+    crops = unlabelled_folder(synthetic_root, tmp_path / "crops", cameras=True)
+    client = MlflowClient(store)
+    first = tmp_path / "first"
+    hooks: list[HookBase] = [MLflowHook(_spec(store, tmp_path, "job-a"), first)]
+    assert _train(first, crops, hooks, "data.dataset=image_folder") == ExitCode.OK
+    state = TrackingState.load(first)
+    assert (state.model_version, state.best_alias) == ("1", True)
+    assert state.best_rule == "label-free mutual_nn_rate"
+    version = client.get_model_version(MODEL, "1")
+    assert "metric.mAP" not in version.tags  # nothing evaluated with labels
+    signal = version.tags["metric.label_free/mutual_nn_rate"]
+    assert version.tags[BEST_RULE_TAG] == "label-free mutual_nn_rate"
+    assert float(version.tags[BEST_VALUE_TAG]) == float(signal)
+
+    # version 1 with a signal no model reaches: the next version leaves best where it is
+    client.set_model_version_tag(MODEL, "1", "metric.label_free/mutual_nn_rate", "2")
+    second = tmp_path / "second"
+    hooks = [MLflowHook(_spec(store, tmp_path, "job-b"), second)]
+    assert _train(second, crops, hooks, "data.dataset=image_folder") == ExitCode.OK
+    state = TrackingState.load(second)
+    assert (state.model_version, state.best_alias) == ("2", False)
+    assert state.best_rule == "label-free mutual_nn_rate"
+    assert str(client.get_model_version_by_alias(MODEL, "best").version) == "1"
+    assert BEST_RULE_TAG not in client.get_model_version(MODEL, "2").tags
 
 
 class _FlakyClient:

@@ -37,6 +37,24 @@ export function evalSeries(records) {
   );
 }
 
+/**
+ * The label-free signals (label_free/mutual_nn_rate, ..., see reid_core/evaluation/label_free.py)
+ * per evaluated epoch, in the order they first appear; measured with or without labels, the
+ * first point at epoch 0 with eval.at_start (neighbour_stability starts at the second).
+ */
+export function labelFreeSeries(records) {
+  const keys = [];
+  for (const record of records) {
+    for (const key of Object.keys(record)) {
+      if (key.startsWith("label_free/") && !keys.includes(key)) keys.push(key);
+    }
+  }
+  return keys.map((key) => epochSeries(records, key, key.slice("label_free/".length)));
+}
+
+/** Whether any series of `seriesList` has a point. */
+export const hasPoints = (seriesList) => seriesList.some((s) => s.points.length > 0);
+
 /** The points {x: epoch, y} of one history key, e.g. epochSeries(records, "eval/mAP", "mAP"). */
 export function epochSeries(records, key, label) {
   const points = records
@@ -80,10 +98,10 @@ export class EpochChart {
   }
 
   update(seriesList) {
-    const hasPoints = seriesList.some((s) => s.points.length > 0);
-    this.box.hidden = !hasPoints || this.unavailable;
-    this.empty.hidden = hasPoints && !this.unavailable;
-    if (!hasPoints || this.unavailable) return;
+    const drawn = hasPoints(seriesList);
+    this.box.hidden = !drawn || this.unavailable;
+    this.empty.hidden = drawn && !this.unavailable;
+    if (!drawn || this.unavailable) return;
     const datasets = seriesList.map((s, i) => ({
       label: s.label,
       data: s.points,

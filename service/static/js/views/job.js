@@ -1,12 +1,12 @@
-// #/jobs/<id>: one job: state and timeline, loss and evaluation charts, the log as it grows,
-// its configuration, MLflow run and model, Cancel and Retry.
+// #/jobs/<id>: one job: state and timeline, loss, evaluation and label-free charts, the log as
+// it grows, its configuration, MLflow run and model, Cancel and Retry.
 //
 // The job is polled with If-None-Match; events and metrics are fetched again only when its
 // state or epoch changed. The log follows the server's event stream when it has one
 // (logs?follow=true answering text/event-stream), else its tail is polled.
 
 import { ConditionalResource, getJSON, readEventStream, request, sendJSON } from "../api.js";
-import { EpochChart, evalSeries, lossSeries } from "../charts.js";
+import { EpochChart, evalSeries, hasPoints, labelFreeSeries, lossSeries } from "../charts.js";
 import { alertLine, describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
 import * as fmt from "../format.js";
 import { poll } from "../poll.js";
@@ -54,6 +54,7 @@ export function renderJob(root, [jobId]) {
   const timeline = h("ol", { class: "timeline", id: "job-timeline" });
   const lossBox = h("div", { class: "chart-card" });
   const evalBox = h("div", { class: "chart-card" });
+  const labelFreeBox = h("div", { class: "chart-card" });
   const logView = h("pre", { class: "log", id: "job-log", tabindex: "0" });
   const logNote = h("span", { class: "muted", id: "log-mode" });
   const scrollToEnd = h("input", { type: "checkbox", checked: true });
@@ -67,6 +68,32 @@ export function renderJob(root, [jobId]) {
     emptyText:
       "No evaluation yet (before training with eval.at_start, then every eval.every_n_epochs epochs).",
   });
+  const labelFreeChart = new EpochChart(labelFreeBox, {
+    id: "label-free-chart",
+    yTitle: "signal",
+    emptyText: "No label-free signal yet.",
+  });
+  const evalCard = h(
+    "section",
+    { class: "card", id: "eval-card" },
+    h("h2", {}, "Evaluation (mAP, CMC, %)"),
+    evalBox,
+  );
+  // Shown once measured (eval.label_free, on the evaluation's schedule); on data without a
+  // query/gallery split they are the only evaluation and take its place beside the losses.
+  const labelFreeCard = h(
+    "section",
+    { class: "card", id: "label-free-card", hidden: true },
+    h("h2", {}, "Label-free signals"),
+    h(
+      "p",
+      { class: "muted chart-note" },
+      "Measured on the training images without labels: mutual_nn_rate and similarity_margin " +
+        "rise as views of one person find each other across cameras; neighbour_stability nears " +
+        "1 as the neighbourhoods settle.",
+    ),
+    labelFreeBox,
+  );
 
   function layout() {
     setChildren(
@@ -93,7 +120,8 @@ export function renderJob(root, [jobId]) {
         "div",
         { class: "grid-2" },
         h("section", { class: "card" }, h("h2", {}, "Loss per term"), lossBox),
-        h("section", { class: "card" }, h("h2", {}, "Evaluation (mAP, CMC, %)"), evalBox),
+        evalCard,
+        labelFreeCard,
       ),
       h(
         "section",
@@ -203,8 +231,14 @@ export function renderJob(root, [jobId]) {
   }
 
   function renderMetrics(records) {
+    const evaluation = evalSeries(records);
+    const labelFree = labelFreeSeries(records);
+    // unhide first: a chart drawn in a hidden card would have no size
+    labelFreeCard.hidden = !hasPoints(labelFree);
+    evalCard.hidden = hasPoints(labelFree) && !hasPoints(evaluation);
     lossChart.update(lossSeries(records));
-    evalChart.update(evalSeries(records));
+    evalChart.update(evaluation);
+    labelFreeChart.update(labelFree);
   }
 
   // -- data -----------------------------------------------------------------------------------
@@ -377,5 +411,6 @@ export function renderJob(root, [jobId]) {
     closing.abort();
     lossChart.destroy();
     evalChart.destroy();
+    labelFreeChart.destroy();
   };
 }

@@ -1,6 +1,7 @@
 // #/models and #/models/<name>: the key owner's registered models (MLflow's registry, through
-// GET v1/models), the versions of one with their metrics and the jobs that made them, pointing
-// an alias ("best") at a version, and downloading a version's weights.
+// GET v1/models), the versions of one with their metrics and the jobs that made them, which
+// version holds "best" and by which rule (service/core/best.py), pointing an alias at a version,
+// and downloading a version's weights.
 
 import { ApiError, download, getJSON, sendJSON } from "../api.js";
 import { describeError, errorBox, formMessage, h, setChildren, setMessage } from "../dom.js";
@@ -58,6 +59,7 @@ export function renderModels(root, [selected]) {
     setChildren(
       detail,
       h("h2", {}, `${name}: versions`),
+      bestRule(page.items),
       dataTable(
         "versions-table",
         [
@@ -92,6 +94,62 @@ function registryError(error) {
     );
   }
   return errorBox(error, "Could not load the models: ");
+}
+
+/** How "best" is chosen (service/core/best.py), in the order the rule tries its evidence. */
+const BEST_RULE_STEPS = [
+  "mAP, where versions were evaluated on a labelled query/gallery split;",
+  "otherwise the human check's precision@1, where people judged a version's answers;",
+  "otherwise the kept label-free signal of the version's last evaluation;",
+  "otherwise the newest version.",
+];
+
+/** What best_value is, per rule: mAP in percent, a precision or a signal between 0 and 1. */
+function bestValue(rule, value) {
+  return rule === "mAP" ? `${fmt.number(value, 1)} %` : fmt.number(value, 3);
+}
+
+/** Which version holds "best" and why, and the rule itself (folded). */
+function bestRule(versions) {
+  const holder = versions.find((v) => (v.aliases || []).includes("best"));
+  let why;
+  if (!holder) {
+    why = "No version holds best yet.";
+  } else if (!holder.best_rule) {
+    why = `best → v${holder.version} (no rule recorded: set before the rule existed).`;
+  } else if (holder.best_value === null || holder.best_value === undefined) {
+    why = `best → v${holder.version}, ${holder.best_rule}.`;
+  } else {
+    const value = bestValue(holder.best_rule, holder.best_value);
+    why = `best → v${holder.version}, by ${holder.best_rule}: ${value}.`;
+  }
+  return h(
+    "div",
+    { id: "best-rule", class: "best-rule" },
+    h("p", { id: "best-choice" }, why),
+    h(
+      "details",
+      {},
+      h("summary", {}, "How best is chosen"),
+      h(
+        "p",
+        {},
+        "Among all versions, the strongest kind of evidence any version has decides, and only " +
+          "the versions carrying it compete (highest wins, a tie goes to the newest):",
+      ),
+      h(
+        "ol",
+        {},
+        BEST_RULE_STEPS.map((step) => h("li", {}, step)),
+      ),
+      h(
+        "p",
+        { class: "muted" },
+        "It is applied again whenever a job registers a version and whenever a human check " +
+          "logs answers, so best set by hand lasts until then; pin a version with another alias.",
+      ),
+    ),
+  );
 }
 
 function aliasChips(labels) {
