@@ -78,6 +78,8 @@ def test_list_and_read_your_models(
     assert version["run_id"] == state.run_id
     assert version["aliases"] == ["best"]
     assert version["metrics"]["mAP"] > 0 and "r1" in version["metrics"]
+    # the rule that gave it best: evaluated on labels, so its mAP
+    assert (version["best_rule"], version["best_value"]) == ("mAP", version["metrics"]["mAP"])
     assert version["load_uri"] == "models:/reid-alice/1"
     # an alias names a version too
     assert client.get("/v1/models/reid-alice/versions/best", headers=alice).json() == version
