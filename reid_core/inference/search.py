@@ -9,9 +9,10 @@ similarity ``s = q . g`` (larger = closer) and the ranking is the one ``reid eva
     index = GalleryIndex.build(embedder, records, model_ref="outputs/run/model_final.pt")
     hits = index.search(embedder.embed_files(["query.jpg"]), k=5)  # hits[0][0].path: best
 
-``nearest_from_other_cameras(positions, k)`` answers, for indexed images, their nearest images seen
-by other cameras (the pairs a person is asked to judge). ``save(dir)`` writes ``dir/index.faiss`` and ``dir/gallery.json`` (paths, camera ids, pids,
-feature dimension, the caller's model reference); ``GalleryIndex.load(dir)`` reads them back.
+``nearest_from_other_cameras(positions, k)`` answers, for indexed images, their nearest images
+seen by other cameras (the pairs a person is asked to judge). ``save(dir)`` writes
+``dir/index.faiss`` and ``dir/gallery.json`` (paths, camera ids, pids, feature dimension, the
+caller's model reference); ``GalleryIndex.load(dir)`` reads them back.
 """
 
 from __future__ import annotations
