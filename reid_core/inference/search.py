@@ -318,7 +318,7 @@ class GalleryIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         wanted = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if wanted.size and not (0 <= wanted.min() and wanted.max() < len(self)):
+        if wanted.size and not (wanted.min() >= 0 and wanted.max() < len(self)):
             raise ValueError(f"positions must be in 0..{len(self) - 1}, got {positions}")
         features = self.index.reconstruct_n(0, len(self))  # the stored rows: norm 1
         hits: list[list[SearchHit]] = []
