@@ -60,9 +60,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("gallery_id", name=op.f("uq_pair_checks_gallery_id")),
     )
     op.create_index(op.f("ix_pair_checks_dataset_id"), "pair_checks", ["dataset_id"])
-    op.create_index(
-        "ix_pair_checks_owner_created_at", "pair_checks", ["owner", "created_at", "id"]
-    )
+    op.create_index("ix_pair_checks_owner_created_at", "pair_checks", ["owner", "created_at", "id"])
     op.create_table(
         "pair_answers",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
