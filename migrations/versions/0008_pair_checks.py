@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column("dataset_id", sa.Uuid(), nullable=False),
         sa.Column("model_name", sa.String(length=256), nullable=False),
         sa.Column("model_version", sa.String(length=32), nullable=False),
-        sa.Column("seed", sa.BigInteger(), nullable=False),
+        sa.Column("seed", sa.Integer(), nullable=False),
         sa.Column("query_count", sa.Integer(), nullable=False),
         sa.Column("pairs", JSON, nullable=False),
         _when("created_at"),

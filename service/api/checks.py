@@ -203,9 +203,8 @@ def answer_pair(
     """The answer is yours and the two images', not this check's: it counts in every check of
     the dataset that shows them (another version's too), and answering again changes it. The
     new estimate is logged to the version's MLflow run (`human/precision_at_1`, `..._low`,
-    `..._high`, the same at 5, and `human/answers`, at step 0: the newest value is the
-    current one); an MLflow that
-    does not answer leaves the answer stored (`mlflow_error` says why)."""
+    `..._high`, the same at 5, and `human/answers`, at step 0: the newest value is the current
+    one); an MLflow that does not answer leaves the answer stored (`mlflow_error` says why)."""
     return _answered(
         pair_checks.answer_pair(session, settings, owner, check_id, index, body.answer)
     )

@@ -19,7 +19,7 @@ from service.core.models import (
     PairAnswerValue,
 )
 from service.core.owned import OwnedPage
-from service.core.pair_checks import DEFAULT_QUERIES, MAX_QUERIES
+from service.core.pair_checks import DEFAULT_QUERIES, MAX_QUERIES, MAX_SEED
 from service.core.settings import MODEL_NAME_PATTERN
 
 __all__ = [
@@ -564,7 +564,7 @@ class CheckCreate(_In):
     seed: StrictInt | None = Field(
         None,
         ge=0,
-        le=2**63 - 1,
+        le=MAX_SEED,
         description="The sample's seed: the same seed, images and cameras give the same "
         "queries and drawn ranks. Default: the seed of the owner's first check of the "
         "dataset (so a retrained version is asked about the same queries and reuses the "

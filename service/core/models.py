@@ -372,7 +372,7 @@ class PairCheck(Base):
     )
     model_name: Mapped[str] = mapped_column(String(256))
     model_version: Mapped[str] = mapped_column(String(32))
-    seed: Mapped[int] = mapped_column(BigInteger)
+    seed: Mapped[int] = mapped_column(Integer)
     query_count: Mapped[int] = mapped_column(Integer)
     pairs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

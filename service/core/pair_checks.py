@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_QUERIES",
     "MAX_QUERIES",
+    "MAX_SEED",
     "MIN_ANSWERS",
     "RANKS",
     "AnsweredCheck",
@@ -73,8 +74,8 @@ MAX_QUERIES = 500
 RANKS = 5
 #: Answers after which the estimate is worth reading (the dashboard shows it from then on).
 MIN_ANSWERS = 10
-#: Seeds drawn for new checks: below this.
-_SEED_RANGE = 2**31
+#: The largest seed: new checks draw theirs from 0 to it.
+MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ def create_check(
     first = _first_check_of(session, owner, gallery.dataset_id)
     seed = request.seed
     if seed is None:
-        seed = first.seed if first is not None else secrets.randbelow(_SEED_RANGE)
+        seed = first.seed if first is not None else secrets.randbelow(MAX_SEED + 1)
     queries = request.queries
     if queries is None:
         queries = first.query_count if first is not None else DEFAULT_QUERIES

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from service.core.gallery_states import change_gallery_state, lock_gallery
 from service.core.models import GalleryState
 from service.core.pair_estimate import wilson_interval
 from service.core.settings import Settings, TrackingSettings, WorkerSettings
-from tests.service.conftest import Headers, make_settings, write_jpeg
+from tests.service.conftest import Headers, copied_settings, write_jpeg
 from worker.build_gallery import gallery_records
 
 Json = dict[str, Any]
@@ -77,11 +76,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, s
 def settings(
     tmp_path: Path, migrated_sqlite: Path, registry: tuple[str, dict[str, str]]
 ) -> Settings:
-    db = tmp_path / "reid.db"
-    shutil.copyfile(migrated_sqlite, db)
-    return make_settings(
+    return copied_settings(
         tmp_path,
-        f"sqlite:///{db}",
+        migrated_sqlite,
         mlflow=TrackingSettings(tracking_uri=registry[0]),
         worker=WorkerSettings(enqueue_on_submit=False),
     )
