@@ -10,7 +10,17 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 import service
-from service.api import admin, dashboard, datasets, galleries, health, jobs, models, presets
+from service.api import (
+    admin,
+    checks,
+    dashboard,
+    datasets,
+    galleries,
+    health,
+    jobs,
+    models,
+    presets,
+)
 from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
@@ -69,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(presets.router)
     app.include_router(models.router)
     app.include_router(galleries.router)
+    app.include_router(checks.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
     return app

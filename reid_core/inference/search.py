@@ -9,8 +9,10 @@ similarity ``s = q . g`` (larger = closer) and the ranking is the one ``reid eva
     index = GalleryIndex.build(embedder, records, model_ref="outputs/run/model_final.pt")
     hits = index.search(embedder.embed_files(["query.jpg"]), k=5)  # hits[0][0].path: best
 
-``save(dir)`` writes ``dir/index.faiss`` and ``dir/gallery.json`` (paths, camera ids, pids,
-feature dimension, the caller's model reference); ``GalleryIndex.load(dir)`` reads them back.
+``nearest_from_other_cameras(positions, k)`` answers, for indexed images, their nearest images
+seen by other cameras (the pairs a person is asked to judge). ``save(dir)`` writes
+``dir/index.faiss`` and ``dir/gallery.json`` (paths, camera ids, pids, feature dimension, the
+caller's model reference); ``GalleryIndex.load(dir)`` reads them back.
 """
 
 from __future__ import annotations
@@ -299,18 +301,49 @@ class GalleryIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         scores, positions = knn_search(self.index, query_features, min(k, len(self)))
         return [
-            [
-                SearchHit(
-                    path=str(self.records[j].path),
-                    score=float(s),
-                    camid=int(self._camids[j]),
-                    pid=int(self._pids[j]),
-                    position=int(j),
-                )
-                for s, j in zip(row_scores, row_positions, strict=True)
-            ]
+            [self._hit(int(j), float(s)) for s, j in zip(row_scores, row_positions, strict=True)]
             for row_scores, row_positions in zip(scores, positions, strict=True)
         ]
+
+    def nearest_from_other_cameras(
+        self, positions: Sequence[int], k: int, chunk: int = 256
+    ) -> list[list[SearchHit]]:
+        """For each indexed image at ``positions``, its ``k`` most similar indexed images seen by
+        another camera, best first (fewer when fewer exist).
+
+        The image itself is never among them, nor another image of its camera; an unknown
+        camera (``-1``) on either side counts as another camera. Scores are cosine similarities
+        of the indexed features, compared ``chunk`` queries at a time against the whole gallery.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        wanted = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if wanted.size and not (wanted.min() >= 0 and wanted.max() < len(self)):
+            raise ValueError(f"positions must be in 0..{len(self) - 1}, got {positions}")
+        features = self.index.reconstruct_n(0, len(self))  # the stored rows: norm 1
+        hits: list[list[SearchHit]] = []
+        for start in range(0, wanted.size, chunk):
+            rows = wanted[start : start + chunk]
+            scores = features[rows] @ features.T
+            cams = self._camids[rows, None]
+            same_camera = (cams == self._camids[None, :]) & (cams != UNKNOWN)
+            same_camera[np.arange(rows.size), rows] = True  # the image itself
+            for row_scores, excluded in zip(scores, same_camera, strict=True):
+                allowed = np.flatnonzero(~excluded)
+                if allowed.size > k:
+                    allowed = allowed[np.argpartition(-row_scores[allowed], k - 1)[:k]]
+                best = allowed[np.argsort(-row_scores[allowed], kind="stable")]
+                hits.append([self._hit(int(j), float(row_scores[j])) for j in best])
+        return hits
+
+    def _hit(self, position: int, score: float) -> SearchHit:
+        return SearchHit(
+            path=str(self.records[position].path),
+            score=score,
+            camid=int(self._camids[position]),
+            pid=int(self._pids[position]),
+            position=position,
+        )
 
     def rank1(
         self, query_features: np.ndarray | torch.Tensor, query_records: Sequence[ImageRecord]

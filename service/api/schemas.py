@@ -11,8 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from reid_core.config import ExperimentConfig
 from service.core.job_progress import JobMetrics
-from service.core.models import DatasetKind, DatasetStatus, GalleryState, JobState
+from service.core.models import (
+    DatasetKind,
+    DatasetStatus,
+    GalleryState,
+    JobState,
+    PairAnswerValue,
+)
 from service.core.owned import OwnedPage
+from service.core.pair_checks import DEFAULT_QUERIES, MAX_QUERIES, MAX_SEED
 from service.core.settings import MODEL_NAME_PATTERN
 
 __all__ = [
@@ -546,4 +553,126 @@ __all__ += [
     "GallerySearchOut",
     "ImageFeatureOut",
     "SearchHitOut",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# pair checks: a person's answers on sampled pairs estimate a version's precision
+# ----------------------------------------------------------------------------------------------
+
+
+class CheckCreate(_In):
+    """Check a READY gallery's model version by hand: pairs of its crops to judge."""
+
+    gallery_id: uuid.UUID
+    queries: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=MAX_QUERIES,
+        description="Queries to sample (each gives one or two pairs). Default: as the owner's "
+        f"first check of the dataset, else {DEFAULT_QUERIES}.",
+    )
+    seed: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="The sample's seed: the same seed, images and cameras give the same "
+        "queries and drawn ranks. Default: the seed of the owner's first check of the "
+        "dataset (so a retrained version is asked about the same queries and reuses the "
+        "answers), else a random one.",
+    )
+
+    _integral = field_validator("queries", "seed", mode="before")(_integral_number)
+
+
+class PrecisionOut(BaseModel):
+    """A precision estimated from answers: ``same / (same + different)`` with Wilson's 95%
+    score interval; unsure answers are left out and counted apart."""
+
+    estimate: float | None = Field(description="Between 0 and 1; null before any answer.")
+    low: float = Field(description="95% interval, lower end (0 before any answer).")
+    high: float = Field(description="95% interval, upper end (1 before any answer).")
+    same: int
+    different: int
+    unsure: int
+    answers: int = Field(description="same + different: the sample the estimate is made of.")
+
+
+class CheckOut(BaseModel):
+    """A pair check of a gallery's model version, with the estimates its answers make so far."""
+
+    id: uuid.UUID
+    gallery_id: uuid.UUID
+    dataset_id: uuid.UUID
+    model_name: str
+    model_version: str = Field(description="The version number the gallery was built with.")
+    seed: int
+    queries: int = Field(description="Queries asked for (fewer when fewer images qualify).")
+    pairs: int = Field(description="Pairs to judge: one or two per query.")
+    answered: int = Field(description="Pairs with an answer, yours from any check of the dataset.")
+    min_answers: int = Field(description="Answers after which the estimate is worth reading.")
+    precision_at_1: PrecisionOut = Field(
+        description="From each query's rank-1 pair (its nearest crop from another camera)."
+    )
+    precision_at_5: PrecisionOut = Field(
+        description="From each query's pair at a rank drawn uniformly from 1 to 5: the mean "
+        "precision over ranks 1 to 5."
+    )
+    created_at: datetime
+
+
+class CheckAnsweredOut(CheckOut):
+    """The check after an answer changed, and whether its estimate reached MLflow."""
+
+    mlflow_run_id: str | None = Field(
+        description="The version's run the estimate was logged to (metrics human/...); null "
+        "when it was not: mlflow_error says why, and the next answer logs it again."
+    )
+    mlflow_error: str | None
+
+
+class PairImageOut(BaseModel):
+    position: int = Field(
+        description="Row in the gallery's index: GET /v1/galleries/{gallery_id}/images/"
+        "{position} answers the image file."
+    )
+    path: str = Field(description="Relative to the dataset's folder.")
+    camera_id: int | None = Field(description="0-based camera index; null when unknown.")
+
+
+class PairOut(BaseModel):
+    """A pair to judge: does ``candidate`` show the person of ``query``?"""
+
+    index: int = Field(description="The pair's number in the check, from 0, in asking order.")
+    query: PairImageOut
+    candidate: PairImageOut
+    rank: int = Field(
+        description="The candidate's rank among the query's crops from other cameras."
+    )
+    score: float = Field(description="Cosine similarity of the two crops' features.")
+    at_rank_1: bool = Field(description="Its answer counts in precision at rank 1.")
+    at_rank_5: bool = Field(description="Its answer counts in precision at rank 5.")
+    answer: PairAnswerValue | None = Field(description="Your answer on these two images, if any.")
+
+
+class PairList(BaseModel):
+    items: list[PairOut]
+
+
+class PairAnswerIn(_In):
+    answer: PairAnswerValue = Field(
+        description="same: one person; different: two people; unsure: cannot tell (left out "
+        "of the estimates, counted apart)."
+    )
+
+
+__all__ += [
+    "CheckAnsweredOut",
+    "CheckCreate",
+    "CheckOut",
+    "PairAnswerIn",
+    "PairImageOut",
+    "PairList",
+    "PairOut",
+    "PrecisionOut",
 ]

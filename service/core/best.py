@@ -33,7 +33,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from service.core.registry import BEST_ALIAS, BEST_RULE_TAG, BEST_VALUE_TAG, METRIC_TAG_PREFIX
+from service.core.registry import (
+    BEST_ALIAS,
+    BEST_RULE_TAG,
+    BEST_VALUE_TAG,
+    METRIC_TAG_PREFIX,
+    HumanMetric,
+)
 
 __all__ = [
     "HUMAN_PRECISION_METRIC",
@@ -50,7 +56,7 @@ __all__ = [
 KEPT_LABEL_FREE_SIGNAL = "label_free/mutual_nn_rate"
 #: The run metric of the human pair check: the share of queries whose first answer people
 #: judged the same person (0..1).
-HUMAN_PRECISION_METRIC = "human/precision_at_1"
+HUMAN_PRECISION_METRIC: str = HumanMetric.PRECISION_AT_1
 
 _MAP_TAG = f"{METRIC_TAG_PREFIX}mAP"
 _LABEL_FREE_TAG = f"{METRIC_TAG_PREFIX}{KEPT_LABEL_FREE_SIGNAL}"

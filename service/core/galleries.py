@@ -45,6 +45,7 @@ __all__ = [
     "image_file",
     "list_galleries",
     "owned_gallery",
+    "ready_index",
     "relative_path",
     "require_ready",
     "retry_gallery",
@@ -208,7 +209,7 @@ def require_ready(gallery: Gallery) -> None:
         )
 
 
-def _ready_index(settings: Settings, gallery: Gallery) -> GalleryIndex:
+def ready_index(settings: Settings, gallery: Gallery) -> GalleryIndex:
     """The READY gallery's index (read from disk on first use, then cached); refused when the
     gallery is not READY or its index files are gone."""
     require_ready(gallery)
@@ -228,7 +229,7 @@ def search(
 ) -> list[SearchHit]:
     """The ``k`` gallery images closest to ``query`` (cosine similarity), embedded by the
     gallery's model; ``camera`` picks the query's camera statistics for a camera_norm model."""
-    index = _ready_index(settings, gallery)
+    index = ready_index(settings, gallery)
     embedder = cached_embedder(
         ModelRegistry(settings), gallery.owner, gallery.model_name, gallery.model_version
     )
@@ -240,7 +241,7 @@ def search(
 def image_file(settings: Settings, gallery: Gallery, position: int) -> tuple[Path, os.stat_result]:
     """The file the gallery indexed at ``position`` (0 to the number of indexed images - 1), as
     the dataset's folder holds it now, and its ``stat``."""
-    index = _ready_index(settings, gallery)
+    index = ready_index(settings, gallery)
     if position >= len(index):
         raise NotFoundError(
             "gallery_image_not_found",

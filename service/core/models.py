@@ -343,4 +343,63 @@ class GalleryEvent(_StateChange, Base):
     gallery: Mapped[Gallery] = relationship(back_populates="events")
 
 
-__all__ += ["Gallery", "GalleryEvent", "GalleryState"]
+class PairAnswerValue(enum.StrEnum):
+    """What a person said of a pair of crops: the same person, different people, or cannot
+    tell (left out of the estimates, counted apart)."""
+
+    SAME = "same"
+    DIFFERENT = "different"
+    UNSURE = "unsure"
+
+
+class PairCheck(Base):
+    """A human check of a READY gallery: queries sampled from its images (``seed``), each with
+    its nearest crops from other cameras, as the pairs a person judges
+    (:mod:`service.core.pair_checks`). ``pairs`` is that sample, fixed when the check is made (a
+    READY gallery never changes); the answers live in ``pair_answers``, keyed by the images, so
+    another version's check of the same dataset reuses them."""
+
+    __tablename__ = "pair_checks"
+    __table_args__ = (Index("ix_pair_checks_owner_created_at", "owner", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(128))
+    gallery_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid(), ForeignKey("galleries.id", ondelete="CASCADE"), unique=True
+    )
+    dataset_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid(), ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    model_name: Mapped[str] = mapped_column(String(256))
+    model_version: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(Integer)
+    query_count: Mapped[int] = mapped_column(Integer)
+    pairs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PairAnswer(Base):
+    """An owner's answer on a pair of images of a dataset, whichever check (model version)
+    showed it. A pair is unordered: ``image_a < image_b``, paths relative to the dataset's
+    folder."""
+
+    __tablename__ = "pair_answers"
+    __table_args__ = (
+        UniqueConstraint(
+            "owner", "dataset_id", "image_a", "image_b", name="uq_pair_answers_owner_pair"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    dataset_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid(), ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    image_a: Mapped[str] = mapped_column(Text)
+    image_b: Mapped[str] = mapped_column(Text)
+    answer: Mapped[PairAnswerValue] = mapped_column(_enum(PairAnswerValue, "pair_answer"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+__all__ += ["Gallery", "GalleryEvent", "GalleryState", "PairAnswer", "PairAnswerValue", "PairCheck"]

@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.interfaces import LoaderOption
 
 from service.core.errors import not_found
-from service.core.models import Dataset, Gallery, Job
+from service.core.models import Dataset, Gallery, Job, PairCheck
 
 __all__ = ["COUNT_LIMIT", "Cursor", "OwnedPage", "owned", "owned_page"]
 
-R = TypeVar("R", Dataset, Job, Gallery)
+R = TypeVar("R", Dataset, Job, Gallery, PairCheck)
 
 #: A page's count is exact up to this many matching rows; beyond, it says "at least this many".
 COUNT_LIMIT = 1000

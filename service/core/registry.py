@@ -9,13 +9,15 @@ Every call here is synchronous (the API runs it in a thread) and bounded by
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "JOB_TAG",
     "METRIC_TAG_PREFIX",
     "OWNER_TAG",
+    "HumanMetric",
     "ModelRegistry",
     "ModelVersion",
     "RegisteredModel",
@@ -60,6 +63,23 @@ BEST_RULE_TAG = "reid.best_rule"
 BEST_VALUE_TAG = "reid.best_value"
 #: The rule of a ``best`` its owner pointed at a version (``PUT .../aliases/best``).
 BEST_BY_HAND = "set by hand"
+
+
+class HumanMetric(enum.StrEnum):
+    """The run metrics a person's pair check of a version logs (:mod:`service.core.pair_checks`)
+    after each answer: precision at ranks 1 and 5 with their 95% interval, and how many of the
+    check's pairs are answered (unsure ones included). All at step 0, so that the newest value
+    is the run's value of the metric (an undo lowers ``human/answers``); their history is over
+    time."""
+
+    PRECISION_AT_1 = "human/precision_at_1"
+    PRECISION_AT_1_LOW = "human/precision_at_1_low"
+    PRECISION_AT_1_HIGH = "human/precision_at_1_high"
+    PRECISION_AT_5 = "human/precision_at_5"
+    PRECISION_AT_5_LOW = "human/precision_at_5_low"
+    PRECISION_AT_5_HIGH = "human/precision_at_5_high"
+    ANSWERS = "human/answers"
+
 
 #: Inside a logged model: the plain weights + config file (reid_core.model_io format).
 WEIGHTS_PATH = "extra_files/model_final.pt"
@@ -180,6 +200,14 @@ class ModelRegistry:
         except (OSError, ConnectionError) as exc:
             raise self._unavailable(exc) from exc
 
+    def with_client(self, model_name: str, fn: Callable[[Any], T]) -> T:
+        """``fn(client)`` on ``model_name`` with MLflow's errors turned into the service's, as
+        for every call here (for rules kept in their own modules: :mod:`service.core.best`)."""
+        try:
+            return self._call(lambda: fn(self.client))
+        except _MissingError:
+            raise not_found("registered model", model_name) from None
+
     def _unavailable(self, exc: BaseException) -> UnavailableError:
         server = _server_address(self.settings.mlflow_tracking_uri)
         if server is None:
@@ -268,6 +296,26 @@ class ModelRegistry:
         except MlflowException as exc:  # it had none
             if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
                 raise
+
+    def log_version_metrics(
+        self, owner: str, name: str, version: str, metrics: Mapping[str, float], step: int = 0
+    ) -> str:
+        """Log ``metrics`` at ``step`` to the run that registered ``owner``'s ``version`` of
+        ``name``; that run's id. Not found for a version that is not the owner's, or whose run
+        is gone."""
+        from mlflow.entities import Metric
+
+        out = self.get_version(owner, name, version)
+        run_id = out.run_id
+        if run_id is None:
+            raise not_found("run of model version", f"{name}/{out.version}")
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        try:
+            self._call(lambda: self.client.log_batch(run_id, metrics=batch))
+        except _MissingError:
+            raise not_found("run of model version", f"{name}/{out.version}") from None
+        return run_id
 
     def download_weights(self, owner: str, name: str, version: str) -> tuple[Path, Path]:
         """``(file, folder)``: the version's ``model_final.pt``, copied into ``folder``, a new

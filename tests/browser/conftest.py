@@ -199,6 +199,44 @@ def trained_job(service: Service) -> dict[str, Any]:
     return service.wait_for(job["id"], {"SUCCEEDED"}, timeout_s=180)
 
 
+#: A gallery build on this CPU: the builder starts (torch), loads the model, embeds the images.
+BUILD_TIMEOUT_MS = 180_000
+
+
+def build(service: Service, dataset: dict[str, Any], model: str, name: str) -> dict[str, Any]:
+    """A gallery of ``dataset`` on the CPU and the default queue: the service's worker builds it."""
+    with service.client() as api:
+        response = api.post(
+            "/v1/galleries",
+            json={
+                "dataset_id": dataset["id"],
+                "model_name": model,
+                "model_version": "best",
+                "name": name,
+                "gpus": 0,
+            },
+        )
+    assert response.status_code == 202, response.text
+    gallery: dict[str, Any] = response.json()
+    assert gallery["queue"] == "default", gallery
+    return gallery
+
+
+def wait_for_gallery(service: Service, gallery_id: str, state: str) -> dict[str, Any]:
+    """The gallery once READY or FAILED, which must be ``state``."""
+    deadline = time.monotonic() + BUILD_TIMEOUT_MS / 1000
+    while True:
+        with service.client() as api:
+            response = api.get(f"/v1/galleries/{gallery_id}")
+        assert response.status_code == 200, response.text
+        gallery: dict[str, Any] = response.json()
+        if gallery["state"] in ("READY", "FAILED"):
+            assert gallery["state"] == state, gallery
+            return gallery
+        assert time.monotonic() < deadline, f"gallery still {gallery['state']}"
+        time.sleep(0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # browser
 # ----------------------------------------------------------------------------------------------

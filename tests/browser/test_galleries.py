@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,12 +20,17 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import PARKED_QUEUE, OpenPage, Service, screenshot
+from tests.browser.conftest import (
+    BUILD_TIMEOUT_MS,
+    PARKED_QUEUE,
+    OpenPage,
+    Service,
+    build,
+    screenshot,
+    wait_for_gallery,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-#: A gallery build on this CPU: the builder starts (torch), loads the model, embeds the images.
-BUILD_TIMEOUT_MS = 180_000
 
 #: Records, from the page, every state (and the progress it showed) the galleries table drew.
 _WATCH_ROWS = """() => {
@@ -183,40 +187,6 @@ def folder_away(folder: Path) -> Iterator[None]:
         yield
     finally:
         away.rename(folder)
-
-
-def build(service: Service, dataset: dict[str, Any], model: str, name: str) -> dict[str, Any]:
-    """A gallery of ``dataset`` on the CPU and the default queue: the service's worker builds it."""
-    with service.client() as api:
-        response = api.post(
-            "/v1/galleries",
-            json={
-                "dataset_id": dataset["id"],
-                "model_name": model,
-                "model_version": "best",
-                "name": name,
-                "gpus": 0,
-            },
-        )
-    assert response.status_code == 202, response.text
-    gallery: dict[str, Any] = response.json()
-    assert gallery["queue"] == "default", gallery
-    return gallery
-
-
-def wait_for_gallery(service: Service, gallery_id: str, state: str) -> dict[str, Any]:
-    """The gallery once READY or FAILED, which must be ``state``."""
-    deadline = time.monotonic() + BUILD_TIMEOUT_MS / 1000
-    while True:
-        with service.client() as api:
-            response = api.get(f"/v1/galleries/{gallery_id}")
-        assert response.status_code == 200, response.text
-        gallery: dict[str, Any] = response.json()
-        if gallery["state"] in ("READY", "FAILED"):
-            assert gallery["state"] == state, gallery
-            return gallery
-        assert time.monotonic() < deadline, f"gallery still {gallery['state']}"
-        time.sleep(0.5)
 
 
 def failed_build(

@@ -80,11 +80,16 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
     return Settings(_env_file=None, **values)
 
 
-@pytest.fixture
-def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
+def copied_settings(tmp_path: Path, migrated_sqlite: Path, **overrides: Any) -> Settings:
+    """Settings on a copy of the migrated SQLite file in ``tmp_path``, with ``overrides``."""
     db = tmp_path / "reid.db"
     shutil.copyfile(migrated_sqlite, db)
-    return make_settings(tmp_path, f"sqlite:///{db}")
+    return make_settings(tmp_path, f"sqlite:///{db}", **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
+    return copied_settings(tmp_path, migrated_sqlite)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from service.core.model_cache import LoadingLRU, forget_index
 from service.core.models import Gallery, GalleryState, utcnow
 from service.core.settings import Settings, TrackingSettings, WorkerSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
-from tests.service.conftest import Headers, make_settings, write_image_folder
+from tests.service.conftest import Headers, copied_settings, make_settings, write_image_folder
 from worker.build_gallery import build_gallery
 from worker.dispatcher import Dispatcher
 from worker.mlflow_hook import MLflowHook
@@ -83,11 +83,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 @pytest.fixture
 def settings(tmp_path: Path, migrated_sqlite: Path, registry: tuple[str, Path]) -> Settings:
     """On that store; galleries are not sent to a broker (the tests build them in-process)."""
-    db = tmp_path / "reid.db"
-    shutil.copyfile(migrated_sqlite, db)
-    return make_settings(
+    return copied_settings(
         tmp_path,
-        f"sqlite:///{db}",
+        migrated_sqlite,
         mlflow=TrackingSettings(tracking_uri=registry[0]),
         worker=WorkerSettings(enqueue_on_submit=False),
     )

@@ -17,7 +17,7 @@ from reid_core.train import run
 from service.app import create_app
 from service.core.settings import Settings, TrackingSettings
 from tests.integration.conftest import preserved_process_state, tiny_config
-from tests.service.conftest import Headers, make_settings
+from tests.service.conftest import Headers, copied_settings, make_settings
 from worker.mlflow_hook import MLflowHook
 from worker.tracking import TrackingSpec, TrackingState
 
@@ -52,11 +52,9 @@ def settings(
     tmp_path: Path, migrated_sqlite: Path, registry: tuple[str, TrackingState]
 ) -> Settings:
     """The service's settings (the conftest's app, client and keys use them) on that store."""
-    db = tmp_path / "reid.db"
-    shutil.copyfile(migrated_sqlite, db)
-    return make_settings(
+    return copied_settings(
         tmp_path,
-        f"sqlite:///{db}",
+        migrated_sqlite,
         mlflow=TrackingSettings(tracking_uri=registry[0], ui_url="http://mlflow.example:5000"),
     )
 

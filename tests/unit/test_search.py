@@ -77,6 +77,43 @@ def test_search_k_beyond_the_gallery_returns_all_of_it(
         index.search(np.ones((1, 3), dtype=np.float32), k=1)
 
 
+def test_nearest_from_other_cameras_skips_the_image_and_its_camera(
+    gallery: tuple[np.ndarray, list[ImageRecord]],
+) -> None:
+    feats, records = gallery
+    index = GalleryIndex.from_features(feats, records, use_gpu=False)
+    cams = np.array([r.camid for r in records])
+    similarities = feats @ feats.T
+    positions = [0, 7, 59, 7]
+    found = index.nearest_from_other_cameras(positions, k=5, chunk=3)  # two chunks
+    assert len(found) == 4
+    for position, hits in zip(positions, found, strict=True):
+        others = np.flatnonzero(cams != cams[position])
+        expected = others[np.argsort(-similarities[position, others], kind="stable")[:5]]
+        assert [h.position for h in hits] == expected.tolist()
+        np.testing.assert_allclose(
+            [h.score for h in hits], similarities[position, expected], atol=1e-5
+        )
+        best = records[int(expected[0])]
+        assert (hits[0].path, hits[0].pid, hits[0].camid) == (str(best.path), best.pid, best.camid)
+
+
+def test_nearest_from_other_cameras_with_unknown_cameras_and_few_images() -> None:
+    """Cameras 0, 0, 1, unknown: image 0 may be paired with 2 and 3, never with 1."""
+    feats = unit_rows(np.array([[1, 0], [1, 0.1], [0, 1], [1, 1]], dtype=np.float32))
+    records = [
+        ImageRecord(Path(f"/g/{i}.jpg"), pid=-1, camid=c) for i, c in enumerate([0, 0, 1, -1])
+    ]
+    index = GalleryIndex.from_features(feats, records, use_gpu=False)
+    first, unknown = index.nearest_from_other_cameras([0, 3], k=5)
+    assert [h.position for h in first] == [3, 2]  # fewer than k: all there are
+    assert [h.position for h in unknown] == [1, 0, 2]  # an unknown camera is nobody's
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        index.nearest_from_other_cameras([0], k=0)
+    with pytest.raises(ValueError, match="positions must be in 0..3"):
+        index.nearest_from_other_cameras([4], k=1)
+
+
 def test_save_then_load_gives_the_same_index(
     gallery: tuple[np.ndarray, list[ImageRecord]], tmp_path: Path
 ) -> None:

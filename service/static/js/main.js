@@ -1,9 +1,10 @@
 // The dashboard's shell: the API key dialog, the error banner, and hash routes to the views
 // (#/jobs, #/jobs/<id>, #/compare/<id>,<id>, #/datasets, #/models, #/models/<name>,
-// #/galleries, #/galleries/<id>).
+// #/galleries, #/galleries/<id>, #/checks/<id>).
 
 import { ApiError, apiKey, getJSON, onUnauthorized } from "./api.js";
 import { describeError, h, setChildren, setMessage } from "./dom.js";
+import { renderCheck } from "./views/check.js";
 import { renderCompare } from "./views/compare.js";
 import { renderDatasets } from "./views/datasets.js";
 import { renderGalleries, renderGallery } from "./views/galleries.js";
@@ -19,6 +20,7 @@ const ROUTES = [
   { pattern: /^#\/models(?:\/([^/]+))?\/?$/, section: "models", render: renderModels },
   { pattern: /^#\/galleries\/?$/, section: "galleries", render: renderGalleries },
   { pattern: /^#\/galleries\/([^/]+)$/, section: "galleries", render: renderGallery },
+  { pattern: /^#\/checks\/([^/]+)$/, section: "galleries", render: renderCheck },
 ];
 
 const view = document.getElementById("view");

@@ -427,6 +427,7 @@ export function renderGallery(root, [galleryId]) {
   const timeline = h("ol", { class: "timeline", id: "gallery-timeline" });
   let shownEvents = null; // the state and reason the timeline was fetched for
   const searchCard = h("section", { class: "card", id: "gallery-search", hidden: true });
+  const checkCard = humanCheckCard(galleryId);
   const results = h("section", { class: "card", id: "search-results", hidden: true });
 
   setChildren(root, h("p", { class: "muted" }, "Loading gallery…"));
@@ -447,6 +448,7 @@ export function renderGallery(root, [galleryId]) {
       status,
       h("section", { class: "card" }, h("h2", {}, "Summary"), facts),
       h("section", { class: "card" }, h("h2", {}, "Timeline"), timeline),
+      checkCard,
       searchCard,
       results,
     );
@@ -502,6 +504,7 @@ export function renderGallery(root, [galleryId]) {
       ]),
     );
     searchCard.hidden = gallery.state !== "READY";
+    checkCard.hidden = gallery.state !== "READY";
   }
 
   async function refresh() {
@@ -795,6 +798,39 @@ export function renderGallery(root, [galleryId]) {
     if (galleryPoll !== null) galleryPoll.stop();
     for (const url of [...urls]) revoke(url);
   };
+}
+
+/**
+ * The card that opens the gallery's pair check (#/checks/<id>), made on first use: a person
+ * judges pairs of its crops and the answers estimate the model version's precision.
+ */
+function humanCheckCard(galleryId) {
+  const message = formMessage();
+  const open = h("button", { type: "button", class: "primary", id: "open-check" }, "Check pairs");
+  open.addEventListener("click", async () => {
+    open.disabled = true;
+    setMessage(message, "");
+    try {
+      const check = await sendJSON("POST", "v1/checks", { gallery_id: galleryId });
+      window.location.hash = `#/checks/${check.id}`;
+    } catch (error) {
+      setMessage(message, `Could not open the check: ${describeError(error)}`);
+      open.disabled = false;
+    }
+  });
+  return h(
+    "section",
+    { class: "card", id: "gallery-check", hidden: true },
+    h("h2", {}, "Check by hand"),
+    h(
+      "p",
+      { class: "muted" },
+      "Judge a few dozen pairs of crops (a query and its nearest crops from other cameras): " +
+        "minutes of your time give the model's precision at ranks 1 and 5 with an interval, " +
+        "and the answers count again for the next version's check of this dataset.",
+    ),
+    h("div", { class: "actions" }, open, message),
+  );
 }
 
 /** Hits per camera, most first: which cameras saw the person of the query. */
