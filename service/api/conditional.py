@@ -5,7 +5,9 @@ A job's or gallery's ETag is made of its row version (``version``: +1 in every U
 row, no JSON, no hash of a body. The API process keeps the versions it read for
 ``REID_VERSION_CACHE_SECONDS`` (:mod:`service.core.row_versions`, which says when an entry is
 dropped): a poll whose version is kept is answered in the event loop without a database read;
-otherwise the version (and owner) is read by primary key in the thread pool. The version alone does not say what the body looks like, so the
+otherwise the version (and owner) is read by primary key in the thread pool. A full answer (200)
+at a version served before is the JSON kept for it (:mod:`service.api.body_cache`): neither the
+row nor its encoding again. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
 of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
 that changes either invalidates every ETag a client holds. A route answers one row's GET through
@@ -32,7 +34,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from service.api.deps import RowVersionsDep, SessionDep, SettingsDep
+from service.api.body_cache import BodyCache
+from service.api.deps import BodyCacheDep, RowVersionsDep, SessionDep, SettingsDep
 from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
@@ -47,6 +50,7 @@ __all__ = [
     "not_modified",
     "row_etag",
     "tagged",
+    "tagged_json",
 ]
 
 #: The request header, as a route parameter.
@@ -106,8 +110,15 @@ def tagged(
     body: BaseModel, etag: str, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     """``body`` as JSON with its ETag; clients revalidate before using what they kept."""
+    return tagged_json(body.model_dump_json().encode("utf-8"), etag, status_code, headers)
+
+
+def tagged_json(
+    body: bytes, etag: str, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body``, JSON already encoded, with its ETag (:func:`tagged`)."""
     return Response(
-        content=body.model_dump_json().encode("utf-8"),
+        content=body,
         status_code=status_code,
         media_type="application/json",
         headers={"ETag": etag, "Cache-Control": "no-cache", **(headers or {})},
@@ -124,6 +135,7 @@ class ConditionalGet:
     if_none_match: str | None
     settings: Settings
     versions: RowVersionCache
+    bodies: BodyCache
     session: Session
 
     async def answer(
@@ -131,27 +143,43 @@ class ConditionalGet:
     ) -> Response:
         """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
         shapes it (``model``), with its ETag. The version comes from ``versions`` (no database
-        read) or else is read alone in the thread pool, the row in the thread pool; each raises
-        not found like the full read would (another owner's row, a missing one)."""
-        if self.if_none_match is not None:
-            version = self.versions.peek(row)
-            if version is None:
-                version = await run_in_threadpool(self.versions.read_version, self.session, row)
+        read) or, for a conditional request, is read alone in the thread pool; the JSON of that
+        version comes from ``bodies`` when it was served before, else the row is read and
+        encoded in the thread pool. Each raises not found like the full read would (another
+        owner's row, a missing one)."""
+        version = self.versions.peek(row)
+        if version is None and self.if_none_match is not None:
+            version = await run_in_threadpool(self.versions.read_version, self.session, row)
+        if version is not None:
             etag = row_etag(model, self.settings, version)
             if matches(self.if_none_match, etag):
                 return not_modified(etag)
-        found = await run_in_threadpool(self.versions.read_row, self.session, row)
-        return tagged(serve(found), row_etag(model, self.settings, found.version))
+            kept = self.bodies.get(model, row.id, row.owner, version)
+            if kept is not None:
+                return tagged_json(kept, etag)
+        version, body = await run_in_threadpool(self._read_and_encode, row, model, serve)
+        return tagged_json(body, row_etag(model, self.settings, version))
+
+    def _read_and_encode(
+        self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
+    ) -> tuple[int, bytes]:
+        """The row's version read now and its JSON (encoded unless kept for that version)."""
+        found = self.versions.read_row(self.session, row)
+        kept = self.bodies.get(model, row.id, row.owner, found.version)
+        if kept is None:
+            kept = self.bodies.encoded(model, row.id, row.owner, found.version, serve(found))
+        return found.version, kept
 
 
 async def _conditional_get(
     settings: SettingsDep,
     versions: RowVersionsDep,
+    bodies: BodyCacheDep,
     session: SessionDep,
     if_none_match: IfNoneMatch = None,
 ) -> ConditionalGet:
-    # Async: a 304 from the row-version cache never waits for the thread pool.
-    return ConditionalGet(if_none_match, settings, versions, session)
+    # Async: an answer from the caches never waits for the thread pool.
+    return ConditionalGet(if_none_match, settings, versions, bodies, session)
 
 
 ConditionalGetDep = Annotated[ConditionalGet, Depends(_conditional_get)]

@@ -17,6 +17,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import create_engine, event, select, update
 
+from service.api.body_cache import BodyCache
+from service.api.schemas import JobOut, JobSummary
 from service.app import create_app
 from service.core import owned
 from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
@@ -573,3 +575,98 @@ def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
     assert cache.get("row") is None
     cache.put("row", 2, cache.begin_read())
     assert cache.get("row") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the JSON served for a row version, from the body cache
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_full_answer_at_a_kept_version_makes_no_sql(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The second 200 is the first's JSON, sent again without a statement; a cache that keeps
+    nothing (TTL 0) gives the same bytes read from the database."""
+    _row_versions_on(app, ttl_s=60)
+    url = f"/v1/jobs/{_submit(client, alice, dataset['id'])['id']}"
+    first = client.get(url, headers=alice)
+    with _statements(app) as seen:
+        second = client.get(url, headers=alice)
+    assert seen == []
+    assert second.status_code == 200 and second.content == first.content
+    assert second.headers["etag"] == first.headers["etag"]
+    app.state.row_versions, app.state.bodies = RowVersionCache(ttl_s=0), BodyCache()
+    assert client.get(url, headers=alice).content == first.content
+
+
+def test_a_full_answer_shows_a_change_elsewhere_once_the_version_expires(
+    app: FastAPI, settings: Settings, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The body follows the version cache's rule: the kept JSON while the version is trusted,
+    the new row's the first request after the TTL."""
+    clock = _row_versions_on(app, ttl_s=1.0)
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    assert client.get(url, headers=alice).json()["progress"] == 0.0
+    worker = create_engine(settings.database_url)
+    try:
+        with worker.begin() as connection:
+            connection.execute(
+                update(Job).where(Job.id == uuid.UUID(job["id"])).values(progress=0.5)
+            )
+    finally:
+        worker.dispose()
+    clock.now += 0.5
+    assert client.get(url, headers=alice).json()["progress"] == 0.0  # the documented staleness
+    clock.now += 0.5
+    changed = client.get(url, headers=alice)
+    assert changed.json()["progress"] == 0.5
+    assert client.get(url, headers=alice).content == changed.content
+
+
+def test_a_full_answer_shows_a_change_through_this_process_at_once(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    before = client.get(url, headers=alice)
+    assert before.json()["state"] == "QUEUED"
+    assert client.post(f"{url}/cancel", headers=alice).status_code == 200
+    after = client.get(url, headers=alice)
+    assert after.json()["state"] == "CANCELLED" and after.headers["etag"] != before.headers["etag"]
+    _set(app, job["id"], warnings=["MLflow unreachable for 30 s"])
+    assert client.get(url, headers=alice).json()["warnings"] == ["MLflow unreachable for 30 s"]
+
+
+def test_another_owner_never_gets_a_kept_body(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    job_id = _submit(client, alice, dataset["id"])["id"]
+    gallery_id = _add_gallery(app)
+    for url in (f"/v1/jobs/{job_id}", f"/v1/galleries/{gallery_id}"):
+        assert client.get(url, headers=alice).status_code == 200  # version and body kept
+        refused = client.get(url, headers=bob)
+        assert refused.status_code == 404 and list(refused.json()) == ["error"]
+    # nor through the cache itself: a body is served for its owner and exact version only
+    bodies = BodyCache()
+    ident = uuid.UUID(job_id)
+    bodies.put(JobOut, ident, "alice", 3, b"{}")
+    assert bodies.get(JobOut, ident, "alice", 3) == b"{}"
+    assert bodies.get(JobOut, ident, "bob", 3) is None
+    assert bodies.get(JobOut, ident, "alice", 4) is None
+    assert bodies.get(JobSummary, ident, "alice", 3) is None
+
+
+def test_the_body_cache_keeps_the_newest_version_and_stays_bounded() -> None:
+    bodies = BodyCache(max_entries=2)
+    first, second, third = (uuid.uuid4() for _ in range(3))
+    bodies.put(JobOut, first, "alice", 2, b"v2")
+    bodies.put(JobOut, first, "alice", 1, b"v1")  # a read that raced a change: not put back
+    assert bodies.get(JobOut, first, "alice", 2) == b"v2"
+    bodies.put(JobOut, second, "alice", 1, b"b")
+    assert bodies.get(JobOut, first, "alice", 2) == b"v2"  # used: now the most recent
+    bodies.put(JobOut, third, "alice", 1, b"c")
+    assert len(bodies) == 2
+    assert bodies.get(JobOut, second, "alice", 1) is None  # the least recently used went
