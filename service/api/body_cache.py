@@ -23,11 +23,17 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import BaseModel
 
+from service.core.models import Gallery, Job
+
 __all__ = ["MAX_BODIES", "BodyCache"]
+
+R = TypeVar("R", Job, Gallery)
 
 #: Most bodies an API process keeps: a job's is ~4 KB with its configuration, ~1 KB as a list's
 #: summary, so at most a few tens of MB; more rows than dashboards poll.
@@ -89,3 +95,27 @@ class BodyCache:
         json = body.model_dump_json().encode("utf-8")
         self.put(schema, ident, owner, version, json)
         return json
+
+    def items(
+        self,
+        schema: type[BaseModel],
+        owner: str,
+        listed: list[tuple[uuid.UUID, int]],
+        read: Callable[[list[uuid.UUID]], Iterable[R]],
+        shape: Callable[[R], BaseModel],
+    ) -> list[tuple[uuid.UUID, int, bytes]]:
+        """A list page's items: each listed (id, version) as its kept JSON, or else read (all
+        of those at once: ``read(ids)``), shaped as ``schema`` and kept. Returns (id, version,
+        JSON) in the listed order; a row read at a newer version than listed (it changed since
+        the page was read) shows that one, a row no longer there is left out."""
+        found = {
+            ident: (version, self.get(schema, ident, owner, version)) for ident, version in listed
+        }
+        for row in read([ident for ident, (_, json) in found.items() if json is None]):
+            found[row.id] = (
+                row.version,
+                self.encoded(schema, row.id, owner, row.version, shape(row)),
+            )
+        return [
+            (ident, version, json) for ident, (version, json) in found.items() if json is not None
+        ]

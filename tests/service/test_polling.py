@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import create_engine, event, select, update
 
 from service.api.body_cache import BodyCache
-from service.api.schemas import JobOut, JobSummary
+from service.api.schemas import JobOut, JobSummary, Page
 from service.app import create_app
-from service.core import owned
+from service.core import jobs, owned
 from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
 from service.core.broker import mark_dispatched
 from service.core.db import session_scope
@@ -670,3 +670,98 @@ def test_the_body_cache_keeps_the_newest_version_and_stays_bounded() -> None:
     bodies.put(JobOut, third, "alice", 1, b"c")
     assert len(bodies) == 2
     assert bodies.get(JobOut, second, "alice", 1) is None  # the least recently used went
+
+
+def _list_statements(app: FastAPI, client: TestClient, headers: Headers, **params: Any) -> Any:
+    with _statements(app) as seen:
+        response = client.get("/v1/jobs", params=params, headers=headers)
+    return response, seen
+
+
+def test_a_list_page_reads_the_versions_and_only_the_jobs_it_has_no_json_for(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The count and the page's ids and versions are read on every request (no TTL: a change
+    anywhere shows at once); a 304 needs nothing more, nor does a page whose jobs were all
+    served at their versions before; a job that changed is read alone."""
+    ids = [_submit(client, alice, dataset["id"])["id"] for _ in range(3)]
+    first, seen = _list_statements(app, client, alice)
+    assert first.status_code == 200 and [j["id"] for j in first.json()["items"]] == ids[::-1]
+    assert len(seen) == 3  # count, page, the jobs by id
+    again, seen = _list_statements(app, client, alice)
+    assert len(seen) == 2 and not any("jobs.metrics" in s for s in seen), seen
+    assert again.content == first.content and again.headers["etag"] == first.headers["etag"]
+    with _statements(app) as seen:
+        kept = {**alice, "If-None-Match": first.headers["etag"]}
+        assert client.get("/v1/jobs", headers=kept).status_code == 304
+    assert len(seen) == 2
+    # another process changes one job: the next page shows it, reading that job alone
+    with session_scope(app.state.session_factory) as session:
+        session.connection().execute(
+            update(Job).where(Job.id == uuid.UUID(ids[1])).values(progress=0.5)
+        )
+    changed, seen = _list_statements(app, client, alice)
+    assert [j["progress"] for j in changed.json()["items"]] == [0.0, 0.5, 0.0]
+    assert changed.headers["etag"] != first.headers["etag"]
+    assert len(seen) == 3, seen
+
+
+def test_a_list_page_is_the_json_of_its_model(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The page assembled from kept items is byte for byte what pydantic writes for it, in
+    either view, with a cursor."""
+    for _ in range(3):
+        _submit(client, alice, dataset["id"])
+    for view, item in (("summary", JobSummary), ("full", JobOut)):
+        for _ in range(2):  # read, then from the kept items
+            answer = client.get("/v1/jobs", params={"limit": 2, "view": view}, headers=alice)
+            page = answer.json()
+            assert page["next_after"] is not None
+            expected = Page[item].model_validate(page).model_dump_json()  # type: ignore[valid-type]
+            assert answer.content == expected.encode()
+
+
+def test_another_owner_never_gets_kept_list_items(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    job_id = _submit(client, alice, dataset["id"])["id"]
+    for view in ("summary", "full"):
+        assert client.get("/v1/jobs", params={"view": view}, headers=alice).json()["total"] == 1
+        theirs = client.get("/v1/jobs", params={"view": view}, headers=bob)
+        assert theirs.status_code == 200 and theirs.json()["items"] == []
+        assert job_id not in theirs.text
+    # the jobs read by id are the owner's only, whatever ids are asked for
+    with session_scope(app.state.session_factory) as session:
+        assert jobs.jobs_by_id(session, "bob", [uuid.UUID(job_id)]) == []
+
+
+def test_a_job_deleted_or_changed_between_the_page_and_its_rows_is_shown_as_read() -> None:
+    bodies = BodyCache()
+    gone, changed, same = (uuid.uuid4() for _ in range(3))
+    bodies.put(JobSummary, same, "alice", 1, b'"same"')
+
+    class Row:
+        def __init__(self, ident: uuid.UUID, version: int) -> None:
+            self.id, self.version = ident, version
+
+    class Shown(BaseModel):
+        version: int
+
+    asked: list[list[uuid.UUID]] = []
+
+    def read(ids: list[uuid.UUID]) -> list[Any]:
+        asked.append(ids)
+        return [Row(changed, 3)]  # `gone` was deleted, `changed` moved from version 2 to 3
+
+    items = bodies.items(
+        JobSummary,
+        "alice",
+        [(gone, 1), (changed, 2), (same, 1)],
+        read,
+        lambda row: Shown(version=row.version),
+    )
+    assert asked == [[gone, changed]]
+    assert [(ident, version) for ident, version, _ in items] == [(changed, 3), (same, 1)]
+    assert items[1][2] == b'"same"'
+    assert bodies.get(JobSummary, changed, "alice", 3) == items[0][2] == b'{"version":3}'
