@@ -29,13 +29,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Response
+from fastapi import Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.body_cache import BodyCache
-from service.api.deps import BodyCacheDep, RowVersionsDep, SessionDep, SettingsDep
 from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
@@ -136,50 +135,59 @@ class ConditionalGet:
     settings: Settings
     versions: RowVersionCache
     bodies: BodyCache
-    session: Session
+    sessions: sessionmaker[Session]
 
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
     ) -> Response:
         """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
-        shapes it (``model``), with its ETag. The version comes from ``versions`` (no database
-        read) or, for a conditional request, is read alone in the thread pool; the JSON of that
-        version comes from ``bodies`` when it was served before, else the row is read and
-        encoded in the thread pool. Each raises not found like the full read would (another
-        owner's row, a missing one)."""
+        shapes it (``model``), with its ETag. From the caches in the event loop when the version
+        is kept (``versions``) and so is its JSON for a 200 (``bodies``); else in one call to the
+        thread pool (:meth:`_read`). Raises not found like the full read would (another owner's
+        row, a missing one)."""
         version = self.versions.peek(row)
-        if version is None and self.if_none_match is not None:
-            version = await run_in_threadpool(self.versions.read_version, self.session, row)
-        if version is not None:
-            etag = row_etag(model, self.settings, version)
-            if matches(self.if_none_match, etag):
-                return not_modified(etag)
-            kept = self.bodies.get(model, row.id, row.owner, version)
-            if kept is not None:
-                return tagged_json(kept, etag)
-        version, body = await run_in_threadpool(self._read_and_encode, row, model, serve)
-        return tagged_json(body, row_etag(model, self.settings, version))
+        if version is not None and (kept := self._kept(row, model, version)) is not None:
+            return kept
+        return await run_in_threadpool(self._read, row, model, serve, version is None)
 
-    def _read_and_encode(
-        self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
-    ) -> tuple[int, bytes]:
-        """The row's version read now and its JSON (encoded unless kept for that version)."""
-        found = self.versions.read_row(self.session, row)
-        kept = self.bodies.get(model, row.id, row.owner, found.version)
-        if kept is None:
-            kept = self.bodies.encoded(model, row.id, row.owner, found.version, serve(found))
-        return found.version, kept
+    def _kept(self, row: OwnedRow[R], model: type[BaseModel], version: int) -> Response | None:
+        """The answer at ``version`` without the database: a 304, or the JSON kept for it."""
+        etag = row_etag(model, self.settings, version)
+        if matches(self.if_none_match, etag):
+            return not_modified(etag)
+        body = self.bodies.get(model, row.id, row.owner, version)
+        return None if body is None else tagged_json(body, etag)
+
+    def _read(
+        self,
+        row: OwnedRow[R],
+        model: type[BaseModel],
+        serve: Callable[[R], BaseModel],
+        version_unknown: bool,
+    ) -> Response:
+        """The answer from the database, in a session of its own that is closed here (its
+        connection goes back to the pool in this thread, not in another hop): the version alone
+        when it was not kept and the request is conditional (a 304 or a kept JSON then needs
+        nothing more), else the row, encoded unless its JSON is kept."""
+        with self.sessions() as session:
+            if version_unknown and self.if_none_match is not None:
+                version = self.versions.read_version(session, row)
+                if (kept := self._kept(row, model, version)) is not None:
+                    return kept
+            found = self.versions.read_row(session, row)
+        body = self.bodies.get(model, row.id, row.owner, found.version)
+        if body is None:
+            body = self.bodies.encoded(model, row.id, row.owner, found.version, serve(found))
+        return tagged_json(body, row_etag(model, self.settings, found.version))
 
 
-async def _conditional_get(
-    settings: SettingsDep,
-    versions: RowVersionsDep,
-    bodies: BodyCacheDep,
-    session: SessionDep,
-    if_none_match: IfNoneMatch = None,
-) -> ConditionalGet:
-    # Async: an answer from the caches never waits for the thread pool.
-    return ConditionalGet(if_none_match, settings, versions, bodies, session)
+async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) -> ConditionalGet:
+    # Async, and what the app keeps read from its state rather than through a dependency each:
+    # a poll answered from the caches never waits for the thread pool, and costs little else.
+    state = request.app.state
+    return ConditionalGet(
+        if_none_match, state.settings, state.row_versions, state.bodies, state.session_factory
+    )
 
 
 ConditionalGetDep = Annotated[ConditionalGet, Depends(_conditional_get)]

@@ -1,5 +1,5 @@
 """Typed request dependencies shared by the routers: the settings, a database session, the
-row-version and body caches of conditional GETs, and the paging parameters of the lists."""
+JSON kept of jobs' versions (the lists' items), and the paging parameters of the lists."""
 
 from __future__ import annotations
 
@@ -14,18 +14,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.body_cache import BodyCache
 from service.api.errors import APIError
 from service.core.owned import Cursor
-from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
     "BodyCacheDep",
     "PageDep",
     "PageParams",
-    "RowVersionsDep",
     "SessionDep",
     "SettingsDep",
     "get_body_cache",
-    "get_row_versions",
     "get_session",
     "get_settings_dep",
     "page_params",
@@ -55,11 +52,6 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             session.close()
 
 
-async def get_row_versions(request: Request) -> RowVersionCache:
-    versions: RowVersionCache = request.app.state.row_versions
-    return versions
-
-
 async def get_body_cache(request: Request) -> BodyCache:
     bodies: BodyCache = request.app.state.bodies
     return bodies
@@ -67,7 +59,6 @@ async def get_body_cache(request: Request) -> BodyCache:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-RowVersionsDep = Annotated[RowVersionCache, Depends(get_row_versions)]
 BodyCacheDep = Annotated[BodyCache, Depends(get_body_cache)]
 
 #: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET
