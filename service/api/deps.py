@@ -3,12 +3,13 @@ JSON kept of jobs' versions (the lists' items), and the paging parameters of the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.body_cache import BodyCache
@@ -34,20 +35,27 @@ async def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
+#: Threads that do nothing but close sessions. A close gives a connection back to the pool, so it
+#: must never queue behind the thread pool's requests: with every one of those threads waiting
+#: for a connection (more requests at once than the pool has connections), a close queued there
+#: would wait for them and they for it, until the pool's timeout (30 s) failed them all.
+_CLOSERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="session-close")
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """One session per request; the router commits, anything left open is rolled back.
 
     Opened in the event loop (a session connects on its first statement, not here) and closed
     there too unless it holds a connection, whose return to the pool is a round trip to the
-    database: that close runs in the thread pool. A sync dependency would cost two thread-pool
-    hops on every request, a poll's 304 included."""
+    database: that close runs in a thread of its own (:data:`_CLOSERS`). A sync dependency
+    would cost two thread-pool hops on every request, a poll's 304 included."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     session = factory()
     try:
         yield session
     finally:
         if session.in_transaction():
-            await run_in_threadpool(session.close)
+            await asyncio.get_running_loop().run_in_executor(_CLOSERS, session.close)
         else:
             session.close()
 
