@@ -5,7 +5,9 @@ A job's or gallery's ETag is made of its row version (``version``: +1 in every U
 row, no JSON, no hash of a body. The API process keeps the versions it read for
 ``REID_VERSION_CACHE_SECONDS`` (:mod:`service.core.row_versions`, which says when an entry is
 dropped): a poll whose version is kept is answered in the event loop without a database read;
-otherwise the version (and owner) is read by primary key in the thread pool. The version alone does not say what the body looks like, so the
+otherwise the version (and owner) is read by primary key in the thread pool. A full answer (200)
+at a version served before is the JSON kept for it (:mod:`service.api.body_cache`): neither the
+row nor its encoding again. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
 of the settings that enter the body (the MLflow UI address of ``mlflow_run_url``). A deployment
 that changes either invalidates every ETag a client holds. A route answers one row's GET through
@@ -27,12 +29,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Header, Response
+from fastapi import Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from service.api.deps import RowVersionsDep, SessionDep, SettingsDep
+from service.api.body_cache import BodyCache
 from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
@@ -47,6 +49,7 @@ __all__ = [
     "not_modified",
     "row_etag",
     "tagged",
+    "tagged_json",
 ]
 
 #: The request header, as a route parameter.
@@ -106,8 +109,15 @@ def tagged(
     body: BaseModel, etag: str, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     """``body`` as JSON with its ETag; clients revalidate before using what they kept."""
+    return tagged_json(body.model_dump_json().encode("utf-8"), etag, status_code, headers)
+
+
+def tagged_json(
+    body: bytes, etag: str, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``body``, JSON already encoded, with its ETag (:func:`tagged`)."""
     return Response(
-        content=body.model_dump_json().encode("utf-8"),
+        content=body,
         status_code=status_code,
         media_type="application/json",
         headers={"ETag": etag, "Cache-Control": "no-cache", **(headers or {})},
@@ -124,34 +134,60 @@ class ConditionalGet:
     if_none_match: str | None
     settings: Settings
     versions: RowVersionCache
-    session: Session
+    bodies: BodyCache
+    sessions: sessionmaker[Session]
 
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
     ) -> Response:
         """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
-        shapes it (``model``), with its ETag. The version comes from ``versions`` (no database
-        read) or else is read alone in the thread pool, the row in the thread pool; each raises
-        not found like the full read would (another owner's row, a missing one)."""
-        if self.if_none_match is not None:
-            version = self.versions.peek(row)
-            if version is None:
-                version = await run_in_threadpool(self.versions.read_version, self.session, row)
-            etag = row_etag(model, self.settings, version)
-            if matches(self.if_none_match, etag):
-                return not_modified(etag)
-        found = await run_in_threadpool(self.versions.read_row, self.session, row)
-        return tagged(serve(found), row_etag(model, self.settings, found.version))
+        shapes it (``model``), with its ETag. From the caches in the event loop when the version
+        is kept (``versions``) and so is its JSON for a 200 (``bodies``); else in one call to the
+        thread pool (:meth:`_read`). Raises not found like the full read would (another owner's
+        row, a missing one)."""
+        version = self.versions.peek(row)
+        if version is not None and (kept := self._kept(row, model, version)) is not None:
+            return kept
+        return await run_in_threadpool(self._read, row, model, serve, version is None)
+
+    def _kept(self, row: OwnedRow[R], model: type[BaseModel], version: int) -> Response | None:
+        """The answer at ``version`` without the database: a 304, or the JSON kept for it."""
+        etag = row_etag(model, self.settings, version)
+        if matches(self.if_none_match, etag):
+            return not_modified(etag)
+        body = self.bodies.get(model, row.id, row.owner, version)
+        return None if body is None else tagged_json(body, etag)
+
+    def _read(
+        self,
+        row: OwnedRow[R],
+        model: type[BaseModel],
+        serve: Callable[[R], BaseModel],
+        version_unknown: bool,
+    ) -> Response:
+        """The answer from the database, in a session of its own that is closed here (its
+        connection goes back to the pool in this thread, not in another hop): the version alone
+        when it was not kept and the request is conditional (a 304 or a kept JSON then needs
+        nothing more), else the row, encoded unless its JSON is kept."""
+        with self.sessions() as session:
+            if version_unknown and self.if_none_match is not None:
+                version = self.versions.read_version(session, row)
+                if (kept := self._kept(row, model, version)) is not None:
+                    return kept
+            found = self.versions.read_row(session, row)
+        body = self.bodies.get(model, row.id, row.owner, found.version)
+        if body is None:
+            body = self.bodies.encoded(model, row.id, row.owner, found.version, serve(found))
+        return tagged_json(body, row_etag(model, self.settings, found.version))
 
 
-async def _conditional_get(
-    settings: SettingsDep,
-    versions: RowVersionsDep,
-    session: SessionDep,
-    if_none_match: IfNoneMatch = None,
-) -> ConditionalGet:
-    # Async: a 304 from the row-version cache never waits for the thread pool.
-    return ConditionalGet(if_none_match, settings, versions, session)
+async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) -> ConditionalGet:
+    # Async, and what the app keeps read from its state rather than through a dependency each:
+    # a poll answered from the caches never waits for the thread pool, and costs little else.
+    state = request.app.state
+    return ConditionalGet(
+        if_none_match, state.settings, state.row_versions, state.bodies, state.session_factory
+    )
 
 
 ConditionalGetDep = Annotated[ConditionalGet, Depends(_conditional_get)]

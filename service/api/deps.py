@@ -1,28 +1,29 @@
 """Typed request dependencies shared by the routers: the settings, a database session, the
-row-version cache of conditional GETs, and the paging parameters of the lists."""
+JSON kept of jobs' versions (the lists' items), and the paging parameters of the lists."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.body_cache import BodyCache
 from service.api.errors import APIError
 from service.core.owned import Cursor
-from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings
 
 __all__ = [
+    "BodyCacheDep",
     "PageDep",
     "PageParams",
-    "RowVersionsDep",
     "SessionDep",
     "SettingsDep",
-    "get_row_versions",
+    "get_body_cache",
     "get_session",
     "get_settings_dep",
     "page_params",
@@ -34,32 +35,39 @@ async def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
+#: Threads that do nothing but close sessions. A close gives a connection back to the pool, so it
+#: must never queue behind the thread pool's requests: with every one of those threads waiting
+#: for a connection (more requests at once than the pool has connections), a close queued there
+#: would wait for them and they for it, until the pool's timeout (30 s) failed them all.
+_CLOSERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="session-close")
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """One session per request; the router commits, anything left open is rolled back.
 
     Opened in the event loop (a session connects on its first statement, not here) and closed
     there too unless it holds a connection, whose return to the pool is a round trip to the
-    database: that close runs in the thread pool. A sync dependency would cost two thread-pool
-    hops on every request, a poll's 304 included."""
+    database: that close runs in a thread of its own (:data:`_CLOSERS`). A sync dependency
+    would cost two thread-pool hops on every request, a poll's 304 included."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     session = factory()
     try:
         yield session
     finally:
         if session.in_transaction():
-            await run_in_threadpool(session.close)
+            await asyncio.get_running_loop().run_in_executor(_CLOSERS, session.close)
         else:
             session.close()
 
 
-async def get_row_versions(request: Request) -> RowVersionCache:
-    versions: RowVersionCache = request.app.state.row_versions
-    return versions
+async def get_body_cache(request: Request) -> BodyCache:
+    bodies: BodyCache = request.app.state.bodies
+    return bodies
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-RowVersionsDep = Annotated[RowVersionCache, Depends(get_row_versions)]
+BodyCacheDep = Annotated[BodyCache, Depends(get_body_cache)]
 
 #: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET
 #: (a larger one is refused by the schema rather than by the database driver).

@@ -24,8 +24,9 @@ from service.api.conditional import (
     not_modified,
     row_etag,
     tagged,
+    tagged_json,
 )
-from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.deps import BodyCacheDep, PageDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -118,6 +119,7 @@ def list_jobs(
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
+    bodies: BodyCacheDep,
     paging: PageDep,
     state: Annotated[list[JobState] | None, Query(description="Only these states")] = None,
     dataset_id: Annotated[uuid.UUID | None, Query()] = None,
@@ -126,6 +128,9 @@ def list_jobs(
     ] = JobView.summary,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
+    """The page's ids and versions are read first: its ETag, and the 304, need nothing else.
+    Each item is the JSON kept for its job's version (:mod:`service.api.body_cache`), shared
+    with ``GET /v1/jobs/{id}`` for ``view=full``; the jobs without one are read by id."""
     full = view is JobView.full
     page = jobs.list_jobs(
         session,
@@ -135,15 +140,25 @@ def list_jobs(
         limit=paging.limit,
         offset=paging.offset,
         after=paging.after,
-        full=full,
     )
     item: type[JobSummary] = JobOut if full else JobSummary
     query = f"{paging.query()}&state={','.join(state or [])}&dataset_id={dataset_id}&view={view}"
-    etag = list_etag(item, settings, query, ((j.id, j.version) for j in page.rows), page.total)
+    listed = [(row.id, row.version) for row in page.rows]
+    etag = list_etag(item, settings, query, listed, page.total)
     if matches(if_none_match, etag):
         return not_modified(etag)
-    items = [_job_out(j, settings, item) for j in page.rows]
-    return tagged(Page[item].of(items, page, paging.limit, paging.offset), etag)  # type: ignore[valid-type]
+    items = bodies.items(
+        item,
+        owner,
+        listed,
+        lambda ids: jobs.jobs_by_id(session, owner, ids, full=full),
+        lambda job: _job_out(job, settings, item),
+    )
+    shown = [(ident, version) for ident, version, _ in items]
+    if shown != listed:  # a job changed or was deleted since the page was read
+        etag = list_etag(item, settings, query, shown, page.total)
+    body = Page[item].json_of([json for *_, json in items], page, paging.limit, paging.offset)  # type: ignore[valid-type]
+    return tagged_json(body, etag)
 
 
 # `:uuid`: only a UUID routes here, so /v1/jobs/preview is never a job id (GET on it is a

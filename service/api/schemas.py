@@ -93,6 +93,16 @@ class Page(_Out, Generic[T]):
             next_after=page.next_after,
         )
 
+    @classmethod
+    def json_of(cls, items: list[bytes], page: OwnedPage[Any], limit: int, offset: int) -> bytes:
+        """The answer for ``page`` as JSON, its items given as JSON already (what
+        ``cls.of(...).model_dump_json()`` writes, without decoding and encoding them again)."""
+        envelope = cls.of([], page, limit, offset).model_dump_json().encode("utf-8")
+        empty = b'{"items":[]'
+        if not envelope.startswith(empty):  # the field order above is the JSON's
+            raise AssertionError(f"a page's JSON starts with its items, not {envelope[:20]!r}")
+        return b'{"items":[' + b",".join(items) + b"]" + envelope[len(empty) :]
+
 
 # ----------------------------------------------------------------------------------------------
 # errors

@@ -11,6 +11,7 @@ result must stay inside the service's :class:`JobBounds`.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -66,9 +67,11 @@ def _path_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
             yield f"{prefix}{name}"
 
 
+@functools.cache
 def service_owned_keys() -> frozenset[str]:
     """Dotted keys users may not set: server paths (data.root, runtime.output_dir, ...) and the
-    dataset choice, which comes from the job's ``dataset_id``."""
+    dataset choice, which comes from the job's ``dataset_id``. Read from the config's schema
+    once (every submission asks)."""
     return _SERVICE_OWNED | frozenset(_path_keys(ExperimentConfig))
 
 

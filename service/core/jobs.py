@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, JOBS, change_state
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
-from service.core.owned import Cursor, OwnedPage, owned, owned_page
+from service.core.owned import Cursor, OwnedPage, RowVersion, owned, owned_page_versions
 from service.core.presets import preset_settings
 from service.core.settings import Settings
 
@@ -260,19 +261,30 @@ def list_jobs(
     limit: int,
     offset: int = 0,
     after: Cursor | None = None,
-    full: bool = False,
-) -> OwnedPage[Job]:
-    """``owner``'s jobs (in ``states``, of ``dataset_id``), newest first, with their count.
-    Unless ``full``, the rows are loaded without their configuration (:data:`SUMMARY_COLUMNS`)."""
-    conditions: list[Any] = []
+) -> OwnedPage[RowVersion]:
+    """``owner``'s jobs (in ``states``, of ``dataset_id``), newest first, with their count: the
+    id, version and creation of each (:func:`jobs_by_id` reads the rows)."""
+    filters: dict[str, Any] = {}
     if states:
-        conditions.append(Job.state.in_(states))
+        filters["state"] = list(states)
     if dataset_id is not None:
-        conditions.append(Job.dataset_id == dataset_id)
-    options = () if full else (load_only(*(getattr(Job, c) for c in SUMMARY_COLUMNS)),)
-    return owned_page(
-        session, Job, owner, *conditions, limit=limit, offset=offset, after=after, options=options
+        filters["dataset_id"] = dataset_id
+    return owned_page_versions(
+        session, Job, owner, filters=filters, limit=limit, offset=offset, after=after
     )
+
+
+def jobs_by_id(
+    session: Session, owner: str, ids: Collection[uuid.UUID], *, full: bool = False
+) -> list[Job]:
+    """``owner``'s jobs of ``ids`` (those that exist), in no order. Unless ``full``, without
+    their configuration (:data:`SUMMARY_COLUMNS`)."""
+    if not ids:
+        return []
+    query = select(Job).where(Job.owner == owner, Job.id.in_(ids))
+    if not full:
+        query = query.options(load_only(*(getattr(Job, c) for c in SUMMARY_COLUMNS)))
+    return list(session.execute(query).scalars())
 
 
 def owned_job(session: Session, owner: str, job_id: uuid.UUID) -> Job:

@@ -11,22 +11,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import Select, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.interfaces import LoaderOption
 
 from service.core.errors import not_found
 from service.core.models import Dataset, Gallery, Job, PairCheck
 
-__all__ = ["COUNT_LIMIT", "Cursor", "OwnedPage", "owned", "owned_page"]
+__all__ = [
+    "COUNT_LIMIT",
+    "Cursor",
+    "OwnedPage",
+    "RowVersion",
+    "owned",
+    "owned_page",
+    "owned_page_versions",
+]
 
 R = TypeVar("R", Dataset, Job, Gallery, PairCheck)
+T = TypeVar("T")
 
 #: A page's count is exact up to this many matching rows; beyond, it says "at least this many".
 COUNT_LIMIT = 1000
@@ -70,12 +80,12 @@ class Cursor:
 
 
 @dataclass(frozen=True)
-class OwnedPage(Generic[R]):
+class OwnedPage(Generic[T]):
     """One page of rows and what a client needs to go on: how many match (exact when
     ``total_exact``; else at least :data:`COUNT_LIMIT`) and the cursor of the next page (None
     on the last)."""
 
-    rows: list[R]
+    rows: list[T]
     total: int
     total_exact: bool
     next_after: str | None
@@ -95,14 +105,103 @@ def owned_page(
     id), from ``offset`` rows on or from just after ``after`` (or both). ``options``
     shape the load, e.g. ``load_only`` for list summaries."""
     where = [model.owner == owner, *conditions]
-    matching = select(model.id).where(*where).limit(COUNT_LIMIT + 1).subquery()
-    counted = session.execute(select(func.count()).select_from(matching)).scalar_one()
-    page = select(model).where(*where)
+    counted = _count(session, model, where)
+    page = _page_of(select(model), model, where, limit, offset, after).options(*options)
+    rows = list(session.execute(page).scalars())
+    return _paged(rows, counted, limit)
+
+
+@dataclass(frozen=True)
+class RowVersion:
+    """A row of a page as a list's ETag and cursor need it: its id, version and creation."""
+
+    id: uuid.UUID
+    version: int
+    created_at: datetime
+
+
+def owned_page_versions(
+    session: Session,
+    model: type[Job] | type[Gallery],
+    owner: str,
+    *,
+    filters: Mapping[str, Any] | None = None,
+    limit: int,
+    offset: int = 0,
+    after: Cursor | None = None,
+) -> OwnedPage[RowVersion]:
+    """The page :func:`owned_page` reads, as each row's id, version and creation time alone
+    (the page's ETag; the rows themselves are read by id when needed). ``filters``: column
+    name -> the value it must have, or a list of values it may have.
+
+    A list is polled, so its two statements are built once for each shape of request (which
+    filters, with a cursor or not) and sent with the request's values as parameters: building
+    and hashing a statement costs the API more than PostgreSQL takes to run it."""
+    filters = dict(filters or {})
+    shape = tuple(sorted((name, isinstance(value, list)) for name, value in filters.items()))
+    count, page = _version_statements(model, shape, after is not None)
+    values = {"owner": owner, "limit": limit, "offset": offset, **filters}
     if after is not None:
-        page = page.where(tuple_(model.created_at, model.id) < (after.created_at, after.id))
-    page = page.order_by(model.created_at.desc(), model.id.desc()).limit(limit).offset(offset)
-    rows = list(session.execute(page.options(*options)).scalars())
-    last = rows[-1] if len(rows) == limit else None
+        values.update(after_created_at=after.created_at, after_id=after.id)
+    connection = session.connection()
+    counted = int(connection.execute(count, values).scalar_one())
+    rows = [RowVersion(*row) for row in connection.execute(page, values)]
+    return _paged(rows, counted, limit)
+
+
+@functools.cache
+def _version_statements(
+    model: type[Job] | type[Gallery], filters: tuple[tuple[str, bool], ...], after: bool
+) -> tuple[Select[Any], Select[Any]]:
+    """The bounded count and the page of (id, version, created_at) of ``owner``'s rows with
+    ``filters`` (name, whether a list of values), as statements with bound parameters."""
+    columns = model.__table__.c
+    where = [columns.owner == bindparam("owner")]
+    for name, among in filters:
+        column = columns[name]
+        where.append(
+            column.in_(bindparam(name, expanding=True)) if among else column == bindparam(name)
+        )
+    matching = select(columns.id).where(*where).limit(COUNT_LIMIT + 1).subquery()
+    count = select(func.count()).select_from(matching)
+    if after:
+        position = (
+            bindparam("after_created_at", type_=columns.created_at.type),
+            bindparam("after_id", type_=columns.id.type),
+        )
+        where.append(tuple_(columns.created_at, columns.id) < tuple_(*position))
+    page = (
+        select(columns.id, columns.version, columns.created_at)
+        .where(*where)
+        .order_by(columns.created_at.desc(), columns.id.desc())
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    return count, page
+
+
+def _count(session: Session, model: type[R], where: list[Any]) -> int:
+    """Rows matching ``where``, counted up to one more than :data:`COUNT_LIMIT`."""
+    matching = select(model.id).where(*where).limit(COUNT_LIMIT + 1).subquery()
+    return int(session.execute(select(func.count()).select_from(matching)).scalar_one())
+
+
+def _page_of(
+    query: Select[Any],
+    model: type[R],
+    where: list[Any],
+    limit: int,
+    offset: int,
+    after: Cursor | None,
+) -> Select[Any]:
+    query = query.where(*where)
+    if after is not None:
+        query = query.where(tuple_(model.created_at, model.id) < (after.created_at, after.id))
+    return query.order_by(model.created_at.desc(), model.id.desc()).limit(limit).offset(offset)
+
+
+def _paged(rows: list[T], counted: int, limit: int) -> OwnedPage[T]:
+    last: Any = rows[-1] if len(rows) == limit else None
     return OwnedPage(
         rows=rows,
         total=min(counted, COUNT_LIMIT),

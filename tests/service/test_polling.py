@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import create_engine, event, select, update
 
+from service.api.body_cache import BodyCache
+from service.api.schemas import JobOut, JobSummary, Page
 from service.app import create_app
-from service.core import owned
+from service.core import jobs, owned
 from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
 from service.core.broker import mark_dispatched
 from service.core.db import session_scope
@@ -573,3 +575,193 @@ def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
     assert cache.get("row") is None
     cache.put("row", 2, cache.begin_read())
     assert cache.get("row") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the JSON served for a row version, from the body cache
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_full_answer_at_a_kept_version_makes_no_sql(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The second 200 is the first's JSON, sent again without a statement; a cache that keeps
+    nothing (TTL 0) gives the same bytes read from the database."""
+    _row_versions_on(app, ttl_s=60)
+    url = f"/v1/jobs/{_submit(client, alice, dataset['id'])['id']}"
+    first = client.get(url, headers=alice)
+    with _statements(app) as seen:
+        second = client.get(url, headers=alice)
+    assert seen == []
+    assert second.status_code == 200 and second.content == first.content
+    assert second.headers["etag"] == first.headers["etag"]
+    app.state.row_versions, app.state.bodies = RowVersionCache(ttl_s=0), BodyCache()
+    assert client.get(url, headers=alice).content == first.content
+
+
+def test_a_full_answer_shows_a_change_elsewhere_once_the_version_expires(
+    app: FastAPI, settings: Settings, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The body follows the version cache's rule: the kept JSON while the version is trusted,
+    the new row's the first request after the TTL."""
+    clock = _row_versions_on(app, ttl_s=1.0)
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    assert client.get(url, headers=alice).json()["progress"] == 0.0
+    worker = create_engine(settings.database_url)
+    try:
+        with worker.begin() as connection:
+            connection.execute(
+                update(Job).where(Job.id == uuid.UUID(job["id"])).values(progress=0.5)
+            )
+    finally:
+        worker.dispose()
+    clock.now += 0.5
+    assert client.get(url, headers=alice).json()["progress"] == 0.0  # the documented staleness
+    clock.now += 0.5
+    changed = client.get(url, headers=alice)
+    assert changed.json()["progress"] == 0.5
+    assert client.get(url, headers=alice).content == changed.content
+
+
+def test_a_full_answer_shows_a_change_through_this_process_at_once(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    job = _submit(client, alice, dataset["id"])
+    url = f"/v1/jobs/{job['id']}"
+    before = client.get(url, headers=alice)
+    assert before.json()["state"] == "QUEUED"
+    assert client.post(f"{url}/cancel", headers=alice).status_code == 200
+    after = client.get(url, headers=alice)
+    assert after.json()["state"] == "CANCELLED" and after.headers["etag"] != before.headers["etag"]
+    _set(app, job["id"], warnings=["MLflow unreachable for 30 s"])
+    assert client.get(url, headers=alice).json()["warnings"] == ["MLflow unreachable for 30 s"]
+
+
+def test_another_owner_never_gets_a_kept_body(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    _row_versions_on(app, ttl_s=60)
+    job_id = _submit(client, alice, dataset["id"])["id"]
+    gallery_id = _add_gallery(app)
+    for url in (f"/v1/jobs/{job_id}", f"/v1/galleries/{gallery_id}"):
+        assert client.get(url, headers=alice).status_code == 200  # version and body kept
+        refused = client.get(url, headers=bob)
+        assert refused.status_code == 404 and list(refused.json()) == ["error"]
+    # nor through the cache itself: a body is served for its owner and exact version only
+    bodies = BodyCache()
+    ident = uuid.UUID(job_id)
+    bodies.put(JobOut, ident, "alice", 3, b"{}")
+    assert bodies.get(JobOut, ident, "alice", 3) == b"{}"
+    assert bodies.get(JobOut, ident, "bob", 3) is None
+    assert bodies.get(JobOut, ident, "alice", 4) is None
+    assert bodies.get(JobSummary, ident, "alice", 3) is None
+
+
+def test_the_body_cache_keeps_the_newest_version_and_stays_bounded() -> None:
+    bodies = BodyCache(max_entries=2)
+    first, second, third = (uuid.uuid4() for _ in range(3))
+    bodies.put(JobOut, first, "alice", 2, b"v2")
+    bodies.put(JobOut, first, "alice", 1, b"v1")  # a read that raced a change: not put back
+    assert bodies.get(JobOut, first, "alice", 2) == b"v2"
+    bodies.put(JobOut, second, "alice", 1, b"b")
+    assert bodies.get(JobOut, first, "alice", 2) == b"v2"  # used: now the most recent
+    bodies.put(JobOut, third, "alice", 1, b"c")
+    assert len(bodies) == 2
+    assert bodies.get(JobOut, second, "alice", 1) is None  # the least recently used went
+
+
+def _list_statements(app: FastAPI, client: TestClient, headers: Headers, **params: Any) -> Any:
+    with _statements(app) as seen:
+        response = client.get("/v1/jobs", params=params, headers=headers)
+    return response, seen
+
+
+def test_a_list_page_reads_the_versions_and_only_the_jobs_it_has_no_json_for(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The count and the page's ids and versions are read on every request (no TTL: a change
+    anywhere shows at once); a 304 needs nothing more, nor does a page whose jobs were all
+    served at their versions before; a job that changed is read alone."""
+    ids = [_submit(client, alice, dataset["id"])["id"] for _ in range(3)]
+    first, seen = _list_statements(app, client, alice)
+    assert first.status_code == 200 and [j["id"] for j in first.json()["items"]] == ids[::-1]
+    assert len(seen) == 3  # count, page, the jobs by id
+    again, seen = _list_statements(app, client, alice)
+    assert len(seen) == 2 and not any("jobs.metrics" in s for s in seen), seen
+    assert again.content == first.content and again.headers["etag"] == first.headers["etag"]
+    with _statements(app) as seen:
+        kept = {**alice, "If-None-Match": first.headers["etag"]}
+        assert client.get("/v1/jobs", headers=kept).status_code == 304
+    assert len(seen) == 2
+    # another process changes one job: the next page shows it, reading that job alone
+    with session_scope(app.state.session_factory) as session:
+        session.connection().execute(
+            update(Job).where(Job.id == uuid.UUID(ids[1])).values(progress=0.5)
+        )
+    changed, seen = _list_statements(app, client, alice)
+    assert [j["progress"] for j in changed.json()["items"]] == [0.0, 0.5, 0.0]
+    assert changed.headers["etag"] != first.headers["etag"]
+    assert len(seen) == 3, seen
+
+
+def test_a_list_page_is_the_json_of_its_model(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The page assembled from kept items is byte for byte what pydantic writes for it, in
+    either view, with a cursor."""
+    for _ in range(3):
+        _submit(client, alice, dataset["id"])
+    for view, item in (("summary", JobSummary), ("full", JobOut)):
+        for _ in range(2):  # read, then from the kept items
+            answer = client.get("/v1/jobs", params={"limit": 2, "view": view}, headers=alice)
+            page = answer.json()
+            assert page["next_after"] is not None
+            expected = Page[item].model_validate(page).model_dump_json()  # type: ignore[valid-type]
+            assert answer.content == expected.encode()
+
+
+def test_another_owner_never_gets_kept_list_items(
+    app: FastAPI, client: TestClient, alice: Headers, bob: Headers, dataset: dict[str, Any]
+) -> None:
+    job_id = _submit(client, alice, dataset["id"])["id"]
+    for view in ("summary", "full"):
+        assert client.get("/v1/jobs", params={"view": view}, headers=alice).json()["total"] == 1
+        theirs = client.get("/v1/jobs", params={"view": view}, headers=bob)
+        assert theirs.status_code == 200 and theirs.json()["items"] == []
+        assert job_id not in theirs.text
+    # the jobs read by id are the owner's only, whatever ids are asked for
+    with session_scope(app.state.session_factory) as session:
+        assert jobs.jobs_by_id(session, "bob", [uuid.UUID(job_id)]) == []
+
+
+def test_a_job_deleted_or_changed_between_the_page_and_its_rows_is_shown_as_read() -> None:
+    bodies = BodyCache()
+    gone, changed, same = (uuid.uuid4() for _ in range(3))
+    bodies.put(JobSummary, same, "alice", 1, b'"same"')
+
+    class Row:
+        def __init__(self, ident: uuid.UUID, version: int) -> None:
+            self.id, self.version = ident, version
+
+    class Shown(BaseModel):
+        version: int
+
+    asked: list[list[uuid.UUID]] = []
+
+    def read(ids: list[uuid.UUID]) -> list[Any]:
+        asked.append(ids)
+        return [Row(changed, 3)]  # `gone` was deleted, `changed` moved from version 2 to 3
+
+    items = bodies.items(
+        JobSummary,
+        "alice",
+        [(gone, 1), (changed, 2), (same, 1)],
+        read,
+        lambda row: Shown(version=row.version),
+    )
+    assert asked == [[gone, changed]]
+    assert [(ident, version) for ident, version, _ in items] == [(changed, 3), (same, 1)]
+    assert items[1][2] == b'"same"'
+    assert bodies.get(JobSummary, changed, "alice", 3) == items[0][2] == b'{"version":3}'

@@ -201,3 +201,31 @@ def test_row_versions_on_postgresql(pg_app: FastAPI, pg_url: str) -> None:
         assert any("jobs.version" in statement for statement in sent)
         assert client.post(f"{url}/cancel", headers=alice).json()["state"] == "CANCELLED"
         assert poll(seen.headers["ETag"]).json()["state"] == "CANCELLED"
+
+
+def test_list_filters_and_cursor_on_postgresql(pg_app: FastAPI) -> None:
+    """The list's statements, built once per shape and sent with bound values (a list of
+    states, a dataset id, the cursor's time and id), page on PostgreSQL as on SQLite."""
+    folder = write_image_folder(pg_app.state.settings.dataset_roots[0] / "listed")
+    with TestClient(pg_app) as client:
+        alice = _key(pg_app, "lister")
+        dataset = _dataset(client, alice, folder, "listed")
+        ids = [
+            client.post("/v1/jobs", json={"dataset_id": dataset["id"]}, headers=alice).json()["id"]
+            for _ in range(3)
+        ]
+        assert client.post(f"/v1/jobs/{ids[0]}/cancel", headers=alice).status_code == 200
+        params: dict[str, Any] = {"limit": 1, "dataset_id": dataset["id"]}
+        walked: list[str] = []
+        after: str | None = None
+        for _ in range(4):
+            cursor = {"after": after} if after else {}
+            page = client.get("/v1/jobs", params={**params, **cursor}, headers=alice).json()
+            walked += [j["id"] for j in page["items"]]
+            if (after := page["next_after"]) is None:
+                break
+        assert walked == ids[::-1]
+        queued = client.get(
+            "/v1/jobs", params={"state": ["QUEUED", "RUNNING"]}, headers=alice
+        ).json()
+        assert [j["id"] for j in queued["items"]] == ids[:0:-1] and queued["total"] == 2
