@@ -9,7 +9,12 @@ job then stays QUEUED, a gallery fails with the reason).
   a queue other than the service's default one (``REID_QUEUES``) goes to ``<queue>.gpuN``.
 * **Priorities**: jobs have 0 (lowest) to ``max_priority``; a gallery build goes first.
 * **Publish after commit**: the row is committed first, then its id is sent; a refused send
-  leaves the row for the dispatcher (jobs) or the owner's retry (galleries).
+  leaves the row for the dispatcher (jobs) or the owner's retry (galleries). The API stamps a
+  job as sent (``heartbeat_at``) in the transaction that commits it (:func:`stamp_send`), so a
+  submission costs one transaction; a refused send takes the stamp back
+  (:func:`send_committed`) and the dispatcher sends the job ``dispatch_grace_s`` later. An API
+  process that dies between its commit and its send leaves a stamped job: the dispatcher sends
+  it ``requeue_after_s`` after the stamp.
 * **Late acks.** ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged
   when its task returns, so a worker that dies mid-job leaves it to be redelivered.
   ``worker_prefetch_multiplier=1``: a busy worker does not hold other jobs' messages.
@@ -47,9 +52,10 @@ __all__ = [
     "create_celery_app",
     "mark_dispatched",
     "resource_queue",
-    "send_and_mark",
+    "send_committed",
     "send_gallery",
     "send_job",
+    "stamp_send",
 ]
 
 log = logging.getLogger("service.broker")
@@ -188,22 +194,45 @@ def mark_dispatched(session: Session, job_id: uuid.UUID, now: datetime | None = 
     return version
 
 
-def send_and_mark(settings: Settings, session: Session, job: Job) -> bool:
-    """:func:`send_job`, then :func:`mark_dispatched` committed in ``session`` (used by the API
-    after it committed the new job). Never raises for a broker or database problem."""
-    if not send_job(settings, job):
-        return False
-    now = utcnow()
+def stamp_send(job: Job, now: datetime | None = None) -> None:
+    """Record in ``job``, before the commit that makes it waiting, that it is sent right after
+    that commit (``heartbeat_at``, as :func:`mark_dispatched` records a send); then call
+    :func:`send_committed`."""
+    job.heartbeat_at = now or utcnow()
+
+
+def send_committed(settings: Settings, session: Session, job: Job) -> bool:
+    """Publish ``job``, committed with :func:`stamp_send`'s stamp. When the broker refuses, the
+    stamp is taken back (unless a worker or the dispatcher changed it meanwhile), so that the
+    dispatcher sends the job after ``dispatch_grace_s``; ``job`` then shows the row as committed.
+    Never raises for a broker or database problem."""
+    if send_job(settings, job):
+        return True
     try:
-        version = mark_dispatched(session, job.id, now)
+        version = session.execute(
+            update(Job)
+            .where(
+                Job.id == job.id,
+                Job.state.in_(WAITING_STATES),
+                Job.heartbeat_at == job.heartbeat_at,
+            )
+            .values(heartbeat_at=None, updated_at=Job.updated_at)
+            .returning(Job.version)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
         session.commit()
-        if version is not None:  # the caller's object shows what the database holds
-            set_committed_value(job, "heartbeat_at", now)
+        if version is not None:
+            set_committed_value(job, "heartbeat_at", None)
             set_committed_value(job, "version", version)
     except Exception:
         session.rollback()
-        log.warning("job %s was sent, but recording the send failed", job.id, exc_info=True)
-    return True
+        log.warning(
+            "job %s was not sent, and taking back its send stamp failed: the dispatcher sends "
+            "it after requeue_after_s",
+            job.id,
+            exc_info=True,
+        )
+    return False
 
 
 def send_gallery(settings: Settings, gallery: Gallery) -> str | None:

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, load_only
 
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
-from service.core.broker import send_and_mark
+from service.core.broker import send_committed, stamp_send
 from service.core.datasets import check_ready, train_images
-from service.core.errors import ConflictError, InvalidInputError, not_found
+from service.core.errors import ConflictError, InvalidInputError, ServiceError, not_found
 from service.core.folders import job_dir
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, JOBS, change_state
@@ -195,15 +195,21 @@ def submit_job(
     session: Session, settings: Settings, owner: str, request: JobRequest
 ) -> tuple[Job, bool]:
     """``(job, created)``: a new QUEUED job, committed and sent to the workers, or (created
-    False) the job an earlier request with the same idempotency key created."""
+    False) the job an earlier request with the same idempotency key created.
+
+    A new job costs one transaction: the key is not looked up first, its unique index refuses
+    a repeated one, and the job is stamped as sent before the commit (:func:`stamp_send`)."""
     request_hash = request.digest()
     key = request.idempotency_key
-    if key is not None:
-        existing = _existing_for_key(session, owner, key, request_hash)
-        if existing is not None:
-            return existing, False
     job_id = uuid.uuid4()
-    dataset, resources, cfg = _resolve(session, settings, owner, request, job_id)
+    try:
+        dataset, resources, cfg = _resolve(session, settings, owner, request, job_id)
+    except ServiceError:
+        # A repeated request gets its job even where it would not be accepted any more.
+        existing = None if key is None else _existing_for_key(session, owner, key, request_hash)
+        if existing is None:
+            raise
+        return existing, False
     job = Job(
         id=job_id,
         owner=owner,
@@ -226,20 +232,21 @@ def submit_job(
         model_name=request.model_name or settings.mlflow.model_name_for(owner),
         cancel_requested=False,
     )
+    sending = settings.worker.enqueue_on_submit
+    if sending:
+        stamp_send(job)
     try:
         change_state(session, job, JobState.QUEUED, f"submitted by {owner}")  # flushes
         session.commit()
     except IntegrityError:
-        # Two requests with the same idempotency key raced; the other one won.
+        # The key was used before, or a concurrent request with it won.
         session.rollback()
-        if key is None:
-            raise
-        existing = _existing_for_key(session, owner, key, request_hash)
+        existing = None if key is None else _existing_for_key(session, owner, key, request_hash)
         if existing is None:
             raise
         return existing, False
-    if settings.worker.enqueue_on_submit:
-        send_and_mark(settings, session, job)
+    if sending:
+        send_committed(settings, session, job)
     return job, True
 
 
@@ -359,7 +366,10 @@ def retry_job(session: Session, settings: Settings, owner: str, job_id: uuid.UUI
         f"restarts and retries count from 0 again ({job.max_restarts} and {job.max_retries} "
         "allowed)",
     )
+    sending = settings.worker.enqueue_on_submit
+    if sending:
+        stamp_send(job)
     session.commit()
-    if settings.worker.enqueue_on_submit:
-        send_and_mark(settings, session, job)
+    if sending:
+        send_committed(settings, session, job)
     return job

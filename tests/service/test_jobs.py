@@ -221,6 +221,20 @@ def test_idempotency_key(client: TestClient, alice: Headers, dataset: dict[str, 
     assert other.json()["id"] != first.json()["id"]
 
 
+def test_a_repeated_request_gets_its_job_after_its_dataset_is_gone(
+    app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
+) -> None:
+    """The key is looked up only when a submission cannot go on (a new job is one transaction):
+    here the dataset, which a new request would need, was deleted after the first one."""
+    first = _submit(client, alice, dataset["id"], idempotency_key="run-1").json()
+    _move(app, first["id"], JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED)
+    assert client.delete(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 204
+    again = _submit(client, alice, dataset["id"], idempotency_key="run-1")
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first["id"]
+    assert _error(_submit(client, alice, dataset["id"]), 404)["code"] == "dataset_not_found"
+
+
 def test_etag_and_not_modified(
     app: FastAPI, client: TestClient, alice: Headers, dataset: dict[str, Any]
 ) -> None:
