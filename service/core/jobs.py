@@ -69,7 +69,9 @@ class JobRequest:
 
     def digest(self) -> str:
         """SHA-256 of the request's canonical JSON: the same key with another request is refused."""
-        data = {**dataclasses.asdict(self), "dataset_id": str(self.dataset_id)}
+        # fields' values as they are (asdict would deep-copy the config first): the same JSON
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["dataset_id"] = str(self.dataset_id)
         # as before these fields existed: a request repeated across the upgrade is the same one
         for name in ("max_restarts", "preset"):
             if data[name] is None:
