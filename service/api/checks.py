@@ -42,15 +42,7 @@ PairIndex = Annotated[
 
 
 def _precision(estimate: Proportion) -> PrecisionOut:
-    return PrecisionOut(
-        estimate=estimate.estimate,
-        low=estimate.low,
-        high=estimate.high,
-        same=estimate.same,
-        different=estimate.different,
-        unsure=estimate.unsure,
-        answers=estimate.answers,
-    )
+    return PrecisionOut.model_validate(estimate, from_attributes=True)
 
 
 def _fields(status: pair_checks.CheckStatus) -> dict[str, object]:

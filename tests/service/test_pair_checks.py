@@ -442,8 +442,8 @@ def test_a_retrained_versions_check_reuses_the_answers_on_the_same_pairs(
     # showed only if a drawn rank (2) of one of them picked it
     five = _key(
         {
-            "query": {"path": "bounding_box_test/0005_c1s1_000051_00.jpg"},
-            "candidate": {"path": "bounding_box_test/0005_c2s1_000052_00.jpg"},
+            "query": {"path": "bounding_box_test/0005_c1s1_00051_00.jpg"},
+            "candidate": {"path": "bounding_box_test/0005_c2s1_00052_00.jpg"},
         }
     )
     assert sum(p["at_rank_1"] for p in reused) == 8 + 2 * (five in known)
