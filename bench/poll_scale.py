@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         ("304 share (after each tab's first answer)", f"{share_304:.1%} (a version change every {args.write_period:g} s, a poll every "
          f"{args.poll_period:g} s + latency: about {expected_304:.0%} expected)"),
         ("latency, all answers", dist(latency, "ms")),
+        ("latency, each tab's first answer (no ETag yet)",
+         dist([p.latency_ms for p in answered if p.sent == first_sent[p.tab]], "ms")),
+        ("latency, the answers after it (If-None-Match)", dist([p.latency_ms for p in later], "ms")),
         ("latency, 304", dist([p.latency_ms for p in answered if p.status == 304], "ms")),
         ("latency, 200", dist([p.latency_ms for p in answered if p.status == 200], "ms")),
         ("staleness (write commit -> a tab's first answer showing it)", dist(lag, "s")),
