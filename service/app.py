@@ -25,7 +25,7 @@ from service.api.body_cache import BodyCache
 from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
-from service.core.db import make_engine, make_session_factory
+from service.core.db import make_engine, make_read_session_factory, make_session_factory
 from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings, get_settings
 
@@ -47,7 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for ``settings`` (default: from the environment). The schema must be migrated
     (``python -m service migrate``) unless ``settings.migrate_on_startup`` is set."""
     settings = settings if settings is not None else get_settings()
-    engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        ping_idle_s=settings.database_ping_idle_s,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    # Reads that need no transaction (polls): no BEGIN or ROLLBACK round trips.
+    app.state.read_session_factory = make_read_session_factory(engine)
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     # What a 304 is answered from: dropped when this app's sessions change the row.
     app.state.row_versions = RowVersionCache(settings.version_cache_seconds)

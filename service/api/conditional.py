@@ -186,7 +186,7 @@ async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) 
     # a poll answered from the caches never waits for the thread pool, and costs little else.
     state = request.app.state
     return ConditionalGet(
-        if_none_match, state.settings, state.row_versions, state.bodies, state.session_factory
+        if_none_match, state.settings, state.row_versions, state.bodies, state.read_session_factory
     )
 
 

@@ -1,10 +1,10 @@
-"""Typed request dependencies shared by the routers: the settings, a database session, the
+"""Typed request dependencies shared by the routers: the settings, database sessions, the
 JSON kept of jobs' versions (the lists' items), and the paging parameters of the lists."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
@@ -21,9 +21,11 @@ __all__ = [
     "BodyCacheDep",
     "PageDep",
     "PageParams",
+    "ReadSessionDep",
     "SessionDep",
     "SettingsDep",
     "get_body_cache",
+    "get_read_session",
     "get_session",
     "get_settings_dep",
     "page_params",
@@ -42,22 +44,38 @@ async def get_settings_dep(request: Request) -> Settings:
 _CLOSERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="session-close")
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """One session per request; the router commits, anything left open is rolled back.
+def _session_dependency(factory_name: str, doc: str) -> Callable[[Request], AsyncIterator[Session]]:
+    """A dependency that yields one session of ``request.app.state.<factory_name>`` per request.
 
     Opened in the event loop (a session connects on its first statement, not here) and closed
     there too unless it holds a connection, whose return to the pool is a round trip to the
     database: that close runs in a thread of its own (:data:`_CLOSERS`). A sync dependency
     would cost two thread-pool hops on every request, a poll's 304 included."""
-    factory: sessionmaker[Session] = request.app.state.session_factory
-    session = factory()
-    try:
-        yield session
-    finally:
-        if session.in_transaction():
-            await asyncio.get_running_loop().run_in_executor(_CLOSERS, session.close)
-        else:
-            session.close()
+
+    async def dependency(request: Request) -> AsyncIterator[Session]:
+        factory: sessionmaker[Session] = getattr(request.app.state, factory_name)
+        session = factory()
+        try:
+            yield session
+        finally:
+            if session.in_transaction():
+                await asyncio.get_running_loop().run_in_executor(_CLOSERS, session.close)
+            else:
+                session.close()
+
+    dependency.__doc__ = doc
+    return dependency
+
+
+get_session = _session_dependency(
+    "session_factory",
+    "One session per request; the router commits, anything left open is rolled back.",
+)
+get_read_session = _session_dependency(
+    "read_session_factory",
+    "A session for a route that only reads: autocommit, no transaction round trips "
+    "(:func:`service.core.db.make_read_session_factory`).",
+)
 
 
 async def get_body_cache(request: Request) -> BodyCache:
@@ -67,6 +85,7 @@ async def get_body_cache(request: Request) -> BodyCache:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 BodyCacheDep = Annotated[BodyCache, Depends(get_body_cache)]
 
 #: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET

@@ -26,7 +26,7 @@ from service.api.conditional import (
     tagged,
     tagged_json,
 )
-from service.api.deps import BodyCacheDep, PageDep, SessionDep, SettingsDep
+from service.api.deps import BodyCacheDep, PageDep, ReadSessionDep, SessionDep, SettingsDep
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -117,7 +117,7 @@ class JobView(StrEnum):
 )
 def list_jobs(
     owner: CurrentOwner,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     bodies: BodyCacheDep,
     paging: PageDep,
@@ -187,7 +187,7 @@ async def get_job(
     responses=error_responses(e404="Unknown job"),
 )
 def list_job_events(
-    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep
+    job_id: uuid.UUID, owner: CurrentOwner, session: ReadSessionDep
 ) -> list[JobEventOut]:
     events = jobs.job_events(session, owner, job_id)
     return [JobEventOut.model_validate(e) for e in events]
@@ -200,7 +200,7 @@ def list_job_events(
     responses=error_responses(e404="Unknown job"),
 )
 def job_metrics(
-    job_id: uuid.UUID, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+    job_id: uuid.UUID, owner: CurrentOwner, session: ReadSessionDep, settings: SettingsDep
 ) -> list[EpochMetrics]:
     """One record per finished epoch, oldest first (``loss/<term>``, ``lr/group<i>``,
     ``images_per_second``; ``eval/mAP`` ... and the label-free signals ``label_free/<name>``

@@ -237,6 +237,16 @@ class Settings(BaseSettings):
         "at least the requests it serves at once, or every request past it opens a connection "
         "of its own (a few ms); up to as many again are opened for bursts and closed after.",
     )
+    database_ping_idle_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=3600.0,
+        description="A pooled database connection idle for longer than this many seconds is "
+        "pinged before a request uses it, and replaced if it is dead; 0: pinged before every "
+        "use (one more round trip on every request). A connection in steady use is not: when "
+        "the database restarts meanwhile, the one request that finds it cut gets a 503 to "
+        "retry, and the pool reconnects.",
+    )
     migrate_on_startup: bool = Field(
         False, description="Run `alembic upgrade head` when the API starts."
     )

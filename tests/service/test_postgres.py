@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,13 +12,16 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import create_engine, event, update
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from reid_core.run_dir import Progress
 from service.app import create_app
 from service.core import migrate
 from service.core.api_keys import create_api_key
-from service.core.db import session_scope
+from service.core.db import make_engine, session_scope
 from service.core.job_progress import progress_columns
 from service.core.job_states import change_state, lock_job
 from service.core.models import Job, JobState
@@ -166,6 +170,83 @@ def test_the_pool_keeps_the_configured_connections(tmp_path: Path, pg_url: str) 
             assert pool.checkedin() == size  # the overflow was closed, the pool kept
         finally:
             app.state.engine.dispose()
+
+
+def _backend_pid(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(pg_url: str, pid: int) -> None:
+    admin = create_engine(pg_url, poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        admin.dispose()
+
+
+def _count_pings(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pings: list[int] = []
+    ping = engine.dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return ping(dbapi_connection)
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counted)
+    return pings
+
+
+@pytest.mark.parametrize("ping_idle_s", [0.2, 0.0])
+def test_a_connection_idle_past_the_ping_time_is_pinged_and_a_dead_one_replaced(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, ping_idle_s: float
+) -> None:
+    engine = make_engine(pg_url, pool_size=1, ping_idle_s=ping_idle_s)
+    try:
+        pings = _count_pings(engine, monkeypatch)
+        first = _backend_pid(engine)
+        if ping_idle_s:
+            assert _backend_pid(engine) == first and pings == []  # used a moment ago: no ping
+        _terminate(pg_url, first)  # what a database restart does to an idle connection
+        time.sleep(ping_idle_s * 1.5)
+        pings.clear()
+        second = _backend_pid(engine)  # pinged, found dead, replaced: no error
+        assert pings == [1] and second != first
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_cut_while_in_steady_use_fails_one_request_then_the_pool_reconnects(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trade-off of pinging idle connections only (service.core.db): documented, tested."""
+    engine = make_engine(pg_url, pool_size=2, ping_idle_s=60)
+    try:
+        pings = _count_pings(engine, monkeypatch)
+        with engine.connect() as a, engine.connect() as b:  # two pooled connections
+            pids = {int(c.execute(text("SELECT pg_backend_pid()")).scalar_one()) for c in (a, b)}
+        for pid in pids:
+            _terminate(pg_url, pid)
+        with pytest.raises(OperationalError):
+            _backend_pid(engine)
+        assert _backend_pid(engine) not in pids  # the error invalidated the whole pool
+        assert pings == []
+    finally:
+        engine.dispose()
+
+
+def test_read_sessions_send_no_transaction_and_sessions_do(pg_app: FastAPI) -> None:
+    """A read session's statement runs in autocommit (no BEGIN before it, nothing to roll
+    back); the ordinary sessions keep their transaction."""
+    for factory, status in (
+        (pg_app.state.read_session_factory, TransactionStatus.IDLE),
+        (pg_app.state.session_factory, TransactionStatus.INTRANS),
+    ):
+        with factory() as session:
+            assert session.execute(select(func.count()).select_from(Job)).scalar_one() >= 0
+            dbapi = session.connection().connection.dbapi_connection
+            assert dbapi is not None and dbapi.info.transaction_status == status
 
 
 def test_row_versions_on_postgresql(pg_app: FastAPI, pg_url: str) -> None:
