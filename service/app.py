@@ -22,6 +22,7 @@ from service.api import (
     presets,
 )
 from service.api.body_cache import BodyCache
+from service.api.conditional import SharedReads
 from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # What a 304 is answered from: dropped when this app's sessions change the row.
     app.state.row_versions = RowVersionCache(settings.version_cache_seconds)
     app.state.row_versions.watch(app.state.session_factory)
+    # Polls of one row whose kept version expired wait for one read of it.
+    app.state.version_reads = SharedReads()
     # The JSON served for a row version, answered again while that version is the one kept.
     app.state.bodies = BodyCache()
     app.state.schema_head = migrate.head_revision()

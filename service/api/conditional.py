@@ -5,7 +5,8 @@ A job's or gallery's ETag is made of its row version (``version``: +1 in every U
 row, no JSON, no hash of a body. The API process keeps the versions it read for
 ``REID_VERSION_CACHE_SECONDS`` (:mod:`service.core.row_versions`, which says when an entry is
 dropped): a poll whose version is kept is answered in the event loop without a database read;
-otherwise the version (and owner) is read by primary key in the thread pool. A full answer (200)
+otherwise the version (and owner) is read by primary key in the thread pool, one read for the
+requests of that row that need it at once (:class:`SharedReads`). A full answer (200)
 at a version served before is the JSON kept for it (:mod:`service.api.body_cache`): neither the
 row nor its encoding again. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
@@ -21,13 +22,14 @@ Dashboards send ``If-None-Match`` every 2 s per open job (``static/js/api.js``,
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -44,6 +46,7 @@ __all__ = [
     "ConditionalGet",
     "ConditionalGetDep",
     "IfNoneMatch",
+    "SharedReads",
     "list_etag",
     "matches",
     "not_modified",
@@ -125,6 +128,40 @@ def tagged_json(
 
 
 R = TypeVar("R", Job, Gallery)
+T = TypeVar("T")
+
+
+class SharedReads(Generic[T]):
+    """Reads of the database under way in this process, by key: a request that needs what
+    another request is already reading waits for that read instead of starting its own.
+
+    A job's kept version expires (``REID_VERSION_CACHE_SECONDS``) while every tab and client
+    polling it asks again: without this, each of those polls is a thread of the pool reading
+    the same integer at once. A request served by a read that began before it arrived gets an
+    answer at most that read's duration older: within the row-version cache's rule (a version
+    is trusted for the TTL after its read began). The read runs as a task of its own, so a
+    client that goes away cancels its wait, never the others' read."""
+
+    def __init__(self) -> None:
+        self._reads: dict[Hashable, asyncio.Future[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._reads)
+
+    async def read(self, key: Hashable, read: Callable[[], T]) -> T:
+        """``read()``'s result (in the thread pool), or that of the read of ``key`` under way;
+        its exception raised in every request that waited for it."""
+        pending = self._reads.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(run_in_threadpool(read))
+            self._reads[key] = pending
+            pending.add_done_callback(functools.partial(self._done, key))
+        return await asyncio.shield(pending)
+
+    def _done(self, key: Hashable, read: asyncio.Future[T]) -> None:
+        del self._reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved here too: every waiter may have gone
 
 
 @dataclass(frozen=True)
@@ -136,19 +173,28 @@ class ConditionalGet:
     versions: RowVersionCache
     bodies: BodyCache
     sessions: sessionmaker[Session]
+    reads: SharedReads[tuple[str, int] | None]
 
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
     ) -> Response:
         """The 304 when ``If-None-Match`` names the row's version, else the row, as ``serve``
-        shapes it (``model``), with its ETag. From the caches in the event loop when the version
-        is kept (``versions``) and so is its JSON for a 200 (``bodies``); else in one call to the
-        thread pool (:meth:`_read`). Raises not found like the full read would (another owner's
-        row, a missing one)."""
+        shapes it (``model``), with its ETag. The version from the cache (``versions``), else,
+        for a conditional request, read alone (``reads``: shared with the requests of the row
+        reading it already); a 304, or the JSON kept for that version (``bodies``), from there;
+        else the row read and encoded in the thread pool (:meth:`_read`). Raises not found like
+        the full read would (another owner's row, a missing one)."""
         version = self.versions.peek(row)
+        if version is None and self.if_none_match is not None:
+            found = await self.reads.read(row.key, functools.partial(self._read_entry, row))
+            version = self.versions.owned_version(row, found)
         if version is not None and (kept := self._kept(row, model, version)) is not None:
             return kept
-        return await run_in_threadpool(self._read, row, model, serve, version is None)
+        return await run_in_threadpool(self._read, row, model, serve)
+
+    def _read_entry(self, row: OwnedRow[R]) -> tuple[str, int] | None:
+        with self.sessions() as session:
+            return self.versions.read_entry(session, row)
 
     def _kept(self, row: OwnedRow[R], model: type[BaseModel], version: int) -> Response | None:
         """The answer at ``version`` without the database: a 304, or the JSON kept for it."""
@@ -159,21 +205,12 @@ class ConditionalGet:
         return None if body is None else tagged_json(body, etag)
 
     def _read(
-        self,
-        row: OwnedRow[R],
-        model: type[BaseModel],
-        serve: Callable[[R], BaseModel],
-        version_unknown: bool,
+        self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
     ) -> Response:
-        """The answer from the database, in a session of its own that is closed here (its
-        connection goes back to the pool in this thread, not in another hop): the version alone
-        when it was not kept and the request is conditional (a 304 or a kept JSON then needs
-        nothing more), else the row, encoded unless its JSON is kept."""
+        """The answer from the row read in a session of its own that is closed here (its
+        connection goes back to the pool in this thread, not in another hop), encoded unless
+        its JSON is kept."""
         with self.sessions() as session:
-            if version_unknown and self.if_none_match is not None:
-                version = self.versions.read_version(session, row)
-                if (kept := self._kept(row, model, version)) is not None:
-                    return kept
             found = self.versions.read_row(session, row)
         body = self.bodies.get(model, row.id, row.owner, found.version)
         if body is None:
@@ -186,7 +223,12 @@ async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) 
     # a poll answered from the caches never waits for the thread pool, and costs little else.
     state = request.app.state
     return ConditionalGet(
-        if_none_match, state.settings, state.row_versions, state.bodies, state.read_session_factory
+        if_none_match,
+        state.settings,
+        state.row_versions,
+        state.bodies,
+        state.read_session_factory,
+        state.version_reads,
     )
 
 

@@ -128,15 +128,24 @@ class RowVersionCache:
     def read_version(self, session: Session, row: OwnedRow[Any]) -> int:
         """The row's version read from the database, and kept; not found as in
         :func:`service.core.owned.owned`."""
+        return self.owned_version(row, self.read_entry(session, row))
+
+    def read_entry(self, session: Session, row: OwnedRow[Any]) -> tuple[str, int] | None:
+        """The row's owner and version read from the database, and kept, whoever asks; None
+        when there is no such row. :meth:`owned_version` judges it for the asker."""
         read = self._entries.begin_read()
         found = read_owner_and_version(session, row.model, row.id)
-        if found is None:
+        if found is not None:
+            self._entries.put(row.key, _Entry(*found), read)
+        return found
+
+    @staticmethod
+    def owned_version(row: OwnedRow[Any], found: tuple[str, int] | None) -> int:
+        """The version of ``found`` (:meth:`read_entry`) for ``row``'s owner; not found when
+        there is no such row or it is another owner's."""
+        if found is None or found[0] != row.owner:
             raise not_found(row.kind, row.id)
-        owner, version = found
-        self._entries.put(row.key, _Entry(owner, version), read)
-        if owner != row.owner:
-            raise not_found(row.kind, row.id)
-        return version
+        return found[1]
 
     def read_row(self, session: Session, row: OwnedRow[R]) -> R:
         """The whole row read from the database (the full answer), its version kept; not

@@ -5,12 +5,15 @@ pagination and the bounded count."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -18,6 +21,7 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import create_engine, event, select, update
 
 from service.api.body_cache import BodyCache
+from service.api.conditional import SharedReads
 from service.api.schemas import JobOut, JobSummary, Page
 from service.app import create_app
 from service.core import jobs, owned
@@ -563,6 +567,85 @@ def test_the_row_version_cache_stays_bounded(app: FastAPI) -> None:
         assert [versions.read_version(session, row) for row in rows] == [1, 1, 1]
     assert len(versions) == 2
     assert [versions.peek(row) for row in rows] == [None, 1, 1]  # the first kept went first
+
+
+def test_requests_of_one_key_share_the_read_under_way() -> None:
+    """One read per key while it runs: its result (or its error) for every request that came
+    meanwhile; a waiter that goes away cancels its wait, not the read; the next request after
+    it reads again."""
+    calls: list[str] = []
+    release = threading.Event()
+
+    def slow(value: str) -> Callable[[], str]:
+        def read() -> str:
+            calls.append(value)
+            release.wait(10)
+            if value == "boom":
+                raise RuntimeError("the database went away")
+            return value
+
+        return read
+
+    async def scenario() -> None:
+        reads: SharedReads[str] = SharedReads()
+        shared = [asyncio.create_task(reads.read("a", slow(f"a{i}"))) for i in range(5)]
+        other = asyncio.create_task(reads.read("b", slow("b")))
+        failing = [asyncio.create_task(reads.read("c", slow("boom"))) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        shared[0].cancel()  # a client that went away
+        await asyncio.sleep(0.1)
+        assert sorted(calls) == ["a0", "b", "boom"] and len(reads) == 3
+        release.set()
+        assert await asyncio.gather(*shared[1:]) == ["a0"] * 4
+        assert await other == "b"
+        for task in failing:
+            with pytest.raises(RuntimeError, match="database went away"):
+                await task
+        assert shared[0].cancelled() and len(reads) == 0
+        assert await reads.read("a", slow("again")) == "again"
+
+    asyncio.run(scenario())
+    assert calls.count("again") == 1
+
+
+def test_polls_of_one_row_whose_version_expired_read_it_once(
+    app: FastAPI, alice: Headers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight dashboards ask at once for a row whose kept version expired: one read of its
+    version, and each gets its own answer (a 304 for the current ETag, a 404 for another
+    owner)."""
+    clock = _row_versions_on(app, ttl_s=0.5)
+    gallery = _add_gallery(app)
+    url = f"/v1/galleries/{gallery}"
+    with session_scope(app.state.session_factory) as session:
+        bob = {"X-API-Key": create_api_key(session, "bob")[1]}
+    reading = threading.Event()
+    read_entry = RowVersionCache.read_entry
+
+    def slow_read(self: RowVersionCache, session: Any, row: OwnedRow[Any]) -> Any:
+        reading.wait(5)  # until every request waits for this read
+        return read_entry(self, session, row)
+
+    async def polls() -> list[tuple[int, str | None]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            etag = (await client.get(url, headers=alice)).headers["etag"]
+            clock.now += 1  # the kept version expired
+            monkeypatch.setattr(RowVersionCache, "read_entry", slow_read)
+            asks = [{**alice, "If-None-Match": etag}] * 7 + [{**bob, "If-None-Match": etag}]
+            with _statements(app) as seen:
+                tasks = [asyncio.create_task(client.get(url, headers=h)) for h in asks]
+                while len(app.state.version_reads) == 0:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
+                reading.set()
+                answers = await asyncio.gather(*tasks)
+            assert len([s for s in seen if "galleries.version" in s]) == 1, seen
+            return [(a.status_code, a.headers.get("etag")) for a in answers]
+
+    with TestClient(app):  # the app's lifespan
+        answers = asyncio.run(polls())
+    assert answers[:7] == [(304, answers[0][1])] * 7 and answers[7][0] == 404
 
 
 def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
