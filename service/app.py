@@ -22,7 +22,7 @@ from service.api import (
     presets,
 )
 from service.api.body_cache import BodyCache
-from service.api.conditional import SharedReads
+from service.api.conditional import SharedReads, poll_threads, start_threads
 from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
@@ -54,12 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ping_idle_s=settings.database_ping_idle_s,
     )
 
+    # The threads polls are read on; started with the app (lifespan), stopped with it.
+    polls = poll_threads(settings.poll_threads)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_startup:
             _LOG.info("applying database migrations (REID_MIGRATE_ON_STARTUP)")
             await run_in_threadpool(migrate.upgrade, settings.database_url)
+        start_threads(polls, settings.poll_threads)
         yield
+        polls.shutdown(wait=False)
         engine.dispose()
 
     app = FastAPI(
@@ -79,7 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.row_versions = RowVersionCache(settings.version_cache_seconds)
     app.state.row_versions.watch(app.state.session_factory)
     # Polls of one row whose kept version expired wait for one read of it.
-    app.state.version_reads = SharedReads()
+    app.state.poll_threads = polls
+    app.state.version_reads = SharedReads(polls)
     # The JSON served for a row version, answered again while that version is the one kept.
     app.state.bodies = BodyCache()
     app.state.schema_head = migrate.head_revision()

@@ -26,13 +26,14 @@ import asyncio
 import functools
 import hashlib
 import json
+import threading
 import uuid
 from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Header, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,7 +51,9 @@ __all__ = [
     "list_etag",
     "matches",
     "not_modified",
+    "poll_threads",
     "row_etag",
+    "start_threads",
     "tagged",
     "tagged_json",
 ]
@@ -131,6 +134,22 @@ R = TypeVar("R", Job, Gallery)
 T = TypeVar("T")
 
 
+def poll_threads(count: int) -> ThreadPoolExecutor:
+    """The threads that read the database for conditional GETs (``REID_POLL_THREADS``), apart
+    from the thread pool of the sync routes: a poll never queues behind an upload being
+    unpacked. :func:`start_threads` starts them before the first request."""
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix="poll")
+
+
+def start_threads(pool: ThreadPoolExecutor, count: int) -> None:
+    """Start ``count`` threads of ``pool`` now. A pool starts a thread when a task finds none
+    idle, and the event loop waits for each start (the new thread must get the GIL from the
+    busy ones): started lazily, a burst of polls would stall every request for as long."""
+    everyone = threading.Barrier(count)
+    for started in [pool.submit(everyone.wait, 30) for _ in range(count)]:
+        started.result()
+
+
 class SharedReads(Generic[T]):
     """Reads of the database under way in this process, by key: a request that needs what
     another request is already reading waits for that read instead of starting its own.
@@ -140,20 +159,21 @@ class SharedReads(Generic[T]):
     the same integer at once. A request served by a read that began before it arrived gets an
     answer at most that read's duration older: within the row-version cache's rule (a version
     is trusted for the TTL after its read began). The read runs as a task of its own, so a
-    client that goes away cancels its wait, never the others' read."""
+    client that goes away cancels its wait, never the others' read. Reads run on ``threads``."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: Executor) -> None:
+        self._threads = threads
         self._reads: dict[Hashable, asyncio.Future[T]] = {}
 
     def __len__(self) -> int:
         return len(self._reads)
 
     async def read(self, key: Hashable, read: Callable[[], T]) -> T:
-        """``read()``'s result (in the thread pool), or that of the read of ``key`` under way;
+        """``read()``'s result (run on the threads), or that of the read of ``key`` under way;
         its exception raised in every request that waited for it."""
         pending = self._reads.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(run_in_threadpool(read))
+            pending = asyncio.get_running_loop().run_in_executor(self._threads, read)
             self._reads[key] = pending
             pending.add_done_callback(functools.partial(self._done, key))
         return await asyncio.shield(pending)
@@ -174,6 +194,7 @@ class ConditionalGet:
     bodies: BodyCache
     sessions: sessionmaker[Session]
     reads: SharedReads[tuple[str, int] | None]
+    threads: Executor
 
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
@@ -190,7 +211,10 @@ class ConditionalGet:
             version = self.versions.owned_version(row, found)
         if version is not None and (kept := self._kept(row, model, version)) is not None:
             return kept
-        return await run_in_threadpool(self._read, row, model, serve)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.threads, functools.partial(self._read, row, model, serve)
+        )
 
     def _read_entry(self, row: OwnedRow[R]) -> tuple[str, int] | None:
         with self.sessions() as session:
@@ -229,6 +253,7 @@ async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) 
         state.bodies,
         state.read_session_factory,
         state.version_reads,
+        state.poll_threads,
     )
 
 

@@ -294,6 +294,15 @@ class Settings(BaseSettings):
         "dispatcher, another API worker) shows within this many seconds (at once when made "
         "through this process's routes); 0: every conditional GET reads it.",
     )
+    poll_threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Threads of an API process that read the database for polls of one job "
+        "or gallery (GET /v1/jobs/{id}, /v1/galleries/{id}), started with the process: a "
+        "burst of polls waits for them, never for threads to be created nor behind slower "
+        "routes.",
+    )
     api_workers: int = Field(
         1,
         ge=1,

@@ -9,10 +9,12 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -587,7 +589,7 @@ def test_requests_of_one_key_share_the_read_under_way() -> None:
         return read
 
     async def scenario() -> None:
-        reads: SharedReads[str] = SharedReads()
+        reads: SharedReads[str] = SharedReads(threads)
         shared = [asyncio.create_task(reads.read("a", slow(f"a{i}"))) for i in range(5)]
         other = asyncio.create_task(reads.read("b", slow("b")))
         failing = [asyncio.create_task(reads.read("c", slow("boom"))) for _ in range(2)]
@@ -604,7 +606,8 @@ def test_requests_of_one_key_share_the_read_under_way() -> None:
         assert shared[0].cancelled() and len(reads) == 0
         assert await reads.read("a", slow("again")) == "again"
 
-    asyncio.run(scenario())
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        asyncio.run(scenario())
     assert calls.count("again") == 1
 
 
@@ -646,6 +649,44 @@ def test_polls_of_one_row_whose_version_expired_read_it_once(
     with TestClient(app):  # the app's lifespan
         answers = asyncio.run(polls())
     assert answers[:7] == [(304, answers[0][1])] * 7 and answers[7][0] == 404
+
+
+def test_polls_are_read_on_threads_of_their_own_started_with_the_app(
+    app: FastAPI, alice: Headers
+) -> None:
+    """REID_POLL_THREADS threads start with the app; a poll that must read the database is
+    answered while every thread of the sync routes' pool is taken (an upload being unpacked),
+    where a sync route waits."""
+    clock = _row_versions_on(app, ttl_s=0.5)
+    url = f"/v1/galleries/{_add_gallery(app)}"
+
+    def polls() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("poll")}
+
+    async def while_the_pool_is_taken() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            etag = (await client.get(url, headers=alice)).headers["etag"]  # the key is kept
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = 1
+            await limiter.acquire()  # every thread of the sync routes is busy
+            try:
+                clock.now += 1  # the version must be read
+                poll = await asyncio.wait_for(
+                    client.get(url, headers={**alice, "If-None-Match": etag}), timeout=10
+                )
+                assert poll.status_code == 304
+                listing = asyncio.create_task(client.get("/v1/galleries", headers=alice))
+                await asyncio.sleep(0.3)
+                assert not listing.done()  # a sync route waits for the pool
+            finally:
+                limiter.release()
+            assert (await listing).status_code == 200
+
+    before = polls()  # other apps' (a process has one app; a test session, many)
+    with TestClient(app):
+        assert len(polls() - before) == app.state.settings.poll_threads
+        asyncio.run(while_the_pool_is_taken())
 
 
 def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
