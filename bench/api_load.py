@@ -61,6 +61,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -893,9 +894,9 @@ def findings(
         notes.append(
             f"The API opened new PostgreSQL connections while under load: up to "
             f"{worst.sessions_per_1k:.0f} per 1,000 requests ({worst.name}, {worst.connections} "
-            "connections): SQLAlchemy's default pool keeps 5 connections and closes the ones "
-            "opened above that (max_overflow) after each use, so a concurrency above 5 connects "
-            "again and again (a PostgreSQL backend forked per connection)."
+            "connections): the pool keeps REID_DATABASE_POOL_SIZE connections (10) and closes "
+            "the ones opened above that (max_overflow) after each use, so a concurrency above it "
+            "connects again and again (a PostgreSQL backend forked per connection)."
         )
     sub, red = find(results, "submit_no_broker", 1), find(results, "submit_redis", 1)
     if sub and red:
@@ -1194,8 +1195,16 @@ def main(argv: list[str] | None = None) -> int:
                 redis_server(tmp) as broker,
                 api_server(tmp, clean_env(**common, WORKER__BROKER_URL=broker)) as api_redis,
             ):
-                warm = http_json("POST", api_redis.base + "/v1/jobs", key, new_job)
-                assert warm[0] == 201, warm  # the first publish connects to Redis
+                # As many POSTs at once as the burst's connections: the first publish connects
+                # to Redis, and the pool opens the database connections the burst will use.
+                with ThreadPoolExecutor(max_workers=args.burst_concurrency) as warming:
+                    warm = list(
+                        warming.map(
+                            lambda _: http_json("POST", api_redis.base + "/v1/jobs", key, new_job),
+                            range(args.burst_concurrency),
+                        )
+                    )
+                assert all(w[0] == 201 for w in warm), warm
                 before = redis_messages(broker, f"{queue}.cpu")
                 tag = f"burst-{uuid.uuid4().hex[:6]}"
                 res = burst("submit_redis", api_redis, dataset["id"], tag, size)
