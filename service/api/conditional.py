@@ -5,8 +5,8 @@ A job's or gallery's ETag is made of its row version (``version``: +1 in every U
 row, no JSON, no hash of a body. The API process keeps the versions it read for
 ``REID_VERSION_CACHE_SECONDS`` (:mod:`service.core.row_versions`, which says when an entry is
 dropped): a poll whose version is kept is answered in the event loop without a database read;
-otherwise the version (and owner) is read by primary key in the thread pool, one read for the
-requests of that row that need it at once (:class:`SharedReads`). A full answer (200)
+otherwise the version (and owner) is read by primary key on the process's poll threads, one read
+for the requests of that row that need it at once (:class:`SharedReads`). A full answer (200)
 at a version served before is the JSON kept for it (:mod:`service.api.body_cache`): neither the
 row nor its encoding again. The version alone does not say what the body looks like, so the
 ETag also carries a *representation tag*: a short hash of the response model's JSON schema and
@@ -203,7 +203,7 @@ class ConditionalGet:
         shapes it (``model``), with its ETag. The version from the cache (``versions``), else,
         for a conditional request, read alone (``reads``: shared with the requests of the row
         reading it already); a 304, or the JSON kept for that version (``bodies``), from there;
-        else the row read and encoded in the thread pool (:meth:`_read`). Raises not found like
+        else the row read and encoded on the poll threads (:meth:`_read`). Raises not found like
         the full read would (another owner's row, a missing one)."""
         version = self.versions.peek(row)
         if version is None and self.if_none_match is not None:

@@ -125,11 +125,6 @@ class RowVersionCache:
             raise not_found(row.kind, row.id)
         return entry.version
 
-    def read_version(self, session: Session, row: OwnedRow[Any]) -> int:
-        """The row's version read from the database, and kept; not found as in
-        :func:`service.core.owned.owned`."""
-        return self.owned_version(row, self.read_entry(session, row))
-
     def read_entry(self, session: Session, row: OwnedRow[Any]) -> tuple[str, int] | None:
         """The row's owner and version read from the database, and kept, whoever asks; None
         when there is no such row. :meth:`owned_version` judges it for the asker."""
@@ -142,7 +137,7 @@ class RowVersionCache:
     @staticmethod
     def owned_version(row: OwnedRow[Any], found: tuple[str, int] | None) -> int:
         """The version of ``found`` (:meth:`read_entry`) for ``row``'s owner; not found when
-        there is no such row or it is another owner's."""
+        there is no such row or it is another owner's, as in :func:`service.core.owned.owned`."""
         if found is None or found[0] != row.owner:
             raise not_found(row.kind, row.id)
         return found[1]

@@ -566,7 +566,7 @@ def test_the_row_version_cache_stays_bounded(app: FastAPI) -> None:
     versions = RowVersionCache(ttl_s=60, max_entries=2, clock=FakeClock())
     rows = [OwnedRow(Gallery, _add_gallery(app), "alice") for _ in range(3)]
     with app.state.session_factory() as session:
-        assert [versions.read_version(session, row) for row in rows] == [1, 1, 1]
+        assert [versions.read_entry(session, row) for row in rows] == [("alice", 1)] * 3
     assert len(versions) == 2
     assert [versions.peek(row) for row in rows] == [None, 1, 1]  # the first kept went first
 
