@@ -44,6 +44,13 @@ Errors are JSON: `{"error": {"code": ..., "message": ...}}`.
 """
 
 
+def _use_poll_threads(app: FastAPI, count: int) -> None:
+    """Give ``app`` new poll threads, and polls of one row whose kept version expired one read
+    of it on them (:class:`service.api.conditional.SharedReads`)."""
+    app.state.poll_threads = poll_threads(count)
+    app.state.version_reads = SharedReads(app.state.poll_threads)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for ``settings`` (default: from the environment). The schema must be migrated
     (``python -m service migrate``) unless ``settings.migrate_on_startup`` is set."""
@@ -54,17 +61,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ping_idle_s=settings.database_ping_idle_s,
     )
 
-    # The threads polls are read on; started with the app (lifespan), stopped with it.
-    polls = poll_threads(settings.poll_threads)
-
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_startup:
             _LOG.info("applying database migrations (REID_MIGRATE_ON_STARTUP)")
             await run_in_threadpool(migrate.upgrade, settings.database_url)
-        start_threads(polls, settings.poll_threads)
+        # The threads polls are read on: started with the app, stopped with it (a new set each
+        # time it starts: an app may be started again after a stop, as tests do).
+        _use_poll_threads(app, settings.poll_threads)
+        start_threads(app.state.poll_threads, settings.poll_threads)
         yield
-        polls.shutdown(wait=False)
+        app.state.poll_threads.shutdown(wait=False)
         engine.dispose()
 
     app = FastAPI(
@@ -84,8 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.row_versions = RowVersionCache(settings.version_cache_seconds)
     app.state.row_versions.watch(app.state.session_factory)
     # Polls of one row whose kept version expired wait for one read of it.
-    app.state.poll_threads = polls
-    app.state.version_reads = SharedReads(polls)
+    _use_poll_threads(app, settings.poll_threads)  # started on their first use without lifespan
     # The JSON served for a row version, answered again while that version is the one kept.
     app.state.bodies = BodyCache()
     app.state.schema_head = migrate.head_revision()

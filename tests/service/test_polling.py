@@ -689,6 +689,18 @@ def test_polls_are_read_on_threads_of_their_own_started_with_the_app(
         asyncio.run(while_the_pool_is_taken())
 
 
+def test_an_app_started_again_after_a_stop_reads_polls_on_new_threads(
+    app: FastAPI, alice: Headers
+) -> None:
+    clock = _row_versions_on(app, ttl_s=0.5)
+    url = f"/v1/galleries/{_add_gallery(app)}"
+    for _ in range(2):
+        with TestClient(app) as client:
+            etag = client.get(url, headers=alice).headers["etag"]
+            clock.now += 1  # the version must be read, on the poll threads
+            assert client.get(url, headers={**alice, "If-None-Match": etag}).status_code == 304
+
+
 def test_a_read_under_way_during_a_local_change_is_not_kept() -> None:
     """It may have read the row before the change committed: keeping it would hide the change
     for a whole TTL."""
