@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import httpx
@@ -38,6 +38,8 @@ from service.core.ttl_cache import TtlCache
 from tests.service.conftest import Headers
 
 ADMIN_TOKEN = "polling-admin-token-0123456789"
+
+T = TypeVar("T")
 
 
 def _submit(client: TestClient, headers: Headers, dataset_id: str) -> dict[str, Any]:
@@ -91,6 +93,14 @@ def _statements(app: FastAPI) -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(app.state.engine, "before_cursor_execute", record)
+
+
+def _run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``main()`` run to its end on an event loop of its own, in a thread of its own: in a full
+    run the browser tests' session-wide Playwright keeps an event loop running in this one,
+    where ``asyncio.run`` refuses to start."""
+    with ThreadPoolExecutor(max_workers=1) as runner:
+        return runner.submit(asyncio.run, main()).result()
 
 
 class FakeClock:
@@ -607,7 +617,7 @@ def test_requests_of_one_key_share_the_read_under_way() -> None:
         assert await reads.read("a", slow("again")) == "again"
 
     with ThreadPoolExecutor(max_workers=4) as threads:
-        asyncio.run(scenario())
+        _run_async(scenario)
     assert calls.count("again") == 1
 
 
@@ -647,7 +657,7 @@ def test_polls_of_one_row_whose_version_expired_read_it_once(
             return [(a.status_code, a.headers.get("etag")) for a in answers]
 
     with TestClient(app):  # the app's lifespan
-        answers = asyncio.run(polls())
+        answers = _run_async(polls)
     assert answers[:7] == [(304, answers[0][1])] * 7 and answers[7][0] == 404
 
 
@@ -686,7 +696,7 @@ def test_polls_are_read_on_threads_of_their_own_started_with_the_app(
     before = polls()  # other apps' (a process has one app; a test session, many)
     with TestClient(app):
         assert len(polls() - before) == app.state.settings.poll_threads
-        asyncio.run(while_the_pool_is_taken())
+        _run_async(while_the_pool_is_taken)
 
 
 def test_an_app_started_again_after_a_stop_reads_polls_on_new_threads(
