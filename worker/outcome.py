@@ -231,7 +231,13 @@ def last_error_line(log_path: Path, max_bytes: int = 64 * 1024) -> str | None:
 def apply_outcome(session: Session, job: Job, outcome: Outcome) -> None:
     """Move ``job`` as ``outcome`` says (a rerun counted in its budget); a RETRYING job is also
     let go (no worker, "not sent yet"): the caller sends it to the broker after its commit, else
-    the dispatcher does."""
+    the dispatcher does.
+
+    A job cancelled while its state still reads STARTING or RUNNING (its cancel request
+    recorded, its state written back over CANCELLING by a concurrent change where the database
+    has no row locks: SQLite) goes through CANCELLING first, as the state machine wants."""
+    if outcome.state is JobState.CANCELLED and job.state in (JobState.STARTING, JobState.RUNNING):
+        change_state(session, job, JobState.CANCELLING, "cancel requested")
     change_state(session, job, outcome.state, outcome.reason, restart=outcome.restart)
     if outcome.retry:
         job.worker_id = None

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.broker import celery_priority, resource_queue
+from service.core.db import session_scope
+from service.core.job_states import lock_job
 from service.core.models import JobState
-from worker.outcome import decide_outcome, last_error_line
+from tests.worker.conftest import MakeJob, event_states, load_job
+from worker.outcome import apply_outcome, decide_outcome, last_error_line
 
 S = JobState
 
@@ -134,3 +138,21 @@ def test_queues_by_resource() -> None:
     # job priorities: 0 lowest .. max; Redis consumes Celery priority 0 first
     assert celery_priority(9, 9) == 0
     assert celery_priority(0, 9) == 9
+
+
+def test_a_cancel_whose_state_was_written_back_to_running_ends_cancelled(
+    factory: sessionmaker[Session], make_job: MakeJob
+) -> None:
+    """Where the database has no row locks (SQLite), the supervisor's "trainer started" can
+    write RUNNING over the API's CANCELLING: the cancel request stays, the job ends CANCELLED
+    through CANCELLING, never in an error that leaves it RUNNING."""
+    job_id = make_job(
+        states=(JobState.STARTING, JobState.RUNNING), cancel_requested=True, worker_id="w1"
+    )
+    outcome = decide_outcome(-15, cancel_requested=True)
+    with session_scope(factory) as session:
+        job = lock_job(session, job_id)
+        assert job is not None
+        apply_outcome(session, job, outcome)
+    assert load_job(factory, job_id).state is JobState.CANCELLED
+    assert event_states(factory, job_id)[-2:] == ["CANCELLING", "CANCELLED"]
