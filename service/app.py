@@ -27,6 +27,7 @@ from service.api.errors import install_error_handlers
 from service.core import migrate
 from service.core.api_keys import KeyCache
 from service.core.db import make_engine, make_read_session_factory, make_session_factory
+from service.core.jobs import job_submissions
 from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings, get_settings
 
@@ -70,7 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # time it starts: an app may be started again after a stop, as tests do).
         _use_poll_threads(app, settings.poll_threads)
         start_threads(app.state.poll_threads, settings.poll_threads)
+        app.state.job_submissions = job_submissions(app.state.session_factory, settings)
+        app.state.job_submissions.start()
         yield
+        # The submissions already taken are committed and answered before the engine goes.
+        await run_in_threadpool(app.state.job_submissions.close)
         app.state.poll_threads.shutdown(wait=False)
         engine.dispose()
 
@@ -92,6 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.row_versions.watch(app.state.session_factory)
     # Polls of one row whose kept version expired wait for one read of it.
     _use_poll_threads(app, settings.poll_threads)  # started on their first use without lifespan
+    # POST /v1/jobs: the submissions that arrive together are committed in one transaction.
+    app.state.job_submissions = job_submissions(app.state.session_factory, settings)
     # The JSON served for a row version, answered again while that version is the one kept.
     app.state.bodies = BodyCache()
     app.state.schema_head = migrate.head_revision()

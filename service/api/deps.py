@@ -1,5 +1,6 @@
 """Typed request dependencies shared by the routers: the settings, database sessions, the
-JSON kept of jobs' versions (the lists' items), and the paging parameters of the lists."""
+JSON kept of jobs' versions (the lists' items), the job submissions' group commit, and the
+paging parameters of the lists."""
 
 from __future__ import annotations
 
@@ -14,17 +15,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.body_cache import BodyCache
 from service.api.errors import APIError
+from service.core.group_commit import GroupCommitter
+from service.core.jobs import Submission
+from service.core.models import Job
 from service.core.owned import Cursor
 from service.core.settings import Settings
 
 __all__ = [
     "BodyCacheDep",
+    "JobSubmissionsDep",
     "PageDep",
     "PageParams",
     "ReadSessionDep",
     "SessionDep",
     "SettingsDep",
     "get_body_cache",
+    "get_job_submissions",
     "get_read_session",
     "get_session",
     "get_settings_dep",
@@ -83,10 +89,19 @@ async def get_body_cache(request: Request) -> BodyCache:
     return bodies
 
 
+async def get_job_submissions(request: Request) -> GroupCommitter[Submission, tuple[Job, bool]]:
+    """The process's submissions, committed in groups (:func:`service.core.jobs.job_submissions`)."""
+    submissions: GroupCommitter[Submission, tuple[Job, bool]] = request.app.state.job_submissions
+    return submissions
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 BodyCacheDep = Annotated[BodyCache, Depends(get_body_cache)]
+JobSubmissionsDep = Annotated[
+    GroupCommitter[Submission, tuple[Job, bool]], Depends(get_job_submissions)
+]
 
 #: The largest ``offset``: the largest 64-bit integer, what PostgreSQL and SQLite take as OFFSET
 #: (a larger one is refused by the schema rather than by the database driver).

@@ -3,6 +3,7 @@ logs (tail or followed as server-sent events), cancel, retry (the rules: :mod:`s
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import uuid
 from enum import StrEnum
@@ -26,7 +27,14 @@ from service.api.conditional import (
     tagged,
     tagged_json,
 )
-from service.api.deps import BodyCacheDep, PageDep, ReadSessionDep, SessionDep, SettingsDep
+from service.api.deps import (
+    BodyCacheDep,
+    JobSubmissionsDep,
+    PageDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+)
 from service.api.log_stream import follow_log, tail_offset
 from service.api.schemas import (
     COMMON_ERRORS,
@@ -72,10 +80,12 @@ _REQUEST_ERRORS = {
         **error_responses(**_REQUEST_ERRORS, e409="idempotency_key reused for a different request"),
     },
 )
-def create_job(
-    body: JobCreate, owner: CurrentOwner, session: SessionDep, settings: SettingsDep
+async def create_job(
+    body: JobCreate, owner: CurrentOwner, submissions: JobSubmissionsDep, settings: SettingsDep
 ) -> Response:
-    job, created = jobs.submit_job(session, settings, owner, jobs.JobRequest(**body.model_dump()))
+    # Committed with the submissions that arrive with it, in one transaction.
+    submission = jobs.Submission(owner, jobs.JobRequest(**body.model_dump()))
+    job, created = await asyncio.wrap_future(submissions.submit(submission))
     if not created:
         return _job_response(job, settings, status_code=200)
     return _job_response(job, settings, status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})

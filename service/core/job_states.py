@@ -76,9 +76,16 @@ JOBS: StateMachine[Job, JobState, JobEvent] = StateMachine(
 
 
 def change_state(
-    session: Session, job: Job, to_state: JobState, reason: str, *, restart: bool = False
+    session: Session,
+    job: Job,
+    to_state: JobState,
+    reason: str,
+    *,
+    restart: bool = False,
+    flush: bool = True,
 ) -> JobEvent:
-    """Move ``job`` to ``to_state`` and record why; the caller commits.
+    """Move ``job`` to ``to_state`` and record why; the caller commits (``flush``: see
+    :meth:`service.core.state_machine.StateMachine.change`).
 
     Also keeps the fields that follow the state: ``reason`` (the last reason), ``cancel_requested``
     (set on CANCELLING), ``started_at`` (first RUNNING), ``finished_at`` (final states),
@@ -109,7 +116,7 @@ def change_state(
         if to_state.is_final:
             job.finished_at = now
 
-    return JOBS.change(session, job, to_state, reason, follow)
+    return JOBS.change(session, job, to_state, reason, follow, flush=flush)
 
 
 #: Load a job for a state change, its row locked (``FOR UPDATE``) where the database can;

@@ -11,14 +11,14 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
@@ -26,6 +26,7 @@ from service.core.broker import send_committed, stamp_send
 from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, ServiceError, not_found
 from service.core.folders import job_dir
+from service.core.group_commit import GroupCommitter
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, JOBS, change_state
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
@@ -36,18 +37,22 @@ from service.core.settings import Settings
 __all__ = [
     "JobPreview",
     "JobRequest",
+    "Submission",
+    "SubmitOutcome",
     "cancel_job",
     "check_limit",
     "check_queue",
     "final_state",
     "job_events",
     "job_metrics",
+    "job_submissions",
     "list_jobs",
     "log_path",
     "owned_job",
     "preview_job",
     "retry_job",
     "submit_job",
+    "submit_jobs",
 ]
 
 
@@ -151,18 +156,33 @@ class JobPreview:
     queue: str
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One owner's request for a job, as :func:`submit_jobs` takes it."""
+
+    owner: str
+    request: JobRequest
+
+
+def _shared_datasets(session: Session, ids: Collection[uuid.UUID]) -> dict[uuid.UUID, Dataset]:
+    """The datasets of ``ids`` that exist, locked FOR SHARE: a concurrent DELETE of one waits
+    for the jobs of this transaction to be committed."""
+    rows = session.execute(
+        select(Dataset).where(Dataset.id.in_(ids)).with_for_update(read=True)
+    ).scalars()
+    return {dataset.id: dataset for dataset in rows}
+
+
 def _resolve(
-    session: Session, settings: Settings, owner: str, request: JobRequest, job_id: uuid.UUID
+    settings: Settings,
+    owner: str,
+    request: JobRequest,
+    job_id: uuid.UUID,
+    dataset: Dataset | None,
 ) -> tuple[Dataset, _Resources, ExperimentConfig]:
-    """The dataset, resources and configuration of job ``job_id`` of ``request``, every check
-    of a submission done; nothing is written."""
-    # FOR SHARE: a concurrent DELETE of the dataset waits for this job to be committed.
-    dataset = session.execute(
-        select(Dataset)
-        .where(Dataset.id == request.dataset_id, Dataset.owner == owner)
-        .with_for_update(read=True)
-    ).scalar_one_or_none()
-    if dataset is None:
+    """The resources and configuration of job ``job_id`` of ``request`` on ``dataset`` (locked
+    by :func:`_shared_datasets`; None: it does not exist), every check of a submission done."""
+    if dataset is None or dataset.owner != owner:
         raise not_found("dataset", request.dataset_id)
     check_ready(dataset)
     resources = _check_resources(request, settings)
@@ -189,30 +209,18 @@ def preview_job(
 ) -> JobPreview:
     """What :func:`submit_job` would create for ``request``, refused as it would be; nothing is
     created. ``runtime.output_dir`` names a new id: a job gets its own."""
-    _, resources, cfg = _resolve(session, settings, owner, request, uuid.uuid4())
+    dataset = _shared_datasets(session, [request.dataset_id]).get(request.dataset_id)
+    _, resources, cfg = _resolve(settings, owner, request, uuid.uuid4(), dataset)
     return JobPreview(cfg, resources.gpus, resources.queue)
 
 
-def submit_job(
-    session: Session, settings: Settings, owner: str, request: JobRequest
-) -> tuple[Job, bool]:
-    """``(job, created)``: a new QUEUED job, committed and sent to the workers, or (created
-    False) the job an earlier request with the same idempotency key created.
-
-    A new job costs one transaction: the key is not looked up first, its unique index refuses
-    a repeated one, and the job is stamped as sent before the commit (:func:`stamp_send`)."""
-    request_hash = request.digest()
-    key = request.idempotency_key
+def _new_job(settings: Settings, submission: Submission, dataset: Dataset | None) -> Job:
+    """The job of ``submission`` before it is QUEUED; refused (:class:`ServiceError`) as the
+    submission would be."""
+    owner, request = submission.owner, submission.request
     job_id = uuid.uuid4()
-    try:
-        dataset, resources, cfg = _resolve(session, settings, owner, request, job_id)
-    except ServiceError:
-        # A repeated request gets its job even where it would not be accepted any more.
-        existing = None if key is None else _existing_for_key(session, owner, key, request_hash)
-        if existing is None:
-            raise
-        return existing, False
-    job = Job(
+    dataset, resources, cfg = _resolve(settings, owner, request, job_id, dataset)
+    return Job(
         id=job_id,
         owner=owner,
         dataset_id=dataset.id,
@@ -226,30 +234,105 @@ def submit_job(
         max_restarts=resources.max_restarts,
         restarts=0,
         timeout_minutes=resources.timeout_minutes,
-        idempotency_key=key,
-        request_hash=request_hash,
+        idempotency_key=request.idempotency_key,
+        request_hash=request.digest(),
         progress=0.0,
         metrics={},
         warnings=[],
         model_name=request.model_name or settings.mlflow.model_name_for(owner),
         cancel_requested=False,
     )
+
+
+#: What :func:`submit_jobs` answers for one submission: ``(job, created)`` or why it was refused.
+SubmitOutcome = tuple[Job, bool] | ServiceError
+
+
+def submit_jobs(
+    session: Session, settings: Settings, submissions: Sequence[Submission]
+) -> list[SubmitOutcome]:
+    """Each submission's outcome, in order: ``(job, created)`` for a new QUEUED job, committed
+    and sent to the workers, or (created False) the job an earlier request with the same
+    idempotency key created; else the :class:`ServiceError` that refused it.
+
+    The new jobs of all the submissions are committed in one transaction (the group commit of
+    ``POST /v1/jobs``: :class:`service.core.group_commit.GroupCommitter`), stamped as sent before
+    the commit (:func:`stamp_send`). A key is not looked up first: its unique index refuses a
+    repeated one, and then each submission is made again in a transaction of its own, so that
+    one repeated key costs the others nothing but the retry."""
+    outcomes: list[SubmitOutcome | None] = [None] * len(submissions)
+    datasets = _shared_datasets(session, {s.request.dataset_id for s in submissions})
+    created: list[Job] = []
     sending = settings.worker.enqueue_on_submit
-    if sending:
-        stamp_send(job)
+    for i, submission in enumerate(submissions):
+        try:
+            job = _new_job(settings, submission, datasets.get(submission.request.dataset_id))
+        except ServiceError as exc:
+            # A repeated request gets its job even where it would not be accepted any more.
+            earlier = _earlier(session, submission)
+            outcomes[i] = exc if earlier is None else earlier
+            continue
+        if sending:
+            stamp_send(job)
+        change_state(session, job, JobState.QUEUED, f"submitted by {job.owner}", flush=False)
+        outcomes[i] = (job, True)
+        created.append(job)
     try:
-        change_state(session, job, JobState.QUEUED, f"submitted by {owner}")  # flushes
-        session.commit()
+        session.commit()  # flushes the jobs and their events together
     except IntegrityError:
-        # The key was used before, or a concurrent request with it won.
+        # A key used before, by an earlier or concurrent request or by another of this group.
         session.rollback()
-        existing = None if key is None else _existing_for_key(session, owner, key, request_hash)
-        if existing is None:
+        if len(submissions) > 1:
+            return [submit_jobs(session, settings, [submission])[0] for submission in submissions]
+        earlier = _earlier(session, submissions[0])
+        if earlier is None:
             raise
-        return existing, False
+        session.expunge_all()
+        return [earlier]
+    # The jobs answered keep what was committed: a later rollback in this session (a refused
+    # send's, the next submission's) must not expire them.
+    session.expunge_all()
     if sending:
-        send_committed(settings, session, job)
-    return job, True
+        for job in created:
+            send_committed(settings, session, job)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _earlier(session: Session, submission: Submission) -> SubmitOutcome | None:
+    """The job an earlier request with ``submission``'s idempotency key created (created False),
+    a ConflictError where that key was used for a different request, None where it was not
+    used (or the submission has no key)."""
+    key = submission.request.idempotency_key
+    if key is None:
+        return None
+    try:
+        existing = _existing_for_key(session, submission.owner, key, submission.request.digest())
+    except ConflictError as exc:
+        return exc
+    return None if existing is None else (existing, False)
+
+
+def submit_job(
+    session: Session, settings: Settings, owner: str, request: JobRequest
+) -> tuple[Job, bool]:
+    """:func:`submit_jobs` of one request: ``(job, created)``, or raises why it was refused."""
+    outcome = submit_jobs(session, settings, [Submission(owner, request)])[0]
+    if isinstance(outcome, ServiceError):
+        raise outcome
+    return outcome
+
+
+def job_submissions(
+    session_factory: sessionmaker[Session], settings: Settings, *, max_group: int = 32
+) -> GroupCommitter[Submission, tuple[Job, bool]]:
+    """The submissions of an API process, committed in groups by one thread: each group in a
+    session of ``session_factory`` (:func:`submit_jobs`)."""
+
+    def submit_group(group: Sequence[Submission]) -> list[SubmitOutcome]:
+        with session_factory() as session:
+            return submit_jobs(session, settings, group)
+
+    return GroupCommitter(submit_group, max_group=max_group, name="job-submissions")
 
 
 #: What a list item shows of a job (``GET /v1/jobs``): everything but its configuration, which

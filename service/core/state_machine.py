@@ -64,10 +64,14 @@ class StateMachine(Generic[R, S, E]):
         to_state: S,
         reason: str,
         follow: Callable[[S | None, S, datetime], None],
+        *,
+        flush: bool = True,
     ) -> E:
         """Move ``row`` to ``to_state`` for ``reason`` and record it; the caller commits.
 
-        ``follow(from_state, to_state, now)`` sets the fields that go with the state.
+        ``follow(from_state, to_state, now)`` sets the fields that go with the state. Unless
+        ``flush``, the row and its event are only added to the session: rows created together
+        are written by one flush (the commit's).
         """
         # A row being created has no state yet (None), whatever the type annotation says.
         from_state = self.states(row.state) if row.state is not None else None
@@ -93,7 +97,8 @@ class StateMachine(Generic[R, S, E]):
         fields = {"from_state": from_state, "to_state": to_state, "reason": reason, "at": now}
         event = self.event(**{self.event_key: row.id}, **fields)
         session.add(event)
-        session.flush()
+        if flush:
+            session.flush()
         return event
 
     def lock(self, session: Session, row_id: uuid.UUID, owner: str | None = None) -> R | None:
