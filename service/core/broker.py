@@ -29,6 +29,8 @@ import logging
 import threading
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,7 @@ from service.core.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
+    from kombu import Producer
 
 __all__ = [
     "BUILD_GALLERY_TASK",
@@ -51,6 +54,7 @@ __all__ = [
     "celery_priority",
     "create_celery_app",
     "mark_dispatched",
+    "one_producer",
     "resource_queue",
     "send_committed",
     "send_gallery",
@@ -154,18 +158,43 @@ def celery_app_for(settings: Settings) -> Celery:
         return app
 
 
-def _publish(settings: Settings, task: str, ident: uuid.UUID, queue: str, priority: int) -> None:
+def _publish(
+    settings: Settings,
+    task: str,
+    ident: uuid.UUID,
+    queue: str,
+    priority: int,
+    producer: Producer | None = None,
+) -> None:
     celery_app_for(settings).send_task(
-        task, args=[str(ident)], queue=queue, priority=priority, retry=False
+        task, args=[str(ident)], queue=queue, priority=priority, retry=False, producer=producer
     )
 
 
-def send_job(settings: Settings, job: Job) -> bool:
-    """Publish ``job``'s id to its queue; False (and a warning) when the broker refuses."""
+@contextmanager
+def one_producer(settings: Settings) -> Iterator[Producer | None]:
+    """A producer of the broker's pool for several sends in a row (:func:`send_committed`'s
+    ``producer``), given back after them; None where none can be had (no Celery here, a
+    broker that refuses): each send then tries on its own and reports its failure."""
+    try:
+        acquired = celery_app_for(settings).producer_or_acquire()
+        producer = acquired.__enter__()
+    except Exception:  # the sends report the broker's error, job by job
+        yield None
+        return
+    try:
+        yield producer
+    finally:
+        acquired.__exit__(None, None, None)
+
+
+def send_job(settings: Settings, job: Job, producer: Producer | None = None) -> bool:
+    """Publish ``job``'s id to its queue (with ``producer``: :func:`one_producer`); False (and
+    a warning) when the broker refuses."""
     queue = resource_queue(job.gpus, job.queue, settings.queues[0])
     priority = celery_priority(job.priority, settings.job_bounds.max_priority)
     try:
-        _publish(settings, RUN_JOB_TASK, job.id, queue, priority)
+        _publish(settings, RUN_JOB_TASK, job.id, queue, priority, producer)
     except Exception as exc:  # any broker error (or no Celery here): the database keeps the job
         log.warning(
             "job %s: the broker did not take it (%s: %s); it stays %s and the dispatcher "
@@ -201,12 +230,14 @@ def stamp_send(job: Job, now: datetime | None = None) -> None:
     job.heartbeat_at = now or utcnow()
 
 
-def send_committed(settings: Settings, session: Session, job: Job) -> bool:
+def send_committed(
+    settings: Settings, session: Session, job: Job, producer: Producer | None = None
+) -> bool:
     """Publish ``job``, committed with :func:`stamp_send`'s stamp. When the broker refuses, the
     stamp is taken back (unless a worker or the dispatcher changed it meanwhile), so that the
     dispatcher sends the job after ``dispatch_grace_s``; ``job`` then shows the row as committed.
     Never raises for a broker or database problem."""
-    if send_job(settings, job):
+    if send_job(settings, job, producer):
         return True
     try:
         version = session.execute(

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
-from service.core.broker import send_committed, stamp_send
+from service.core.broker import one_producer, send_committed, stamp_send
 from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, ServiceError, not_found
 from service.core.folders import job_dir
@@ -292,9 +292,10 @@ def submit_jobs(
     # The jobs answered keep what was committed: a later rollback in this session (a refused
     # send's, the next submission's) must not expire them.
     session.expunge_all()
-    if sending:
-        for job in created:
-            send_committed(settings, session, job)
+    if sending and created:
+        with one_producer(settings) as producer:
+            for job in created:
+                send_committed(settings, session, job, producer)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
