@@ -11,7 +11,11 @@ next one gathers, so groups grow with the load and a lone request waits for nobo
   the API); one cancelled before its group began is left out of it, never written.
 * ``handle`` raising (the database went away) answers every request of its group with that
   exception: none of them was committed.
-* :meth:`GroupCommitter.close` answers what was submitted before it, then stops the thread; a
+* ``then`` (optional) is a second stage on a thread of its own: it gets each group's outcomes
+  after ``handle`` and before the requests are answered, while the next group is handled (the
+  jobs' submissions send a committed group to the broker there). It must not raise; if it does,
+  the error is logged and the requests get their outcomes all the same.
+* :meth:`GroupCommitter.close` answers what was submitted before it, then stops the threads; a
   request after it is refused with :class:`RuntimeError`.
 """
 
@@ -21,7 +25,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 __all__ = ["GroupCommitter"]
@@ -43,12 +47,17 @@ class GroupCommitter(Generic[T, R]):
         self,
         handle: Callable[[Sequence[T]], Sequence[R | BaseException]],
         *,
+        then: Callable[[Sequence[R | BaseException]], None] | None = None,
         max_group: int = 32,
         name: str = "group-commit",
     ) -> None:
         if max_group < 1:
             raise ValueError(f"max_group={max_group}: at least 1")
         self._handle = handle
+        self._then = then
+        self._stage = (
+            None if then is None else ThreadPoolExecutor(1, thread_name_prefix=f"{name}-then")
+        )
         self._max_group = max_group
         self._name = name
         self._queue: queue.SimpleQueue[tuple[T, Future[R]] | _Stop] = queue.SimpleQueue()
@@ -86,6 +95,8 @@ class GroupCommitter(Generic[T, R]):
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        if self._stage is not None:
+            self._stage.shutdown(wait=True)
 
     def _next_group(self) -> tuple[list[tuple[T, Future[R]]], bool]:
         """The requests waiting now (blocking for the first), and whether a stop was reached."""
@@ -124,6 +135,23 @@ class GroupCommitter(Generic[T, R]):
             for _, future in group:
                 future.set_exception(exc)
             return
+        if self._stage is None:
+            self._resolve(group, outcomes)
+        else:
+            self._stage.submit(self._then_resolve, group, outcomes)
+
+    def _then_resolve(
+        self, group: list[tuple[T, Future[R]]], outcomes: Sequence[R | BaseException]
+    ) -> None:
+        assert self._then is not None
+        try:
+            self._then(outcomes)
+        except Exception:
+            log.exception("%s: the second stage failed for a group of %d", self._name, len(group))
+        self._resolve(group, outcomes)
+
+    @staticmethod
+    def _resolve(group: list[tuple[T, Future[R]]], outcomes: Sequence[R | BaseException]) -> None:
         for (_, future), outcome in zip(group, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

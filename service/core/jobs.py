@@ -50,6 +50,7 @@ __all__ = [
     "log_path",
     "owned_job",
     "preview_job",
+    "publish_new",
     "retry_job",
     "submit_job",
     "submit_jobs",
@@ -249,7 +250,11 @@ SubmitOutcome = tuple[Job, bool] | ServiceError
 
 
 def submit_jobs(
-    session: Session, settings: Settings, submissions: Sequence[Submission]
+    session: Session,
+    settings: Settings,
+    submissions: Sequence[Submission],
+    *,
+    publish: bool = True,
 ) -> list[SubmitOutcome]:
     """Each submission's outcome, in order: ``(job, created)`` for a new QUEUED job, committed
     and sent to the workers, or (created False) the job an earlier request with the same
@@ -259,10 +264,10 @@ def submit_jobs(
     ``POST /v1/jobs``: :class:`service.core.group_commit.GroupCommitter`), stamped as sent before
     the commit (:func:`stamp_send`). A key is not looked up first: its unique index refuses a
     repeated one, and then each submission is made again in a transaction of its own, so that
-    one repeated key costs the others nothing but the retry."""
+    one repeated key costs the others nothing but the retry. Unless ``publish``, the new jobs
+    are committed stamped but not sent: the caller sends them (:func:`publish_new`)."""
     outcomes: list[SubmitOutcome | None] = [None] * len(submissions)
     datasets = _shared_datasets(session, {s.request.dataset_id for s in submissions})
-    created: list[Job] = []
     sending = settings.worker.enqueue_on_submit
     for i, submission in enumerate(submissions):
         try:
@@ -276,14 +281,16 @@ def submit_jobs(
             stamp_send(job)
         change_state(session, job, JobState.QUEUED, f"submitted by {job.owner}", flush=False)
         outcomes[i] = (job, True)
-        created.append(job)
     try:
         session.commit()  # flushes the jobs and their events together
     except IntegrityError:
         # A key used before, by an earlier or concurrent request or by another of this group.
         session.rollback()
         if len(submissions) > 1:
-            return [submit_jobs(session, settings, [submission])[0] for submission in submissions]
+            return [
+                submit_jobs(session, settings, [submission], publish=publish)[0]
+                for submission in submissions
+            ]
         earlier = _earlier(session, submissions[0])
         if earlier is None:
             raise
@@ -292,11 +299,25 @@ def submit_jobs(
     # The jobs answered keep what was committed: a later rollback in this session (a refused
     # send's, the next submission's) must not expire them.
     session.expunge_all()
-    if sending and created:
-        with one_producer(settings) as producer:
-            for job in created:
-                send_committed(settings, session, job, producer)
-    return [outcome for outcome in outcomes if outcome is not None]
+    answered = [outcome for outcome in outcomes if outcome is not None]
+    if publish:
+        publish_new(session, settings, answered)
+    return answered
+
+
+def publish_new(
+    session: Session, settings: Settings, outcomes: Sequence[tuple[Job, bool] | BaseException]
+) -> None:
+    """Send the jobs :func:`submit_jobs` created (``outcomes``' created ones) to the workers,
+    with one producer of the broker's pool; a send the broker refuses takes the job's stamp
+    back in ``session`` (:func:`send_committed`). Nothing when the service does not send on
+    submit (``REID_WORKER__ENQUEUE_ON_SUBMIT``)."""
+    created = [o[0] for o in outcomes if not isinstance(o, BaseException) and o[1]]
+    if not created or not settings.worker.enqueue_on_submit:
+        return
+    with one_producer(settings) as producer:
+        for job in created:
+            send_committed(settings, session, job, producer)
 
 
 def _earlier(session: Session, submission: Submission) -> SubmitOutcome | None:
@@ -326,14 +347,22 @@ def submit_job(
 def job_submissions(
     session_factory: sessionmaker[Session], settings: Settings, *, max_group: int = 32
 ) -> GroupCommitter[Submission, tuple[Job, bool]]:
-    """The submissions of an API process, committed in groups by one thread: each group in a
-    session of ``session_factory`` (:func:`submit_jobs`)."""
+    """The submissions of an API process, committed in groups by one thread (each group in a
+    session of ``session_factory``: :func:`submit_jobs`) and sent to the workers by a second
+    one (:func:`publish_new`), so that a group commits while the one before it is being sent.
+    A request is answered once its job was sent."""
 
     def submit_group(group: Sequence[Submission]) -> list[SubmitOutcome]:
         with session_factory() as session:
-            return submit_jobs(session, settings, group)
+            return submit_jobs(session, settings, group, publish=False)
 
-    return GroupCommitter(submit_group, max_group=max_group, name="job-submissions")
+    def publish_group(outcomes: Sequence[tuple[Job, bool] | BaseException]) -> None:
+        with session_factory() as session:
+            publish_new(session, settings, outcomes)
+
+    return GroupCommitter(
+        submit_group, then=publish_group, max_group=max_group, name="job-submissions"
+    )
 
 
 #: What a list item shows of a job (``GET /v1/jobs``): everything but its configuration, which

@@ -111,3 +111,32 @@ def test_close_answers_what_was_submitted_then_refuses(
 def test_max_group_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_group=0"):
         GroupCommitter(lambda group: list(group), max_group=0)
+
+
+def test_the_second_stage_sees_each_group_before_its_requests_are_answered() -> None:
+    seen: list[list[int | str]] = []
+    sending = threading.Event()
+    proceed = threading.Event()
+
+    def then(outcomes: Sequence[int | BaseException]) -> None:
+        seen.append([o if isinstance(o, int) else type(o).__name__ for o in outcomes])
+        sending.set()
+        assert proceed.wait(10)
+        if -1 in outcomes:
+            raise OSError("the broker went away")
+
+    staged = GroupCommitter(lambda group: [ValueError() if n < -1 else n for n in group], then=then)
+    first = staged.submit(1)
+    assert sending.wait(10)
+    # the first group waits in the second stage, unanswered, while the next one is handled
+    second = staged.submit(-5)
+    assert not first.done()
+    proceed.set()
+    assert first.result(timeout=10) == 1
+    assert isinstance(second.exception(timeout=10), ValueError)
+    # a second stage that raises is logged; its requests still get their outcomes
+    assert staged.submit(-1).result(timeout=10) == -1
+    late = staged.submit(2)
+    staged.close(timeout=10)  # waits for the second stage
+    assert late.done() and late.result() == 2
+    assert seen == [[1], ["ValueError"], [-1], [2]]
