@@ -30,7 +30,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,16 +176,12 @@ def one_producer(settings: Settings) -> Iterator[Producer | None]:
     """A producer of the broker's pool for several sends in a row (:func:`send_committed`'s
     ``producer``), given back after them; None where none can be had (no Celery here, a
     broker that refuses): each send then tries on its own and reports its failure."""
-    try:
-        acquired = celery_app_for(settings).producer_or_acquire()
-        producer = acquired.__enter__()
-    except Exception:  # the sends report the broker's error, job by job
-        yield None
-        return
-    try:
+    with ExitStack() as stack:
+        try:
+            producer = stack.enter_context(celery_app_for(settings).producer_or_acquire())
+        except Exception:  # the sends report the broker's error, job by job
+            producer = None
         yield producer
-    finally:
-        acquired.__exit__(None, None, None)
 
 
 def send_job(settings: Settings, job: Job, producer: Producer | None = None) -> bool:

@@ -52,7 +52,6 @@ __all__ = [
     "preview_job",
     "publish_new",
     "retry_job",
-    "submit_job",
     "submit_jobs",
 ]
 
@@ -208,7 +207,7 @@ def _resolve(
 def preview_job(
     session: Session, settings: Settings, owner: str, request: JobRequest
 ) -> JobPreview:
-    """What :func:`submit_job` would create for ``request``, refused as it would be; nothing is
+    """What :func:`submit_jobs` would create for ``request``, refused as it would be; nothing is
     created. ``runtime.output_dir`` names a new id: a job gets its own."""
     dataset = _shared_datasets(session, [request.dataset_id]).get(request.dataset_id)
     _, resources, cfg = _resolve(settings, owner, request, uuid.uuid4(), dataset)
@@ -250,59 +249,47 @@ SubmitOutcome = tuple[Job, bool] | ServiceError
 
 
 def submit_jobs(
-    session: Session,
-    settings: Settings,
-    submissions: Sequence[Submission],
-    *,
-    publish: bool = True,
+    session: Session, settings: Settings, submissions: Sequence[Submission]
 ) -> list[SubmitOutcome]:
     """Each submission's outcome, in order: ``(job, created)`` for a new QUEUED job, committed
-    and sent to the workers, or (created False) the job an earlier request with the same
-    idempotency key created; else the :class:`ServiceError` that refused it.
+    stamped as sent (:func:`stamp_send`) for the caller to send (:func:`publish_new`), or
+    (created False) the job an earlier request with the same idempotency key created; else the
+    :class:`ServiceError` that refused it.
 
     The new jobs of all the submissions are committed in one transaction (the group commit of
-    ``POST /v1/jobs``: :class:`service.core.group_commit.GroupCommitter`), stamped as sent before
-    the commit (:func:`stamp_send`). A key is not looked up first: its unique index refuses a
-    repeated one, and then each submission is made again in a transaction of its own, so that
-    one repeated key costs the others nothing but the retry. Unless ``publish``, the new jobs
-    are committed stamped but not sent: the caller sends them (:func:`publish_new`)."""
-    outcomes: list[SubmitOutcome | None] = [None] * len(submissions)
+    ``POST /v1/jobs``: :func:`job_submissions`). A key is not looked up first: its unique index
+    refuses a repeated one, and then each submission is made again in a transaction of its
+    own, so that one repeated key costs the others nothing but the retry."""
+    outcomes: list[SubmitOutcome] = []
     datasets = _shared_datasets(session, {s.request.dataset_id for s in submissions})
     sending = settings.worker.enqueue_on_submit
-    for i, submission in enumerate(submissions):
+    for submission in submissions:
         try:
             job = _new_job(settings, submission, datasets.get(submission.request.dataset_id))
         except ServiceError as exc:
             # A repeated request gets its job even where it would not be accepted any more.
             earlier = _earlier(session, submission)
-            outcomes[i] = exc if earlier is None else earlier
+            outcomes.append(exc if earlier is None else earlier)
             continue
         if sending:
             stamp_send(job)
         change_state(session, job, JobState.QUEUED, f"submitted by {job.owner}", flush=False)
-        outcomes[i] = (job, True)
+        outcomes.append((job, True))
     try:
         session.commit()  # flushes the jobs and their events together
     except IntegrityError:
         # A key used before, by an earlier or concurrent request or by another of this group.
         session.rollback()
         if len(submissions) > 1:
-            return [
-                submit_jobs(session, settings, [submission], publish=publish)[0]
-                for submission in submissions
-            ]
+            return [submit_jobs(session, settings, [submission])[0] for submission in submissions]
         earlier = _earlier(session, submissions[0])
         if earlier is None:
             raise
-        session.expunge_all()
-        return [earlier]
+        outcomes = [earlier]
     # The jobs answered keep what was committed: a later rollback in this session (a refused
     # send's, the next submission's) must not expire them.
     session.expunge_all()
-    answered = [outcome for outcome in outcomes if outcome is not None]
-    if publish:
-        publish_new(session, settings, answered)
-    return answered
+    return outcomes
 
 
 def publish_new(
@@ -334,16 +321,6 @@ def _earlier(session: Session, submission: Submission) -> SubmitOutcome | None:
     return None if existing is None else (existing, False)
 
 
-def submit_job(
-    session: Session, settings: Settings, owner: str, request: JobRequest
-) -> tuple[Job, bool]:
-    """:func:`submit_jobs` of one request: ``(job, created)``, or raises why it was refused."""
-    outcome = submit_jobs(session, settings, [Submission(owner, request)])[0]
-    if isinstance(outcome, ServiceError):
-        raise outcome
-    return outcome
-
-
 def job_submissions(
     session_factory: sessionmaker[Session], settings: Settings, *, max_group: int = 32
 ) -> GroupCommitter[Submission, tuple[Job, bool]]:
@@ -354,7 +331,7 @@ def job_submissions(
 
     def submit_group(group: Sequence[Submission]) -> list[SubmitOutcome]:
         with session_factory() as session:
-            return submit_jobs(session, settings, group, publish=False)
+            return submit_jobs(session, settings, group)
 
     def publish_group(outcomes: Sequence[tuple[Job, bool] | BaseException]) -> None:
         with session_factory() as session:
