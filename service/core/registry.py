@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -174,6 +175,27 @@ def ensure_experiment(settings: Settings) -> str:
     )
 
 
+class _MetricStamps:
+    """Millisecond timestamps for logged metrics, strictly increasing within this process.
+
+    MLflow's SQL store keeps one row per (run, key, timestamp, step, value): two logs of one
+    key with the same value in the same millisecond (an answer changed to one that leaves the
+    count as it was) would be a single point, and the run's history would lose a log."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(int(self._clock() * 1000), self._last + 1)
+            return self._last
+
+
+_metric_stamps = _MetricStamps()
+
+
 class ModelRegistry:
     """Owner-scoped reads and alias changes of MLflow's registered models."""
 
@@ -309,7 +331,7 @@ class ModelRegistry:
         run_id = out.run_id
         if run_id is None:
             raise not_found("run of model version", f"{name}/{out.version}")
-        now = int(time.time() * 1000)
+        now = _metric_stamps.next()
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         try:
             self._call(lambda: self.client.log_batch(run_id, metrics=batch))

@@ -6,6 +6,7 @@ with their intervals as the API computes them. Another owner's check is not foun
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -31,7 +32,9 @@ def _shown(page: Page) -> int:
 
 
 def _percent(fraction: float) -> str:
-    return f"{round(fraction * 100)}%"
+    """As the page writes it (format.js ``percent``): JavaScript's ``Math.round`` takes halves
+    up (5/8 is 63%), where Python's ``round`` takes them to the even neighbour (62%)."""
+    return f"{math.floor(fraction * 100 + 0.5)}%"
 
 
 def test_pairs_are_judged_by_keyboard_and_buttons_until_the_estimate_shows(

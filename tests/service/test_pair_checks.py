@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from reid_core.inference.search import GalleryIndex
 from service.app import create_app
+from service.core import registry as registry_module
 from service.core.db import session_scope
 from service.core.folders import gallery_dir
 from service.core.gallery_states import change_gallery_state, lock_gallery
@@ -82,6 +83,24 @@ def settings(
         mlflow=TrackingSettings(tracking_uri=registry[0]),
         worker=WorkerSettings(enqueue_on_submit=False),
     )
+
+
+def test_equal_values_logged_in_one_millisecond_stay_two_points_of_the_history(
+    settings: Settings, registry: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's store keeps one row per (key, timestamp, step, value): the registry stamps each
+    log a millisecond after the last one, so an unchanged count logged again is not lost."""
+    frozen = registry_module._MetricStamps(clock=lambda: 1_700_000_000.0)
+    monkeypatch.setattr(registry_module, "_metric_stamps", frozen)
+    models = registry_module.ModelRegistry(settings)
+    for _ in range(3):
+        models.log_version_metrics("alice", "reid-alice", "2", {"probe/count": 4.0})
+    history = MlflowClient(tracking_uri=registry[0]).get_metric_history(
+        registry[1]["2"], "probe/count"
+    )
+    stamps = sorted(m.timestamp for m in history)
+    assert stamps == [1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002]
+    assert {m.value for m in history} == {4.0}
 
 
 # ----------------------------------------------------------------------------------------------
