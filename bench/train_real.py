@@ -25,11 +25,22 @@ The data folder comes from ``--data`` or ``REID_BENCH_DATA``; nothing is copied.
     python bench/train_real.py --data ../shared/data/cuhk03-pair1
     python bench/train_real.py --data ... --variants both --set schedule.epochs=4
     python bench/train_real.py --data ... --variants cc_intra,cc_intra_patch --seeds 0,1
+
+A table too long for one sitting is built across invocations with ``--records DIR``: each
+finished run is kept there as ``<variant>-seed<k>.json`` (its result, the machine, the date and
+a fingerprint of what it trained: reid_core's sources and presets, the config, the overrides, the
+data folder's name), and a later invocation with the same arguments takes the runs whose
+fingerprint still matches instead of training them again; a run whose fingerprint changed is
+trained again. The report names each run's machine and date.
+
+    python bench/train_real.py --data ... --records bench/results/train_real_runs \\
+        --variants both,global,cc_plain,cc_plain_patch,cc_intra,cc_intra_patch --seeds 0,1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -258,6 +269,60 @@ def _initial_metrics(log_file: Path) -> dict[str, float]:
     raise SystemExit(f"no initial evaluation in {log_file}")
 
 
+def fingerprint(config: Path, data: Path, overrides: list[str]) -> str:
+    """A digest of what a run trains: reid_core's Python sources and presets, ``config``, the
+    overrides (the variant's and the invocation's) and the data folder's name."""
+    digest = hashlib.sha256()
+    sources = sorted(
+        p for p in (ROOT / "reid_core").rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()
+    )
+    for path in [*sources, config]:
+        digest.update(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).encode())
+        digest.update(path.read_bytes())
+    digest.update(json.dumps([data.name, *overrides]).encode())
+    return digest.hexdigest()
+
+
+def machine() -> str:
+    """The CPU's model name and core count (as the report names where a run trained)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def load_record(path: Path, expected: str) -> dict[str, Any] | None:
+    """The result kept at ``path`` when its fingerprint is ``expected``; None (and a line saying
+    why) when there is none or it trained something else."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("fingerprint") != expected:
+        print(f"{path}: recorded for other sources, config or overrides; trained again", flush=True)
+        return None
+    result: dict[str, Any] = record["result"]
+    result["recorded"] = {"machine": record["machine"], "date": record["date"]}
+    return result
+
+
+def save_record(path: Path, result: dict[str, Any], expected: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "fingerprint": expected,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "result": {k: v for k, v in result.items() if k != "recorded"},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def _initial_final_table(results: list[dict[str, Any]], key: str) -> list[str]:
     """Markdown rows of the initial and final metrics under ``result["camera_centred"][key]``."""
     lines = [
@@ -331,7 +396,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Config: `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`"
         " (the cc_* variants: the preset `cuhk03_cc_cpu`)"
         + (f" with `{' '.join(args.overrides)}`" if args.overrides else "")
-        + f". Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only.",
+        + f". Machine: {machine()}, CPU only.",
         "",
     ]
     reference = getattr(args, "reference", None)
@@ -376,6 +441,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "The same models evaluated without their per-camera BatchNorm statistics "
             "(`model.camera_norm`: the ordinary running statistics for every image), plain:",
             *_initial_final_table(ordinary, "ordinary"),
+        ]
+    recorded = [r for r in results if r.get("recorded")]
+    if recorded:
+        lines += [
+            "",
+            "Runs taken from `--records` (trained by an earlier invocation of the same "
+            "sources, config and overrides):",
+            "",
+            *(
+                f"- {r['variant']}: {r['recorded']['date']} UTC on {r['recorded']['machine']}"
+                for r in recorded
+            ),
         ]
     lines += ["", "mAP during training (epoch: mAP):", ""]
     for r in results:
@@ -431,6 +508,12 @@ def main() -> None:
         help="variants trained at once (each with runtime.num_threads=1 when > 1); the minutes "
         "column is then wall-clock under sharing",
     )
+    p.add_argument(
+        "--records",
+        type=Path,
+        help="keep each finished run's result here and take, instead of training it, a run "
+        "already kept for the same sources, config and overrides",
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "bench_train_real")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "train_real.md")
     args = p.parse_args()
@@ -460,7 +543,17 @@ def main() -> None:
 
     def one(name: str, seed: int) -> None:
         config = VARIANT_CONFIGS.get(name, args.config)
+        if args.records is not None:
+            expected = fingerprint(config, args.data, [*VARIANTS[name], *overrides, f"seed={seed}"])
+            record = args.records / f"{name}-seed{seed}.json"
+            kept = load_record(record, expected)
+            if kept is not None:
+                print(f"[{name}] seed {seed}: kept in {record}", flush=True)
+                done[name, seed] = kept
+                return
         done[name, seed] = run_variant(name, config, args.data, folder(name, seed), overrides, seed)
+        if args.records is not None:
+            save_record(record, done[name, seed], expected)
         write_report()  # after every run, in the order asked: partial results survive
 
     if args.collect:  # report runs already in --work-dir, train nothing
@@ -472,6 +565,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for future in [pool.submit(one, name, seed) for name, seed in runs]:
             future.result()
+    write_report()
     print(args.output.read_text())
 
 
