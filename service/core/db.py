@@ -16,6 +16,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = [
     "PG_CONNECT_TIMEOUT_S",
+    "hold_write_lock",
     "make_engine",
     "make_read_session_factory",
     "make_session_factory",
@@ -122,3 +123,20 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session in a transaction: committed on success, rolled back on any error."""
     with factory() as session, session.begin():
         yield session
+
+
+def hold_write_lock(session: Session) -> None:
+    """On SQLite, take the database's write lock now (``BEGIN IMMEDIATE``), unless the
+    session's transaction holds it already; on other databases, nothing.
+
+    SQLite has no row locks (SQLAlchemy drops ``FOR UPDATE`` there), and its driver begins a
+    transaction only before the first write, so a row read for a change is read outside the
+    transaction that changes it: a writer that commits in between would be overwritten. With the
+    write lock taken before the read, writers to the file run one after the other (each waits
+    up to ``busy_timeout``); readers are not held up (WAL)."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    raw = connection.connection.dbapi_connection
+    if raw is not None and not raw.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

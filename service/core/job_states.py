@@ -20,7 +20,7 @@ transaction, so the state and its history are committed (or rolled back) togethe
 (:class:`service.core.state_machine.StateMachine`, shared with galleries). A worker uses::
 
     with session_scope(factory) as session:
-        job = lock_job(session, job_id)          # SELECT ... FOR UPDATE on PostgreSQL
+        job = lock_job(session, job_id)          # FOR UPDATE; on SQLite, BEGIN IMMEDIATE
         change_state(session, job, JobState.RUNNING, "trainer started (pid 1234)")
 """
 
@@ -119,6 +119,6 @@ def change_state(
     return JOBS.change(session, job, to_state, reason, follow, flush=flush)
 
 
-#: Load a job for a state change, its row locked (``FOR UPDATE``) where the database can;
-#: ``owner`` restricts the lookup to that owner's jobs (the API), a worker passes none.
+#: Load a job for a state change, locked until the transaction ends (``FOR UPDATE``; on SQLite,
+#: the write lock); ``owner`` restricts the lookup to that owner's jobs (the API), a worker passes none.
 lock_job = JOBS.lock

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.db import hold_write_lock
 from service.core.errors import not_found
 from service.core.models import utcnow
 
@@ -102,8 +103,10 @@ class StateMachine(Generic[R, S, E]):
         return event
 
     def lock(self, session: Session, row_id: uuid.UUID, owner: str | None = None) -> R | None:
-        """Load a row for a change, locking it (``FOR UPDATE``) where the database can;
+        """Load a row for a change, locked until the caller's transaction ends: ``FOR UPDATE``,
+        or on SQLite the database's write lock (:func:`~service.core.db.hold_write_lock`);
         ``owner`` restricts the lookup to that owner's rows (the API), a worker passes none."""
+        hold_write_lock(session)
         model: Any = self.model
         query = select(model).where(model.id == row_id).with_for_update()
         if owner is not None:

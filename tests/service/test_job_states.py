@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 from fastapi import FastAPI
@@ -131,3 +132,41 @@ def test_worker_pattern_lock_then_change(app: FastAPI, session: Session) -> None
     assert session.get(Job, job.id).state is S.STARTING  # type: ignore[union-attr]
     with session_scope(app.state.session_factory) as worker:
         assert lock_job(worker, job.id, owner="bob") is None
+
+
+def test_a_locked_job_is_not_changed_by_another_writer_until_the_lock_ends(
+    app: FastAPI, session: Session
+) -> None:
+    """The supervisor's "trainer started" and the owner's cancel, racing on SQLite (no row
+    locks): the cancel waits for the lock (the write lock, as ``FOR UPDATE`` would), then sees
+    RUNNING and moves on from it; without the wait, RUNNING would be written over CANCELLING."""
+    job = queued_job(session)
+    change_state(session, job, S.STARTING, "picked up")
+    session.commit()
+    cancelled = threading.Event()
+
+    def cancel() -> None:
+        with session_scope(app.state.session_factory) as api:
+            locked = lock_job(api, job.id, owner="alice")
+            assert locked is not None
+            change_state(api, locked, S.CANCELLING, "cancel requested by alice")
+        cancelled.set()
+
+    with session_scope(app.state.session_factory) as worker:
+        locked = lock_job(worker, job.id)
+        assert locked is not None and locked.state is S.STARTING
+        other = threading.Thread(target=cancel)
+        other.start()
+        assert not cancelled.wait(1.0)  # held up by the lock, not done beside it
+        change_state(worker, locked, S.RUNNING, "trainer started")
+    other.join(10)
+    assert cancelled.is_set()
+    session.expire_all()
+    fresh = session.get(Job, job.id)
+    assert fresh is not None and fresh.state is S.CANCELLING and fresh.cancel_requested
+    assert [e[1] for e in _events(session, fresh)] == [
+        S.QUEUED,
+        S.STARTING,
+        S.RUNNING,
+        S.CANCELLING,
+    ]
