@@ -29,8 +29,8 @@ import logging
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,9 +54,9 @@ __all__ = [
     "celery_priority",
     "create_celery_app",
     "mark_dispatched",
-    "one_producer",
     "resource_queue",
     "send_committed",
+    "send_committed_jobs",
     "send_gallery",
     "send_job",
     "stamp_send",
@@ -171,22 +171,9 @@ def _publish(
     )
 
 
-@contextmanager
-def one_producer(settings: Settings) -> Iterator[Producer | None]:
-    """A producer of the broker's pool for several sends in a row (:func:`send_committed`'s
-    ``producer``), given back after them; None where none can be had (no Celery here, a
-    broker that refuses): each send then tries on its own and reports its failure."""
-    with ExitStack() as stack:
-        try:
-            producer = stack.enter_context(celery_app_for(settings).producer_or_acquire())
-        except Exception:  # the sends report the broker's error, job by job
-            producer = None
-        yield producer
-
-
 def send_job(settings: Settings, job: Job, producer: Producer | None = None) -> bool:
-    """Publish ``job``'s id to its queue (with ``producer``: :func:`one_producer`); False (and
-    a warning) when the broker refuses."""
+    """Publish ``job``'s id to its queue (with ``producer``, one of the broker's pool that the
+    caller holds); False (and a warning) when the broker refuses."""
     queue = resource_queue(job.gpus, job.queue, settings.queues[0])
     priority = celery_priority(job.priority, settings.job_bounds.max_priority)
     try:
@@ -226,15 +213,49 @@ def stamp_send(job: Job, now: datetime | None = None) -> None:
     job.heartbeat_at = now or utcnow()
 
 
-def send_committed(
-    settings: Settings, session: Session, job: Job, producer: Producer | None = None
-) -> bool:
-    """Publish ``job``, committed with :func:`stamp_send`'s stamp. When the broker refuses, the
-    stamp is taken back (unless a worker or the dispatcher changed it meanwhile), so that the
-    dispatcher sends the job after ``dispatch_grace_s``; ``job`` then shows the row as committed.
-    Never raises for a broker or database problem."""
-    if send_job(settings, job, producer):
-        return True
+def send_committed(settings: Settings, session: Session, job: Job) -> bool:
+    """:func:`send_committed_jobs` of one job: whether the broker took it."""
+    return not send_committed_jobs(settings, session, [job])
+
+
+def send_committed_jobs(settings: Settings, session: Session, jobs: Sequence[Job]) -> list[Job]:
+    """Publish ``jobs``, committed with :func:`stamp_send`'s stamp; the jobs the broker did not
+    take. Never raises for a broker or database problem.
+
+    The sends share one producer of the broker's pool and, where the transport can (Redis),
+    one batch: their messages go in one pipeline, one round trip. When the batch fails, the
+    delivery of its messages is uncertain and all its jobs count as not taken: a job sent twice
+    is run once (a worker claims only a waiting job), a job not sent would wait for the
+    dispatcher's ``requeue_after_s``. A job not taken gets its stamp back (unless a worker or
+    the dispatcher changed it meanwhile), so that the dispatcher sends it after
+    ``dispatch_grace_s``; the job then shows the row as committed."""
+    if not jobs:
+        return []
+    with ExitStack() as stack:
+        try:
+            producer = stack.enter_context(celery_app_for(settings).producer_or_acquire())
+        except Exception:  # no producer (no Celery, a broker that refuses): each send says why
+            producer = None
+        batch = producer.batch() if producer is not None else nullcontext()
+        try:
+            with batch:
+                refused = [job for job in jobs if not send_job(settings, job, producer)]
+        except Exception as exc:
+            log.warning(
+                "a batch of %d jobs did not reach the broker whole (%s: %s); they stay "
+                "waiting and the dispatcher sends them",
+                len(jobs),
+                type(exc).__name__,
+                exc,
+            )
+            refused = list(jobs)
+    for job in refused:
+        _take_stamp_back(session, job)
+    return refused
+
+
+def _take_stamp_back(session: Session, job: Job) -> None:
+    """Clear ``job``'s send stamp in the database (and in ``job``) unless its row changed."""
     try:
         version = session.execute(
             update(Job)
@@ -259,7 +280,6 @@ def send_committed(
             job.id,
             exc_info=True,
         )
-    return False
 
 
 def send_gallery(settings: Settings, gallery: Gallery) -> str | None:

@@ -7,9 +7,11 @@ later. Every state change goes through :func:`service.core.job_states.change_sta
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
+import threading
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from reid_core.config import ExperimentConfig
 from reid_core.run_dir import EpochMetrics
-from service.core.broker import one_producer, send_committed, stamp_send
+from service.core.broker import send_committed, send_committed_jobs, stamp_send
 from service.core.datasets import check_ready, train_images
 from service.core.errors import ConflictError, InvalidInputError, ServiceError, not_found
 from service.core.folders import job_dir
@@ -37,6 +39,7 @@ from service.core.settings import Settings
 __all__ = [
     "JobPreview",
     "JobRequest",
+    "ResolvedConfigs",
     "Submission",
     "SubmitOutcome",
     "cancel_job",
@@ -173,22 +176,28 @@ def _shared_datasets(session: Session, ids: Collection[uuid.UUID]) -> dict[uuid.
     return {dataset.id: dataset for dataset in rows}
 
 
-def _resolve(
-    settings: Settings,
-    owner: str,
-    request: JobRequest,
-    job_id: uuid.UUID,
-    dataset: Dataset | None,
-) -> tuple[Dataset, _Resources, ExperimentConfig]:
-    """The resources and configuration of job ``job_id`` of ``request`` on ``dataset`` (locked
-    by :func:`_shared_datasets`; None: it does not exist), every check of a submission done."""
+def _checked(
+    settings: Settings, owner: str, request: JobRequest, dataset: Dataset | None
+) -> tuple[Dataset, _Resources]:
+    """``request``'s dataset (locked by :func:`_shared_datasets`; None: it does not exist) and
+    resources, every check of a submission but its configuration's done."""
     if dataset is None or dataset.owner != owner:
         raise not_found("dataset", request.dataset_id)
     check_ready(dataset)
-    resources = _check_resources(request, settings)
+    return dataset, _check_resources(request, settings)
+
+
+def _config(
+    settings: Settings,
+    request: JobRequest,
+    dataset: Dataset,
+    resources: _Resources,
+    job_id: uuid.UUID,
+) -> ExperimentConfig:
+    """The configuration of job ``job_id`` of ``request`` (:func:`_checked`)."""
     preset = None if request.preset is None else preset_settings(request.preset)
     try:
-        cfg = resolve_job_config(
+        return resolve_job_config(
             request.config,
             preset=preset,
             dataset_format=dataset.format,
@@ -201,7 +210,52 @@ def _resolve(
         )
     except JobConfigError as exc:
         raise InvalidInputError(exc.message, details=exc.details) from None
-    return dataset, resources, cfg
+
+
+class ResolvedConfigs:
+    """The resolved configurations (as JSON) of the last ``size`` different requests of one
+    service, so that a request like an earlier one (the jobs of a sweep, a script's repeated
+    submission) is not validated again. The key is all that a configuration depends on but the
+    job's own folder (``runtime.output_dir``), which each job's copy gets; the service's
+    settings are the same for every key (one cache per :func:`job_submissions`). A refused
+    configuration is not kept: it is refused again, with its error."""
+
+    def __init__(self, settings: Settings, size: int = 256) -> None:
+        self.settings = settings
+        self.size = size
+        self._items: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def resolved(
+        self, request: JobRequest, dataset: Dataset, resources: _Resources, job_id: uuid.UUID
+    ) -> dict[str, Any]:
+        """Job ``job_id``'s resolved configuration, as :func:`_config` dumps it."""
+        key = (
+            json.dumps(request.config, sort_keys=True, separators=(",", ":")),
+            request.preset,
+            dataset.id,
+            dataset.format,
+            dataset.path,
+            train_images(dataset),
+            resources.gpus,
+        )
+        with self._lock:
+            kept = self._items.get(key)
+            if kept is not None:
+                self._items.move_to_end(key)
+        output_dir = str(job_dir(self.settings, job_id).path)
+        if kept is None:
+            kept = _config(self.settings, request, dataset, resources, job_id).model_dump(
+                mode="json"
+            )
+            with self._lock:
+                self._items[key] = kept
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        # the job's own copy of what it changes; the rest is shared and never written to
+        return kept | {"runtime": kept["runtime"] | {"output_dir": output_dir}}
 
 
 def preview_job(
@@ -210,22 +264,32 @@ def preview_job(
     """What :func:`submit_jobs` would create for ``request``, refused as it would be; nothing is
     created. ``runtime.output_dir`` names a new id: a job gets its own."""
     dataset = _shared_datasets(session, [request.dataset_id]).get(request.dataset_id)
-    _, resources, cfg = _resolve(settings, owner, request, uuid.uuid4(), dataset)
+    dataset, resources = _checked(settings, owner, request, dataset)
+    cfg = _config(settings, request, dataset, resources, uuid.uuid4())
     return JobPreview(cfg, resources.gpus, resources.queue)
 
 
-def _new_job(settings: Settings, submission: Submission, dataset: Dataset | None) -> Job:
-    """The job of ``submission`` before it is QUEUED; refused (:class:`ServiceError`) as the
-    submission would be."""
+def _new_job(
+    settings: Settings,
+    submission: Submission,
+    dataset: Dataset | None,
+    configs: ResolvedConfigs | None = None,
+) -> Job:
+    """The job of ``submission`` before it is QUEUED (its configuration from ``configs`` where
+    given); refused (:class:`ServiceError`) as the submission would be."""
     owner, request = submission.owner, submission.request
     job_id = uuid.uuid4()
-    dataset, resources, cfg = _resolve(settings, owner, request, job_id, dataset)
+    dataset, resources = _checked(settings, owner, request, dataset)
+    if configs is None:
+        resolved = _config(settings, request, dataset, resources, job_id).model_dump(mode="json")
+    else:
+        resolved = configs.resolved(request, dataset, resources, job_id)
     return Job(
         id=job_id,
         owner=owner,
         dataset_id=dataset.id,
         config_overrides=request.config,
-        resolved_config=cfg.model_dump(mode="json"),
+        resolved_config=resolved,
         gpus=resources.gpus,
         priority=request.priority,
         queue=resources.queue,
@@ -249,7 +313,10 @@ SubmitOutcome = tuple[Job, bool] | ServiceError
 
 
 def submit_jobs(
-    session: Session, settings: Settings, submissions: Sequence[Submission]
+    session: Session,
+    settings: Settings,
+    submissions: Sequence[Submission],
+    configs: ResolvedConfigs | None = None,
 ) -> list[SubmitOutcome]:
     """Each submission's outcome, in order: ``(job, created)`` for a new QUEUED job, committed
     stamped as sent (:func:`stamp_send`) for the caller to send (:func:`publish_new`), or
@@ -259,13 +326,15 @@ def submit_jobs(
     The new jobs of all the submissions are committed in one transaction (the group commit of
     ``POST /v1/jobs``: :func:`job_submissions`). A key is not looked up first: its unique index
     refuses a repeated one, and then each submission is made again in a transaction of its
-    own, so that one repeated key costs the others nothing but the retry."""
+    own, so that one repeated key costs the others nothing but the retry. ``configs``: where
+    the configurations are resolved (:class:`ResolvedConfigs`), else each anew."""
     outcomes: list[SubmitOutcome] = []
     datasets = _shared_datasets(session, {s.request.dataset_id for s in submissions})
     sending = settings.worker.enqueue_on_submit
     for submission in submissions:
         try:
-            job = _new_job(settings, submission, datasets.get(submission.request.dataset_id))
+            dataset = datasets.get(submission.request.dataset_id)
+            job = _new_job(settings, submission, dataset, configs)
         except ServiceError as exc:
             # A repeated request gets its job even where it would not be accepted any more.
             earlier = _earlier(session, submission)
@@ -281,7 +350,10 @@ def submit_jobs(
         # A key used before, by an earlier or concurrent request or by another of this group.
         session.rollback()
         if len(submissions) > 1:
-            return [submit_jobs(session, settings, [submission])[0] for submission in submissions]
+            return [
+                submit_jobs(session, settings, [submission], configs)[0]
+                for submission in submissions
+            ]
         earlier = _earlier(session, submissions[0])
         if earlier is None:
             raise
@@ -296,15 +368,12 @@ def publish_new(
     session: Session, settings: Settings, outcomes: Sequence[tuple[Job, bool] | BaseException]
 ) -> None:
     """Send the jobs :func:`submit_jobs` created (``outcomes``' created ones) to the workers,
-    with one producer of the broker's pool; a send the broker refuses takes the job's stamp
-    back in ``session`` (:func:`send_committed`). Nothing when the service does not send on
-    submit (``REID_WORKER__ENQUEUE_ON_SUBMIT``)."""
+    in one batch (:func:`~service.core.broker.send_committed_jobs`: a job the broker did not
+    take gets its stamp back in ``session``). Nothing when the service does not send on submit
+    (``REID_WORKER__ENQUEUE_ON_SUBMIT``)."""
     created = [o[0] for o in outcomes if not isinstance(o, BaseException) and o[1]]
-    if not created or not settings.worker.enqueue_on_submit:
-        return
-    with one_producer(settings) as producer:
-        for job in created:
-            send_committed(settings, session, job, producer)
+    if settings.worker.enqueue_on_submit:
+        send_committed_jobs(settings, session, created)
 
 
 def _earlier(session: Session, submission: Submission) -> SubmitOutcome | None:
@@ -329,9 +398,11 @@ def job_submissions(
     one (:func:`publish_new`), so that a group commits while the one before it is being sent.
     A request is answered once its job was sent."""
 
+    configs = ResolvedConfigs(settings)
+
     def submit_group(group: Sequence[Submission]) -> list[SubmitOutcome]:
         with session_factory() as session:
-            return submit_jobs(session, settings, group)
+            return submit_jobs(session, settings, group, configs)
 
     def publish_group(outcomes: Sequence[tuple[Job, bool] | BaseException]) -> None:
         with session_factory() as session:

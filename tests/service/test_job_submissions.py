@@ -15,12 +15,14 @@ from fastapi import FastAPI
 from sqlalchemy import event, func, select
 
 from service.app import create_app
+from service.core import jobs as jobs_module
 from service.core import migrate
 from service.core.api_keys import create_api_key
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidInputError, NotFoundError, ServiceError
-from service.core.jobs import JobRequest, Submission, SubmitOutcome, submit_jobs
-from service.core.models import Job, JobEvent
+from service.core.folders import job_dir
+from service.core.jobs import JobRequest, ResolvedConfigs, Submission, SubmitOutcome, submit_jobs
+from service.core.models import Dataset, Job, JobEvent
 from tests.service.conftest import TestClient, copied_settings, make_settings, write_image_folder
 
 
@@ -159,3 +161,63 @@ def test_concurrent_posts_are_each_answered_with_their_own_job(any_app: FastAPI)
         assert [r.status_code for r in responses].count(201) == 12
         listed = client.get("/v1/jobs", headers=headers).json()
         assert listed["total"] == 12
+
+
+def test_a_request_like_an_earlier_one_takes_its_resolved_configuration(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ResolvedConfigs: each job's configuration is what it would be resolved alone (its own
+    output folder); a request like an earlier one is not validated again, a changed one is, and
+    a refused one is refused every time."""
+    resolving: list[dict[str, Any]] = []
+    real = jobs_module.resolve_job_config
+
+    def counted(overrides: Any, **kwargs: Any) -> Any:
+        resolving.append(dict(overrides))
+        return real(overrides, **kwargs)
+
+    monkeypatch.setattr(jobs_module, "resolve_job_config", counted)
+    with TestClient(app) as client:
+        mine, _ = _dataset(app, client, "alice", "sweep")
+    configs = ResolvedConfigs(app.state.settings, size=2)
+
+    def submit(group: list[dict[str, Any]]) -> list[SubmitOutcome]:
+        with app.state.session_factory() as session:
+            return submit_jobs(
+                session,
+                app.state.settings,
+                [Submission("alice", JobRequest(mine, config=c)) for c in group],
+                configs,
+            )
+
+    sweep = {"schedule": {"epochs": 3}}
+    outcomes = submit([sweep, sweep, {"schedule": {"epochs": 0}}, sweep])
+    assert [type(o) for o in outcomes[:2]] == [tuple, tuple]
+    assert isinstance(outcomes[2], InvalidInputError)
+    assert "schedule.epochs" in outcomes[2].message
+    made = [o[0] for o in outcomes if not isinstance(o, ServiceError)]
+    assert len(made) == 3 and len(resolving) == 2  # the sweep once, the refused one once
+    folders = {job.resolved_config["runtime"]["output_dir"] for job in made}
+    assert folders == {str(job_dir(app.state.settings, job.id).path) for job in made}
+    with app.state.session_factory() as session:
+        stored = [session.get(Job, job.id) for job in made]
+        for job in stored:
+            assert job is not None
+            alone = jobs_module._config(
+                app.state.settings,
+                JobRequest(mine, config=sweep),
+                session.get(Dataset, mine),  # type: ignore[arg-type]
+                jobs_module._check_resources(JobRequest(mine), app.state.settings),
+                job.id,
+            ).model_dump(mode="json")
+            assert job.resolved_config == alone  # as committed, field for field
+    assert len(resolving) == 5  # the three checks above resolved anew
+
+    # refused again; the cache holds two: a third request pushes out the oldest
+    again = submit([{"schedule": {"epochs": 0}}, {"schedule": {"epochs": 4}}, sweep])
+    assert isinstance(again[0], InvalidInputError)
+    assert len(resolving) == 7  # the refused one and epochs=4; the sweep was still kept
+    # kept, oldest first: epochs=4, the sweep (used last). epochs=5 pushes out epochs=4, which
+    # then pushes out the sweep: all three resolved anew
+    submit([{"schedule": {"epochs": 5}}, {"schedule": {"epochs": 4}}, sweep])
+    assert len(resolving) == 10
