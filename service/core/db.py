@@ -78,6 +78,10 @@ def make_engine(
     (SQLAlchemy's default: 5) connections are kept open."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
+    # Rows inserted together (a group of submitted jobs) go as one short INSERT run for every
+    # row (psycopg pipelines them), not as one INSERT with a VALUES list per row: psycopg parses
+    # such a statement anew each time (it keeps no statement over 4 KB or 50 parameters).
+    kwargs.setdefault("use_insertmanyvalues", False)
     if backend != "sqlite":
         if pool_size is not None:
             kwargs["pool_size"] = pool_size

@@ -82,9 +82,9 @@ def change_state(
     reason: str,
     *,
     restart: bool = False,
-    flush: bool = True,
+    defer: bool = False,
 ) -> JobEvent:
-    """Move ``job`` to ``to_state`` and record why; the caller commits (``flush``: see
+    """Move ``job`` to ``to_state`` and record why; the caller commits (``defer``: see
     :meth:`service.core.state_machine.StateMachine.change`).
 
     Also keeps the fields that follow the state: ``reason`` (the last reason), ``cancel_requested``
@@ -116,7 +116,7 @@ def change_state(
         if to_state.is_final:
             job.finished_at = now
 
-    return JOBS.change(session, job, to_state, reason, follow, flush=flush)
+    return JOBS.change(session, job, to_state, reason, follow, defer=defer)
 
 
 #: Load a job for a state change, locked until the transaction ends (``FOR UPDATE``; on SQLite,

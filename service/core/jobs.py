@@ -329,6 +329,7 @@ def submit_jobs(
     own, so that one repeated key costs the others nothing but the retry. ``configs``: where
     the configurations are resolved (:class:`ResolvedConfigs`), else each anew."""
     outcomes: list[SubmitOutcome] = []
+    events: list[JobEvent] = []
     datasets = _shared_datasets(session, {s.request.dataset_id for s in submissions})
     sending = settings.worker.enqueue_on_submit
     for submission in submissions:
@@ -342,10 +343,14 @@ def submit_jobs(
             continue
         if sending:
             stamp_send(job)
-        change_state(session, job, JobState.QUEUED, f"submitted by {job.owner}", flush=False)
+        reason = f"submitted by {job.owner}"
+        events.append(change_state(session, job, JobState.QUEUED, reason, defer=True))
         outcomes.append((job, True))
     try:
-        session.commit()  # flushes the jobs and their events together
+        # one statement run for all the jobs, then one for their events
+        session.flush()
+        JOBS.write_events(session, events)
+        session.commit()
     except IntegrityError:
         # A key used before, by an earlier or concurrent request or by another of this group.
         session.rollback()

@@ -12,13 +12,13 @@ state and its history are committed (or rolled back) together. The two machines:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from service.core.db import hold_write_lock
@@ -55,7 +55,7 @@ class StateMachine(Generic[R, S, E]):
     model: type[R]
     states: type[S]
     transitions: Mapping[S | None, frozenset[S]]
-    event: Callable[..., E]  # the event table
+    event: type[E]  # the event table
     event_key: str  # its column naming the row: "job_id", "gallery_id"
 
     def change(
@@ -66,13 +66,13 @@ class StateMachine(Generic[R, S, E]):
         reason: str,
         follow: Callable[[S | None, S, datetime], None],
         *,
-        flush: bool = True,
+        defer: bool = False,
     ) -> E:
         """Move ``row`` to ``to_state`` for ``reason`` and record it; the caller commits.
 
-        ``follow(from_state, to_state, now)`` sets the fields that go with the state. Unless
-        ``flush``, the row and its event are only added to the session: rows created together
-        are written by one flush (the commit's).
+        ``follow(from_state, to_state, now)`` sets the fields that go with the state. With
+        ``defer``, nothing is flushed and the event is only returned: rows changed together are
+        written by one flush, then their events by :meth:`write_events`.
         """
         # A row being created has no state yet (None), whatever the type annotation says.
         from_state = self.states(row.state) if row.state is not None else None
@@ -97,10 +97,19 @@ class StateMachine(Generic[R, S, E]):
             session.add(row)
         fields = {"from_state": from_state, "to_state": to_state, "reason": reason, "at": now}
         event = self.event(**{self.event_key: row.id}, **fields)
-        session.add(event)
-        if flush:
+        if not defer:
+            session.add(event)
             session.flush()
         return event
+
+    def write_events(self, session: Session, events: Sequence[E]) -> None:
+        """Insert the events of :meth:`change` calls with ``defer``, in one statement run for
+        all of them (their ids are not read back); their rows must be flushed first."""
+        if not events:
+            return
+        keys = (self.event_key, "from_state", "to_state", "reason", "at")
+        rows = [{key: getattr(event, key) for key in keys} for event in events]
+        session.execute(insert(self.event), rows)
 
     def lock(self, session: Session, row_id: uuid.UUID, owner: str | None = None) -> R | None:
         """Load a row for a change, locked until the caller's transaction ends: ``FOR UPDATE``,

@@ -54,20 +54,32 @@ def _dataset(app: FastAPI, client: TestClient, owner: str, name: str) -> tuple[u
     return uuid.UUID(response.json()["id"]), headers
 
 
-def _submit(app: FastAPI, submissions: list[Submission]) -> tuple[list[SubmitOutcome], int]:
-    """The outcomes of one group, and how many transactions it committed."""
+def _submit(
+    app: FastAPI, submissions: list[Submission], inserts: list[tuple[str, int]] | None = None
+) -> tuple[list[SubmitOutcome], int]:
+    """The outcomes of one group, and how many transactions it committed; ``inserts`` gets
+    each INSERT statement sent (its table, and the rows of values it was run for: one
+    statement of one row of values run for many, not a statement with a VALUES list)."""
     commits: list[object] = []
 
     def count(connection: object) -> None:
         commits.append(connection)
 
+    def statement(*args: Any) -> None:  # conn, cursor, statement, parameters, context, many
+        statement, parameters, many = args[2], args[3], args[5]
+        if inserts is not None and statement.startswith("INSERT INTO"):
+            assert statement.count("VALUES (") == 1 and "), (" not in statement
+            inserts.append((statement.split()[2], len(parameters) if many else 1))
+
     engine = app.state.engine
     event.listen(engine, "commit", count)
+    event.listen(engine, "before_cursor_execute", statement)
     try:
         with app.state.session_factory() as session:
             outcomes = submit_jobs(session, app.state.settings, submissions)
     finally:
         event.remove(engine, "commit", count)
+        event.remove(engine, "before_cursor_execute", statement)
     return outcomes, len(commits)
 
 
@@ -89,6 +101,7 @@ def test_a_group_is_one_transaction_and_each_submission_gets_its_own_answer(
         def ask(owner: str, **fields: Any) -> Submission:
             return Submission(owner, JobRequest(**{"dataset_id": mine, **fields}))
 
+        inserts: list[tuple[str, int]] = []
         outcomes, commits = _submit(
             any_app,
             [
@@ -98,9 +111,12 @@ def test_a_group_is_one_transaction_and_each_submission_gets_its_own_answer(
                 ask("alice", config={"schedule.epochs": 0}),
                 ask("alice", config={"name": "second"}),
             ],
+            inserts,
         )
         said = [_said(o) for o in outcomes]
         assert commits == 1
+        # the two jobs: one statement run for both rows, then their two events the same way
+        assert inserts == [("jobs", 2), ("job_events", 2)]
         assert [s[0] for s in said] == [
             "created",
             NotFoundError,
