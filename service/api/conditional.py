@@ -162,7 +162,7 @@ class SharedReads(Generic[T]):
     client that goes away cancels its wait, never the others' read. Reads run on ``threads``."""
 
     def __init__(self, threads: Executor) -> None:
-        self._threads = threads
+        self.threads = threads
         self._reads: dict[Hashable, asyncio.Future[T]] = {}
 
     def __len__(self) -> int:
@@ -173,7 +173,7 @@ class SharedReads(Generic[T]):
         its exception raised in every request that waited for it."""
         pending = self._reads.get(key)
         if pending is None:
-            pending = asyncio.get_running_loop().run_in_executor(self._threads, read)
+            pending = asyncio.get_running_loop().run_in_executor(self.threads, read)
             self._reads[key] = pending
             pending.add_done_callback(functools.partial(self._done, key))
         return await asyncio.shield(pending)
@@ -193,8 +193,7 @@ class ConditionalGet:
     versions: RowVersionCache
     bodies: BodyCache
     sessions: sessionmaker[Session]
-    reads: SharedReads[tuple[str, int] | None]
-    threads: Executor
+    reads: SharedReads[tuple[str, int] | None]  # and the poll threads, ``reads.threads``
 
     async def answer(
         self, row: OwnedRow[R], model: type[BaseModel], serve: Callable[[R], BaseModel]
@@ -203,7 +202,7 @@ class ConditionalGet:
         shapes it (``model``), with its ETag. The version from the cache (``versions``), else,
         for a conditional request, read alone (``reads``: shared with the requests of the row
         reading it already); a 304, or the JSON kept for that version (``bodies``), from there;
-        else the row read and encoded on the poll threads (:meth:`_read`). Raises not found like
+        else the row read and encoded on the poll threads (``reads.threads``: :meth:`_read`). Raises not found like
         the full read would (another owner's row, a missing one)."""
         version = self.versions.peek(row)
         if version is None and self.if_none_match is not None:
@@ -213,7 +212,7 @@ class ConditionalGet:
             return kept
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.threads, functools.partial(self._read, row, model, serve)
+            self.reads.threads, functools.partial(self._read, row, model, serve)
         )
 
     def _read_entry(self, row: OwnedRow[R]) -> tuple[str, int] | None:
@@ -253,7 +252,6 @@ async def _conditional_get(request: Request, if_none_match: IfNoneMatch = None) 
         state.bodies,
         state.read_session_factory,
         state.version_reads,
-        state.poll_threads,
     )
 
 
