@@ -202,8 +202,8 @@ class ConditionalGet:
         shapes it (``model``), with its ETag. The version from the cache (``versions``), else,
         for a conditional request, read alone (``reads``: shared with the requests of the row
         reading it already); a 304, or the JSON kept for that version (``bodies``), from there;
-        else the row read and encoded on the poll threads (``reads.threads``: :meth:`_read`). Raises not found like
-        the full read would (another owner's row, a missing one)."""
+        else the row read and encoded on the poll threads (``reads.threads``: :meth:`_read`).
+        Raises not found like the full read would (another owner's row, a missing one)."""
         version = self.versions.peek(row)
         if version is None and self.if_none_match is not None:
             found = await self.reads.read(row.key, functools.partial(self._read_entry, row))
