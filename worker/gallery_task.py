@@ -121,13 +121,18 @@ class GallerySupervisor(ChildSupervisor):
         """The gallery's final word: as the builder recorded it, else FAILED for ``failure``."""
         with session_scope(self.factory) as session:
             gallery = lock_gallery(session, claim.gallery_id)
-            if gallery is None:
-                shutil.rmtree(claim.folder, ignore_errors=True)
-                return "deleted during the build"
-            if gallery.state is not GalleryState.BUILDING or gallery.worker_id != self.worker_id:
-                return str(gallery.state)
-            change_gallery_state(session, gallery, GalleryState.FAILED, failure)
-            return str(GalleryState.FAILED)
+            deleted = gallery is None
+            if gallery is not None:
+                if (
+                    gallery.state is not GalleryState.BUILDING
+                    or gallery.worker_id != self.worker_id
+                ):
+                    return str(gallery.state)
+                change_gallery_state(session, gallery, GalleryState.FAILED, failure)
+                return str(GalleryState.FAILED)
+        if deleted:  # its folder goes once the lock is given back
+            shutil.rmtree(claim.folder, ignore_errors=True)
+        return "deleted during the build"
 
     def _exit_failure(self, claim: _Claim, returncode: int) -> str:
         error = last_error_line(claim.folder / BUILD_LOG)

@@ -62,7 +62,13 @@ from service.core.models import Job, JobEvent, JobState
 from service.core.registry import DATASET_TAG, OWNER_TAG
 from worker.celery_app import app
 from worker.child import ChildSupervisor, signal_group, spawn, stop_now, watch
-from worker.outcome import apply_outcome, decide_outcome, last_error_line, reap_stale_job
+from worker.outcome import (
+    Outcome,
+    apply_outcome,
+    decide_outcome,
+    last_error_line,
+    reap_stale_job,
+)
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
 
 __all__ = [
@@ -317,16 +323,12 @@ class Supervisor(ChildSupervisor):
     # ------------------------------------------------------------------------------------------
 
     def _finish(self, claim: _Claim, returncode: int, stopped: str | None) -> str:
-        resend: Job | None = None
-        with session_scope(self.factory) as session:
-            job = lock_job(session, claim.job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
-                return "claim lost: the job's state is someone else's now"
-            self._apply_progress(job, claim.folder)
-            cancel = bool(job.cancel_requested or job.state is JobState.CANCELLING)
-            outcome = decide_outcome(
+        last_error = last_error_line(claim.folder.process_log)
+
+        def outcome_of(job: Job) -> Outcome:
+            return decide_outcome(
                 returncode,
-                cancel_requested=cancel,
+                cancel_requested=bool(job.cancel_requested or job.state is JobState.CANCELLING),
                 timed_out=stopped == _Stop.TIMEOUT,
                 preempted=stopped == _Stop.SHUTDOWN,
                 timeout_minutes=claim.timeout_minutes,
@@ -334,14 +336,31 @@ class Supervisor(ChildSupervisor):
                 max_retries=job.max_retries or 0,
                 restarts=job.restarts or 0,
                 max_restarts=job.max_restarts or 0,
-                last_error=last_error_line(claim.folder.process_log),
+                last_error=last_error,
             )
+
+        # The run is closed before the job is (whoever sees the job final sees both), and
+        # before the job is locked: MLflow may take its timeout, and on SQLite the lock holds
+        # every writer of the database.
+        with self.factory() as session:
+            job = session.get(Job, claim.job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return "claim lost: the job's state is someone else's now"
+            expected = outcome_of(job).state
+        closed = expected if expected.is_final else None
+        warning = None if closed is None else self._close_run(claim, closed)
+        resend: Job | None = None
+        with session_scope(self.factory) as session:
+            job = lock_job(session, claim.job_id)
+            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+                return "claim lost: the job's state is someone else's now"
+            self._apply_progress(job, claim.folder)
+            outcome = outcome_of(job)
             target = outcome.state
-            if target.is_final:
-                # the run is closed before the job is (whoever sees the job final sees both)
+            if target.is_final and target is not closed:  # the job changed since it was read
                 warning = self._close_run(claim, target)
-                if warning is not None:
-                    job.warnings = [*(job.warnings or []), warning]
+            if warning is not None:
+                job.warnings = [*(job.warnings or []), warning]
             if job.state is JobState.STARTING and target is JobState.SUCCEEDED:
                 change_state(session, job, JobState.RUNNING, "trainer started")
             job.heartbeat_at = self.clock()

@@ -3,12 +3,15 @@ exit-code handling, cancel (SIGTERM, then SIGKILL after the grace period), timeo
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
+from sqlalchemy import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.db import session_scope
@@ -204,3 +207,33 @@ def test_not_enough_gpus_fails_clearly(
     assert _supervisor(settings, factory).run(job_id) == "failed: not enough GPUs"
     reason = load_job(factory, job_id).reason or ""
     assert "needs 2 GPU(s) but worker test:1 has 1" in reason
+
+
+def test_the_run_is_closed_while_no_writer_of_the_database_waits(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow may take its timeout to close a run: the supervisor closes it before it locks the
+    job, so on SQLite (where the job's lock is the database's write lock) others keep writing."""
+    job_id = make_job(fake={"steps": 2})
+    database = make_url(settings.database_url).database
+    closed: list[tuple[JobState, str]] = []
+
+    def close_run(_self: Supervisor, _claim: object, state: JobState) -> str | None:
+        other = sqlite3.connect(str(database), timeout=0.5, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # waits for the write lock at most 0.5 s
+            other.execute("ROLLBACK")
+            closed.append((state, "written beside it"))
+        except sqlite3.OperationalError as exc:
+            closed.append((state, str(exc)))
+        finally:
+            other.close()
+        return None
+
+    monkeypatch.setattr(Supervisor, "_close_run", close_run)
+    assert _supervisor(settings, factory).run(job_id) == "SUCCEEDED"
+    assert closed == [(S.SUCCEEDED, "written beside it")]
+    assert load_job(factory, job_id).state is S.SUCCEEDED
