@@ -233,7 +233,8 @@ class ResolvedConfigs:
     ) -> dict[str, Any]:
         """Job ``job_id``'s resolved configuration, as :func:`_config` dumps it."""
         key = (
-            json.dumps(request.config, sort_keys=True, separators=(",", ":")),
+            # in the request's order: a key set twice (nested and dotted) takes its last value
+            json.dumps(request.config, separators=(",", ":")),
             request.preset,
             dataset.id,
             dataset.format,
@@ -338,7 +339,9 @@ def submit_jobs(
             job = _new_job(settings, submission, dataset, configs)
         except ServiceError as exc:
             # A repeated request gets its job even where it would not be accepted any more.
-            earlier = _earlier(session, submission)
+            # (The lookup must not flush the jobs so far: their keys are checked by the commit.)
+            with session.no_autoflush:
+                earlier = _earlier(session, submission)
             outcomes.append(exc if earlier is None else earlier)
             continue
         if sending:

@@ -146,14 +146,17 @@ def test_a_group_is_one_transaction_and_each_submission_gets_its_own_answer(
                 ask("alice", idempotency_key="b"),
                 ask("alice", idempotency_key="b"),
                 ask("alice"),
+                # refused; looking up its key must not write the jobs above before the commit
+                ask("alice", idempotency_key="c", config={"schedule.epochs": 0}),
             ],
         )
         said = [_said(o) for o in outcomes]
+        assert said[5] == (InvalidInputError, "validation_error")
         assert said[0] == ("earlier", first[0].id)
         assert said[1] == (ConflictError, "idempotency_key_reused")
         assert said[2][0] == "created" and said[3] == ("earlier", said[2][1])
         assert said[4][0] == "created"
-        assert commits == 2  # the group's, then the two jobs made again alone
+        assert commits == 3  # made again alone: b, the unkeyed job, the refused one (empty)
         with any_app.state.session_factory() as session:
             jobs = session.execute(select(func.count()).select_from(Job)).scalar_one()
             assert jobs == 4  # first, second, b, the last one
@@ -237,3 +240,12 @@ def test_a_request_like_an_earlier_one_takes_its_resolved_configuration(
     # then pushes out the sweep: all three resolved anew
     submit([{"schedule": {"epochs": 5}}, {"schedule": {"epochs": 4}}, sweep])
     assert len(resolving) == 10
+
+    # one key set twice, nested and dotted: the later wins, so the order makes the request
+    twice = submit(
+        [
+            {"schedule": {"epochs": 6}, "schedule.epochs": 7},
+            {"schedule.epochs": 7, "schedule": {"epochs": 6}},
+        ]
+    )
+    assert [o[0].resolved_config["schedule"]["epochs"] for o in twice] == [7, 6]  # type: ignore[index]
