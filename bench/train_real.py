@@ -296,13 +296,19 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+#: What a record holds and how its run was made (this script's fixed overrides in
+#: :func:`run_variant`, the fields of :func:`collect_variant`'s result): one more when either
+#: changes, so that older records are trained again rather than read wrongly.
+RECORD_FORMAT = 1
+
+
 def load_record(path: Path, expected: str) -> dict[str, Any] | None:
-    """The result kept at ``path`` when its fingerprint is ``expected``; None (and a line saying
-    why) when there is none or it trained something else."""
+    """The result kept at ``path`` when its fingerprint is ``expected`` and its format this
+    script's; None (and a line saying why) when there is none or it trained something else."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("fingerprint") != expected:
+    if record.get("fingerprint") != expected or record.get("format", 1) != RECORD_FORMAT:
         print(f"{path}: recorded for other sources, config or overrides; trained again", flush=True)
         return None
     result: dict[str, Any] = record["result"]
@@ -313,6 +319,7 @@ def load_record(path: Path, expected: str) -> dict[str, Any] | None:
 def save_record(path: Path, result: dict[str, Any], expected: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
+        "format": RECORD_FORMAT,
         "fingerprint": expected,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

@@ -58,6 +58,12 @@ def test_a_kept_run_comes_back_only_for_the_same_fingerprint(tmp_path: Path) -> 
     assert changed != expected and train_real.load_record(record, changed) is None
     assert train_real.load_record(tmp_path / "records" / "none-seed0.json", expected) is None
 
+    # a record of another format (this script's overrides or result fields changed)
+    config.write_text("schedule: {epochs: 4}\n")
+    assert train_real.load_record(record, expected) is not None
+    record.write_text(json.dumps({**stored, "format": train_real.RECORD_FORMAT + 1}))
+    assert train_real.load_record(record, expected) is None
+
 
 def test_the_report_names_where_kept_runs_trained(tmp_path: Path) -> None:
     fresh = _result("global", 0, 9.5)

@@ -121,8 +121,11 @@ def test_a_failed_batch_leaves_every_job_to_the_dispatcher(
     def fail(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise redis.exceptions.ConnectionError("connection reset by peer")
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", fail)
     settings.worker.broker_url = BATCH_DB
+    first = _stamped(factory, make_job, 1)
+    assert _send(settings, factory, first) == []  # the queue declared before the broker fails
+    redis_db.delete(*redis_db.keys("cpu*"))
+    monkeypatch.setattr(redis.client.Pipeline, "execute", fail)
     jobs = _stamped(factory, make_job, 3)
     assert _send(settings, factory, jobs) == [job.id for job in jobs]
     assert "a batch of 3 jobs did not reach the broker whole" in caplog.text
