@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the root is not
     sys.path.insert(0, str(ROOT))
 
+from reid_core.atomic_write import write_atomic  # noqa: E402
 from reid_core.presets import preset_path  # noqa: E402
 from reid_core.run_dir import RunDir  # noqa: E402
 
@@ -333,9 +334,7 @@ def save_record(path: Path, result: dict[str, Any], expected: str) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "result": {k: v for k, v in result.items() if k != "recorded"},
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def _initial_final_table(results: list[dict[str, Any]], key: str) -> list[str]:

@@ -121,7 +121,6 @@ class GallerySupervisor(ChildSupervisor):
         """The gallery's final word: as the builder recorded it, else FAILED for ``failure``."""
         with session_scope(self.factory) as session:
             gallery = lock_gallery(session, claim.gallery_id)
-            deleted = gallery is None
             if gallery is not None:
                 if (
                     gallery.state is not GalleryState.BUILDING
@@ -130,8 +129,8 @@ class GallerySupervisor(ChildSupervisor):
                     return str(gallery.state)
                 change_gallery_state(session, gallery, GalleryState.FAILED, failure)
                 return str(GalleryState.FAILED)
-        if deleted:  # its folder goes once the lock is given back
-            shutil.rmtree(claim.folder, ignore_errors=True)
+        # deleted during the build: its folder goes once the lock is given back
+        shutil.rmtree(claim.folder, ignore_errors=True)
         return "deleted during the build"
 
     def _exit_failure(self, claim: _Claim, returncode: int) -> str:
