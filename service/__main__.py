@@ -13,13 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core import migrate
-from service.core.api_keys import create_api_key, revoke_api_key
+from service.core.api_keys import create_api_key, list_api_keys, revoke_api_key
 from service.core.db import make_engine, make_session_factory, session_scope
-from service.core.models import ApiKey
 from service.core.settings import Settings
 
 _LOG = logging.getLogger("service")
@@ -98,10 +96,7 @@ def _revoke_key(settings: Settings, prefix: str) -> int:
 
 def _list_keys(settings: Settings, owner: str | None) -> int:
     with session_scope(_sessions(settings)) as session:
-        query = select(ApiKey).order_by(ApiKey.id)
-        if owner is not None:
-            query = query.where(ApiKey.owner == owner)
-        for key in session.execute(query).scalars():
+        for key in list_api_keys(session, owner):
             state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
             print(f"{key.prefix}...  {key.owner:<20} {state:<18} {key.name or ''}")
     return 0

@@ -31,8 +31,6 @@ from service.core.jobs import job_submissions
 from service.core.row_versions import RowVersionCache
 from service.core.settings import Settings, get_settings
 
-__all__ = ["create_app"]
-
 _LOG = logging.getLogger("service")
 
 _DESCRIPTION = """\

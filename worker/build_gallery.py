@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from reid_core.data import ImageRecord
     from reid_core.inference.search import GalleryIndex
 
-__all__ = ["GalleryGoneError", "build_gallery", "gallery_records", "main"]
-
 log = logging.getLogger("worker.build_gallery")
 
 #: Exit codes of ``python -m worker.build_gallery``.

@@ -21,8 +21,6 @@ from celery import Celery
 from service.core.broker import celery_app_for
 from service.core.settings import Settings, get_settings
 
-__all__ = ["TASK_MODULES", "worker_app"]  # and ``app``, built on first use (see ``__getattr__``)
-
 #: The modules that define the tasks a worker runs.
 TASK_MODULES = ["worker.supervisor", "worker.gallery_task"]
 

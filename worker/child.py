@@ -38,16 +38,6 @@ from service.core.heartbeat import is_stale
 from service.core.models import Gallery, Job, utcnow
 from service.core.settings import Settings, WorkerSettings, get_settings
 
-__all__ = [
-    "ChildSupervisor",
-    "TickFn",
-    "child_environment",
-    "signal_group",
-    "spawn",
-    "stop_now",
-    "watch",
-]
-
 log = logging.getLogger("worker.child")
 
 _PR_SET_PDEATHSIG = 1

@@ -1,26 +1,13 @@
 """Re-sending the jobs the broker lost, and reaping what dead workers left: jobs, gallery builds.
 
-The database is the source of truth; a message only says "look at job X". So:
-
-* :func:`service.core.broker.send_job` publishes a job id to its queue and never raises: if the broker is down, the job stays QUEUED in the database and is sent later.
-  A successful send is recorded in ``heartbeat_at`` (for a waiting job it means "last sent to
-  the broker"; a worker overwrites it with its own heartbeats once it picks the job).
-* :meth:`Dispatcher.requeue_lost` sends waiting jobs (QUEUED, RETRYING) that were never sent
-  (``dispatch_grace_s`` after their last change) or were sent long ago (``requeue_after_s``)
-  without a worker picking them up. A duplicate message is harmless: the supervisor only starts
-  a waiting job, so the second copy finds it running or finished and does nothing.
-* :meth:`Dispatcher.reap` moves jobs whose worker stopped heartbeating (``heartbeat_timeout_s``):
-  STARTING/RUNNING -> RETRYING (a restart: sent again, resumes from its checkpoint) or FAILED
-  past ``max_restarts``; CANCELLING -> CANCELLED. After a pass failed (the database was away), it
-  reaps nothing for ``heartbeat_timeout_s``: supervisors could not heartbeat during the outage
-  either, so an old heartbeat then says nothing about a dead worker until they had the time to
-  write a new one.
-* :meth:`Dispatcher.reap_galleries` does the same for gallery builds: BUILDING with a stale
-  heartbeat -> FAILED (:func:`service.core.gallery_states.fail_if_stale`; its owner may retry
-  it), under the same hold after an outage.
-
-``python -m worker dispatcher`` runs both every ``dispatcher_interval_s``; tests call
-:meth:`Dispatcher.run_once` with a fake clock.
+The database is the source of truth; a message only says "look at job X", and a duplicate one
+finds the job running or finished and does nothing. :meth:`Dispatcher.requeue_lost` sends
+waiting jobs never sent or sent long ago; :meth:`Dispatcher.reap` and
+:meth:`Dispatcher.reap_galleries` settle jobs and builds whose worker stopped heartbeating, and
+reap nothing for ``heartbeat_timeout_s`` after a pass that could not reach the database.
+worker/README.md ("What a job goes through", the reaper) gives the rules; ``python -m worker
+dispatcher`` runs them every ``dispatcher_interval_s``, tests call :meth:`Dispatcher.run_once`
+with a fake clock.
 """
 
 from __future__ import annotations
@@ -44,8 +31,6 @@ from service.core.job_states import ACTIVE_STATES, WAITING_STATES, lock_job
 from service.core.models import Gallery, GalleryState, Job, JobState, utcnow
 from service.core.settings import Settings
 from worker.outcome import reap_stale_job
-
-__all__ = ["DispatchReport", "Dispatcher"]
 
 log = logging.getLogger("worker.dispatcher")
 

@@ -1,29 +1,11 @@
 """The Celery task that builds a gallery: :func:`build_gallery_task`, :class:`GallerySupervisor`.
 
-Like the job supervisor (:mod:`worker.supervisor`), the task imports no torch: it claims the
-gallery, runs ``python -m worker.build_gallery <id>`` (:mod:`worker.build_gallery`, which embeds,
-saves the index and records progress and the outcome itself) as a child process in its own
-process group, and watches it:
-
-1. **Claim** (row locked): QUEUED -> BUILDING with this worker's id and a heartbeat. A gallery
-   BUILDING with a fresh heartbeat from another worker is left alone (a redelivered message);
-   one whose heartbeat is stale (its worker died) is built again here. READY and FAILED
-   galleries are left alone.
-2. **Build** (:mod:`worker.child`): stdout and stderr go to ``<data_dir>/galleries/<id>/build.log``;
-   ``CUDA_VISIBLE_DEVICES`` is pinned from ``REID_WORKER__GPUS``; on Linux the child gets SIGTERM
-   if this process dies.
-3. **Watch**, every ``poll_interval_s``: heartbeat every ``heartbeat_interval_s``; a gallery
-   deleted (or taken over) meanwhile gets its builder stopped (SIGTERM, SIGKILL after
-   ``kill_grace_s``).
-4. **Finish**: a builder that ended without recording READY or FAILED (killed, crashed) leaves
-   the gallery FAILED with its exit and the log's last error line; a deleted gallery's folder
-   is removed.
-
-The API sends the message (:func:`service.core.broker.send_gallery`): a gallery id, on queue
-``cpu`` (``gpus=0``) or ``gpu1`` (``<queue>.cpu``, ``<queue>.gpu1`` for a queue other than the
-default one, as for jobs), at the highest priority: a build takes minutes and should not wait
-behind queued training jobs (a worker runs one task at a time, so it still waits for a running
-one).
+The job supervisor's pattern (:mod:`worker.supervisor`, :mod:`worker.child`) for
+``python -m worker.build_gallery <id>``, which embeds, saves the index and records its own
+outcome: claim (QUEUED -> BUILDING), heartbeat, stop the builder when the gallery is deleted, and
+record FAILED for a builder that ended without an outcome (killed, crashed). The API sends the
+message at the highest priority (:func:`service.core.broker.send_gallery`): a build should not
+wait behind queued training jobs. worker/README.md, "Galleries", says the rest.
 """
 
 from __future__ import annotations
@@ -47,8 +29,6 @@ from service.core.gallery_states import change_gallery_state, lock_gallery
 from service.core.models import GalleryState
 from worker.child import ChildSupervisor, spawn, stop_now, watch
 from worker.outcome import how_it_ended, last_error_line
-
-__all__ = ["GallerySupervisor", "build_gallery_task", "builder_command"]
 
 log = logging.getLogger("worker.gallery_task")
 

@@ -43,9 +43,8 @@ from reid_core.run_dir import EpochMetrics, RunDir
 from service.core.best import move_best_alias
 from service.core.folders import JobDir
 from service.core.registry import JOB_TAG, METRIC_TAG_PREFIX, OWNER_TAG, configure_http
+from service.core.registry import experiment_id as registry_experiment_id
 from worker.tracking import NO_VERSION_LEFT, TrackingSpec, TrackingState, short_error
-
-__all__ = ["MLflowHook", "model_requirements"]
 
 log = logging.getLogger("worker.mlflow")
 
@@ -208,31 +207,15 @@ class MLflowHook(HookBase):
             self._client = MlflowClient(tracking_uri=self.spec.tracking_uri)
         return self._client
 
-    def _experiment_id(self) -> str:
-        experiment = self.client.get_experiment_by_name(self.spec.experiment)
-        if experiment is not None:
-            return str(experiment.experiment_id)
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(
-                self.client.create_experiment(
-                    self.spec.experiment, artifact_location=self.spec.artifact_location
-                )
-            )
-        except MlflowException:  # created meanwhile by another process
-            experiment = self.client.get_experiment_by_name(self.spec.experiment)
-            if experiment is None:
-                raise
-            return str(experiment.experiment_id)
-
     def _ensure_run(self) -> None:
         if self.state.run_id is not None:
             run = self.client.get_run(self.state.run_id)
             if run.info.status != "RUNNING":
                 self.client.update_run(self.state.run_id, status="RUNNING")
             return
-        experiment_id = self._experiment_id()
+        experiment_id = registry_experiment_id(
+            self.client, self.spec.experiment, self.spec.artifact_location
+        )
         # A run of this job whose id was lost (state file gone): continue it, never a second.
         found = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{self.spec.job_id}'"

@@ -46,15 +46,6 @@ from reid_core.engine.exit_codes import ExitCode
 from service.core.job_states import change_state
 from service.core.models import Job, JobState
 
-__all__ = [
-    "Outcome",
-    "apply_outcome",
-    "decide_outcome",
-    "how_it_ended",
-    "last_error_line",
-    "reap_stale_job",
-]
-
 #: Exit codes a rerun would hit again.
 _PERMANENT = {
     ExitCode.BAD_CONFIG: "the configuration was rejected",

@@ -1,37 +1,14 @@
 """The job supervisor: the Celery task :func:`run_job` and the :class:`Supervisor` behind it.
 
-One job, start to end, in a solo-pool worker (no torch in this process):
-
-1. **Claim** (row locked): a QUEUED/RETRYING job goes to STARTING with this worker's id and a
-   heartbeat. A job STARTING/RUNNING/CANCELLING with a fresh heartbeat from another worker is left
-   alone (a redelivered message); one whose heartbeat is stale is reaped first (restart or fail). A
-   finished job is left alone.
-2. **Spawn**: the resolved config goes to ``<output_dir>/job_config.yaml`` (``checkpoint.resume``
-   forced to ``auto`` on a rerun) and the MLflow tracking spec to ``tracking.json`` (see
-   :mod:`worker.tracking`), then ``python -m worker.train_job --config <it>`` (torchrun for
-   ``gpus > 1``) starts (:mod:`worker.child`) in its own process group (``start_new_session``), with
-   ``CUDA_VISIBLE_DEVICES`` pinned from ``REID_WORKER__GPUS``, stdout and stderr appended to
-   ``<output_dir>/process.log`` and its pid in ``<output_dir>/trainer.pid``. On Linux it gets
-   SIGTERM if this process dies (``PR_SET_PDEATHSIG``), so no orphan trains on unseen.
-   STARTING -> RUNNING.
-3. **Watch**, every ``poll_interval_s``: heartbeat every ``heartbeat_interval_s``; copy
-   ``progress.json`` into the job's progress, epoch, step and metrics, and ``mlflow.json`` into
-   its MLflow run, model version and warnings, when they changed; on
-   ``cancel_requested``, the job's timeout, a worker shutdown or a lost claim (another worker or
-   the reaper took the job): SIGTERM to the process group (the trainer checkpoints and exits 75),
-   SIGKILL after ``kill_grace_s``.
-4. **Finish**: :func:`worker.outcome.decide_outcome` maps the exit to SUCCEEDED, CANCELLED,
-   FAILED (reason + the log's last error line) or RETRYING (a restart after a kill from outside,
-   e.g. the OOM killer, or a retry after a crash, each within its budget), which is sent to the
-   broker again.
-   On a final state the MLflow run is marked FINISHED, FAILED or KILLED.
-
-Every state change goes through :func:`service.core.job_states.change_state` with a reason.
+It claims a job, starts its trainer (``python -m worker.train_job``) as a child process
+(:mod:`worker.child`), watches it (heartbeat, progress, cancel, timeout) and maps its exit to the
+job's next state (:mod:`worker.outcome`). The steps, and what each writes, are in worker/README.md,
+"What a job goes through"; every state change goes through
+:func:`service.core.job_states.change_state` with a reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -40,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -70,12 +47,6 @@ from worker.outcome import (
     reap_stale_job,
 )
 from worker.tracking import TrackingSpec, TrackingState, terminate_run
-
-__all__ = [
-    "Supervisor",
-    "run_job",
-    "trainer_command",
-]
 
 log = logging.getLogger("worker.supervisor")
 
@@ -416,7 +387,7 @@ class Supervisor(ChildSupervisor):
             return self._finish_early(
                 job_id, JobState.FAILED, f"cannot write the job's config in its folder: {exc}"
             )
-        with self._open_log(claim) as log_file:
+        with claim.folder.process_log.open("ab") as log_file:
             try:
                 proc = self._spawn(claim, config_path, log_file)
             except OSError as exc:
@@ -456,11 +427,6 @@ class Supervisor(ChildSupervisor):
                 )
                 time.sleep(delay)
                 delay = min(2 * delay, self.settings.worker.heartbeat_interval_s)
-
-    @contextlib.contextmanager
-    def _open_log(self, claim: _Claim) -> Iterator[IO[bytes]]:
-        with claim.folder.process_log.open("ab") as f:
-            yield f
 
 
 # ----------------------------------------------------------------------------------------------

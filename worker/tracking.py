@@ -22,8 +22,6 @@ from reid_core.atomic_write import write_atomic
 from service.core.folders import JobDir
 from service.core.registry import configure_http
 
-__all__ = ["NO_VERSION_LEFT", "TrackingSpec", "TrackingState", "short_error", "terminate_run"]
-
 log = logging.getLogger("worker.tracking")
 
 #: Most warnings kept on a job (the oldest are dropped).

@@ -20,8 +20,6 @@ from reid_core.train import run
 from service.core.folders import JobDir
 from worker.tracking import TrackingSpec
 
-__all__ = ["main"]
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.train_job", description=__doc__)

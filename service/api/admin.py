@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import select
 
 from service.api.auth import AdminDep
 from service.api.deps import SessionDep
@@ -18,8 +17,7 @@ from service.api.schemas import (
     ApiKeyOut,
     error_responses,
 )
-from service.core.api_keys import KeyCache, create_api_key, revoke_api_key
-from service.core.models import ApiKey
+from service.core.api_keys import KeyCache, create_api_key, list_api_keys, revoke_api_key
 
 router = APIRouter(
     prefix="/v1/admin/keys",
@@ -41,10 +39,7 @@ def create_key(body: ApiKeyCreate, session: SessionDep) -> ApiKeyCreated:
 def list_keys(
     session: SessionDep, owner: Annotated[str | None, Query(max_length=128)] = None
 ) -> list[ApiKeyOut]:
-    query = select(ApiKey).order_by(ApiKey.id)
-    if owner is not None:
-        query = query.where(ApiKey.owner == owner)
-    return [ApiKeyOut.model_validate(k) for k in session.execute(query).scalars()]
+    return [ApiKeyOut.model_validate(k) for k in list_api_keys(session, owner)]
 
 
 @router.post("/{prefix}/revoke", summary="Revoke an API key")

@@ -20,8 +20,6 @@ from service.api.deps import SettingsDep
 from service.api.errors import APIError
 from service.core.api_keys import KeyCache
 
-__all__ = ["AdminDep", "CurrentOwner", "current_owner"]
-
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
 

@@ -31,8 +31,6 @@ from pydantic import BaseModel
 
 from service.core.models import Gallery, Job
 
-__all__ = ["MAX_BODIES", "BodyCache"]
-
 R = TypeVar("R", Job, Gallery)
 
 #: Most bodies an API process keeps: a job's is ~4 KB with its configuration, ~1 KB as a list's

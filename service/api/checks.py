@@ -10,6 +10,7 @@ the same dataset reuses them.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Annotated
 
@@ -25,7 +26,6 @@ from service.api.schemas import (
     CheckOut,
     Page,
     PairAnswerIn,
-    PairImageOut,
     PairList,
     PairOut,
     PrecisionOut,
@@ -76,10 +76,6 @@ def _answered(answered: pair_checks.AnsweredCheck) -> CheckAnsweredOut:
             "mlflow_error": answered.mlflow_error,
         }
     )
-
-
-def _image(image: pair_checks.PairImage) -> PairImageOut:
-    return PairImageOut(position=image.position, path=image.path, camera_id=image.camera_id)
 
 
 @router.post(
@@ -164,16 +160,7 @@ def list_pairs(check_id: uuid.UUID, owner: CurrentOwner, session: SessionDep) ->
     status = pair_checks.check_status(session, owner, check_id)
     return PairList(
         items=[
-            PairOut(
-                index=pair.index,
-                query=_image(pair.query),
-                candidate=_image(pair.candidate),
-                rank=pair.rank,
-                score=pair.score,
-                at_rank_1=pair.at_rank_1,
-                at_rank_5=pair.at_rank_5,
-                answer=answer,
-            )
+            PairOut(**dataclasses.asdict(pair), answer=answer)
             for pair, answer in zip(status.pairs, status.answers, strict=True)
         ]
     )

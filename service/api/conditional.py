@@ -42,22 +42,6 @@ from service.core.models import Gallery, Job
 from service.core.row_versions import OwnedRow, RowVersionCache
 from service.core.settings import Settings
 
-__all__ = [
-    "NOT_MODIFIED",
-    "ConditionalGet",
-    "ConditionalGetDep",
-    "IfNoneMatch",
-    "SharedReads",
-    "list_etag",
-    "matches",
-    "not_modified",
-    "poll_threads",
-    "row_etag",
-    "start_threads",
-    "tagged",
-    "tagged_json",
-]
-
 #: The request header, as a route parameter.
 IfNoneMatch = Annotated[str | None, Header()]
 

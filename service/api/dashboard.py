@@ -9,8 +9,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from fastapi.staticfiles import StaticFiles
 
-__all__ = ["STATIC_DIR", "router"]
-
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 # Scripts, styles and API calls from this origin only; no inline script, no framing.

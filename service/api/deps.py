@@ -21,22 +21,6 @@ from service.core.models import Job
 from service.core.owned import Cursor
 from service.core.settings import Settings
 
-__all__ = [
-    "BodyCacheDep",
-    "JobSubmissionsDep",
-    "PageDep",
-    "PageParams",
-    "ReadSessionDep",
-    "SessionDep",
-    "SettingsDep",
-    "get_body_cache",
-    "get_job_submissions",
-    "get_read_session",
-    "get_session",
-    "get_settings_dep",
-    "page_params",
-]
-
 
 async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings

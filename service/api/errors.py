@@ -34,8 +34,6 @@ from service.core.errors import (
     UnavailableError,
 )
 
-__all__ = ["STATUS_OF", "APIError", "error_body", "install_error_handlers", "validation_details"]
-
 _LOG = logging.getLogger("service.api.errors")
 _MAX_VALUE_CHARS = 200
 #: What FastAPI answers (400) for a body it cannot decode before validation, e.g. non-UTF-8 JSON.

@@ -33,6 +33,7 @@ from service.api.schemas import (
 )
 from service.api.uploads import IMAGE_UPLOAD_ERRORS, image_parts_body, receive_images
 from service.core import galleries
+from service.core.dataset_files import relative_path
 from service.core.images import UploadedImage
 from service.core.models import Gallery
 from service.core.row_versions import OwnedRow
@@ -157,7 +158,7 @@ def _search(
         hits=[
             SearchHitOut(
                 rank=rank,
-                path=galleries.relative_path(hit.path, gallery.dataset_path),
+                path=relative_path(hit.path, gallery.dataset_path),
                 score=hit.score,
                 camera_id=hit.camid if hit.camid >= 0 else None,
                 person_id=hit.pid if hit.pid >= 0 else None,

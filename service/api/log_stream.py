@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["follow_log", "tail_offset"]
-
 
 def tail_offset(path: Path, lines: int) -> int:
     """Byte offset at which the last ``lines`` lines of ``path`` start (0 when shorter)."""

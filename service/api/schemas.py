@@ -22,24 +22,6 @@ from service.core.owned import OwnedPage
 from service.core.pair_checks import DEFAULT_QUERIES, MAX_QUERIES, MAX_SEED
 from service.core.settings import MODEL_NAME_PATTERN
 
-__all__ = [
-    "DATASET_NAME_PATTERN",
-    "ApiKeyCreate",
-    "ApiKeyCreated",
-    "ApiKeyOut",
-    "DatasetFromPath",
-    "DatasetOut",
-    "ErrorResponse",
-    "JobCreate",
-    "JobEventOut",
-    "JobOut",
-    "JobPreviewOut",
-    "JobSummary",
-    "Page",
-    "PresetOut",
-    "error_responses",
-]
-
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 T = TypeVar("T")
@@ -556,16 +538,6 @@ class GallerySearchOut(BaseModel):
     hits: list[SearchHitOut]
 
 
-__all__ += [
-    "EmbedOut",
-    "GalleryCreate",
-    "GalleryOut",
-    "GallerySearchOut",
-    "ImageFeatureOut",
-    "SearchHitOut",
-]
-
-
 # ----------------------------------------------------------------------------------------------
 # pair checks: a person's answers on sampled pairs estimate a version's precision
 # ----------------------------------------------------------------------------------------------
@@ -674,15 +646,3 @@ class PairAnswerIn(_In):
         description="same: one person; different: two people; unsure: cannot tell (left out "
         "of the estimates, counted apart)."
     )
-
-
-__all__ += [
-    "CheckAnsweredOut",
-    "CheckCreate",
-    "CheckOut",
-    "PairAnswerIn",
-    "PairImageOut",
-    "PairList",
-    "PairOut",
-    "PrecisionOut",
-]

@@ -24,15 +24,6 @@ from service.core.images import MAX_EMBED_IMAGES, MAX_IMAGE_BYTES, UploadedImage
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-__all__ = [
-    "IMAGE_UPLOAD_ERRORS",
-    "PartHeaderReader",
-    "ReceivedUpload",
-    "image_parts_body",
-    "receive_images",
-    "receive_multipart",
-]
-
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 4096
 

@@ -24,16 +24,6 @@ from sqlalchemy.orm import Session
 from service.core.models import ApiKey, utcnow
 from service.core.ttl_cache import TtlCache
 
-__all__ = [
-    "KEY_PREFIX",
-    "KeyCache",
-    "KnownKey",
-    "create_api_key",
-    "find_api_key",
-    "hash_key",
-    "revoke_api_key",
-]
-
 KEY_PREFIX = "reid_"
 _PREFIX_LENGTH = len(KEY_PREFIX) + 8
 
@@ -53,6 +43,14 @@ def create_api_key(session: Session, owner: str, name: str | None = None) -> tup
     session.add(key)
     session.flush()
     return key, token
+
+
+def list_api_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
+    """Every key, or ``owner``'s, oldest first."""
+    query = select(ApiKey).order_by(ApiKey.id)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    return list(session.execute(query).scalars())
 
 
 def revoke_api_key(session: Session, prefix: str) -> ApiKey | None:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
-__all__ = ["ArchiveError", "ArchiveLimits", "ArchiveSummary", "check_archive", "extract_archive"]
-
 _CHUNK = 1024 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
 

@@ -27,7 +27,6 @@ the next registration or human check applies the rule again (pin a version with 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -39,17 +38,9 @@ from service.core.registry import (
     BEST_VALUE_TAG,
     METRIC_TAG_PREFIX,
     HumanMetric,
+    finite_number,
+    quote,
 )
-
-__all__ = [
-    "HUMAN_PRECISION_METRIC",
-    "KEPT_LABEL_FREE_SIGNAL",
-    "NEWEST",
-    "BestChoice",
-    "Evidence",
-    "choose_best",
-    "move_best_alias",
-]
 
 #: The label-free signal that ranks versions with neither labels nor human answers; higher is
 #: better. Which signal ranks models the way mAP does is measured in bench/results/label_free.md.
@@ -84,14 +75,6 @@ class BestChoice:
     value: float | None = None
 
 
-def _number(text: str | None) -> float | None:
-    try:
-        value = float(text) if text is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _human_precision(client: Any, run_id: str | None) -> float | None:
     from mlflow.exceptions import MlflowException
 
@@ -104,7 +87,7 @@ def _human_precision(client: Any, run_id: str | None) -> float | None:
             return None
         raise
     value = run.data.metrics.get(HUMAN_PRECISION_METRIC)
-    return _number(None if value is None else str(value))
+    return finite_number(None if value is None else str(value))
 
 
 def choose_best(versions: list[Any], human_precision: Callable[[Any], float | None]) -> BestChoice:
@@ -113,9 +96,9 @@ def choose_best(versions: list[Any], human_precision: Callable[[Any], float | No
     version has a mAP."""
     newest_first = sorted(versions, key=lambda v: int(v.version), reverse=True)
     readers: list[tuple[Evidence, Callable[[Any], float | None]]] = [
-        (Evidence.MAP, lambda v: _number((v.tags or {}).get(_MAP_TAG))),
+        (Evidence.MAP, lambda v: finite_number((v.tags or {}).get(_MAP_TAG))),
         (Evidence.HUMAN_PRECISION, human_precision),
-        (Evidence.LABEL_FREE, lambda v: _number((v.tags or {}).get(_LABEL_FREE_TAG))),
+        (Evidence.LABEL_FREE, lambda v: finite_number((v.tags or {}).get(_LABEL_FREE_TAG))),
     ]
     for kind, read in readers:
         scored = [(value, v) for v in newest_first if (value := read(v)) is not None]
@@ -127,8 +110,7 @@ def choose_best(versions: list[Any], human_precision: Callable[[Any], float | No
 
 
 def _versions(client: Any, model_name: str) -> list[Any]:
-    quoted = model_name.replace("'", "''")
-    found = client.search_model_versions(f"name = '{quoted}'", max_results=10_000)
+    found = client.search_model_versions(f"name = '{quote(model_name)}'", max_results=10_000)
     return [v for v in found if str(v.status) != "FAILED_REGISTRATION"]
 
 

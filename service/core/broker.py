@@ -47,21 +47,6 @@ if TYPE_CHECKING:
     from celery import Celery
     from kombu import Producer
 
-__all__ = [
-    "BUILD_GALLERY_TASK",
-    "RUN_JOB_TASK",
-    "celery_app_for",
-    "celery_priority",
-    "create_celery_app",
-    "mark_dispatched",
-    "resource_queue",
-    "send_committed",
-    "send_committed_jobs",
-    "send_gallery",
-    "send_job",
-    "stamp_send",
-]
-
 log = logging.getLogger("service.broker")
 
 #: The job supervisor's task (:func:`worker.supervisor.run_job`); its one argument: the job id.

@@ -8,20 +8,10 @@ images are counted and a sample of their names kept; they do not make the regist
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-__all__ = [
-    "DatasetFolderError",
-    "ScanResult",
-    "folder_size",
-    "resolve_registered_path",
-    "scan_dataset_folder",
-    "single_top_folder",
-]
 
 _LOG = logging.getLogger("service.datasets")
 
@@ -103,14 +93,6 @@ def single_top_folder(folder: Path) -> Path:
     return folder
 
 
-def folder_size(folder: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
 def _detect_format(root: Path) -> str:
     return "market_folder" if (root / "bounding_box_train").is_dir() else "image_folder"
 
@@ -155,7 +137,7 @@ def _scan_folder(root: Path) -> ScanResult:
         bad.extend(p for p, _why in bad_split)
     everything = [r for split in readable.values() for r in split]
     if not everything:
-        sample = ", ".join(_relative(p, root) for p in bad[:5])
+        sample = ", ".join(relative_path(p, root) for p in bad[:5])
         raise DatasetFolderError(
             f"dataset folder {str(root)!r} holds no readable image ({len(bad)} unreadable"
             + (f": {sample}" if sample else "")
@@ -172,12 +154,13 @@ def _scan_folder(root: Path) -> ScanResult:
         camera_count=len({r.camid for r in everything if r.camid != UNKNOWN}),
         splits=summary,
         unreadable_count=len(bad),
-        unreadable_sample=[_relative(p, root) for p in bad[:UNREADABLE_SAMPLE]],
+        unreadable_sample=[relative_path(p, root) for p in bad[:UNREADABLE_SAMPLE]],
     )
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_path(path: str | Path, root: str | Path) -> str:
+    """``path`` relative to the dataset's folder ``root`` (its name alone when outside it)."""
     try:
-        return str(Path(path).relative_to(root))
+        return Path(path).relative_to(root).as_posix()
     except ValueError:
         return Path(path).name

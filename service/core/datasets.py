@@ -38,18 +38,6 @@ from service.core.models import Dataset, DatasetKind, DatasetStatus, Gallery, Jo
 from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.settings import Settings
 
-__all__ = [
-    "check_ready",
-    "delete_dataset",
-    "gallery_images",
-    "list_datasets",
-    "owned_dataset",
-    "register_path",
-    "register_upload",
-    "train_images",
-    "upload_scratch",
-]
-
 _SCRATCH = ".scratch"
 
 

@@ -14,15 +14,6 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = [
-    "PG_CONNECT_TIMEOUT_S",
-    "hold_write_lock",
-    "make_engine",
-    "make_read_session_factory",
-    "make_session_factory",
-    "session_scope",
-]
-
 #: Seconds to wait for a new PostgreSQL connection (libpq waits forever by default, so an
 #: unreachable host would hang requests); ``connect_timeout`` in the URL wins.
 PG_CONNECT_TIMEOUT_S = 10

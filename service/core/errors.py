@@ -10,17 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = [
-    "ConflictError",
-    "InvalidInputError",
-    "NotFoundError",
-    "RejectedInputError",
-    "ServiceError",
-    "TooLargeError",
-    "UnavailableError",
-    "not_found",
-]
-
 
 class ServiceError(Exception):
     """A request the service refuses; subclasses say which kind of refusal."""

@@ -25,13 +25,6 @@ from pathlib import Path
 from reid_core.run_dir import Entry, RunDir
 from service.core.settings import Settings
 
-__all__ = [
-    "BUILD_LOG",
-    "JobDir",
-    "gallery_dir",
-    "job_dir",
-]
-
 BUILD_LOG = "build.log"
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from service.core.broker import send_gallery
+from service.core.dataset_files import relative_path
 from service.core.datasets import check_ready, gallery_images, owned_dataset
 from service.core.errors import ConflictError, NotFoundError
 from service.core.folders import gallery_dir
@@ -36,21 +37,6 @@ from service.core.settings import Settings
 
 if TYPE_CHECKING:
     from reid_core.inference.search import GalleryIndex, SearchHit
-
-__all__ = [
-    "GalleryRequest",
-    "create_gallery",
-    "delete_gallery",
-    "gallery_events",
-    "image_file",
-    "list_galleries",
-    "owned_gallery",
-    "ready_index",
-    "relative_path",
-    "require_ready",
-    "retry_gallery",
-    "search",
-]
 
 log = logging.getLogger("service.galleries")
 
@@ -190,14 +176,6 @@ def retry_gallery(
     if settings.worker.enqueue_on_submit:
         _send_to_workers(settings, session, gallery)
     return gallery
-
-
-def relative_path(path: str, root: str) -> str:
-    """``path`` relative to the dataset's folder ``root`` (its name alone when outside it)."""
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return Path(path).name
 
 
 def require_ready(gallery: Gallery) -> None:

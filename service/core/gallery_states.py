@@ -27,16 +27,7 @@ from sqlalchemy.orm import Session
 
 from service.core import heartbeat
 from service.core.models import Gallery, GalleryEvent, GalleryState
-from service.core.state_machine import InvalidTransitionError, StateMachine
-
-__all__ = [
-    "GALLERIES",
-    "GALLERY_TRANSITIONS",
-    "InvalidTransitionError",
-    "change_gallery_state",
-    "fail_if_stale",
-    "lock_gallery",
-]
+from service.core.state_machine import StateMachine
 
 G = GalleryState
 

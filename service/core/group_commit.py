@@ -28,8 +28,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommitter"]
-
 log = logging.getLogger("service.group_commit")
 
 T = TypeVar("T")

@@ -20,8 +20,6 @@ from sqlalchemy import ColumnElement, and_, or_
 
 from service.core.models import Gallery, Job
 
-__all__ = ["is_stale", "last_sign_of_life", "stale_clause"]
-
 
 def last_sign_of_life(row: Job | Gallery) -> datetime | None:
     """The last heartbeat, or the row's last change before the first heartbeat."""

@@ -14,14 +14,6 @@ from PIL import Image
 
 from service.core.errors import InvalidInputError
 
-__all__ = [
-    "MAX_EMBED_IMAGES",
-    "MAX_IMAGE_BYTES",
-    "MAX_IMAGE_PIXELS",
-    "UploadedImage",
-    "decode_images",
-]
-
 #: Images one embed request may carry, and the size of each (bytes, pixels).
 MAX_EMBED_IMAGES = 32
 MAX_IMAGE_BYTES = 4 * 1024 * 1024

@@ -23,16 +23,6 @@ from pydantic import BaseModel, ValidationError
 from reid_core.config import ConfigError, ExperimentConfig, apply_overrides
 from service.core.settings import JobBounds
 
-__all__ = [
-    "JobConfigError",
-    "check_bounds",
-    "flatten_overrides",
-    "memory_bank_bytes",
-    "preset_overrides",
-    "resolve_job_config",
-    "service_owned_keys",
-]
-
 #: Keys the service sets itself, besides every key typed as a path.
 _SERVICE_OWNED = frozenset({"data.dataset", "data.eval_dataset"})
 _RESUME_CHOICES = ("auto", "none")

@@ -16,9 +16,6 @@ from pydantic import BaseModel, Field
 
 from reid_core.run_dir import Progress, RunStatus
 
-__all__ = ["JobMetrics", "progress_columns"]
-
-
 #: Numbers by name; null where the trainer's value was NaN or infinite.
 Numbers = Annotated[dict[str, float | None], Field(default_factory=dict)]
 

@@ -32,18 +32,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from service.core.models import Job, JobEvent, JobState
-from service.core.state_machine import InvalidTransitionError, StateMachine
-
-__all__ = [
-    "ACTIVE_STATES",
-    "FINAL_STATES",
-    "JOBS",
-    "TRANSITIONS",
-    "WAITING_STATES",
-    "InvalidTransitionError",
-    "change_state",
-    "lock_job",
-]
+from service.core.state_machine import StateMachine
 
 S = JobState
 

@@ -36,28 +36,6 @@ from service.core.owned import Cursor, OwnedPage, RowVersion, owned, owned_page_
 from service.core.presets import preset_settings
 from service.core.settings import Settings
 
-__all__ = [
-    "JobPreview",
-    "JobRequest",
-    "ResolvedConfigs",
-    "Submission",
-    "SubmitOutcome",
-    "cancel_job",
-    "check_limit",
-    "check_queue",
-    "final_state",
-    "job_events",
-    "job_metrics",
-    "job_submissions",
-    "list_jobs",
-    "log_path",
-    "owned_job",
-    "preview_job",
-    "publish_new",
-    "retry_job",
-    "submit_jobs",
-]
-
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -135,19 +113,6 @@ def _check_resources(request: JobRequest, settings: Settings) -> _Resources:
     timeout = request.timeout_minutes or bounds.default_timeout_minutes
     check_limit("timeout_minutes", timeout, bounds.max_timeout_minutes)
     return _Resources(gpus, check_queue(settings, request.queue), timeout, max_restarts)
-
-
-def _existing_for_key(session: Session, owner: str, key: str, request_hash: str) -> Job | None:
-    job = session.execute(
-        select(Job).where(Job.owner == owner, Job.idempotency_key == key)
-    ).scalar_one_or_none()
-    if job is not None and job.request_hash != request_hash:
-        raise ConflictError(
-            "idempotency_key_reused",
-            f"idempotency_key {key!r} was used for a different request (job {job.id}); "
-            "use a new key for a new job",
-        )
-    return job
 
 
 @dataclass(frozen=True)
@@ -391,11 +356,18 @@ def _earlier(session: Session, submission: Submission) -> SubmitOutcome | None:
     key = submission.request.idempotency_key
     if key is None:
         return None
-    try:
-        existing = _existing_for_key(session, submission.owner, key, submission.request.digest())
-    except ConflictError as exc:
-        return exc
-    return None if existing is None else (existing, False)
+    job = session.execute(
+        select(Job).where(Job.owner == submission.owner, Job.idempotency_key == key)
+    ).scalar_one_or_none()
+    if job is None:
+        return None
+    if job.request_hash != submission.request.digest():
+        return ConflictError(
+            "idempotency_key_reused",
+            f"idempotency_key {key!r} was used for a different request (job {job.id}); "
+            "use a new key for a new job",
+        )
+    return job, False
 
 
 def job_submissions(

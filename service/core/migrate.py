@@ -15,16 +15,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = [
-    "MIGRATIONS_DIR",
-    "alembic_config",
-    "current_revision",
-    "downgrade",
-    "head_revision",
-    "schema_revision",
-    "upgrade",
-]
-
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from reid_core.inference.search import GalleryIndex
     from service.core.registry import ModelRegistry
 
-__all__ = ["LoadingLRU", "cached_embedder", "cached_index", "forget_index"]
-
 #: Embedders and gallery indexes each API process keeps in memory.
 EMBEDDER_CACHE_SIZE = 4
 INDEX_CACHE_SIZE = 8

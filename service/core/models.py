@@ -33,18 +33,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = [
-    "ApiKey",
-    "Base",
-    "Dataset",
-    "DatasetKind",
-    "DatasetStatus",
-    "Job",
-    "JobEvent",
-    "JobState",
-    "utcnow",
-]
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -400,6 +388,3 @@ class PairAnswer(Base):
     answer: Mapped[PairAnswerValue] = mapped_column(_enum(PairAnswerValue, "pair_answer"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-
-
-__all__ += ["Gallery", "GalleryEvent", "GalleryState", "PairAnswer", "PairAnswerValue", "PairCheck"]

@@ -25,16 +25,6 @@ from sqlalchemy.orm.interfaces import LoaderOption
 from service.core.errors import not_found
 from service.core.models import Dataset, Gallery, Job, PairCheck
 
-__all__ = [
-    "COUNT_LIMIT",
-    "Cursor",
-    "OwnedPage",
-    "RowVersion",
-    "owned",
-    "owned_page",
-    "owned_page_versions",
-]
-
 R = TypeVar("R", Dataset, Job, Gallery, PairCheck)
 T = TypeVar("T")
 

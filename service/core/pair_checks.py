@@ -34,8 +34,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.best import move_best_alias
+from service.core.dataset_files import relative_path
 from service.core.errors import ConflictError, NotFoundError, ServiceError
-from service.core.galleries import owned_gallery, ready_index, relative_path, require_ready
+from service.core.galleries import owned_gallery, ready_index, require_ready
 from service.core.models import PairAnswer, PairAnswerValue, PairCheck
 from service.core.owned import Cursor, OwnedPage, owned, owned_page
 from service.core.pair_estimate import Proportion, proportion
@@ -44,27 +45,6 @@ from service.core.settings import Settings
 
 if TYPE_CHECKING:
     from reid_core.inference.search import GalleryIndex
-
-__all__ = [
-    "DEFAULT_QUERIES",
-    "MAX_QUERIES",
-    "MAX_SEED",
-    "MIN_ANSWERS",
-    "RANKS",
-    "AnsweredCheck",
-    "CheckPair",
-    "CheckRequest",
-    "CheckStatus",
-    "PairImage",
-    "answer_pair",
-    "check_status",
-    "create_check",
-    "delete_check",
-    "list_checks",
-    "owned_check",
-    "sample_pairs",
-    "status_of",
-]
 
 log = logging.getLogger("service.pair_checks")
 

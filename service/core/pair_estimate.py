@@ -28,8 +28,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Z_95", "Proportion", "proportion", "wilson_interval"]
-
 #: The standard normal's 97.5% quantile: a two-sided 95% interval.
 Z_95 = 1.959963984540054
 

@@ -12,8 +12,6 @@ from reid_core.presets import Preset, UnknownPresetError, load_preset, preset_na
 from service.core.errors import NotFoundError
 from service.core.job_config import preset_overrides
 
-__all__ = ["PresetInfo", "list_presets", "preset_info", "preset_settings"]
-
 
 @dataclass(frozen=True)
 class PresetInfo:

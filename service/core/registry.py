@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,30 +23,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from service.core.errors import UnavailableError, not_found
 from service.core.settings import Settings
 
-__all__ = [
-    "BEST_ALIAS",
-    "BEST_BY_HAND",
-    "BEST_RULE_TAG",
-    "BEST_VALUE_TAG",
-    "DATASET_TAG",
-    "JOB_TAG",
-    "METRIC_TAG_PREFIX",
-    "OWNER_TAG",
-    "HumanMetric",
-    "ModelRegistry",
-    "ModelVersion",
-    "RegisteredModel",
-    "configure_http",
-    "ensure_experiment",
-    "mlflow_ui_url",
-    "model_uri",
-]
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 #: The run tag that names the job (how a run is found again when its state file is gone).
 JOB_TAG = "reid.job_id"
@@ -165,14 +150,24 @@ def ensure_experiment(settings: Settings) -> str:
 
     configure_http(settings.mlflow.request_timeout_s)
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
-    experiment = client.get_experiment_by_name(settings.mlflow.experiment)
+    return experiment_id(client, settings.mlflow.experiment, settings.mlflow_artifact_location)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of the experiment ``name``, created (at ``artifact_location``) if missing, also
+    when another process creates it at the same time."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    return str(
-        client.create_experiment(
-            settings.mlflow.experiment, artifact_location=settings.mlflow_artifact_location
-        )
-    )
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location))
+    except MlflowException:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
 
 
 class _MetricStamps:
@@ -263,7 +258,7 @@ class ModelRegistry:
     def list_models(self, owner: str) -> list[RegisteredModel]:
         models = self._call(
             lambda: self.client.search_registered_models(
-                filter_string=f"tags.`{OWNER_TAG}` = '{_quote(owner)}'", max_results=1000
+                filter_string=f"tags.`{OWNER_TAG}` = '{quote(owner)}'", max_results=1000
             )
         )
         return sorted((_model(m) for m in models), key=lambda m: m.name)
@@ -275,9 +270,7 @@ class ModelRegistry:
         model = self._owned_model(owner, name)
         aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
         versions = self._call(
-            lambda: self.client.search_model_versions(
-                f"name = '{_quote(name)}'", max_results=10_000
-            )
+            lambda: self.client.search_model_versions(f"name = '{quote(name)}'", max_results=10_000)
         )
         outs = [_version(v, aliases) for v in versions]
         return sorted(outs, key=lambda v: int(v.version), reverse=True)
@@ -392,7 +385,7 @@ def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
     tags = version.tags or {}
     metrics: dict[str, float] = {}
     for key, text in tags.items():
-        value = _float(text) if key.startswith(METRIC_TAG_PREFIX) else None
+        value = finite_number(text) if key.startswith(METRIC_TAG_PREFIX) else None
         if value is not None:
             metrics[key.removeprefix(METRIC_TAG_PREFIX)] = value
     number = str(version.version)
@@ -400,7 +393,7 @@ def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
     # until the rule runs again (an alias pointed by hand, two writers at once)
     holds_best = aliases.get(BEST_ALIAS) == number
     best_rule = tags.get(BEST_RULE_TAG) if holds_best else None
-    best_value = _float(tags.get(BEST_VALUE_TAG)) if best_rule is not None else None
+    best_value = finite_number(tags.get(BEST_VALUE_TAG)) if best_rule is not None else None
     return ModelVersion(
         name=version.name,
         version=number,
@@ -415,12 +408,15 @@ def _version(version: Any, aliases: dict[str, str]) -> ModelVersion:
     )
 
 
-def _float(text: str | None) -> float | None:
+def finite_number(text: str | None) -> float | None:
+    """The finite number ``text`` spells (a tag's value), else None."""
     try:
-        return float(text) if text is not None else None
+        value = float(text) if text is not None else None
     except ValueError:
         return None
+    return value if value is not None and math.isfinite(value) else None
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
+    """``value`` inside single quotes of an MLflow search filter."""
     return value.replace("'", "''")

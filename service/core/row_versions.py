@@ -43,8 +43,6 @@ from service.core.models import Gallery, Job
 from service.core.owned import owned
 from service.core.ttl_cache import TtlCache
 
-__all__ = ["MAX_ENTRIES", "OwnedRow", "RowVersionCache", "read_owner_and_version"]
-
 R = TypeVar("R", Job, Gallery)
 
 #: The versioned tables, and what a client calls their rows (the kind in "not found" answers).

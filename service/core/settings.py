@@ -20,15 +20,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = [
-    "JobBounds",
-    "Settings",
-    "TrackingSettings",
-    "UploadLimits",
-    "WorkerSettings",
-    "get_settings",
-]
-
 #: Values that mean "nobody chose a secret here".
 PLACEHOLDER_SECRETS = frozenset(
     {"", "changethis", "changeme", "change-me", "secret", "password", "postgres", "placeholder"}

@@ -25,8 +25,6 @@ from service.core.db import hold_write_lock
 from service.core.errors import not_found
 from service.core.models import utcnow
 
-__all__ = ["InvalidTransitionError", "StateMachine"]
-
 
 class InvalidTransitionError(ValueError):
     """A state change the machine does not allow (someone else moved the row first)."""

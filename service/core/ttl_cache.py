@@ -22,8 +22,6 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["ReadStamp", "TtlCache"]
-
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
