@@ -423,6 +423,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "",
         ]
     lines += _summary(results, reference)
+    missing = getattr(args, "missing", [])
+    if missing:
+        lines += [f"Not trained yet: {', '.join(missing)}.", ""]
     lines += [
         "| run | epochs | minutes | img/s | initial mAP | initial R1 | mAP | R1 | R5 | R10 | mINP |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -528,9 +531,16 @@ def main() -> None:
         help="keep each finished run's result here and take, instead of training it, a run "
         "already kept for the same sources, config and overrides",
     )
+    p.add_argument(
+        "--kept-only",
+        action="store_true",
+        help="with --records: train nothing; report the kept runs and name the ones not kept yet",
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "bench_train_real")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "train_real.md")
     args = p.parse_args()
+    if args.kept_only and args.records is None:
+        raise SystemExit("--kept-only reports the runs kept in --records: name that folder")
     if args.data is None or not Path(args.data).is_dir():
         raise SystemExit(f"--data (or REID_BENCH_DATA) must name a dataset folder, got {args.data}")
     args.data = Path(args.data).resolve()
@@ -551,6 +561,8 @@ def main() -> None:
         return args.work_dir / f"{name}-seed{seed}"
 
     def write_report() -> None:
+        # with --kept-only: the runs asked for that no record holds
+        args.missing = [f"{n} (seed {k})" for n, k in runs if (n, k) not in done]
         text = report([done[r] for r in runs if r in done], args)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
@@ -564,6 +576,8 @@ def main() -> None:
             if kept is not None:
                 print(f"[{name}] seed {seed}: kept in {record}", flush=True)
                 done[name, seed] = kept
+                return
+            if args.kept_only:
                 return
         done[name, seed] = run_variant(name, config, args.data, folder(name, seed), overrides, seed)
         if args.records is not None:

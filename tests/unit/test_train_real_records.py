@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import train_real
 
 
@@ -78,3 +80,35 @@ def test_the_report_names_where_kept_runs_trained(tmp_path: Path) -> None:
     assert "| global | 0, 1 | 20.5 | 9.00 | 8.50 - 9.50 |" in text
     assert "- global (seed 1): 2026-12-05 18:00 UTC on CPU X, 2 cores" in text
     assert "global (seed 0): 2026-" not in text
+
+
+def test_kept_only_reports_the_kept_runs_and_names_the_others(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    data = tmp_path / "cuhk03-pair1"
+    data.mkdir()
+    records = tmp_path / "records"
+    config = train_real.VARIANT_CONFIGS.get("global", train_real.preset_path("cuhk03_cpu"))
+    expected = train_real.fingerprint(
+        config.resolve(), data.resolve(), [*train_real.VARIANTS["global"], "seed=1"]
+    )
+    train_real.save_record(records / "global-seed1.json", _result("global", 1, 8.5), expected)
+
+    def no_training(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("--kept-only trained a run")
+
+    monkeypatch.setattr(train_real, "run_variant", no_training)
+    monkeypatch.setattr(train_real, "colour_reference", lambda _data: None)
+    output = tmp_path / "report.md"
+    argv = ["train_real.py", "--data", str(data), "--records", str(records), "--kept-only"]
+    argv += ["--variants", "global,both", "--seeds", "0,1", "--output", str(output)]
+    monkeypatch.setattr("sys.argv", argv)
+    train_real.main()
+
+    text = output.read_text()
+    assert "| global | 1 | 20.5 | 8.50 | 8.50 - 8.50 |" in text
+    assert "Not trained yet: global (seed 0), both (seed 0), both (seed 1)." in text
+
+    monkeypatch.setattr("sys.argv", [a for a in argv if a not in ("--records", str(records))])
+    with pytest.raises(SystemExit, match="--records"):
+        train_real.main()
