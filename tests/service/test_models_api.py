@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,3 +155,29 @@ def test_registry_down_is_503_naming_it(
     assert error["code"] == "model_registry_unavailable"
     assert "MLflow at http://127.0.0.1:9" in error["message"]
     assert "s3cret" not in error["message"]  # a URL's credentials are not repeated
+
+
+def test_a_registry_writes_the_mlflow_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request makes a ModelRegistry; the MLflow HTTP bounds go into the environment the
+    first time only (writing it while other threads read it is not safe)."""
+    from service.core import registry
+
+    writes: list[str] = []
+
+    class Recording(dict[str, str]):
+        def __setitem__(self, key: str, value: str) -> None:
+            writes.append(key)
+            super().__setitem__(key, value)
+
+    environ = Recording()
+    monkeypatch.setattr(registry, "os", SimpleNamespace(environ=environ))
+    registry.configure_http.cache_clear()
+    try:
+        for _ in range(3):
+            registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 7}))
+        assert writes.count("MLFLOW_HTTP_REQUEST_TIMEOUT") == 1
+        assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+        registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 9}))
+        assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "9"
+    finally:
+        registry.configure_http.cache_clear()
