@@ -87,15 +87,19 @@ def _server_address(tracking_uri: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-@functools.cache
 def configure_http(timeout_s: float) -> None:
     """Bound MLflow's HTTP calls in this process: one request waits ``timeout_s`` at most and is
-    retried once, so a tracking server that is down costs seconds, never minutes. The variables
-    are written once per value: a request's registry does not write the environment while
+    retried once, so a tracking server that is down costs seconds, never minutes. A variable is
+    written only when it changes: a request's registry does not write the environment while
     other threads read it."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout_s))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    for name, value in wanted.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

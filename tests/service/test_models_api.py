@@ -171,13 +171,12 @@ def test_a_registry_writes_the_mlflow_environment_once(monkeypatch: pytest.Monke
 
     environ = Recording()
     monkeypatch.setattr(registry, "os", SimpleNamespace(environ=environ))
-    registry.configure_http.cache_clear()
-    try:
-        for _ in range(3):
-            registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 7}))
-        assert writes.count("MLFLOW_HTTP_REQUEST_TIMEOUT") == 1
-        assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
-        registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 9}))
-        assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "9"
-    finally:
-        registry.configure_http.cache_clear()
+    for _ in range(3):
+        registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 7}))
+    assert writes.count("MLFLOW_HTTP_REQUEST_TIMEOUT") == 1
+    assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 9}))
+    assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "9"
+    registry.ModelRegistry(Settings(mlflow={"request_timeout_s": 7}))
+    assert environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert writes.count("MLFLOW_HTTP_REQUEST_TIMEOUT") == 3
