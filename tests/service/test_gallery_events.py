@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 
 from service.core.db import session_scope
 from service.core.gallery_states import (
-    InvalidTransitionError,
     change_gallery_state,
     lock_gallery,
 )
 from service.core.models import Gallery, GalleryEvent, GalleryState, utcnow
 from service.core.settings import Settings
+from service.core.state_machine import InvalidTransitionError
 from tests.helpers import make_gallery
 from tests.service.conftest import Headers, TestClient
 

@@ -14,11 +14,11 @@ from service.core.db import session_scope
 from service.core.job_states import (
     FINAL_STATES,
     TRANSITIONS,
-    InvalidTransitionError,
     change_state,
     lock_job,
 )
 from service.core.models import Job, JobEvent, JobState
+from service.core.state_machine import InvalidTransitionError
 from tests.service.conftest import queued_job
 
 S = JobState
