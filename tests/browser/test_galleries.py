@@ -113,10 +113,12 @@ def search_from_the_page(page: Page, image: Path, k: int, camera: str = "") -> s
     form.get_by_label("Query image").set_input_files(image)
     form.get_by_label("Hits (k)").fill(str(k))
     form.get_by_label("Query camera").fill(camera)
-    with page.expect_request(re.compile(r"/search\?")) as request:
+    # the answer, not only the request: until it arrives the page still shows the last hits,
+    # whose thumbnails are loaded already
+    with page.expect_response(re.compile(r"/search\?"), timeout=60_000) as response:
         form.get_by_role("button", name="Search").click()
     page.wait_for_function(_THUMBNAILS_LOADED, timeout=30_000)
-    return request.value.url
+    return response.value.url
 
 
 def check_results(page: Page, expected: dict[str, Any]) -> None:
