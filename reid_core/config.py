@@ -57,7 +57,22 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the bad key/value."""
+    """A configuration file or override that cannot be used; the message names the bad key/value.
+
+    An error about one override also carries it apart: ``key`` is its dotted key and ``problem``
+    the message without the key (``"unknown key 'gls' in loss (known: ...)"``), so that a caller
+    can name the key in its own terms without parsing the message.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.problem = problem if problem is not None else message
+
+
+def _override_error(path: list[str], problem: str) -> ConfigError:
+    key = ".".join(path)
+    return ConfigError(f"override {key}: {problem}", key=key, problem=problem)
 
 
 class _Strict(BaseModel):
@@ -728,10 +743,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
                 if part not in fields:
                     where = ".".join(path[:depth]) or "the top level"
                     known = ", ".join(sorted(fields))
-                    raise ConfigError(
-                        f"override {'.'.join(path)}: unknown key {part!r} in {where} "
-                        f"(known: {known})"
-                    )
+                    raise _override_error(path, f"unknown key {part!r} in {where} (known: {known})")
                 annotation = fields[part].annotation
                 model = (
                     annotation
@@ -739,9 +751,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
                     else None
                 )
             elif depth < len(path):
-                raise ConfigError(
-                    f"override {'.'.join(path)}: {'.'.join(path[:depth])} is a value, not a section"
-                )
+                raise _override_error(path, f"{'.'.join(path[:depth])} is a value, not a section")
             if depth == len(path) - 1:
                 node[part] = value
             else:
