@@ -325,6 +325,12 @@ class IPFLConfig(_Strict):
     warmup_epochs: int = Field(
         0, ge=0, description="IPFL is 0 before this epoch (the agents are still updated)."
     )
+    negatives: Literal["other_images", "other_clusters"] = Field(
+        "other_images",
+        description="Which batchmates may be an image's negative: any other image (the paper), "
+        "or, with loss.objective=cluster_contrast, only images outside its pseudo-identity (the "
+        "P x K sampler puts K images of each cluster in a batch).",
+    )
 
 
 class ClusterLossConfig(_Strict):
@@ -669,6 +675,15 @@ class ExperimentConfig(_Strict):
                 f"data.batch_size={self.data.batch_size} is not a multiple of "
                 f"cluster.instances_per_cluster={k}: the P x K sampler fills a batch with whole "
                 "clusters"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_negatives_need_clusters(self) -> ExperimentConfig:
+        if self.loss.ipfl.negatives == "other_clusters" and not self.loss.clusters:
+            raise ValueError(
+                "loss.ipfl.negatives=other_clusters needs pseudo labels: set "
+                f"loss.objective=cluster_contrast (got {self.loss.objective!r})"
             )
         return self
 

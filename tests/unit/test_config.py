@@ -115,6 +115,15 @@ def test_an_override_error_carries_its_key_apart(
     assert str(info.value) == f"override {key}: {info.value.problem}"
 
 
+def test_cluster_negatives_need_the_cluster_objective() -> None:
+    with pytest.raises(ConfigError, match=r"loss.ipfl.negatives=other_clusters needs pseudo"):
+        load_config(overrides=["loss.ipfl.negatives=other_clusters"])
+    cfg = load_config(
+        overrides=["loss.ipfl.negatives=other_clusters", "loss.objective=cluster_contrast"]
+    )
+    assert cfg.loss.ipfl.negatives == "other_clusters"
+
+
 def test_unknown_key_in_file_is_rejected(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("loss:\n  pedal:\n    scael: 3\n")
