@@ -1,7 +1,7 @@
 """Alembic environment: the database URL comes from the service settings unless one is given.
 
-Callers (``service.core.migrate``, tests) pass ``config.attributes["database_url"]`` or an open
-``config.attributes["connection"]``; ``alembic`` on the command line reads ``REID_DATABASE_URL``
+:mod:`service.core.migrate` passes ``config.attributes["database_url"]`` (an open
+``config.attributes["connection"]`` is used as it is); ``alembic`` on the command line reads ``REID_DATABASE_URL``
 (or ``.env``) through :class:`service.core.settings.Settings`.
 """
 

@@ -57,7 +57,22 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the bad key/value."""
+    """A configuration file or override that cannot be used; the message names the bad key/value.
+
+    An error about one override also carries it apart: ``key`` is its dotted key and ``problem``
+    the message without the key (``"unknown key 'gls' in loss (known: ...)"``), so that a caller
+    can name the key in its own terms without parsing the message.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.problem = problem if problem is not None else message
+
+
+def _override_error(path: list[str], problem: str) -> ConfigError:
+    key = ".".join(path)
+    return ConfigError(f"override {key}: {problem}", key=key, problem=problem)
 
 
 class _Strict(BaseModel):
@@ -309,6 +324,12 @@ class IPFLConfig(_Strict):
     max_candidates: int = Field(15, ge=1, le=1000)
     warmup_epochs: int = Field(
         0, ge=0, description="IPFL is 0 before this epoch (the agents are still updated)."
+    )
+    negatives: Literal["other_images", "other_clusters"] = Field(
+        "other_images",
+        description="Which batchmates may be an image's negative: any other image (the paper), "
+        "or, with loss.objective=cluster_contrast, only images outside its pseudo-identity (the "
+        "P x K sampler puts K images of each cluster in a batch).",
     )
 
 
@@ -658,6 +679,15 @@ class ExperimentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cluster_negatives_need_clusters(self) -> ExperimentConfig:
+        if self.loss.ipfl.negatives == "other_clusters" and not self.loss.clusters:
+            raise ValueError(
+                "loss.ipfl.negatives=other_clusters needs pseudo labels: set "
+                f"loss.objective=cluster_contrast (got {self.loss.objective!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _some_loss_enabled(self) -> ExperimentConfig:
         if not (self.loss.global_branch or self.loss.patch_branch):
             raise ValueError("every loss term is disabled: enable at least one of loss.*.enabled")
@@ -728,10 +758,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
                 if part not in fields:
                     where = ".".join(path[:depth]) or "the top level"
                     known = ", ".join(sorted(fields))
-                    raise ConfigError(
-                        f"override {'.'.join(path)}: unknown key {part!r} in {where} "
-                        f"(known: {known})"
-                    )
+                    raise _override_error(path, f"unknown key {part!r} in {where} (known: {known})")
                 annotation = fields[part].annotation
                 model = (
                     annotation
@@ -739,9 +766,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
                     else None
                 )
             elif depth < len(path):
-                raise ConfigError(
-                    f"override {'.'.join(path)}: {'.'.join(path[:depth])} is a value, not a section"
-                )
+                raise _override_error(path, f"{'.'.join(path[:depth])} is a value, not a section")
             if depth == len(path) - 1:
                 node[part] = value
             else:

@@ -41,6 +41,7 @@ from service.core.db import make_engine, make_session_factory, session_scope
 from service.core.errors import ServiceError
 from service.core.folders import gallery_dir
 from service.core.gallery_states import change_gallery_state, lock_gallery
+from service.core.model_cache import load_embedder
 from service.core.models import Gallery, GalleryState, utcnow
 from service.core.registry import ModelRegistry, model_uri
 from service.core.settings import Settings, get_settings
@@ -222,19 +223,11 @@ def build_gallery(
 def _build(
     settings: Settings, spec: _Spec, folder: Path, progress: _Progress, batch_size: int
 ) -> tuple[GalleryIndex, list[tuple[Path, str]]]:
-    import torch
-
-    from reid_core.inference.embedder import Embedder
     from reid_core.inference.search import GalleryIndex
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    weights, weights_dir = ModelRegistry(settings).download_weights(
-        spec.owner, spec.model_name, spec.model_version
-    )
-    try:
-        embedder = Embedder.from_file(weights).to(device)
-    finally:
-        shutil.rmtree(weights_dir, ignore_errors=True)
+    registry = ModelRegistry(settings)
+    embedder = load_embedder(registry, spec.owner, spec.model_name, spec.model_version)
+    device = embedder.device
     records, skipped = gallery_records(spec.dataset_format, spec.dataset_path)
     progress.write(image_count=len(records), skipped_count=len(skipped), images_done=0)
     log.info(

@@ -4,14 +4,10 @@ The app itself (broker, queues, late acks, visibility timeout) is the service's
 (:mod:`service.core.broker`), so what the API publishes and what a worker consumes cannot drift
 apart; this module adds the task modules a worker imports.
 
-* **Solo pool, one task at a time.** A supervisor spends the whole job polling its trainer, a child
-  process (``python -m reid_core.train``, torchrun for several GPUs) in its own process group. The
-  task imports no torch at all, and a worker must never run torch work in a prefork parent (CUDA
-  and forked children do not mix): ``python -m worker run`` always starts ``--pool solo``.
-* **Late acks** and the **visibility timeout**: see :mod:`service.core.broker`. A worker that dies
-  mid-job leaves its message to be redelivered, and the reaper in :mod:`worker.dispatcher` does
-  not wait for that: it retries jobs whose heartbeat stopped. If a running job's message were
-  handed to a second worker, its supervisor would see a fresh heartbeat and leave the job alone.
+A worker runs the solo pool, one task at a time: a supervisor spends the whole job watching its
+child process (``python -m worker.train_job``, or a gallery build) and must never run torch work
+in a prefork parent (worker/README.md). Late acks and the visibility timeout:
+:mod:`service.core.broker`.
 """
 
 from __future__ import annotations

@@ -306,8 +306,12 @@ class DualBranchObjective(nn.Module):
                 keep=1.0 - loss_cfg.ipfl.agent_momentum,
             )
             if epoch >= loss_cfg.ipfl.warmup_epochs:
+                labels = None
+                if loss_cfg.ipfl.negatives == "other_clusters":
+                    assert self.clusters is not None
+                    labels = self.clusters.labels[indices.to(self.clusters.labels.device)]
                 terms["ipfl"] = loss_cfg.ipfl.weight * self.ipfl(
-                    torch.stack([e0, e1]), indices, self.agents.bank
+                    torch.stack([e0, e1]), indices, self.agents.bank, labels=labels
                 )
             else:
                 terms["ipfl"] = (e0.sum() + e1.sum()) * 0.0

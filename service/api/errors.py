@@ -11,7 +11,7 @@ with a plain 500, never the traceback. A 405 lists every method of its path in `
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -76,13 +76,18 @@ STATUS_OF: dict[type[ServiceError], int] = {
 }
 
 
-def error_body(
-    code: str, message: str, details: Sequence[dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    details: Sequence[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The answer to every error: ``{"error": {"code", "message", "details"?}}``."""
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
         error["details"] = list(details)
-    return {"error": error}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def _short(value: Any) -> Any:
@@ -115,11 +120,7 @@ def _describe(details: list[dict[str, Any]]) -> str:
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(
-        error_body(exc.code, exc.message, exc.details),
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return _error(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -127,16 +128,13 @@ async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     status = next((STATUS_OF[kind] for kind in type(exc).__mro__ if kind in STATUS_OF), 500)
     # the core names the input's fields; the input was the request's body
     details = [{**d, "field": f"body.{d['field']}"} for d in exc.details or []]
-    return JSONResponse(error_body(exc.code, exc.message, details), status_code=status)
+    return _error(status, exc.code, exc.message, details)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = validation_details(exc.errors())
-    return JSONResponse(
-        error_body("validation_error", _describe(details) or "invalid request", details),
-        status_code=422,
-    )
+    return _error(422, "validation_error", _describe(details) or "invalid request", details)
 
 
 def _unparsable_body(exc: StarletteHTTPException) -> JSONResponse:
@@ -150,13 +148,11 @@ def _unparsable_body(exc: StarletteHTTPException) -> JSONResponse:
     else:
         why = "it is not valid JSON"
     message = f"the request body cannot be parsed: {why}"
-    return JSONResponse(
-        error_body(
-            "validation_error",
-            f"body: {message}; send JSON encoded as UTF-8",
-            [{"field": "body", "message": message}],
-        ),
-        status_code=422,
+    return _error(
+        422,
+        "validation_error",
+        f"body: {message}; send JSON encoded as UTF-8",
+        [{"field": "body", "message": message}],
     )
 
 
@@ -202,7 +198,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             message = f"method not allowed: {where}{takes} (see /docs for the API)"
     elif exc.status_code == 404 and message == phrase:
         message = f"no route: {where} (see /docs for the API)"
-    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
+    return _error(exc.status_code, code, message, headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -217,13 +213,11 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
         type(exc).__name__,
         getattr(exc, "orig", None) or exc,
     )
-    return JSONResponse(
-        error_body(
-            "database_unavailable",
-            "the database is unavailable right now; retry in a few seconds "
-            "(GET /readyz says when it is back)",
-        ),
-        status_code=503,
+    return _error(
+        503,
+        "database_unavailable",
+        "the database is unavailable right now; retry in a few seconds "
+        "(GET /readyz says when it is back)",
         headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 
@@ -232,24 +226,20 @@ async def _value_refused_by_database(_request: Request, exc: Exception) -> JSONR
     # A value that passed validation but not the database (a number past BIGINT, a NUL
     # character in text): the request's fault, not the server's.
     problem = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    return JSONResponse(
-        error_body(
-            "validation_error",
-            f"a value in the request cannot be stored or compared by the database ({problem}); "
-            "send smaller numbers and text without NUL characters",
-        ),
-        status_code=422,
+    return _error(
+        422,
+        "validation_error",
+        f"a value in the request cannot be stored or compared by the database ({problem}); "
+        "send smaller numbers and text without NUL characters",
     )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     _LOG.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        error_body(
-            "internal_error",
-            "internal server error; it was logged, retry later or report it to the operators",
-        ),
-        status_code=500,
+    return _error(
+        500,
+        "internal_error",
+        "internal server error; it was logged, retry later or report it to the operators",
     )
 
 

@@ -42,15 +42,14 @@ def follow_log(
     final_state: Callable[[], str | None],
     poll_s: float = 0.5,
     keepalive_s: float = 15.0,
-    max_s: float | None = None,
 ) -> Iterator[str]:
     """SSE text for the lines of ``path`` from byte ``start`` on, until ``final_state()`` names a
-    final state and everything is sent (or ``max_s`` passed). ``final_state`` is called once per
+    final state and everything is sent. ``final_state`` is called once per
     idle poll; it returns the job's state when final, else None."""
     offset = start  # bytes read so far
     consumed = start  # bytes sent as whole lines; ``pending`` holds the rest
     pending = b""
-    began = last_sent = time.monotonic()
+    last_sent = time.monotonic()
     while True:
         chunk = b""
         if path.is_file():
@@ -72,8 +71,6 @@ def follow_log(
             yield f"event: end\ndata: {state}\n\n"
             return
         now = time.monotonic()
-        if max_s is not None and now - began >= max_s:
-            return
         if now - last_sent >= keepalive_s:
             yield ": keep-alive\n\n"
             last_sent = now

@@ -152,10 +152,8 @@ def resolve_job_config(
     try:
         raw = apply_overrides({}, flat)
     except ConfigError as exc:
-        # "override loss.gls.threshold: unknown key 'gls' in loss (known: ...)"
-        head, _, problem = str(exc).partition(": ")
-        key = head.removeprefix("override ").strip()
-        raise JobConfigError(f"config.{key}", f"config.{key}: {problem or exc}") from None
+        field = f"config.{exc.key}" if exc.key else "config"
+        raise JobConfigError(field, f"{field}: {exc.problem}") from None
     service_values: dict[str, Any] = {
         "data.dataset": dataset_format,
         "data.root": str(dataset_root),

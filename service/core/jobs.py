@@ -7,11 +7,9 @@ later. Every state change goes through :func:`service.core.job_states.change_sta
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
-import threading
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from service.core.folders import job_dir
 from service.core.group_commit import GroupCommitter
 from service.core.job_config import JobConfigError, resolve_job_config
 from service.core.job_states import FINAL_STATES, JOBS, change_state
+from service.core.model_cache import LoadingLRU
 from service.core.models import Dataset, DatasetStatus, Job, JobEvent, JobState
 from service.core.owned import Cursor, OwnedPage, RowVersion, owned, owned_page_versions
 from service.core.presets import preset_settings
@@ -187,11 +186,7 @@ class ResolvedConfigs:
 
     def __init__(self, settings: Settings, size: int = 256) -> None:
         self.settings = settings
-        self.size = size
-        self._items: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = (
-            collections.OrderedDict()
-        )
-        self._lock = threading.Lock()
+        self._kept: LoadingLRU[tuple[Any, ...], dict[str, Any]] = LoadingLRU(size)
 
     def resolved(
         self, request: JobRequest, dataset: Dataset, resources: _Resources, job_id: uuid.UUID
@@ -207,19 +202,13 @@ class ResolvedConfigs:
             train_images(dataset),
             resources.gpus,
         )
-        with self._lock:
-            kept = self._items.get(key)
-            if kept is not None:
-                self._items.move_to_end(key)
+
+        def resolve() -> dict[str, Any]:
+            config = _config(self.settings, request, dataset, resources, job_id)
+            return config.model_dump(mode="json")
+
+        kept = self._kept.get_or_load(key, resolve)
         output_dir = str(job_dir(self.settings, job_id).path)
-        if kept is None:
-            kept = _config(self.settings, request, dataset, resources, job_id).model_dump(
-                mode="json"
-            )
-            with self._lock:
-                self._items[key] = kept
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
         # the job's own copy of what it changes; the rest is shared and never written to
         return kept | {"runtime": kept["runtime"] | {"output_dir": output_dir}}
 

@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection, Engine
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
-def alembic_config(database_url: str | None = None, connection: Connection | None = None) -> Config:
-    """An Alembic config for ``migrations/``, bound to a URL or to an open connection."""
+def alembic_config(database_url: str | None = None) -> Config:
+    """An Alembic config for ``migrations/``, bound to ``database_url`` (else the settings')."""
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise RuntimeError(
             f"Alembic migrations not found at {MIGRATIONS_DIR}; run the service from a checkout "
@@ -30,8 +30,6 @@ def alembic_config(database_url: str | None = None, connection: Connection | Non
     # Passed as attributes, not main options: a URL may hold '%', which ini interpolation eats.
     if database_url is not None:
         cfg.attributes["database_url"] = database_url
-    if connection is not None:
-        cfg.attributes["connection"] = connection
     return cfg
 
 

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from reid_core.inference.embedder import Embedder
@@ -88,31 +88,27 @@ _EMBEDDERS: LoadingLRU[tuple[str, str, str], Embedder] = LoadingLRU(EMBEDDER_CAC
 _INDEXES: LoadingLRU[str, GalleryIndex] = LoadingLRU(INDEX_CACHE_SIZE)
 
 
-def _device() -> Any:
+def load_embedder(registry: ModelRegistry, owner: str, name: str, version: str) -> Embedder:
+    """The embedder of model ``name`` version ``version`` (a number the caller resolved and
+    checked ``owner`` may use), from ``model_final.pt`` (tensors and config, no pickle); on a
+    GPU when torch sees one. The downloaded file is removed once read."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from reid_core.inference.embedder import Embedder
+
+    path, folder = registry.download_weights(owner, name, version)
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Embedder.from_file(path).to(device)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cached_embedder(registry: ModelRegistry, owner: str, name: str, version: str) -> Embedder:
-    """The embedder of model ``name`` version ``version`` (a number the caller resolved and
-    checked ``owner`` may use), from ``model_final.pt`` (tensors and config, no pickle).
-
-    Keyed by the MLflow tracking URI, the name and the number: a registered version never
-    changes. On a GPU when torch sees one.
-    """
+    """:func:`load_embedder`, kept: keyed by the MLflow tracking URI, the name and the number (a
+    registered version never changes)."""
     key = (registry.settings.mlflow_tracking_uri, name, version)
-
-    def load() -> Embedder:
-        from reid_core.inference.embedder import Embedder
-
-        path, folder = registry.download_weights(owner, name, version)
-        try:
-            return Embedder.from_file(path).to(_device())
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    return _EMBEDDERS.get_or_load(key, load)
+    return _EMBEDDERS.get_or_load(key, lambda: load_embedder(registry, owner, name, version))
 
 
 def cached_index(folder: Path) -> GalleryIndex:

@@ -13,14 +13,13 @@ import base64
 import binascii
 import functools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.interfaces import LoaderOption
 
 from service.core.errors import not_found
 from service.core.models import Dataset, Gallery, Job, PairCheck
@@ -89,16 +88,16 @@ def owned_page(
     limit: int,
     offset: int = 0,
     after: Cursor | None = None,
-    options: Sequence[LoaderOption] = (),
 ) -> OwnedPage[R]:
     """One page of ``owner``'s ``model`` rows matching ``conditions``, newest first (ties by
-    id), from ``offset`` rows on or from just after ``after`` (or both). ``options``
-    shape the load, e.g. ``load_only`` for list summaries."""
+    id), from ``offset`` rows on or from just after ``after`` (or both)."""
     where = [model.owner == owner, *conditions]
     counted = _count(session, model, where)
-    page = _page_of(select(model), model, where, limit, offset, after).options(*options)
-    rows = list(session.execute(page).scalars())
-    return _paged(rows, counted, limit)
+    page = select(model).where(*where)
+    if after is not None:
+        page = page.where(tuple_(model.created_at, model.id) < (after.created_at, after.id))
+    page = page.order_by(model.created_at.desc(), model.id.desc()).limit(limit).offset(offset)
+    return _paged(list(session.execute(page).scalars()), counted, limit)
 
 
 @dataclass(frozen=True)
@@ -174,20 +173,6 @@ def _count(session: Session, model: type[R], where: list[Any]) -> int:
     """Rows matching ``where``, counted up to one more than :data:`COUNT_LIMIT`."""
     matching = select(model.id).where(*where).limit(COUNT_LIMIT + 1).subquery()
     return int(session.execute(select(func.count()).select_from(matching)).scalar_one())
-
-
-def _page_of(
-    query: Select[Any],
-    model: type[R],
-    where: list[Any],
-    limit: int,
-    offset: int,
-    after: Cursor | None,
-) -> Select[Any]:
-    query = query.where(*where)
-    if after is not None:
-        query = query.where(tuple_(model.created_at, model.id) < (after.created_at, after.id))
-    return query.order_by(model.created_at.desc(), model.id.desc()).limit(limit).offset(offset)
 
 
 def _paged(rows: list[T], counted: int, limit: int) -> OwnedPage[T]:

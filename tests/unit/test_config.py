@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -95,6 +96,32 @@ def test_bad_overrides_name_the_key(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides=[override])
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "problem"),
+    [
+        ({"loss.gls.threshold": 1}, "loss.gls.threshold", "unknown key 'gls' in loss (known: "),
+        ({"loss.gsl.threshold.x": 1}, "loss.gsl.threshold.x", "loss.gsl.threshold is a value"),
+    ],
+)
+def test_an_override_error_carries_its_key_apart(
+    override: dict[str, Any], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({}, override)
+    assert info.value.key == key
+    assert info.value.problem.startswith(problem)
+    assert str(info.value) == f"override {key}: {info.value.problem}"
+
+
+def test_cluster_negatives_need_the_cluster_objective() -> None:
+    with pytest.raises(ConfigError, match=r"loss.ipfl.negatives=other_clusters needs pseudo"):
+        load_config(overrides=["loss.ipfl.negatives=other_clusters"])
+    cfg = load_config(
+        overrides=["loss.ipfl.negatives=other_clusters", "loss.objective=cluster_contrast"]
+    )
+    assert cfg.loss.ipfl.negatives == "other_clusters"
 
 
 def test_unknown_key_in_file_is_rejected(tmp_path: Path) -> None:

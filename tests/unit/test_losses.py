@@ -421,6 +421,24 @@ def test_ipfl_cycle_ranking_accepts_when_the_anchor_is_not_a_near_agent() -> Non
     assert got.item() == pytest.approx((5 + 0.4 - 0.6) / 3, abs=1e-5)
 
 
+def test_ipfl_cluster_mates_are_no_negatives() -> None:
+    # the case above with pseudo labels: slots 4 and 1 (agents 0 and 1) are one cluster
+    agents = torch.tensor([_point(v) for v in (6.0, 1.0, 1.6, 5.0, 0.0, 5.5)])
+    emb = torch.tensor([[_point(0.4), _point(1.2), _point(1.6)]])
+    loss = IPFLLoss(IPFLConfig(margin=5.0, cycle_k=1, max_candidates=1))
+    got = loss(emb, _idx(4, 1, 2), agents, labels=_idx(3, 3, -1))
+    # x=0.4: its cluster mate 1 is no candidate; 1.6 (d 1.2), whose nearest other agent is 1,
+    #        not 0: accepted -> 4.2
+    # x=1.2: 0 is no candidate; 1.6 (d .4) rejected (its nearest is 1): skipped
+    # x=1.6 (outside every cluster): candidate 1 (d .6) rejected as before: skipped
+    assert got.item() == pytest.approx((5 + 0.4 - 1.2) / 3, abs=1e-5)
+    # images outside every cluster (-1) are not one cluster: the paper's rule
+    no_clusters = loss(emb, _idx(4, 1, 2), agents, labels=_idx(-1, -1, -1))
+    assert no_clusters.item() == pytest.approx(loss(emb, _idx(4, 1, 2), agents).item())
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
+        loss(emb, _idx(4, 1, 2), agents, labels=_idx(3, 3))
+
+
 def test_ipfl_two_views_as_tensor_or_list() -> None:
     emb, indices, agents = _ipfl_case()
     view1 = torch.tensor([_point(-0.2), _point(1.0), _point(4.9), _point(6.0)])
@@ -476,7 +494,7 @@ def test_ipfl_disabled_small_batch_and_shape_errors() -> None:
 
 
 def _objective_and_outputs(
-    pedal_warmup: int, ipfl_warmup: int
+    pedal_warmup: int, ipfl_warmup: int, **loss: dict[str, object]
 ) -> tuple[object, object, object, torch.Tensor]:
     from types import SimpleNamespace
 
@@ -492,7 +510,8 @@ def _objective_and_outputs(
                 "gsl": {"enabled": False},
                 "pedal": {"warmup_epochs": pedal_warmup, "neighbours": 2},
                 "ipfl": {"warmup_epochs": ipfl_warmup},
-            },
+            }
+            | loss,
         }
     )
     fake_model = SimpleNamespace(global_dim=5, with_patch_branch=True, cfg=cfg.model)
@@ -533,3 +552,21 @@ def test_patch_terms_start_after_their_warmup() -> None:
     at0 = objective(out0, out1, idx, epoch=0)  # type: ignore[operator]
     assert float(at0["pedal"].detach()) > 0.0
     assert set(at0) == {"pedal", "ipfl", "total"}
+
+
+def test_ipfl_takes_the_pseudo_labels_with_other_cluster_negatives() -> None:
+    objective, out0, out1, idx = _objective_and_outputs(
+        0,
+        0,
+        objective="cluster_contrast",  # type: ignore[arg-type]
+        ipfl={"negatives": "other_clusters", "margin": 50.0, "cycle_k": 1},
+        cluster={"weight": 0.0},
+    )
+    labels = torch.tensor([0, 0, 1, 1, -1, -1, 2, 2])
+    objective.clusters.relabel(torch.randn(8, 5), labels)  # type: ignore[attr-defined]
+    got = objective(out0, out1, idx, epoch=0)["ipfl"]  # type: ignore[operator]
+    emb = torch.stack([out0.embeddings, out1.embeddings]).float()  # type: ignore[attr-defined]
+    bank = objective.agents.bank  # type: ignore[attr-defined]
+    want = objective.ipfl(emb, idx, bank, labels=labels[idx])  # type: ignore[attr-defined]
+    assert got.item() == pytest.approx(want.item())
+    assert got.item() != pytest.approx(objective.ipfl(emb, idx, bank).item())  # type: ignore[attr-defined]

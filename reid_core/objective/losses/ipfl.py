@@ -9,13 +9,20 @@ renormalised) of the detached mean embedding of the image's views, kept by the c
 
     d(x, a)   = || e_x - a ||_2
     d_pos(x)  = d(x, a_c)
-    cand(x)   = the agents a_b in A_B with b != c, in increasing d(x, a_b); the first
+    cand(x)   = the agents a_b in A_B with b != c (and y_b != y_c, see below), in increasing
+                d(x, a_b); the first
                 T = min(max_candidates, #other images) of them are examined
     cycle ok  = c is NOT among the cycle_k nearest agents of a_b in A_B \ {a_b}
     d_neg(x)  = d(x, a_b*) for the first examined candidate b* whose cycle check passes
     L_IPFL    = (1 / (V B)) sum_{v, i} max(0, margin + d_pos(x_i^v) - d_neg(x_i^v))
 
 over both views ``v`` of every image ``i`` of the batch (margin = ``IPFLConfig.margin``, 2).
+
+With pseudo labels ``y`` (``labels``, -1 outside every cluster; ``IPFLConfig.negatives =
+"other_clusters"``), an image ``b`` in the anchor's cluster (``y_b = y_c >= 0``) is no candidate:
+the P x K sampler of cluster contrast puts ``K - 1`` of them in every batch, and the paper's rule
+would push them away from the anchor while the global branch pulls them together. The cycle ranking
+is unchanged.
 
 Choices (PAUL's code in ``src/loss/myloss.py``/``Ipfl`` and ``src/loss/smooth.py`` as reference):
 
@@ -84,9 +91,11 @@ class IPFLLoss(nn.Module):
         embeddings: torch.Tensor | Sequence[torch.Tensor],
         indices: torch.Tensor,
         agents: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``embeddings`` (V, B, E) or a sequence of V (B, E) views (a single (B, E) is V=1),
-        ``indices`` (B,) into ``agents`` (N, E) -> float32 scalar (a 0 connected to the
+        ``indices`` (B,) into ``agents`` (N, E), ``labels`` (B,) the batch's pseudo labels (-1
+        none) whose cluster mates are no negatives -> float32 scalar (a 0 connected to the
         embeddings when disabled or when no sample has a negative)."""
         emb = _stack_views(embeddings)
         V, B, E = emb.shape
@@ -106,10 +115,16 @@ class IPFLLoss(nn.Module):
         anchor = torch.arange(B, device=x.device).repeat(V)  # batch position b of row r
         batch_agents = agents.detach().to(device=x.device, dtype=torch.float32).index_select(0, idx)
         same_image = idx[:, None] == idx[None, :]  # (B, B)
+        not_negative = same_image
+        if labels is not None:
+            if labels.shape != idx.shape:
+                raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
+            y = labels.to(x.device)
+            not_negative = same_image | ((y[:, None] == y[None, :]) & (y[:, None] >= 0))
 
         with torch.no_grad():
-            # candidates: other images' batch agents, nearest first
-            d_rank = _sq_dist(x, batch_agents).masked_fill(same_image[anchor], float("inf"))
+            # candidates: other images' (other clusters') batch agents, nearest first
+            d_rank = _sq_dist(x, batch_agents).masked_fill(not_negative[anchor], float("inf"))
             T = min(self.cfg.max_candidates, B - 1)
             cand_d, cand = d_rank.topk(T, dim=1, largest=False)  # ascending, (VB, T)
             cand_valid = torch.isfinite(cand_d)
