@@ -1,8 +1,8 @@
 """Alembic environment: the database URL comes from the service settings unless one is given.
 
 :mod:`service.core.migrate` passes ``config.attributes["database_url"]`` (an open
-``config.attributes["connection"]`` is used as it is); ``alembic`` on the command line reads ``REID_DATABASE_URL``
-(or ``.env``) through :class:`service.core.settings.Settings`.
+``config.attributes["connection"]`` is used as it is); ``alembic`` on the command line reads
+``REID_DATABASE_URL`` (or ``.env``) through :class:`service.core.settings.Settings`.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ def follow_log(
     keepalive_s: float = 15.0,
 ) -> Iterator[str]:
     """SSE text for the lines of ``path`` from byte ``start`` on, until ``final_state()`` names a
-    final state and everything is sent. ``final_state`` is called once per
-    idle poll; it returns the job's state when final, else None."""
+    final state and everything is sent. ``final_state`` is called once per idle poll; it returns
+    the job's state when final, else None."""
     offset = start  # bytes read so far
     consumed = start  # bytes sent as whole lines; ``pending`` holds the rest
     pending = b""
