@@ -3,7 +3,8 @@
 // #/galleries, #/galleries/<id>, #/checks/<id>).
 
 import { ApiError, apiKey, getJSON, onUnauthorized } from "./api.js";
-import { describeError, h, setChildren, setMessage } from "./dom.js";
+import { h, setChildren } from "./dom.js";
+import { describeError, setMessage } from "./messages.js";
 import { renderCheck } from "./views/check.js";
 import { renderCompare } from "./views/compare.js";
 import { renderDatasets } from "./views/datasets.js";

@@ -3,6 +3,11 @@
 import { h } from "./dom.js";
 import { dateTime as fmtDateTime, percent } from "./format.js";
 
+/** The link back above a view: crumbs("#/jobs", "Jobs"). */
+export function crumbs(href, text) {
+  return h("p", { class: "crumbs" }, h("a", { href }, `← ${text}`));
+}
+
 /** The state in its colour (dashboard.css: .state-RUNNING ...); the reason as tooltip. */
 export function stateBadge(job) {
   return h("span", { class: `state state-${job.state}`, title: job.reason || null }, job.state);

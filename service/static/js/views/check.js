@@ -7,8 +7,10 @@
 // two images: every pair of the check showing them is answered with it.
 
 import { getJSON, request } from "../api.js";
-import { alertLine, describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import { alertLine, describeError, setMessage, showError, showLoadError } from "../messages.js";
+import { crumbs } from "../widgets.js";
 import { cameraLabel } from "./galleries.js";
 
 const ANSWERS = [
@@ -83,7 +85,7 @@ export function renderCheck(root, [checkId]) {
   function layout() {
     setChildren(
       root,
-      h("p", { class: "crumbs" }, h("a", { href: `#/galleries/${check.gallery_id}` }, "← Gallery")),
+      crumbs(`#/galleries/${check.gallery_id}`, "Gallery"),
       h("div", { class: "view-head" }, title),
       h(
         "p",
@@ -304,7 +306,7 @@ export function renderCheck(root, [checkId]) {
       current = nextUnanswered(pair.index + 1);
     } catch (error) {
       if (error.name === "AbortError") return;
-      setMessage(status, `The answer was not saved: ${describeError(error)}`);
+      showError(status, error, "The answer was not saved: ");
     }
     render();
   }
@@ -320,7 +322,7 @@ export function renderCheck(root, [checkId]) {
       current = index;
     } catch (error) {
       if (error.name === "AbortError") return;
-      setMessage(status, `The answer was not taken back: ${describeError(error)}`);
+      showError(status, error, "The answer was not taken back: ");
     }
     render();
   }
@@ -360,12 +362,8 @@ export function renderCheck(root, [checkId]) {
       document.addEventListener("keydown", onKey);
     })
     .catch((error) => {
-      if (error.name === "AbortError") return;
-      setChildren(
-        root,
-        h("p", { class: "crumbs" }, h("a", { href: "#/galleries" }, "← Galleries")),
-        errorBox(error, `Could not load check ${checkId}: `),
-      );
+      const back = crumbs("#/galleries", "Galleries");
+      showLoadError(root, back, error, `Could not load check ${checkId}: `);
     });
 
   return () => {

@@ -3,10 +3,11 @@
 
 import { getJSON } from "../api.js";
 import { EpochChart, epochSeries } from "../charts.js";
-import { errorBox, h, setChildren } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import { errorBox } from "../messages.js";
 import { poll } from "../poll.js";
-import { dataTable, stateBadge } from "../widgets.js";
+import { crumbs, dataTable, stateBadge } from "../widgets.js";
 
 const REFRESH_MS = 10000;
 /** Set by the service for every job, so they always differ: not a difference worth showing. */
@@ -47,7 +48,7 @@ export function renderCompare(root, [idList]) {
   const differences = h("div", { id: "compare-config" });
   setChildren(
     root,
-    h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
+    crumbs("#/jobs", "Jobs"),
     h("div", { class: "view-head" }, h("h1", {}, `Compare ${ids.length} jobs`)),
     summary,
     h(

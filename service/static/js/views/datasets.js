@@ -2,8 +2,9 @@
 // file), see what the scan found, delete.
 
 import { getJSON, request, sendJSON, upload } from "../api.js";
-import { alertLine, describeError, formMessage, h, setChildren, setMessage } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import { alertLine, formMessage, setMessage, showError, whileBusy } from "../messages.js";
 import { definitionList } from "../widgets.js";
 
 const MAX_PAGE = 200;
@@ -137,7 +138,7 @@ export function renderDatasets(root) {
       if (scan.dataset.id === dataset.id) scan.hidden = true;
       await load();
     } catch (error) {
-      setMessage(status, `Could not delete ${dataset.name}: ${describeError(error)}`);
+      showError(status, error, `Could not delete ${dataset.name}: `);
       button.disabled = false;
     }
   }
@@ -176,7 +177,7 @@ export function renderDatasets(root) {
       empty.hidden = page.items.length > 0;
       setMessage(status, "");
     } catch (error) {
-      setMessage(status, `Could not load the datasets: ${describeError(error)}`);
+      showError(status, error, "Could not load the datasets: ");
     }
   }
 
@@ -227,17 +228,12 @@ function registerForm({ id, title, hint, fields, submitText, extra = [], send, o
     event.preventDefault();
     setMessage(message, "");
     if (!valid(form, message)) return;
-    submit.disabled = true;
-    try {
+    await whileBusy(submit, message, async () => {
       const dataset = await send(name.value.trim(), message);
       setMessage(message, `Registered ${dataset.name}: ${dataset.image_count} images.`, "ok");
       form.reset();
       onRegistered(dataset);
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      submit.disabled = false;
-    }
+    });
   });
   return form;
 }

@@ -8,18 +8,26 @@
 // URLs, all revoked when the view goes away.
 
 import { ApiError, getJSON, request, sendJSON } from "../api.js";
+import { h, setChildren } from "../dom.js";
+import * as fmt from "../format.js";
 import {
   alertLine,
   describeError,
-  errorBox,
   formMessage,
-  h,
-  setChildren,
   setMessage,
-} from "../dom.js";
-import * as fmt from "../format.js";
+  showError,
+  showLoadError,
+  whileBusy,
+} from "../messages.js";
 import { poll } from "../poll.js";
-import { dataTable, definitionList, progressBar, stateBadge, timelineItems } from "../widgets.js";
+import {
+  crumbs,
+  dataTable,
+  definitionList,
+  progressBar,
+  stateBadge,
+  timelineItems,
+} from "../widgets.js";
 
 const POLL_MS = 2000;
 const MAX_PAGE = 200; // the API's largest limit
@@ -74,7 +82,7 @@ async function deleteGallery(gallery, button, message) {
     await request(galleryPath(gallery.id), { method: "DELETE" });
     return true;
   } catch (error) {
-    setMessage(message, `Could not delete ${galleryTitle(gallery)}: ${describeError(error)}`);
+    showError(message, error, `Could not delete ${galleryTitle(gallery)}: `);
     button.disabled = false;
     return false;
   }
@@ -91,7 +99,7 @@ async function retryGallery(gallery, button, message) {
   try {
     return await sendJSON("POST", `${galleryPath(gallery.id)}/retry`);
   } catch (error) {
-    setMessage(message, `Could not retry ${galleryTitle(gallery)}: ${describeError(error)}`);
+    showError(message, error, `Could not retry ${galleryTitle(gallery)}: `);
     button.disabled = false;
     return null;
   }
@@ -214,7 +222,7 @@ export function renderGalleries(root) {
   }
 
   function onError(error) {
-    setMessage(status, `Could not load the galleries: ${describeError(error)}`);
+    showError(status, error, "Could not load the galleries: ");
   }
 
   function load() {
@@ -319,19 +327,15 @@ function newGalleryForm(onCreated) {
     };
     if (name.value.trim()) body.name = name.value.trim();
     if (gpus.value !== "") body.gpus = Number.parseInt(gpus.value, 10);
-    submit.disabled = true;
-    try {
+    const create = async () => {
       const gallery = await sendJSON("POST", "v1/galleries", body);
       const link = h("a", { href: `#/galleries/${gallery.id}` }, galleryTitle(gallery));
       const version = `${gallery.model_name} v${gallery.model_version}`;
       setMessage(message, ["Building gallery ", link, ` with ${version}.`], "ok");
       name.value = "";
       onCreated(gallery);
-    } catch (error) {
-      setMessage(message, createError(error));
-    } finally {
-      submit.disabled = false;
-    }
+    };
+    await whileBusy(submit, message, create, createErrorPrefix);
   });
 
   const element = h(
@@ -365,14 +369,14 @@ function newGalleryForm(onCreated) {
     },
     datasetError(error) {
       setChildren(dataset, h("option", { value: "" }, "the datasets did not load"));
-      setMessage(message, `Could not load the datasets: ${describeError(error)}`);
+      showError(message, error, "Could not load the datasets: ");
     },
     async loadModels() {
       try {
         models = (await getJSON("v1/models")).items;
       } catch (error) {
         setChildren(model, h("option", { value: "" }, "the models did not load"));
-        setMessage(message, `Could not load the models: ${createError(error)}`);
+        showError(message, error, `Could not load the models: ${createErrorPrefix(error)}`);
         return;
       }
       setChildren(
@@ -392,13 +396,12 @@ function newGalleryForm(onCreated) {
   };
 }
 
-/** The API's message, with what to do for the errors a build request meets. */
-function createError(error) {
-  const text = describeError(error);
-  if (!(error instanceof ApiError)) return text;
-  if (error.status === 503) return `The model registry (MLflow) is not answering: ${text}`;
-  if (error.status === 409) return `Cannot build this gallery: ${text}`;
-  return text;
+/** What to say before the API's message of an error a build request meets. */
+function createErrorPrefix(error) {
+  if (!(error instanceof ApiError)) return "";
+  if (error.status === 503) return "The model registry (MLflow) is not answering: ";
+  if (error.status === 409) return "Cannot build this gallery: ";
+  return "";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,7 +438,7 @@ export function renderGallery(root, [galleryId]) {
   function layout() {
     setChildren(
       root,
-      h("p", { class: "crumbs" }, h("a", { href: "#/galleries" }, "← Galleries")),
+      crumbs("#/galleries", "Galleries"),
       h(
         "div",
         { class: "view-head" },
@@ -550,7 +553,7 @@ export function renderGallery(root, [galleryId]) {
   function follow() {
     if (!isActive(gallery) || galleryPoll !== null) return;
     galleryPoll = poll(refresh, POLL_MS, (error) =>
-      setMessage(status, `Could not refresh the gallery: ${describeError(error)}`),
+      showError(status, error, "Could not refresh the gallery: "),
     );
   }
 
@@ -636,9 +639,8 @@ export function renderGallery(root, [galleryId]) {
       if (queryCamera !== null) params.set("camera", String(queryCamera));
       const body = new FormData();
       body.append("image", query);
-      submit.disabled = true;
       setMessage(message, "Searching…", "ok");
-      try {
+      await whileBusy(submit, message, async () => {
         const response = await request(`${galleryPath(galleryId)}/search?${params}`, {
           method: "POST",
           body,
@@ -647,12 +649,7 @@ export function renderGallery(root, [galleryId]) {
         const result = await response.json();
         setMessage(message, "");
         showResults(query, result, queryCamera);
-      } catch (error) {
-        if (error.name === "AbortError") return;
-        setMessage(message, describeError(error));
-      } finally {
-        submit.disabled = false;
-      }
+      });
     });
     return [
       h("h2", {}, "Search"),
@@ -785,12 +782,8 @@ export function renderGallery(root, [galleryId]) {
       follow();
     })
     .catch((error) => {
-      if (error.name === "AbortError") return;
-      setChildren(
-        root,
-        h("p", { class: "crumbs" }, h("a", { href: "#/galleries" }, "← Galleries")),
-        errorBox(error, `Could not load gallery ${galleryId}: `),
-      );
+      const back = crumbs("#/galleries", "Galleries");
+      showLoadError(root, back, error, `Could not load gallery ${galleryId}: `);
     });
 
   return () => {
@@ -814,7 +807,7 @@ function humanCheckCard(galleryId) {
       const check = await sendJSON("POST", "v1/checks", { gallery_id: galleryId });
       window.location.hash = `#/checks/${check.id}`;
     } catch (error) {
-      setMessage(message, `Could not open the check: ${describeError(error)}`);
+      showError(message, error, "Could not open the check: ");
       open.disabled = false;
     }
   });

@@ -7,10 +7,19 @@
 
 import { ConditionalResource, getJSON, readEventStream, request, sendJSON } from "../api.js";
 import { EpochChart, evalSeries, hasPoints, labelFreeSeries, lossSeries } from "../charts.js";
-import { alertLine, describeError, errorBox, h, setChildren, setMessage } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import {
+  alertLine,
+  describeError,
+  setMessage,
+  showError,
+  showLoadError,
+  whileBusy,
+} from "../messages.js";
 import { poll } from "../poll.js";
 import {
+  crumbs,
   definitionList,
   externalLink,
   jsonBlock,
@@ -98,7 +107,7 @@ export function renderJob(root, [jobId]) {
   function layout() {
     setChildren(
       root,
-      h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
+      crumbs("#/jobs", "Jobs"),
       h(
         "div",
         { class: "view-head" },
@@ -278,17 +287,13 @@ export function renderJob(root, [jobId]) {
   }
 
   async function act(button, path, verb) {
-    button.disabled = true;
     setMessage(status, "");
-    try {
+    const send = async () => {
       const next = await sendJSON("POST", path);
       resource.reset();
       await apply(next);
-    } catch (error) {
-      setMessage(status, `Could not ${verb} the job: ${describeError(error)}`);
-    } finally {
-      button.disabled = false;
-    }
+    };
+    await whileBusy(button, status, send, `Could not ${verb} the job: `);
   }
 
   cancelButton.addEventListener("click", () => {
@@ -394,15 +399,11 @@ export function renderJob(root, [jobId]) {
 
   const jobPoll = poll(refresh, JOB_POLL_MS, (error) => {
     if (job !== null) {
-      setMessage(status, `Could not refresh the job: ${describeError(error)}`);
+      showError(status, error, "Could not refresh the job: ");
       return;
     }
     jobPoll.stop(); // e.g. 404: not a job of this key's owner
-    setChildren(
-      root,
-      h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "← Jobs")),
-      errorBox(error),
-    );
+    showLoadError(root, crumbs("#/jobs", "Jobs"), error);
   });
   jobPoll.now();
 

@@ -7,8 +7,16 @@
 // to pick up jobs submitted elsewhere.
 
 import { ConditionalResource, getJSON, sendJSON } from "../api.js";
-import { alertLine, describeError, formMessage, h, setChildren, setMessage } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import {
+  alertLine,
+  describeError,
+  formMessage,
+  setMessage,
+  showError,
+  whileBusy,
+} from "../messages.js";
 import { poll } from "../poll.js";
 import { jsonBlock, progressBar, stateBadge } from "../widgets.js";
 
@@ -193,7 +201,7 @@ export function renderJobs(root) {
   }
 
   const onError = (error) =>
-    setMessage(status, `Could not refresh the jobs: ${describeError(error)}`);
+    showError(status, error, "Could not refresh the jobs: ");
   more.addEventListener("click", () => {
     limit = Math.min(MAX_PAGE, limit + PAGE_SIZE);
     listResource = new ConditionalResource(`v1/jobs?limit=${limit}`);
@@ -351,8 +359,7 @@ function newJobForm(datasets, onSubmitted) {
   previewButton.addEventListener("click", async () => {
     const body = requestBody();
     if (body === null) return;
-    previewButton.disabled = true;
-    try {
+    await whileBusy(previewButton, message, async () => {
       const resolved = await sendJSON("POST", "v1/jobs/preview", body);
       setChildren(
         preview,
@@ -360,11 +367,7 @@ function newJobForm(datasets, onSubmitted) {
         jsonBlock(resolved.config, "job-preview-config"),
       );
       preview.hidden = false;
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      previewButton.disabled = false;
-    }
+    });
   });
 
   form.addEventListener("submit", async (event) => {
@@ -372,18 +375,13 @@ function newJobForm(datasets, onSubmitted) {
     const body = requestBody();
     if (body === null) return;
     body.idempotency_key = idempotencyKey;
-    submit.disabled = true;
-    try {
+    await whileBusy(submit, message, async () => {
       const job = await sendJSON("POST", "v1/jobs", body);
       idempotencyKey = randomKey();
       const link = h("a", { href: `#/jobs/${job.id}` }, fmt.shortId(job.id));
       setMessage(message, ["Submitted job ", link, "."], "ok");
       onSubmitted(job);
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      submit.disabled = false;
-    }
+    });
   });
 
   const element = h(
@@ -404,7 +402,7 @@ function newJobForm(datasets, onSubmitted) {
         for (const p of await getJSON("v1/presets")) presets.set(p.name, p);
       } catch (error) {
         presetsLoaded = false;
-        setMessage(message, `Could not load the presets: ${describeError(error)}`);
+        showError(message, error, "Could not load the presets: ");
         return;
       }
       preset.append(...[...presets.keys()].map((name) => h("option", { value: name }, name)));

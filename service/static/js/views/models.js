@@ -4,8 +4,9 @@
 // and downloading a version's weights.
 
 import { ApiError, download, getJSON, sendJSON } from "../api.js";
-import { describeError, errorBox, formMessage, h, setChildren, setMessage } from "../dom.js";
+import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
+import { errorBox, formMessage, setMessage, whileBusy } from "../messages.js";
 import { dataTable, externalLink } from "../widgets.js";
 
 const ALIAS_PATTERN = "[A-Za-z][A-Za-z0-9_\\-]{0,63}"; // service/routers/models.py AliasName
@@ -185,16 +186,11 @@ function versionRow(name, v) {
   const message = h("span", { class: "form-error", role: "alert", hidden: true });
   const button = h("button", { type: "button", class: "link-button" }, "download");
   button.addEventListener("click", async () => {
-    button.disabled = true;
     setMessage(message, "");
-    try {
+    await whileBusy(button, message, async () => {
       const path = `${modelPath(name)}/versions/${encodeURIComponent(v.version)}/weights`;
       await download(path, `${name}-v${v.version}.pt`);
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      button.disabled = false;
-    }
+    });
   });
   const run = v.run_id ? fmt.shortId(v.run_id) : fmt.DASH;
   return h(
@@ -254,16 +250,11 @@ function aliasForm(name, versions, onChanged) {
       setMessage(message, "alias: a letter, then letters, digits, '_' or '-' (at most 64)");
       return;
     }
-    submit.disabled = true;
-    try {
+    await whileBusy(submit, message, async () => {
       const path = `${modelPath(name)}/aliases/${encodeURIComponent(alias.value)}`;
       await sendJSON("PUT", path, { version: version.value });
       await onChanged(); // redraws the list and this form with the alias moved
-    } catch (error) {
-      setMessage(message, describeError(error));
-    } finally {
-      submit.disabled = false;
-    }
+    });
   });
   return form;
 }
