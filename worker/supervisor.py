@@ -116,6 +116,13 @@ class Supervisor(ChildSupervisor):
     seconds_per_minute: float = 60.0
     _applied: dict[str, Any] = field(default_factory=dict, init=False)
 
+    def _if_ours(self, job: Job | None) -> Job | None:
+        """``job`` while it is this worker's (claimed by it and active), else None: the reaper,
+        another worker or a cancel before the trainer started has it now."""
+        if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            return None
+        return job
+
     # ------------------------------------------------------------------------------------------
     # claim
     # ------------------------------------------------------------------------------------------
@@ -247,8 +254,8 @@ class Supervisor(ChildSupervisor):
     def _tick(self, claim: _Claim, heartbeat: bool) -> tuple[bool, bool]:
         """Heartbeat (if due) and progress; returns (still ours, cancel requested)."""
         with session_scope(self.factory) as session:
-            job = lock_job(session, claim.job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            job = self._if_ours(lock_job(session, claim.job_id))
+            if job is None:
                 return False, False
             if heartbeat:
                 job.heartbeat_at = self.clock()
@@ -258,8 +265,8 @@ class Supervisor(ChildSupervisor):
     def _mark_running(self, claim: _Claim, pid: int) -> bool:
         """STARTING -> RUNNING; False when the claim was lost meanwhile."""
         with session_scope(self.factory) as session:
-            job = lock_job(session, claim.job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            job = self._if_ours(lock_job(session, claim.job_id))
+            if job is None:
                 return False
             if job.state is JobState.STARTING:
                 change_state(
@@ -314,16 +321,16 @@ class Supervisor(ChildSupervisor):
         # before the job is locked: MLflow may take its timeout, and on SQLite the lock holds
         # every writer of the database.
         with self.factory() as session:
-            job = session.get(Job, claim.job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            job = self._if_ours(session.get(Job, claim.job_id))
+            if job is None:
                 return "claim lost: the job's state is someone else's now"
             expected = outcome_of(job).state
         closed = expected if expected.is_final else None
         warning = None if closed is None else self._close_run(claim, closed)
         resend: Job | None = None
         with session_scope(self.factory) as session:
-            job = lock_job(session, claim.job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            job = self._if_ours(lock_job(session, claim.job_id))
+            if job is None:
                 return "claim lost: the job's state is someone else's now"
             self._apply_progress(job, claim.folder)
             outcome = outcome_of(job)
@@ -363,8 +370,8 @@ class Supervisor(ChildSupervisor):
 
     def _finish_early(self, job_id: uuid.UUID, state: JobState, reason: str) -> str:
         with session_scope(self.factory) as session:
-            job = lock_job(session, job_id)
-            if job is None or job.worker_id != self.worker_id or job.state not in ACTIVE_STATES:
+            job = self._if_ours(lock_job(session, job_id))
+            if job is None:
                 return "claim lost"
             if job.state is JobState.CANCELLING:
                 state, reason = JobState.CANCELLED, "cancelled before the trainer started"
