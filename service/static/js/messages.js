@@ -44,6 +44,13 @@ export function showLoadError(root, back, error, prefix = "") {
   setChildren(root, back, errorBox(error, prefix));
 }
 
+/** A thumbnail's frame whose image did not load: "image unavailable", and why as its tooltip. */
+export function showThumbError(frame, error) {
+  frame.classList.remove("loading");
+  const why = describeError(error);
+  setChildren(frame, h("span", { class: "thumb-error", title: why }, "image unavailable"));
+}
+
 /** A form's status line, hidden until setMessage says how what it sent went. */
 export function formMessage() {
   return h("p", { class: "form-message", role: "status", hidden: true });

@@ -9,7 +9,7 @@
 import { getJSON, request } from "../api.js";
 import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
-import { alertLine, describeError, setMessage, showError, showLoadError } from "../messages.js";
+import { alertLine, setMessage, showError, showLoadError, showThumbError } from "../messages.js";
 import { crumbs } from "../widgets.js";
 import { cameraLabel } from "./galleries.js";
 
@@ -122,12 +122,7 @@ export function renderCheck(root, [checkId]) {
         frame.classList.remove("loading");
       })
       .catch((error) => {
-        if (error.name === "AbortError") return;
-        frame.classList.remove("loading");
-        setChildren(
-          frame,
-          h("span", { class: "thumb-error", title: describeError(error) }, "image unavailable"),
-        );
+        if (error.name !== "AbortError") showThumbError(frame, error);
       });
     return h(
       "figure",

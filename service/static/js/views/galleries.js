@@ -12,11 +12,11 @@ import { h, setChildren } from "../dom.js";
 import * as fmt from "../format.js";
 import {
   alertLine,
-  describeError,
   formMessage,
   setMessage,
   showError,
   showLoadError,
+  showThumbError,
   whileBusy,
 } from "../messages.js";
 import { poll } from "../poll.js";
@@ -760,12 +760,7 @@ export function renderGallery(root, [galleryId]) {
         card.img.src = url;
         card.frame.classList.remove("loading");
       } catch (error) {
-        if (error.name === "AbortError" || signal.aborted) return;
-        card.frame.classList.remove("loading");
-        setChildren(
-          card.frame,
-          h("span", { class: "thumb-error", title: describeError(error) }, "image unavailable"),
-        );
+        if (error.name !== "AbortError" && !signal.aborted) showThumbError(card.frame, error);
       }
     };
     const worker = async () => {
